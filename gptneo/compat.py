@@ -1,0 +1,41 @@
+"""The one place that knows mesh-tensorflow 0.1.21 needs help on current TensorFlow.
+
+mesh-tensorflow was last released for TF 2.x with `tf.compat.v1.estimator`; on TF >= 2.16
+that module is gone and `register_tensor_conversion_function` moved out of `framework.ops`.
+mtf uses only `SessionRunHook` and `CheckpointSaverListener` from the estimator, both of
+which live on in `tf.compat.v1.train`. Import mtf from here, never directly:
+
+    from gptneo.compat import mtf, tf
+"""
+import sys
+import types
+
+
+import tensorflow.compat.v1 as tf  # noqa: E402
+from tensorflow.python.framework import ops as _tf_ops  # noqa: E402
+from tensorflow.python.framework import tensor_conversion_registry as _registry  # noqa: E402
+
+
+def _install_estimator_shim():
+  """Exposes the two estimator classes mtf imports as `tf.compat.v1.estimator`."""
+  if "estimator" in vars(tf):
+    return
+  shim = types.ModuleType("tensorflow.compat.v1.estimator")
+  shim.SessionRunHook = tf.train.SessionRunHook
+  shim.CheckpointSaverListener = tf.train.CheckpointSaverListener
+  sys.modules[shim.__name__] = shim
+  tf.estimator = shim
+
+
+def _install_conversion_registry_alias():
+  if not hasattr(_tf_ops, "register_tensor_conversion_function"):
+    _tf_ops.register_tensor_conversion_function = _registry.register_tensor_conversion_function
+
+
+_install_estimator_shim()
+_install_conversion_registry_alias()
+tf.disable_eager_execution()  # graph mode; resource variables stay on
+
+import mesh_tensorflow as mtf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+__all__ = ["mtf", "tf"]

@@ -1,0 +1,1 @@
+"""Corpus preparation (text -> BPE tokens -> TFRecord windows) and tf.data input pipelines."""

@@ -1,0 +1,86 @@
+"""The gin helper every binary shares: flags, search path, parsing, errors, operative config."""
+import os
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+import gin
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative to "
+                          "the working directory, then in the shipped gin/ folder.")
+flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'gpt.n_layer = 4'; repeatable.")
+
+
+class UserError(ValueError):
+  """Bad input from the user (config, flags, data): reported in one line, exit code 2."""
+
+
+def shipped_gin_dir():
+  """The `gin/` folder shipped with the package (installed) or at the repo root (source)."""
+  package_dir = pathlib.Path(__file__).resolve().parent
+  for candidate in (package_dir / "gin", package_dir.parent / "gin"):
+    if candidate.is_dir():
+      return candidate
+  raise UserError(f"no gin/ folder next to {package_dir}; reinstall with `make install`")
+
+
+def _gin_error_message(error):
+  """gin's errors span several lines (with the config's context); the first names the culprit."""
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def _find_gin_file(name, gin_dir):
+  for candidate in (pathlib.Path(name), gin_dir / name):
+    if candidate.is_file():
+      return str(candidate)
+  raise UserError(f"gin file {name!r} not found in the working directory or in {gin_dir}")
+
+
+def parse(gin_files, gin_params):
+  """Parses gin files and bindings, with the working directory then `gin/` as search path.
+
+  Args:
+    gin_files: file names or paths, e.g. ["tiny.gin"] or ["gin/tiny.gin"].
+    gin_params: bindings, e.g. ["gpt.n_layer = 2"].
+
+  Raises:
+    UserError: a file is missing, or a binding names an unknown configurable or parameter.
+  """
+  from gptneo import configurables  # pylint: disable=g-import-not-at-top,unused-import
+  gin.clear_config()
+  gin_dir = shipped_gin_dir()
+  gin.add_config_file_search_path(str(gin_dir))  # for `include`s inside gin files
+  paths = [_find_gin_file(name, gin_dir) for name in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(paths, gin_params, finalize_config=True)
+  except (ValueError, KeyError, IOError, SyntaxError) as error:
+    raise UserError(f"gin: {_gin_error_message(error)}") from None
+
+
+def parse_flags():
+  parse(FLAGS.gin_file, FLAGS.gin_param)
+
+
+def write_run_files(model_dir):
+  """Writes the operative config and the full command line into `model_dir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (keep `--help` fast)
+  tf.io.gfile.makedirs(model_dir)
+  with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+    f.write(gin.operative_config_str())
+  with tf.io.gfile.GFile(os.path.join(model_dir, "command.txt"), "a") as f:
+    f.write(" ".join(sys.argv) + "\n")
+
+
+def run(main):
+  """Like `absl.app.run`, but bad input ends in one line on stderr and exit code 2."""
+  def guarded_main(argv):
+    try:
+      return main(argv)
+    except ValueError as error:  # UserError, and the ValueErrors our checks raise
+      program = os.path.basename(sys.argv[0])
+      print(f"{program}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+      sys.exit(2)
+  app.run(guarded_main)

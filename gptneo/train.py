@@ -1,0 +1,236 @@
+"""The training loop: mtf graph on a mesh, a tf.compat.v1 Session, checkpoints, resume, logs."""
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import gin
+
+from gptneo import gin_utils
+from gptneo import runtime
+from gptneo.compat import mtf, tf
+from gptneo.data import inputs
+from gptneo.model import gpt as gpt_lib
+from gptneo.model import ops
+from gptneo.optim import optimizers
+
+
+@dataclasses.dataclass
+class TrainGraph:
+  graph: tf.Graph
+  step: tf.Tensor
+  loss: tf.Tensor
+  learning_rate: tf.Tensor
+  grad_norm: tf.Tensor
+  train_op: tf.Operation
+  eval_loss: tf.Tensor
+  init_ops: list
+  checkpoints: runtime.Checkpoints
+
+
+def check_dataset(model, info, dataset_dir):
+  """The dataset must fit the model's vocabulary and context."""
+  if info["n_vocab"] > model.n_vocab:
+    raise ValueError(f"dataset {dataset_dir!r} has vocab size {info['n_vocab']} > "
+                     f"GPT.n_vocab = {model.n_vocab}; raise GPT.n_vocab to at least "
+                     f"{info['n_vocab']}")
+  if info["n_ctx"] != model.n_ctx:
+    raise ValueError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but GPT.n_ctx = "
+                     f"{model.n_ctx}; set GPT.n_ctx = {info['n_ctx']} or prepare the data "
+                     f"with --n_ctx={model.n_ctx}")
+
+
+def _import_batch(mtf_mesh, batch, dims):
+  """Splits [batch, n_ctx+1] windows into mtf inputs and next-token targets."""
+  shape = [dims.batch, dims.sequence]
+  tokens = mtf.import_tf_tensor(mtf_mesh, batch[:, :-1], shape, name="tokens")
+  targets = mtf.import_tf_tensor(mtf_mesh, batch[:, 1:], shape, name="targets")
+  return tokens, targets
+
+
+def _gradients(model, features, dims, dtype, dropout, microbatches):
+  """Mean loss and gradients, summed over microbatches when there are several."""
+  def loss_fn(f):
+    logits = model(f["tokens"], dtype, dropout)
+    return {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab)}
+
+  variables = features["tokens"].graph.trainable_variables
+  if microbatches == 1:
+    loss = loss_fn(features)["loss"]
+    return loss, mtf.gradients([loss], [v.outputs[0] for v in variables])
+  grads, outputs = mtf.serialize_training_step(features, loss_fn, dims.batch, microbatches)
+  return outputs["loss"] / microbatches, [g / microbatches for g in grads]
+
+
+def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
+                precision, microbatches, clip_norm, eval_batches, model_dir, keep):
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.set_random_seed(seed)
+    step = tf.train.get_or_create_global_step()
+    iterator = tf.data.make_initializable_iterator(
+        inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed))
+    mtf_graph, mtf_mesh = runtime.new_mesh()
+    dims = model.dims(batch_size)
+    dtype = runtime.variable_dtype(precision)
+    tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
+    dropout = ops.Dropout(is_training=True, seed=seed, step=step)
+    loss, grads = _gradients(model, {"tokens": tokens, "targets": targets}, dims, dtype,
+                             dropout, microbatches)
+    norm = optimizers.global_norm(grads)
+    grads = optimizers.clip_by_global_norm(grads, norm, clip_norm)
+    learning_rate = optimizers.learning_rate_schedule(step, train_steps)
+    optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
+    optimizer.step = mtf.import_fully_replicated(
+        mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
+    update_ops = optimizer.apply_grads(grads, mtf_graph.trainable_variables)
+    eval_loss, eval_init = _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype,
+                                      eval_batches)
+    lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    tf_loss = lowering.export_to_tf_tensor(loss)
+    tf_norm = lowering.export_to_tf_tensor(norm)
+    # The loss must read the weights before this step's update: order it explicitly.
+    with tf.control_dependencies([tf_loss, tf_norm]):
+      updates = tf.group([lowering.lowered_operation(op) for op in update_ops])
+    with tf.control_dependencies([updates]):
+      train_op = tf.assign_add(step, 1).op
+    saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
+    checkpoints = runtime.Checkpoints(lowering, model_dir, keep, [saveable])
+    tf_eval = lowering.export_to_tf_tensor(eval_loss) if eval_loss is not None else None
+    return TrainGraph(graph, step, tf_loss, learning_rate, tf_norm, train_op, tf_eval,
+                      [iterator.initializer] + eval_init, checkpoints)
+
+
+def _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype, eval_batches):
+  """Mean validation loss of one batch (dropout off); the loop averages `eval_batches` of them."""
+  info = inputs.read_dataset_info(dataset_dir)
+  if not eval_batches or info["splits"].get("validation", {}).get("windows", 0) < batch_size:
+    return None, []
+  iterator = tf.data.make_initializable_iterator(inputs.make_dataset(
+      dataset_dir, "validation", batch_size, shuffle=False, repeat=True))
+  tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
+  no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
+  logits = model(tokens, dtype, no_dropout)
+  return gpt_lib.loss(logits, targets, dims.vocab), [iterator.initializer]
+
+
+class Progress:
+  """Logs step, loss, learning rate, tokens/s, elapsed and ETA; writes TensorBoard summaries."""
+
+  def __init__(self, model_dir, train_steps, tokens_per_step, first_step):
+    self._writer = tf.summary.FileWriter(model_dir)
+    self._metrics = open(os.path.join(model_dir, "train_metrics.jsonl"), "a")
+    self._train_steps, self._tokens_per_step = train_steps, tokens_per_step
+    self._start, self._first_step = time.time(), first_step
+    self._last_time, self._last_step = self._start, first_step
+
+  def log(self, step, loss, learning_rate, grad_norm):
+    now = time.time()
+    tokens_per_sec = (step - self._last_step) * self._tokens_per_step / max(now - self._last_time,
+                                                                            1e-9)
+    done = step - self._first_step
+    eta = (now - self._start) / max(done, 1) * (self._train_steps - step)
+    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  elapsed %s  ETA %s", step,
+                 self._train_steps, loss, learning_rate, tokens_per_sec,
+                 _clock(now - self._start), _clock(eta))
+    values = {"loss": float(loss), "learning_rate": float(learning_rate),
+              "tokens_per_sec": tokens_per_sec, "grad_norm": float(grad_norm)}
+    self.scalars(step, values)
+    self._metrics.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._metrics.flush()
+    self._last_time, self._last_step = now, step
+
+  def scalars(self, step, values):
+    summary = tf.Summary(value=[tf.Summary.Value(tag=k, simple_value=float(v))
+                                for k, v in values.items()])
+    self._writer.add_summary(summary, step)
+    self._writer.flush()
+
+
+def _clock(seconds):
+  minutes, seconds = divmod(int(seconds), 60)
+  return f"{minutes // 60:d}:{minutes % 60:02d}:{seconds:02d}"
+
+
+@gin.configurable(denylist=["model_dir"])
+def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUIRED,
+          batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
+          microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
+          keep_checkpoints=5, log_every_n_steps=10, eval_batches=10):
+  """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
+
+  Args:
+    model_dir: where checkpoints, summaries and the operative config go (a flag).
+    model: the model, e.g. @GPT().
+    dataset_dir: a folder written by bin/prepare_data.
+    train_steps: the step to stop at (counting steps of earlier runs in model_dir).
+    batch_size: sequences per step (all microbatches together).
+    optimizer: e.g. @Adam() or @Adafactor().
+    mesh: the device mesh, e.g. @mesh().
+    precision: "float32", or "bfloat16" activations with float32 master weights.
+    microbatches_per_batch: gradient accumulation; must divide batch_size.
+    clip_norm: clip gradients to this global norm (0 or None: no clipping).
+    seed: seeds weights, data order and dropout; same seed, same run.
+    steps_per_checkpoint: save a checkpoint every this many steps (and at the end).
+    keep_checkpoints: how many recent checkpoints to keep.
+    log_every_n_steps: log and write summaries every this many steps.
+    eval_batches: validation batches averaged for the loss printed at the end (0: none).
+
+  Returns:
+    dict with the final training loss and validation loss (None without a validation split).
+  """
+  graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
+                           precision, microbatches_per_batch, clip_norm, eval_batches,
+                           model_dir, keep_checkpoints)
+  gin_utils.write_run_files(model_dir)
+  _copy_tokenizer(dataset_dir, model_dir)
+  with graph.graph.as_default(), tf.Session(config=mesh.session_config()) as session:
+    restored = graph.checkpoints.restore_or_initialize(session, graph.init_ops)
+    start = session.run(graph.step)
+    logging.info("%s at step %d", f"resumed from {restored}" if restored else "started", start)
+    loss = _train_steps(session, graph, model_dir, start, train_steps, batch_size * model.n_ctx,
+                        steps_per_checkpoint, log_every_n_steps)
+    eval_loss = _evaluate(session, graph, eval_batches)
+  if eval_loss is not None:
+    logging.info("validation loss %.4f after step %d", eval_loss, train_steps)
+  return {"loss": loss, "validation_loss": eval_loss}
+
+
+def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
+                     precision, microbatches, clip_norm, eval_batches, model_dir, keep):
+  check_dataset(model, inputs.read_dataset_info(dataset_dir), dataset_dir)
+  if batch_size % microbatches:
+    raise ValueError(f"train.microbatches_per_batch = {microbatches} does not divide "
+                     f"train.batch_size = {batch_size}")
+  spec.validate(model.dims(batch_size // microbatches).sizes())
+  runtime.variable_dtype(precision)
+  return build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
+                     precision, microbatches, clip_norm, eval_batches, model_dir, keep)
+
+
+def _copy_tokenizer(dataset_dir, model_dir):
+  """The model dir carries its tokenizer, so sampling needs nothing else."""
+  source = os.path.join(dataset_dir, inputs.read_dataset_info(dataset_dir)["tokenizer"])
+  tf.io.gfile.copy(source, os.path.join(model_dir, "tokenizer.json"), overwrite=True)
+
+
+def _train_steps(session, graph, model_dir, step, train_steps, tokens_per_step,
+                 steps_per_checkpoint, log_every_n_steps):
+  progress = Progress(model_dir, train_steps, tokens_per_step, step)
+  loss = None
+  while step < train_steps:
+    _, loss, learning_rate, norm = session.run(
+        [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm])
+    step += 1
+    if step % log_every_n_steps == 0 or step == train_steps:
+      progress.log(step, loss, learning_rate, norm)
+    if step % steps_per_checkpoint == 0 or step == train_steps:
+      graph.checkpoints.save(session, step)
+  return loss
+
+
+def _evaluate(session, graph, eval_batches):
+  if graph.eval_loss is None:
+    return None
+  return sum(session.run(graph.eval_loss) for _ in range(eval_batches)) / eval_batches
