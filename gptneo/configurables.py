@@ -1,8 +1,7 @@
 """Imports every module that registers gin configurables, so any gin file parses in any binary."""
-# pylint: disable=unused-import
-from gptneo import mesh
-from gptneo import sample
-from gptneo import train
-from gptneo.model import gpt
-from gptneo.model import ops
-from gptneo.optim import optimizers
+from gptneo import mesh  # noqa: F401
+from gptneo import sample  # noqa: F401
+from gptneo import train  # noqa: F401
+from gptneo.model import gpt  # noqa: F401
+from gptneo.model import ops  # noqa: F401
+from gptneo.optim import optimizers  # noqa: F401

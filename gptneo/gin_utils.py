@@ -1,4 +1,6 @@
 """The gin helper every binary shares: flags, search path, parsing, errors, operative config."""
+import contextlib
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -7,10 +9,34 @@ from absl import app
 from absl import flags
 import gin
 
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  """Drops what C++ writes to fd 2: TF's start-up banner ignores TF_CPP_MIN_LOG_LEVEL."""
+  saved_stderr = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:  # restored before any Python exception is reported, so real errors still show
+    os.dup2(saved_stderr, 2)
+    os.close(saved_stderr)
+    os.close(devnull)
+
+
+with _native_stderr_silenced():
+  import tensorflow  # pylint: disable=g-import-not-at-top
+  # Probing devices now (absl's app.run would, via a TF hook) keeps its cuInit noise quiet.
+  tensorflow.config.list_physical_devices()
+
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative to "
-                          "the working directory, then in the shipped gin/ folder.")
-flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'gpt.n_layer = 4'; repeatable.")
+
+
+def define_flags():
+  """--gin_file and --gin_param, for the binaries configured with gin."""
+  flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative "
+                            "to the working directory, then in the shipped gin/ folder.")
+  flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'GPT.n_layer = 4'; repeatable.")
 
 
 class UserError(ValueError):
@@ -49,15 +75,23 @@ def parse(gin_files, gin_params):
   Raises:
     UserError: a file is missing, or a binding names an unknown configurable or parameter.
   """
-  from gptneo import configurables  # pylint: disable=g-import-not-at-top,unused-import
+  from gptneo import configurables  # noqa: F401  (registers every configurable)
   gin.clear_config()
   gin_dir = shipped_gin_dir()
   gin.add_config_file_search_path(str(gin_dir))  # for `include`s inside gin files
   paths = [_find_gin_file(name, gin_dir) for name in gin_files]
+  # gin logs an ERROR for every place an `include` is not, before it finds it in gin/.
+  previous = std_logging.root.manager.disable
+  std_logging.disable(std_logging.ERROR)
   try:
     gin.parse_config_files_and_bindings(paths, gin_params, finalize_config=True)
   except (ValueError, KeyError, IOError, SyntaxError) as error:
-    raise UserError(f"gin: {_gin_error_message(error)}") from None
+    message = _gin_error_message(error)
+    if "gin.REQUIRED" in message:
+      message += " Set it with --gin_param."
+    raise UserError(f"gin: {message}") from None
+  finally:
+    std_logging.disable(previous)
 
 
 def parse_flags():
@@ -66,11 +100,11 @@ def parse_flags():
 
 def write_run_files(model_dir):
   """Writes the operative config and the full command line into `model_dir`."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (keep `--help` fast)
-  tf.io.gfile.makedirs(model_dir)
-  with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+  gfile = tensorflow.io.gfile
+  gfile.makedirs(model_dir)
+  with gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
     f.write(gin.operative_config_str())
-  with tf.io.gfile.GFile(os.path.join(model_dir, "command.txt"), "a") as f:
+  with gfile.GFile(os.path.join(model_dir, "command.txt"), "a") as f:
     f.write(" ".join(sys.argv) + "\n")
 
 

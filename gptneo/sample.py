@@ -7,7 +7,6 @@ import numpy as np
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import tokenizer as tokenizer_lib
-from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
 
 TOKENIZER_FILE = "tokenizer.json"

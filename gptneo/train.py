@@ -226,7 +226,7 @@ def _train_steps(session, graph, model_dir, step, train_steps, tokens_per_step,
     if step % log_every_n_steps == 0 or step == train_steps:
       progress.log(step, loss, learning_rate, norm)
     if step % steps_per_checkpoint == 0 or step == train_steps:
-      graph.checkpoints.save(session, step)
+      logging.info("saved checkpoint %s", graph.checkpoints.save(session, step))
   return loss
 
 

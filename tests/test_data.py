@@ -3,7 +3,6 @@
 Pipelines are always run in a fresh tf.Graph with a v1 Session, the way the graph-mode
 trainer runs them.
 """
-import json
 import os
 import re
 import subprocess
@@ -59,7 +58,8 @@ def read_windows(dataset_dir, split):
   info = inputs.read_dataset_info(dataset_dir)
   files = [os.path.join(dataset_dir, name) for name in info["splits"][split]["files"]]
   features = {"tokens": tf.io.FixedLenFeature([info["n_ctx"] + 1], tf.int64)}
-  parse = lambda record: tf.io.parse_single_example(record, features)["tokens"]
+  def parse(record):
+    return tf.io.parse_single_example(record, features)["tokens"]
   records = run_batches(lambda: tf.data.TFRecordDataset(files).map(parse))
   return np.stack(records)
 
@@ -251,8 +251,9 @@ def test_eval_pipeline_reads_each_window_once_in_stored_order(small_dataset):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(small_dataset):
-  first = lambda seed: np.stack(run_batches(
-      lambda: inputs.make_dataset(small_dataset, "train", 8, seed=seed), 3))
+  def first(seed):
+    return np.stack(run_batches(
+        lambda: inputs.make_dataset(small_dataset, "train", 8, seed=seed), 3))
   np.testing.assert_array_equal(first(3), first(3))
   assert not np.array_equal(first(3), first(4))
 

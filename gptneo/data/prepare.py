@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import random
-import shutil
 import sysconfig
 import time
 import uuid

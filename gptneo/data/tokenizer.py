@@ -6,6 +6,7 @@ normalisation.
 """
 import json
 import os
+import sys
 
 import tensorflow.compat.v1 as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -40,7 +41,8 @@ def train_bpe(paths, vocab_size):
   tokenizer = _byte_level_tokenizer(models.BPE())
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size,
-      show_progress=True,
+      # Off a terminal the bars degrade to blank lines on stdout, polluting piped output.
+      show_progress=sys.stderr.isatty(),
       special_tokens=[EOS_TOKEN],
       # Seeding all 256 bytes guarantees any later text is encodable, even unseen bytes.
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

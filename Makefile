@@ -1,0 +1,44 @@
+# `make demo` trains a tiny GPT on Python's stdlib and samples from it; `make test` runs the tests.
+# Every target installs what it needs into .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/stdlib
+RUN := runs/tiny
+
+.PHONY: install demo data train sample test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+data: $(DATA)/dataset.json
+
+$(DATA)/dataset.json: | install
+	$(BIN)/prepare_data --input=stdlib --output_dir=$(DATA) --n_ctx=256 --vocab_size=4096
+
+train: install data
+	$(BIN)/train --gin_file=tiny.gin --model_dir=$(RUN)
+
+sample: install
+	$(BIN)/sample --model_dir=$(RUN) --prompt="def main(" --gin_param="sample.max_new_tokens = 120"
+
+demo: train sample
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check gptneo bin tests bench
+
+bench: install
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,48 @@
+"""Shared fixtures: a small prepared dataset and a tiny model config for fast training tests."""
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+N_CTX = 32
+VOCAB = 512
+
+# A model small enough that a test trains it in seconds on 2 cores.
+TINY_TEST_BINDINGS = [
+    "GPT.n_layer = 2", "GPT.n_embd = 32", "GPT.n_head = 4", f"GPT.n_ctx = {N_CTX}",
+    f"GPT.n_vocab = {VOCAB}", "train.batch_size = 8", "train.log_every_n_steps = 1",
+    "train.eval_batches = 2", "learning_rate_schedule.learning_rate = 3e-3",
+    "learning_rate_schedule.warmup_steps = 5",
+]
+
+
+def stdlib_files(count):
+  """`count` real source files of the running Python, deterministic."""
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  names = ["argparse.py", "ast.py", "calendar.py", "csv.py", "difflib.py", "fractions.py",
+           "heapq.py", "json/decoder.py", "string.py", "textwrap.py", "shlex.py", "queue.py"]
+  return [str(stdlib / n) for n in names[:count]]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+  """A dataset of 12 stdlib files: BPE vocab 512, n_ctx 32."""
+  from gptneo.data import prepare  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp("data") / "small"
+  prepare.prepare_dataset(stdlib_files(12), str(folder), n_ctx=N_CTX, vocab_size=VOCAB,
+                          validation_fraction=0.2)
+  return str(folder)
+
+
+def run_binary(name, *args, check=False):
+  """Runs bin/<name> as a user would; returns the CompletedProcess (text)."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  result = subprocess.run([sys.executable, str(REPO / "bin" / name), *args], env=env,
+                          capture_output=True, text=True, check=False, cwd=REPO)
+  if check and result.returncode:
+    raise AssertionError(f"bin/{name} failed:\n{result.stderr[-3000:]}")
+  return result

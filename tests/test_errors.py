@@ -1,0 +1,78 @@
+"""Bad input: one line naming the culprit and the fix, exit code 2, the model dir untouched."""
+import os
+
+import pytest
+
+from tests.conftest import TINY_TEST_BINDINGS, run_binary
+from tests.test_train import train_in_process
+
+
+def snapshot(folder):
+  """name -> (size, mtime, bytes) of every file under `folder`."""
+  state = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        state[path] = (os.path.getsize(path), os.path.getmtime(path), f.read())
+  return state
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, small_dataset):
+  model_dir = tmp_path_factory.mktemp("trained") / "run"
+  train_in_process(model_dir, small_dataset, 2)
+  return model_dir
+
+
+def assert_one_line_error(result, program, *fragments):
+  """Exit code 2; the error is one line, the last (progress bars may come before it)."""
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert [line for line in lines if "error" in line.lower()] == lines[-1:], result.stderr[-2000:]
+  assert lines[-1].startswith(f"{program}: error: ")
+  for fragment in fragments:
+    assert fragment in lines[-1], lines[-1]
+
+
+BAD_BINDINGS = {
+    "unknown binding": (["GPT.n_embed = 64"], ["n_embed"]),
+    "n_embd not divisible by n_head": (["GPT.n_head = 5"], ["n_embd", "n_head = 5"]),
+    "layout not dividing": (['mesh.mesh_shape = "x:3"', 'mesh.layout = "heads:x"'],
+                            ["heads", "doesn't divide"]),
+    "layout naming an unknown dimension": (['mesh.mesh_shape = "x:2"', 'mesh.layout = "head:x"'],
+                                           ["'head'"]),
+    "mesh larger than the devices": (['mesh.mesh_shape = "x:2"', "mesh.cpu_devices = 1"],
+                                     ["2 cpu devices", "1 are available"]),
+    "missing data path": (['DATASET_DIR = "/nonexistent/data"'],
+                          ["/nonexistent/data", "prepare_data"]),
+    "dataset vocab larger than n_vocab": (["GPT.n_vocab = 100"], ["GPT.n_vocab = 100", "512"]),
+    "missing required value": (["train.train_steps = %gin.REQUIRED"],
+                               ["train.train_steps", "--gin_param"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BINDINGS))
+def test_bad_training_input(case, trained_dir, small_dataset):
+  bindings, fragments = BAD_BINDINGS[case]
+  before = snapshot(trained_dir)
+  params = TINY_TEST_BINDINGS + [f'DATASET_DIR = "{small_dataset}"', "train.train_steps = 4",
+                                 *bindings]
+  result = run_binary("train", "--gin_file=tiny.gin", f"--model_dir={trained_dir}",
+                      *[f"--gin_param={p}" for p in params])
+  assert_one_line_error(result, "train", *fragments)
+  assert snapshot(trained_dir) == before
+
+
+def test_empty_corpus(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  result = run_binary("prepare_data", f"--input={tmp_path / 'empty.txt'}",
+                      f"--output_dir={tmp_path / 'out'}", "--vocab_size=300")
+  assert_one_line_error(result, "prepare_data", "0 tokens")
+  assert not (tmp_path / "out").exists()
+
+
+def test_sample_without_checkpoint(tmp_path):
+  result = run_binary("sample", f"--model_dir={tmp_path}")
+  assert_one_line_error(result, "sample", "operative_config.gin")
