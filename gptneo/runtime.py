@@ -23,7 +23,12 @@ def new_mesh():
 
 def lower(mtf_graph, mtf_mesh, spec):
   """Lowers the mtf graph onto `spec`'s devices (autostack off: checkpoint names stay stable)."""
-  return mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)
+  verbosity = tf.logging.get_verbosity()
+  tf.logging.set_verbosity(tf.logging.WARN)  # mtf logs a page of per-op statistics at INFO
+  try:
+    return mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)
+  finally:
+    tf.logging.set_verbosity(verbosity)
 
 
 class Checkpoints:
@@ -48,16 +53,22 @@ class Checkpoints:
     session.run([tf.global_variables_initializer(), *init_ops])
     path = self.latest()
     if path:
-      self._saver.restore(session, path)
+      self._restore(session, path)
     session.run(self._to_slices)
     return path
+
+  def _restore(self, session, path):
+    self._saver.restore(session, path)
+    # Without this the Saver forgets older checkpoints, and `keep` stops pruning after a resume.
+    state = tf.train.get_checkpoint_state(self.model_dir)
+    self._saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
 
   def restore(self, session, path=None):
     path = path or self.latest()
     if not path:
       raise ValueError(f"model dir {self.model_dir!r} has no checkpoint; train one with "
                        f"bin/train --model_dir={self.model_dir} first")
-    self._saver.restore(session, path)
+    self._restore(session, path)
     session.run(self._to_slices)
     return path
 

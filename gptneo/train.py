@@ -215,15 +215,15 @@ def _copy_tokenizer(dataset_dir, model_dir):
   tf.io.gfile.copy(source, os.path.join(model_dir, "tokenizer.json"), overwrite=True)
 
 
-def _train_steps(session, graph, model_dir, step, train_steps, tokens_per_step,
+def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
                  steps_per_checkpoint, log_every_n_steps):
-  progress = Progress(model_dir, train_steps, tokens_per_step, step)
-  loss = None
+  progress = Progress(model_dir, train_steps, tokens_per_step, start)
+  loss, step = None, start
   while step < train_steps:
     _, loss, learning_rate, norm = session.run(
         [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm])
     step += 1
-    if step % log_every_n_steps == 0 or step == train_steps:
+    if step % log_every_n_steps == 0 or step in (start + 1, train_steps):
       progress.log(step, loss, learning_rate, norm)
     if step % steps_per_checkpoint == 0 or step == train_steps:
       logging.info("saved checkpoint %s", graph.checkpoints.save(session, step))

@@ -101,9 +101,17 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
         self, multiply_by_parameter_scale=multiply_by_parameter_scale, learning_rate=None,
         decay_rate=decay_rate, beta1=beta1, clipping_threshold=clipping_threshold,
         factored=factored)
+    self._fixed_decay_rate = decay_rate
+
+  def _decay_rate_default(self):
+    return None  # mtf's default reads a global step of whatever graph exists at construction
 
   def apply_grad(self, grad, var):
-    self._learning_rate = self.learning_rate  # mtf's Adafactor reads its own attribute
+    # mtf's Adafactor reads its own attributes; ours come from the trainer's step and schedule.
+    self._learning_rate = self.learning_rate
+    self._decay_rate = self._fixed_decay_rate
+    if self._decay_rate is None:  # Adafactor's default, 1 - step^-0.8
+      self._decay_rate = 1.0 - mtf.exp(mtf.log(self.step) * -0.8)
     return mtf.optimize.AdafactorOptimizer.apply_grad(self, grad, var)
 
 

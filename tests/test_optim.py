@@ -1,0 +1,93 @@
+"""Optimizers, schedule, clipping, accumulation and bf16 do what they promise."""
+import math
+
+import numpy as np
+import pytest
+
+from gptneo import runtime
+from gptneo.compat import mtf, tf
+from gptneo.optim import optimizers
+from tests.test_train import logged_losses, train_in_process
+
+
+def schedule_values(steps, **kwargs):
+  with tf.Graph().as_default():
+    step = tf.placeholder(tf.int64, [])
+    lr = optimizers.learning_rate_schedule(step, total_steps=100, learning_rate=1.0, **kwargs)
+    with tf.Session() as session:
+      return [session.run(lr, {step: s}) for s in steps]
+
+
+def test_warmup_then_cosine_to_the_floor():
+  values = schedule_values([0, 9, 10, 55, 100, 150], warmup_steps=10, min_ratio=0.1)
+  np.testing.assert_allclose(values, [0.1, 1.0, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+
+
+def test_linear_decay():
+  values = schedule_values([0, 50, 100], decay="linear", min_ratio=0.0)
+  np.testing.assert_allclose(values, [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def run_mtf(build):
+  """Builds with `build(mesh)` -> dict of mtf tensors/ops, lowers on one CPU, runs once."""
+  with tf.Graph().as_default():
+    mtf_graph, mesh = runtime.new_mesh()
+    outputs = build(mesh)
+    impl = mtf.placement_mesh_impl.PlacementMeshImpl(mtf.Shape([]), mtf.LayoutRules([]),
+                                                     ["/cpu:0"])
+    lowering = mtf.Lowering(mtf_graph, {mesh: impl})
+    fetches = {k: lowering.export_to_tf_tensor(v) for k, v in outputs.items()}
+    with tf.Session() as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      return session.run(fetches)
+
+
+def test_clip_by_global_norm():
+  def build(mesh):
+    dim = mtf.Dimension("d", 2)
+    grads = [mtf.constant(mesh, np.array([3.0, 0.0], np.float32), [dim]),
+             mtf.constant(mesh, np.array([0.0, 4.0], np.float32), [dim])]
+    norm = optimizers.global_norm(grads)
+    clipped = optimizers.clip_by_global_norm(grads, norm, clip_norm=1.0)
+    return {"norm": norm, "a": clipped[0], "b": clipped[1]}
+  result = run_mtf(build)
+  assert result["norm"] == pytest.approx(5.0)
+  np.testing.assert_allclose(result["a"] + result["b"], [0.6, 0.8], rtol=1e-5)
+
+
+def test_adam_weight_decay_skips_norms_and_biases():
+  def build(mesh):
+    rows, cols = mtf.Dimension("rows", 2), mtf.Dimension("cols", 3)
+    matrix = mtf.get_variable(mesh, "w", [rows, cols], initializer=tf.ones_initializer())
+    bias = mtf.get_variable(mesh, "b", [cols], initializer=tf.ones_initializer())
+    variables = mesh.graph.trainable_variables
+    adam = optimizers.Adam(weight_decay=0.5)
+    adam.learning_rate = mtf.constant(mesh, 0.1)
+    adam.step = mtf.constant(mesh, 1.0)
+    zero_grads = [mtf.zeros_like(v.outputs[0]) for v in variables]
+    updates = adam.apply_grads(zero_grads, variables)
+    return {"matrix": mtf.depend(matrix, updates), "bias": mtf.depend(bias, updates)}
+  result = run_mtf(build)
+  np.testing.assert_allclose(result["matrix"], np.full([2, 3], 1 - 0.1 * 0.5), rtol=1e-6)
+  np.testing.assert_allclose(result["bias"], np.ones([3]), rtol=1e-6)
+
+
+def test_microbatches_give_the_full_batch_losses(tmp_path, small_dataset):
+  train_in_process(tmp_path / "one", small_dataset, 4)
+  train_in_process(tmp_path / "two", small_dataset, 4, "train.microbatches_per_batch = 2")
+  one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
+  np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("bindings", [
+    ["train.optimizer = @Adafactor()", "learning_rate_schedule.learning_rate = 1e-2"],
+    ['train.precision = "bfloat16"'],
+    ["GPT.activation = @relu", "GPT.tie_embeddings = False"],
+], ids=["adafactor", "bfloat16", "relu-untied"])
+def test_variant_trains_with_falling_loss(tmp_path, small_dataset, bindings):
+  train_in_process(tmp_path / "run", small_dataset, 30, *bindings)
+  losses = logged_losses(tmp_path / "run")
+  assert all(math.isfinite(v) for v in losses.values())
+  assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 0.7
