@@ -2,8 +2,8 @@
 """Training throughput of gptneo's mtf train step next to a plain PyTorch twin, on this CPU.
 
   . .venv/bin/activate && export PYTHONPATH=$PWD
-  python bench/train_throughput.py                    # both configs, ~3-4 minutes on 2 cores
-  python bench/train_throughput.py --configs=tiny --steps=20
+  python bench/train_throughput.py                    # both configs, a few minutes on 2 cores
+  python bench/train_throughput.py --configs=tiny --rounds=5
 
 For each config it prepares nothing new: one small dataset (n_ctx 256, BPE vocab 4096, a few
 stdlib files) is written once into a temp dir; then
@@ -22,9 +22,9 @@ stdlib files) is written once into a temp dir; then
 import argparse
 import dataclasses
 import datetime
+import logging
 import os
 import shutil
-import statistics
 import sys
 import sysconfig
 import tempfile
@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info/warnings: noise here
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,65 +126,131 @@ def prepare_data(folder):
   return info
 
 
+# --------------------------------------------------------------------------- timing
+
+
+class CpuMeter:
+  """Wall time, this process's CPU time and the whole machine's busy time over a region.
+
+  `foreign` is the CPU (in cores) that other processes used meanwhile: this machine is
+  shared, and a busy neighbour both slows a run and, worse, wrecks torch's OpenMP threads
+  (they spin-wait at every barrier), so a round with foreign load is not a fair sample.
+  """
+
+  @staticmethod
+  def _machine_busy():
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+  def __enter__(self):
+    self._wall, self._cpu, self._busy = (time.perf_counter(), time.process_time(),
+                                         self._machine_busy())
+    return self
+
+  def __exit__(self, *exc):
+    self.wall = time.perf_counter() - self._wall
+    self.cpu = time.process_time() - self._cpu
+    self.foreign = max(0.0, (self._machine_busy() - self._busy - self.cpu) / self.wall)
+
+
+def wait_for_idle(max_foreign, timeout):
+  """Waits (up to `timeout` s) until other processes use < max_foreign cores for 1 s."""
+  deadline = time.time() + timeout
+  while True:
+    with CpuMeter() as meter:
+      time.sleep(1.0)
+    if meter.foreign < max_foreign or time.time() > deadline:
+      return meter.foreign
+
+
+class Runner:
+  """Runs `step()` in timed rounds; keeps each round's tokens/s and foreign load."""
+
+  def __init__(self, step, tokens_per_step, max_foreign, idle_wait, retries):
+    self.step, self.tokens_per_step, self.rounds = step, tokens_per_step, []
+    self.max_foreign, self.idle_wait, self.retries = max_foreign, idle_wait, retries
+
+  def time_round(self, steps):
+    """One round; redone (up to `retries` times) when a neighbour got busy meanwhile."""
+    for _ in range(self.retries + 1):
+      wait_for_idle(self.max_foreign, self.idle_wait)
+      with CpuMeter() as meter:
+        for _ in range(steps):
+          self.step()
+      if meter.foreign < self.max_foreign:
+        break
+    self.rounds.append((self.tokens_per_step * steps / meter.wall, meter.foreign,
+                        meter.cpu / meter.wall))
+
+  def best(self):
+    """The round least disturbed by other processes (ties: the fastest)."""
+    return min(self.rounds, key=lambda r: (round(r[1], 1), -r[0]))
+
+
 # --------------------------------------------------------------------------- ours
 
 
-def run_ours(cfg, dataset_dir, model_dir, warmup, steps, inter_threads, intra_threads):
-  """tokens/s of gptneo's real train step, built through gin as bin/train does."""
-  gin_utils.parse(["tiny.gin"], [f'DATASET_DIR = "{dataset_dir}"', "train.eval_batches = 0",
-                                 *cfg.gin_params])
-  model, optimizer, spec = gpt_lib.GPT(), optimizers.Adam(), mesh_lib.mesh()
-  assert (model.n_layer, model.n_embd, model.n_head, model.n_ctx, model.n_vocab) == (
-      cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.n_vocab), "gin config mismatch"
-  import gin  # pylint: disable=g-import-not-at-top
-  batch_size = gin.query_parameter("train.batch_size")
-  assert batch_size == cfg.batch_size, (batch_size, cfg.batch_size)
-  total_steps = gin.query_parameter("train.train_steps")
-  graph = train_lib._validated_graph(  # pylint: disable=protected-access
-      model, optimizer, spec, dataset_dir, batch_size, total_steps, seed=1234,
-      precision="float32", microbatches=1, clip_norm=1.0, eval_batches=0,
-      model_dir=model_dir, keep=1)
-  config = spec.session_config()
-  config.inter_op_parallelism_threads = inter_threads
-  config.intra_op_parallelism_threads = intra_threads
-  with graph.graph.as_default(), tf.Session(config=config) as session:
-    graph.checkpoints.restore_or_initialize(session, graph.init_ops)
-    for _ in range(warmup):
-      session.run(graph.train_op)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      session.run(graph.train_op)
-      times.append(time.perf_counter() - start)
-    loss = session.run(graph.loss)
-  tokens = cfg.batch_size * cfg.n_ctx
-  return {"params": model.num_parameters(), "tokens_per_s": tokens * steps / sum(times),
-          "median_step_s": statistics.median(times), "loss": float(loss)}
+class Ours:
+  """gptneo's real train step, built through gin as bin/train does, in a live Session."""
+
+  def __init__(self, cfg, dataset_dir, model_dir, inter_threads, intra_threads):
+    import gin  # pylint: disable=g-import-not-at-top
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)  # gin logs "Path not found" for each include it resolves
+    try:
+      gin_utils.parse(["tiny.gin"], [f'DATASET_DIR = "{dataset_dir}"',
+                                     "train.eval_batches = 0", *cfg.gin_params])
+    finally:
+      root.setLevel(level)
+    model, optimizer, spec = gpt_lib.GPT(), optimizers.Adam(), mesh_lib.mesh()
+    assert (model.n_layer, model.n_embd, model.n_head, model.n_ctx, model.n_vocab) == (
+        cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.n_vocab), "gin config mismatch"
+    batch_size = gin.query_parameter("train.batch_size")
+    assert batch_size == cfg.batch_size, (batch_size, cfg.batch_size)
+    self.params = model.num_parameters()
+    self.graph = train_lib._validated_graph(  # pylint: disable=protected-access
+        model, optimizer, spec, dataset_dir, batch_size, gin.query_parameter(
+            "train.train_steps"), seed=1234, precision="float32", microbatches=1,
+        clip_norm=1.0, eval_batches=0, model_dir=model_dir, keep=1)
+    config = spec.session_config()  # what train() uses; threads 0 = TF's default (all cores)
+    config.inter_op_parallelism_threads = inter_threads
+    config.intra_op_parallelism_threads = intra_threads
+    self.session = tf.Session(graph=self.graph.graph, config=config)
+    with self.graph.graph.as_default():
+      self.graph.checkpoints.restore_or_initialize(self.session, self.graph.init_ops)
+
+  def step(self):
+    self.session.run(self.graph.train_op)
+
+  def loss(self):
+    return float(self.session.run(self.graph.loss))
 
 
 # --------------------------------------------------------------------------- torch
 
 
-def run_torch(cfg, n_params, warmup, steps, attention):
-  torch.manual_seed(0)
-  model = torch_gpt.TorchGPT(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.n_vocab,
-                             attention=attention)
-  assert model.num_parameters() == n_params, (model.num_parameters(), n_params)
-  optimizer = torch_gpt.make_optimizer(model)
-  generator = torch.Generator().manual_seed(0)
-  batches = [torch.randint(0, cfg.n_vocab, (cfg.batch_size, cfg.n_ctx + 1), generator=generator)
-             for _ in range(4)]
-  total = warmup + steps
-  for step in range(warmup):
-    torch_gpt.train_step(model, optimizer, batches[step % 4], step, total, 2e-3)
-  times = []
-  for step in range(warmup, total):
-    start = time.perf_counter()
-    loss = torch_gpt.train_step(model, optimizer, batches[step % 4], step, total, 2e-3)
+class Torch:
+  """bench/torch_gpt.py at the same config and batch: forward, backward, clip, AdamW."""
+
+  def __init__(self, cfg, n_params, attention, total_steps):
+    torch.manual_seed(0)
+    self.model = torch_gpt.TorchGPT(cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx,
+                                    cfg.n_vocab, attention=attention)
+    assert self.model.num_parameters() == n_params, (self.model.num_parameters(), n_params)
+    self.optimizer = torch_gpt.make_optimizer(self.model)
+    generator = torch.Generator().manual_seed(0)
+    self.batches = [torch.randint(0, cfg.n_vocab, (cfg.batch_size, cfg.n_ctx + 1),
+                                  generator=generator) for _ in range(4)]
+    self.total_steps, self.count = total_steps, 0
+
+  def step(self):
+    loss = torch_gpt.train_step(self.model, self.optimizer, self.batches[self.count % 4],
+                                self.count, self.total_steps, 2e-3)
     loss.item()
-    times.append(time.perf_counter() - start)
-  tokens = cfg.batch_size * cfg.n_ctx
-  return {"tokens_per_s": tokens * steps / sum(times), "median_step_s": statistics.median(times)}
+    self.count += 1
 
 
 # --------------------------------------------------------------------------- main
@@ -192,64 +259,91 @@ def run_torch(cfg, n_params, warmup, steps, attention):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default="tiny,20m", help=f"comma list of {list(CONFIGS)}")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps first, each side")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="timed rounds per side, ours and torch alternating")
   parser.add_argument("--steps", type=int, default=0,
-                      help="timed steps per framework (0: 30 for tiny, 8 for 20m)")
+                      help="steps per round (0: 10 for tiny, 3 for 20m)")
   parser.add_argument("--torch_attention", default="sdpa", choices=["sdpa", "manual"],
                       help="torch attention: F.scaled_dot_product_attention or explicit math")
+  parser.add_argument("--torch_threads", type=int, default=CORES)
   parser.add_argument("--inter_op_threads", type=int, default=0, help="TF; 0 = TF's default")
   parser.add_argument("--intra_op_threads", type=int, default=0, help="TF; 0 = TF's default")
+  parser.add_argument("--max_foreign", type=float, default=0.15,
+                      help="a round counts as undisturbed if other processes used fewer cores")
+  parser.add_argument("--idle_wait", type=float, default=20,
+                      help="seconds to wait, before each round, for other processes to idle")
+  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
   parser.add_argument("--data_dir", default=None, help="reuse/keep the prepared dataset here")
   args = parser.parse_args()
 
-  torch.set_num_threads(CORES)
+  torch.set_num_threads(args.torch_threads)
+  tf.get_logger().setLevel("ERROR")  # deprecation notices of the tf.compat.v1 API
   started = time.time()
   print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  cores={CORES}  torch threads="
         f"{torch.get_num_threads()}  TF {tf.__version__}  torch {torch.__version__}  "
         f"TF threads inter={args.inter_op_threads or 'default'} "
-        f"intra={args.intra_op_threads or 'default'}", flush=True)
+        f"intra={args.intra_op_threads or 'default'}  loadavg "
+        f"{' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
   rates = matmul_rates()
   peak = max(rates.values())
   print("fp32 matmul 1024^3: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
-        + " GFLOP/s; MFU denominator " + f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+        + f" GFLOP/s; MFU denominator {peak / 1e9:.1f} GFLOP/s", flush=True)
 
   workdir = tempfile.mkdtemp(prefix="gptneo-bench-")
+  rows = []
   try:
     dataset_dir = args.data_dir or os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(dataset_dir, "dataset.json")):
       info = prepare_data(dataset_dir)
       print(f"dataset: {info['splits']['train']['windows']} windows of {N_CTX + 1} tokens, "
             f"vocab {info['n_vocab']}", flush=True)
-    rows = []
     for name in args.configs.split(","):
       cfg = CONFIGS[name]
-      steps = args.steps or (30 if name == "tiny" else 8)
-      ours = run_ours(cfg, dataset_dir, os.path.join(workdir, f"model-{name}"), args.warmup,
-                      steps, args.inter_op_threads, args.intra_op_threads)
-      print(f"[{name}] ours:  {ours['tokens_per_s']:.0f} tokens/s  (median step "
-            f"{ours['median_step_s'] * 1e3:.0f} ms, loss {ours['loss']:.3f})", flush=True)
-      theirs = run_torch(cfg, ours["params"], args.warmup, steps, args.torch_attention)
-      print(f"[{name}] torch: {theirs['tokens_per_s']:.0f} tokens/s  (median step "
-            f"{theirs['median_step_s'] * 1e3:.0f} ms)", flush=True)
-      per_token = flops_per_token(ours["params"], cfg)
-      rows.append((name, ours["params"], ours["tokens_per_s"], theirs["tokens_per_s"],
-                   ours["tokens_per_s"] / theirs["tokens_per_s"],
-                   ours["tokens_per_s"] * per_token / peak,
-                   theirs["tokens_per_s"] * per_token / peak))
+      steps = args.steps or (10 if name == "tiny" else 3)
+      tokens = cfg.batch_size * cfg.n_ctx
+      ours = Ours(cfg, dataset_dir, os.path.join(workdir, f"model-{name}"),
+                  args.inter_op_threads, args.intra_op_threads)
+      theirs = Torch(cfg, ours.params, args.torch_attention,
+                     args.warmup + args.rounds * steps)
+      runners = {side: Runner(fn, tokens, args.max_foreign, args.idle_wait, args.retries)
+                 for side, fn in (("ours", ours.step), ("torch", theirs.step))}
+      for runner in runners.values():
+        for _ in range(args.warmup):
+          runner.step()
+      for _ in range(args.rounds):  # alternate, so a noisy neighbour hits both sides alike
+        for runner in runners.values():
+          runner.time_round(steps)
+      for side, runner in runners.items():
+        print(f"[{name}] {side:5s} rounds of {steps} steps: " + "  ".join(
+            f"{tps:.0f} tok/s (cpu {util:.2f}, foreign {foreign:.2f})"
+            for tps, foreign, util in runner.rounds), flush=True)
+      print(f"[{name}] ours loss after {args.warmup + args.rounds * steps} steps: "
+            f"{ours.loss():.3f}", flush=True)
+      ours.session.close()
+      best_ours, best_torch = runners["ours"].best(), runners["torch"].best()
+      per_token = flops_per_token(ours.params, cfg)
+      rows.append((name, ours.params, best_ours[0], best_torch[0], best_ours[0] / best_torch[0],
+                   best_ours[0] * per_token / peak, best_torch[0] * per_token / peak,
+                   max(best_ours[1], best_torch[1])))
   finally:
     if not args.data_dir:
       shutil.rmtree(workdir, ignore_errors=True)
 
   print()
   header = ("config", "params", "ours tok/s", "torch tok/s", "ours/torch", "MFU ours",
-            "MFU torch")
+            "MFU torch", "foreign load")
   print("| " + " | ".join(header) + " |")
   print("|" + "|".join("---" for _ in header) + "|")
-  for name, params, ours, theirs, ratio, mfu_ours, mfu_torch in rows:
+  for name, params, ours, theirs, ratio, mfu_ours, mfu_torch, foreign in rows:
     print(f"| {name} | {params / 1e6:.2f}M | {ours:.0f} | {theirs:.0f} | {ratio:.2f} | "
-          f"{mfu_ours:.1%} | {mfu_torch:.1%} |")
-  print(f"\nmatmul rate (MFU denominator): {peak / 1e9:.1f} GFLOP/s; "
-        f"FLOPs/token = 6N + 12*L*T*E, N = all trainable params; total {time.time() - started:.0f} s")
+          f"{mfu_ours:.1%} | {mfu_torch:.1%} | {foreign:.2f} |")
+  print(f"\nmatmul rate (MFU denominator): {peak / 1e9:.1f} GFLOP/s; FLOPs/token = "
+        f"6N + 12*L*T*E, N = all trainable params; tok/s = the round with the least foreign "
+        f"load (cores used by other processes); total {time.time() - started:.0f} s")
+  if any(row[-1] > 0.2 for row in rows):
+    print("WARNING: other processes used CPU during the best rounds; numbers are disturbed "
+          "(torch's OpenMP threads suffer most). Rerun on an idle machine.")
 
 
 if __name__ == "__main__":

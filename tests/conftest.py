@@ -5,6 +5,7 @@ import subprocess
 import sys
 import sysconfig
 
+import gin
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -26,6 +27,14 @@ def stdlib_files(count):
   names = ["argparse.py", "ast.py", "calendar.py", "csv.py", "difflib.py", "fractions.py",
            "heapq.py", "json/decoder.py", "string.py", "textwrap.py", "shlex.py", "queue.py"]
   return [str(stdlib / n) for n in names[:count]]
+
+
+@pytest.fixture(autouse=True)
+def no_gin_bindings_leak():
+  """A test's gin bindings must not reach the configurables another test calls directly."""
+  gin.clear_config()
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")
