@@ -10,10 +10,10 @@ which live on in `tf.compat.v1.train`. Import mtf from here, never directly:
 import sys
 import types
 
-
-import tensorflow.compat.v1 as tf  # noqa: E402
-from tensorflow.python.framework import ops as _tf_ops  # noqa: E402
-from tensorflow.python.framework import tensor_conversion_registry as _registry  # noqa: E402
+import tensorflow.compat.v1 as tf
+from tensorflow.python.framework import ops as _tf_ops
+from tensorflow.python.framework import tensor_conversion_registry as _registry
+from tensorflow.python.util import deprecation as _deprecation
 
 
 def _install_estimator_shim():
@@ -34,6 +34,9 @@ def _install_conversion_registry_alias():
 
 _install_estimator_shim()
 _install_conversion_registry_alias()
+# Graph mode and the tf.compat.v1 Saver are this project's choice; TF's reminders that they
+# are deprecated would bury our own logs.
+_deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
 tf.disable_eager_execution()  # graph mode; resource variables stay on
 
 import mesh_tensorflow as mtf  # noqa: E402  pylint: disable=g-import-not-at-top
