@@ -2,19 +2,24 @@
 """Training throughput of gptneo's mtf train step next to a plain PyTorch twin, on this CPU.
 
   . .venv/bin/activate && export PYTHONPATH=$PWD
-  python bench/train_throughput.py                    # both configs, a few minutes on 2 cores
+  python bench/train_throughput.py                    # both configs, ~2.5 minutes on 2 idle cores
   python bench/train_throughput.py --configs=tiny --rounds=5
 
-For each config it prepares nothing new: one small dataset (n_ctx 256, BPE vocab 4096, a few
-stdlib files) is written once into a temp dir; then
+One small dataset (n_ctx 256, BPE vocab 4096, 14 stdlib modules) is prepared with
+`prepare_dataset` in a temp dir; then, per config:
   * ours:  gin_utils.parse(["tiny.gin"], overrides) -> train._validated_graph(...), exactly
            the graph bin/train builds (tf.data input, dropout sites, clipping, AdamW, step
-           increment), run in a Session with the mesh's session config; tokens/s of
-           `session.run(train_op)` after warm-up;
-  * torch: bench/torch_gpt.py, same shapes/params/batch/optimizer, float32,
-           torch.set_num_threads(#cores); tokens/s of forward + backward + clip + AdamW step;
-  * the fp32 matmul rate (1024x1024 @ 1024x1024, best of several) of numpy, torch and TF,
-    and MFU = tokens/s * FLOPs/token / matmul rate, with FLOPs/token = 6N + 12*L*T*E
+           increment), run in a Session with the mesh's session config (TF's default
+           inter/intra-op threads: all cores); tokens/s of `session.run(train_op)`;
+  * torch: bench/torch_gpt.py, same shapes, parameter count (asserted), batch, AdamW
+           hyperparameters, clipping and schedule, float32, torch.set_num_threads(#cores);
+           tokens/s of forward + backward + clip + AdamW step;
+  * both warm up, then run `--rounds` timed rounds of `--steps` steps, alternating ours and
+    torch so that a busy neighbour hits both alike. This machine is shared: each round
+    records the CPU other processes used meanwhile ("foreign", in cores), waits for them to
+    idle first and is redone when disturbed; the table reports the least disturbed round.
+  * the fp32 matmul rate (1024x1024 @ 1024x1024, best of 20) of numpy, torch and TF, and
+    MFU = tokens/s * FLOPs/token / matmul rate, with FLOPs/token = 6N + 12*L*T*E
     (N = GPT.num_parameters(): all trainable parameters, the tied embedding counted once,
     position embeddings included; T = n_ctx, E = n_embd, L = n_layer). The denominator is the
     best fp32 matmul rate measured in this run (the largest of the three).
@@ -93,7 +98,7 @@ def _best_seconds(fn, repeats):
   return best
 
 
-def matmul_rates(n=1024, repeats=10):
+def matmul_rates(n=1024, repeats=20):
   """fp32 FLOP/s of an n x n @ n x n matmul, best of `repeats`, in numpy, torch and TF."""
   flops = 2.0 * n ** 3
   rng = np.random.default_rng(0)
@@ -285,6 +290,7 @@ def main():
         f"TF threads inter={args.inter_op_threads or 'default'} "
         f"intra={args.intra_op_threads or 'default'}  loadavg "
         f"{' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
+  wait_for_idle(args.max_foreign, args.idle_wait)
   rates = matmul_rates()
   peak = max(rates.values())
   print("fp32 matmul 1024^3: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())

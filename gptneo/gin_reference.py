@@ -9,15 +9,23 @@ import sys
 
 import gin
 
+from gptneo import evaluate
+from gptneo import hf
 from gptneo import mesh
 from gptneo import sample
 from gptneo import train
 from gptneo.model import gpt
+from gptneo.model import moe
+from gptneo.model import positions
 from gptneo.optim import optimizers
 
-CONFIGURABLES = [train.train, gpt.GPT, optimizers.Adam, optimizers.Adafactor,
-                 optimizers.learning_rate_schedule, mesh.mesh, sample.sample]
+CONFIGURABLES = [train.train, gpt.GPT, positions.RotaryPositions, positions.AxialPositions,
+                 moe.MoE, optimizers.Adam, optimizers.Adafactor,
+                 optimizers.learning_rate_schedule, mesh.mesh, sample.sample,
+                 evaluate.evaluate, hf.export_hf]
 ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "selu", "silu", "swish"]
+FEED_FORWARDS = ["mlp", "glu"]
+POSITIONS = ["LearnedPositions", "RotaryPositions", "AxialPositions", "NoPositions"]
 START, END = "<!-- gin-reference:start -->", "<!-- gin-reference:end -->"
 
 
@@ -40,7 +48,8 @@ def _rows(obj):
   signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
   docs = _arg_docs(obj)
   for param in signature.parameters.values():
-    if param.name in ("self", "step", "total_steps", "name", "model_dir", "prompt"):
+    if param.name in ("self", "step", "total_steps", "name", "model_dir", "prompt", "prompts",
+                      "task", "task_file", "output_dir"):  # flags or call arguments
       continue
     default = param.default
     if default is gin.REQUIRED or default is param.empty:
@@ -60,6 +69,9 @@ def reference():
               "|---|---|---|", *_rows(obj), ""]
   lines.append("Activations, for `GPT.activation`: " +
                ", ".join(f"`@{a}`" for a in ACTIVATIONS) + ".")
+  lines += ["", "Feed-forwards, for `GPT.feed_forward`: " +
+            ", ".join(f"`@{f}`" for f in FEED_FORWARDS) + ". Position encodings, for "
+            "`GPT.positions`: " + ", ".join(f"`@{p}()`" for p in POSITIONS) + "."]
   return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import gin
 from gptneo.compat import mtf, tf
 
 MESH_NAME = "mesh"
+IMPLEMENTATIONS = ("placement", "simd")
 
 
 def _parse_pairs(text, knob, value_type):
@@ -30,6 +31,13 @@ class MeshSpec:
   shape: list  # [(mesh dim name, size)]
   layout: list  # [(tensor dim name, mesh dim name)]
   devices: list  # device strings, one per mesh position
+  implementation: str = "placement"  # or "simd": mtf's SPMD mesh for TPUs
+  tpu: str = None  # the TPU to resolve (name, grpc:// address or "local"), with "simd"
+  device_assignment: object = None  # tf.tpu.experimental.DeviceAssignment, set at lowering
+  cluster: dict = None  # {"worker": ["host:port", ...]}: one mesh over several processes
+  task_index: int = 0  # this process's place in cluster["worker"]
+  operation_timeout: float = 300.0  # seconds a step may wait on a peer before failing
+  target: str = ""  # the session target: "" in-process, a server's grpc:// address in a cluster
 
   @property
   def size(self):
@@ -57,36 +65,86 @@ class MeshSpec:
     return mtf.LayoutRules(self.layout)
 
   def mesh_impl(self):
-    """mtf's placement implementation: each mesh position a device of this process."""
+    """mtf's placement (one device of this process per position) or SIMD (TPU) mesh."""
+    if self.implementation == "simd":
+      if self.device_assignment is None:
+        raise ValueError("mesh.implementation = 'simd' needs a TPU device assignment; build "
+                         "the graph with runtime.tpu_device_assignment (see docs/tpu.md)")
+      return mtf.simd_mesh_impl.SimdMeshImpl(self.mtf_shape(), self.mtf_layout(),
+                                             device_assignment=self.device_assignment)
     return mtf.placement_mesh_impl.PlacementMeshImpl(
         self.mtf_shape(), self.mtf_layout(), self.devices)
 
+  @property
+  def num_tasks(self):
+    return len(self.cluster["worker"]) if self.cluster else 1
+
   def session_config(self):
-    cpu_count = sum(1 for d in self.devices if "cpu" in d.lower())
-    return tf.ConfigProto(device_count={"CPU": max(cpu_count, 1)},
-                          allow_soft_placement=False)
+    cpu_count = sum(1 for d in self.devices if "cpu" in d.lower()) // self.num_tasks
+    config = tf.ConfigProto(device_count={"CPU": max(cpu_count, 1)},
+                            allow_soft_placement=False)
+    if self.cluster:  # a lost peer fails the step instead of hanging it
+      config.operation_timeout_in_ms = int(self.operation_timeout * 1000)
+    return config
 
 
 @gin.configurable
-def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=None):
+def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=None,
+         implementation="placement", tpu=None, cluster=None, task_index=0,
+         operation_timeout=300.0):
   """The mesh to train on.
 
   Args:
     mesh_shape: named mesh dimensions and sizes, e.g. "x:2,y:4"; "" is one device.
     layout: tensor dimension to mesh dimension rules, e.g. "batch:x,heads:y".
-    device_type: "cpu" (one CPU device per mesh position) or "gpu".
+    device_type: "cpu" (one CPU device per mesh position) or "gpu" (placement only).
     cpu_devices: how many CPU devices this process may use (default: the mesh size).
     gpu_ids: GPU ids to place the mesh on, in mesh order (default: 0 .. size-1).
+    implementation: "placement" (CPU/GPU devices of this process) or "simd" (TPU cores, one
+      SPMD program; see docs/tpu.md).
+    tpu: with "simd": the TPU's name, grpc:// address, or "local" on a TPU VM.
+    cluster: run one mesh over several processes, e.g. {"worker": ["host0:2222",
+      "host1:2222"]}; mesh positions are spread evenly over the tasks (docs/multihost.md).
+    task_index: this process's index in cluster["worker"] (bin/train --task_index).
+    operation_timeout: seconds a step may wait on another task before failing.
 
   Returns:
     A MeshSpec.
   """
   spec = MeshSpec(_parse_pairs(mesh_shape, "mesh_shape", int),
-                  _parse_pairs(layout, "layout", str), devices=[])
+                  _parse_pairs(layout, "layout", str), devices=[],
+                  implementation=implementation, tpu=tpu)
   if any(size < 1 for _, size in spec.shape):
     raise ValueError(f"mesh_shape {mesh_shape!r} has a dimension smaller than 1")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"mesh.implementation = {implementation!r}; use one of {IMPLEMENTATIONS}")
+  if implementation == "simd":
+    if not tpu:
+      raise ValueError("mesh.implementation = 'simd' runs on a TPU: set mesh.tpu to its name, "
+                       "grpc:// address or 'local' (docs/tpu.md)")
+    spec.devices = [""] * spec.size  # the SIMD mesh places by device assignment, not name
+    return spec
+  if cluster:
+    spec.cluster, spec.task_index, spec.operation_timeout = cluster, task_index, operation_timeout
+    spec.devices = _cluster_devices(spec.size, device_type, cluster, task_index)
+    return spec
   spec.devices = _devices(spec.size, device_type, cpu_devices, gpu_ids)
   return spec
+
+
+def _cluster_devices(size, device_type, cluster, task_index):
+  """Mesh position p lives on task p // per_task, device p % per_task of that task."""
+  tasks = cluster.get("worker") if isinstance(cluster, dict) else None
+  if not tasks or set(cluster) != {"worker"}:
+    raise ValueError(f"mesh.cluster = {cluster!r}; write {{'worker': ['host:port', ...]}}")
+  if size % len(tasks):
+    raise ValueError(f"mesh_shape has {size} positions, which {len(tasks)} tasks in "
+                     f"mesh.cluster can't share evenly; make the mesh a multiple of the tasks")
+  if not 0 <= task_index < len(tasks):
+    raise ValueError(f"--task_index={task_index} but mesh.cluster has {len(tasks)} tasks; "
+                     f"use 0 .. {len(tasks) - 1}")
+  per_task = size // len(tasks)
+  return [f"/job:worker/task:{p // per_task}/{device_type}:{p % per_task}" for p in range(size)]
 
 
 def _devices(size, device_type, cpu_devices, gpu_ids):

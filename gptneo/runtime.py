@@ -1,5 +1,11 @@
 """What every loop shares: precision, the mtf mesh, lowering, checkpoints of mesh variables."""
+import contextlib
 import os
+import socket
+import sys
+import time
+
+import numpy as np
 
 from gptneo.compat import mtf, tf
 from gptneo.mesh import MESH_NAME
@@ -29,6 +35,40 @@ def lower(mtf_graph, mtf_mesh, spec):
     return mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)
   finally:
     tf.logging.set_verbosity(verbosity)
+
+
+def tpu_device_assignment(spec):
+  """Connects to `spec.tpu`, initializes it; returns (session target, DeviceAssignment).
+
+  Logical mesh position k runs on replica k of the assignment (mtf's SIMD mesh wants the
+  cores in lexicographic order, which DeviceAssignment.build gives).
+  """
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=spec.tpu)
+  with tf.Graph().as_default(), tf.Session(resolver.master()) as session:
+    serialized = session.run(tf.tpu.initialize_system())
+  topology = tf.tpu.experimental.Topology(serialized=serialized)
+  if spec.size > topology.num_tasks * topology.num_tpus_per_task:
+    raise ValueError(f"mesh_shape has {spec.size} positions but TPU {spec.tpu!r} has "
+                     f"{topology.num_tasks * topology.num_tpus_per_task} cores; pick its layout "
+                     f"from gin/layouts/tpu_*.gin")
+  return resolver.master(), tf.tpu.experimental.DeviceAssignment.build(
+      topology, num_replicas=spec.size)
+
+
+def synthetic_device_assignment(num_chips, cores_per_chip=2):
+  """A DeviceAssignment for a made-up single-host TPU, so SIMD graphs build without one."""
+  coordinates = [[x, 0, 0, core] for x in range(num_chips) for core in range(cores_per_chip)]
+  topology = tf.tpu.experimental.Topology(
+      mesh_shape=[num_chips, 1, 1, cores_per_chip],
+      device_coordinates=np.array([coordinates], dtype=np.int32))
+  return tf.tpu.experimental.DeviceAssignment.build(
+      topology, num_replicas=num_chips * cores_per_chip)
+
+
+def replicate(spec, computation):
+  """Runs `computation` (which builds and lowers the mtf graph) as one SPMD TPU program."""
+  return tf.tpu.replicate(computation, inputs=[[]] * spec.size,
+                          device_assignment=spec.device_assignment)
 
 
 class Checkpoints:
@@ -76,3 +116,98 @@ class Checkpoints:
     session.run(self._to_masters)
     return self._saver.save(session, os.path.join(self.model_dir, "model.ckpt"),
                             global_step=step, write_meta_graph=False)
+
+
+# Several processes, one mesh: task 0 builds the graph and drives the session through its own
+# server (in-graph replication); the other tasks only serve their devices until it is done.
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+               tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+def start_server(spec):
+  """Starts this task's gRPC server; the session target becomes its address."""
+  server = tf.distribute.Server(tf.train.ClusterSpec(spec.cluster), job_name="worker",
+                                task_index=spec.task_index, config=spec.session_config())
+  spec.target = server.target
+  return server
+
+
+def _done_queue(task):
+  """A queue on `task` that task 0 fills when training is over."""
+  with tf.device(f"/job:worker/task:{task}/cpu:0"):
+    return tf.queue.FIFOQueue(1, [tf.int32], shapes=[[]], shared_name=f"gptneo_done_{task}")
+
+
+def release_ops(spec):
+  """Task 0 runs these last: each other task's server may then stop."""
+  return [_done_queue(task).enqueue(1) for task in range(1, spec.num_tasks)]
+
+
+def serve_until_released(spec, poll_seconds=1.0):
+  """A task other than 0: serves until task 0 releases it; fails once task 0 is gone."""
+  graph = tf.Graph()
+  with graph.as_default():
+    released = _done_queue(spec.task_index).dequeue()
+  config = spec.session_config()
+  # Only this task: a session over the whole cluster would wait for task 0 forever.
+  config.device_filters.append(f"/job:worker/task:{spec.task_index}")
+  options = tf.RunOptions(timeout_in_ms=int(poll_seconds * 1000))
+  last_seen = time.monotonic()
+  with tf.Session(spec.target, graph=graph, config=config) as session:
+    while True:
+      try:
+        session.run(released, options=options)
+        return
+      except tf.errors.DeadlineExceededError:
+        pass
+      if _reachable(spec.cluster["worker"][0], poll_seconds):
+        last_seen = time.monotonic()
+      elif time.monotonic() - last_seen > spec.operation_timeout:
+        raise ValueError(f"task {spec.task_index}: task 0 at {spec.cluster['worker'][0]} has "
+                         f"been unreachable for {spec.operation_timeout:.0f}s "
+                         f"(mesh.operation_timeout); restart every task")
+
+
+def wait_for_peers(spec):
+  """Task 0, before its session: every task's server must answer within the timeout."""
+  deadline = time.monotonic() + spec.operation_timeout
+  for task, address in enumerate(spec.cluster["worker"]):
+    while not _reachable(address, 1.0):
+      if time.monotonic() > deadline:
+        raise ValueError(f"task {task} of mesh.cluster at {address} did not come up within "
+                         f"{spec.operation_timeout:.0f}s; start it with --task_index={task}")
+      time.sleep(0.2)  # polling a port that is not open yet; nothing to wait on instead
+
+
+def _reachable(address, timeout):
+  host, _, port = address.rpartition(":")
+  try:
+    with socket.create_connection((host, int(port)), timeout=timeout):
+      return True
+  except OSError:
+    return False
+
+
+@contextlib.contextmanager
+def peers_guard(spec):
+  """A peer lost mid-step ends this process with one line and exit code 2, at once.
+
+  Not an exception: unwinding would close the session, and closing a session whose peer is
+  dead blocks for 30 seconds and then logs an error of TensorFlow's own.
+  """
+  try:
+    yield
+  except PEER_ERRORS as error:
+    if not spec.cluster:
+      raise
+    program = os.path.basename(sys.argv[0])
+    print(f"{program}: error: {lost_peer_error(spec, error)}", file=sys.stderr, flush=True)
+    os._exit(2)  # pylint: disable=protected-access
+
+
+def lost_peer_error(spec, error):
+  lines = [line.strip() for line in str(error.message).splitlines()
+           if line.strip() and "Graph execution error" not in line]
+  detail = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+  return ValueError(f"task {spec.task_index} lost a peer of mesh.cluster ({detail}); restart "
+                    f"every task from the last checkpoint")

@@ -1,87 +1,152 @@
-"""Basic sampling: temperature sampling from a trained model, rerunning the window per token."""
-import os
+"""Sampling: batched prompts of any length through one graph, built once.
+
+There is no key/value cache yet: every new token reruns the model over the window (the last
+n_ctx tokens), so a token costs a full forward pass.
+"""
+import json
 
 import gin
 import numpy as np
 
-from gptneo import runtime
-from gptneo.compat import mtf, tf
+from gptneo import inference
+from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
-from gptneo.model import ops
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
-class Sampler:
-  """The model's next-token logits for one window of up to n_ctx tokens, from a checkpoint."""
+def read_prompts(path):
+  """Prompts from a file: one per line, or with a .jsonl name one {"prompt": ...} per line.
 
-  def __init__(self, model, spec, model_dir, precision="float32"):
-    self.model = model
-    self.graph = tf.Graph()
-    with self.graph.as_default():
-      self.window = tf.placeholder(tf.int32, [1, model.n_ctx], name="window")
-      mtf_graph, mtf_mesh = runtime.new_mesh()
-      dims = model.dims(1)
-      tokens = mtf.import_tf_tensor(mtf_mesh, self.window, [dims.batch, dims.sequence])
-      logits = model(tokens, runtime.variable_dtype(precision),
-                     ops.Dropout(is_training=False, seed=0, step=0))
-      lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
-      self.logits = lowering.export_to_tf_tensor(logits)
-      checkpoints = runtime.Checkpoints(lowering, model_dir)
-      self.session = tf.Session(graph=self.graph, config=spec.session_config())
-      self.checkpoint = checkpoints.restore(self.session)
-
-  def next_logits(self, context):
-    """Logits after the last of `context` (a list of ids; only its last n_ctx count)."""
-    context = context[-self.model.n_ctx:]
-    window = np.zeros([1, self.model.n_ctx], np.int32)
-    window[0, :len(context)] = context
-    return self.session.run(self.logits, {self.window: window})[0, len(context) - 1]
-
-
-def sample_tokens(next_logits, prompt_ids, max_new_tokens, temperature, eos_id, rng):
-  """Draws up to `max_new_tokens` ids after `prompt_ids`, stopping after EOS.
-
-  temperature 0 is greedy decoding.
+  Blank lines are skipped; write {"prompt": ""} in a JSONL file to start a new document.
   """
-  ids = list(prompt_ids)
+  with tf.io.gfile.GFile(path) as f:
+    lines = f.read().splitlines()
+  if not path.endswith(".jsonl"):
+    return [line for line in lines if line.strip()]
+  prompts = []
+  for number, line in enumerate(lines, start=1):
+    if line.strip():
+      prompts.append(_prompt_of(line, path, number))
+  return prompts
+
+
+def _prompt_of(line, path, number):
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} line {number} is not JSON ({error.msg}); write one "
+                     f'{{"prompt": ...}} object per line') from None
+  prompt = record.get("prompt") if isinstance(record, dict) else None
+  if not isinstance(prompt, str):
+    raise ValueError(f'{path} line {number} has no string "prompt" field')
+  return prompt
+
+
+def choose_token(logits, temperature, top_k, top_p, rng):
+  """One id from float logits: greedy at temperature 0, else sampled after top-k / top-p."""
+  if temperature == 0:
+    return int(np.argmax(logits))
+  logits = logits.astype(np.float64) / temperature
+  order = np.argsort(-logits, kind="stable")
+  if top_k:
+    order = order[:top_k]
+  probs = np.exp(logits[order] - logits[order[0]])
+  probs /= probs.sum()
+  # Nucleus: the fewest most-likely tokens whose mass reaches top_p (at least one).
+  keep = int(np.searchsorted(np.cumsum(probs), top_p * (1 - 1e-12))) + 1
+  probs = probs[:keep] / probs[:keep].sum()
+  return int(order[rng.choice(keep, p=probs)])
+
+
+def generate(next_logits, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
+  """New ids per prompt, all prompts stepped together; each stops at its EOS.
+
+  Args:
+    next_logits: function(list of windows) -> [len, vocab] logits after each window.
+    prompts_ids: one list of ids per prompt.
+    n_ctx: the window: longer sequences keep their last n_ctx ids.
+    max_new_tokens: at most this many new ids per prompt.
+    eos_id: ends a sequence (not included in the output).
+    choose: function(prompt index, logits) -> id.
+  """
+  sequences = [list(ids) for ids in prompts_ids]
+  new_ids = [[] for _ in prompts_ids]
+  active = list(range(len(prompts_ids)))
   for _ in range(max_new_tokens):
-    logits = next_logits(ids).astype(np.float64)
-    if temperature == 0:
-      token = int(np.argmax(logits))
-    else:
-      probs = np.exp((logits - logits.max()) / temperature)
-      token = int(rng.choice(len(probs), p=probs / probs.sum()))
-    if token == eos_id:
+    if not active:
       break
-    ids.append(token)
-  return ids[len(prompt_ids):]
+    logits = next_logits([sequences[i][-n_ctx:] for i in active])
+    still_active = []
+    for index, row in zip(active, logits, strict=True):
+      token = choose(index, row)
+      if token != eos_id:
+        sequences[index].append(token)
+        new_ids[index].append(token)
+        still_active.append(index)
+    active = still_active
+  return new_ids
 
 
-@gin.configurable(denylist=["model_dir", "prompt"])
-def sample(model_dir, prompt, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_tokens=100,
-           temperature=0.8, seed=0, precision="float32"):
-  """Continues `prompt` with the latest checkpoint in `model_dir`.
+def _validate(max_new_tokens, temperature, top_k, top_p, batch_size):
+  if temperature < 0:
+    raise ValueError(f"sample.temperature = {temperature}; it must be >= 0")
+  if not isinstance(top_k, int) or top_k < 0:
+    raise ValueError(f"sample.top_k = {top_k!r}; it must be an integer >= 0 (0: off)")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"sample.top_p = {top_p}; it must be in (0, 1] (1: off)")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(f"sample.max_new_tokens = {max_new_tokens!r}; it must be an integer >= 0")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"sample.batch_size = {batch_size!r}; it must be a positive integer")
+
+
+def encode_prompts(tokenizer, prompts, n_ctx):
+  """Ids per prompt ("" starts from EOS); a prompt longer than n_ctx tokens is an error."""
+  eos = tokenizer_lib.eos_id(tokenizer)
+  prompts_ids = [tokenizer.encode(p).ids if p else [eos] for p in prompts]
+  for number, ids in enumerate(prompts_ids, start=1):
+    if len(ids) > n_ctx:
+      raise ValueError(f"prompt {number} is {len(ids)} tokens, more than GPT.n_ctx = {n_ctx};"
+                       f" shorten it")
+  return prompts_ids
+
+
+@gin.configurable(denylist=["model_dir", "prompts"])
+def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_tokens=100,
+           temperature=0.8, top_k=0, top_p=1.0, seed=0, batch_size=8, precision="float32"):
+  """Continues each prompt with the latest checkpoint in `model_dir`.
 
   Args:
     model_dir: a trained model's folder (checkpoints, operative_config.gin, tokenizer.json).
-    prompt: the text to continue; "" starts from the end-of-text token.
+    prompts: the texts to continue; "" starts from the end-of-text token. A prompt longer
+      than GPT.n_ctx tokens is an error; continuations past n_ctx slide the window.
     model: the model, as trained (read from the operative config).
     mesh: the mesh to sample on.
-    max_new_tokens: stop after this many new tokens (or at end-of-text).
+    max_new_tokens: stop after this many new tokens (or at end-of-text, per prompt).
     temperature: softmax temperature; 0 is greedy.
-    seed: seeds the sampling.
+    top_k: sample among the k most likely tokens only; 0 is off.
+    top_p: nucleus sampling: among the fewest most likely tokens holding this much
+      probability; in (0, 1], 1 is off.
+    seed: seeds the sampling; prompt i draws from its own stream (seed, i), so batching
+      does not change the samples.
+    batch_size: prompts run together through the graph.
     precision: "float32" or "bfloat16" activations.
 
   Returns:
-    the decoded continuation (without the prompt).
+    the decoded continuations (without the prompts), one per prompt.
   """
-  if temperature < 0:
-    raise ValueError(f"sample.temperature = {temperature}; it must be >= 0")
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(model_dir, TOKENIZER_FILE))
-  eos = tokenizer_lib.eos_id(tokenizer)
-  prompt_ids = tokenizer.encode(prompt).ids if prompt else [eos]
-  sampler = Sampler(model, mesh, model_dir, precision)
-  new_ids = sample_tokens(sampler.next_logits, prompt_ids, max_new_tokens, temperature, eos,
-                          np.random.default_rng(seed))
-  return tokenizer.decode(new_ids)
+  _validate(max_new_tokens, temperature, top_k, top_p, batch_size)
+  inference.check_model_dir(model_dir)
+  tokenizer = inference.load_tokenizer(model_dir)
+  prompts_ids = encode_prompts(tokenizer, prompts, model.n_ctx)
+  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision)
+  restored.restore()
+  rngs = [np.random.default_rng([seed, index]) for index in range(len(prompts))]
+  completions = []
+  for start in range(0, len(prompts_ids), batch_size):
+    chunk_rngs = rngs[start:start + batch_size]
+    new_ids = generate(restored.next_logits, prompts_ids[start:start + batch_size],
+                       model.n_ctx, max_new_tokens, tokenizer_lib.eos_id(tokenizer),
+                       lambda i, logits, r=chunk_rngs: choose_token(logits, temperature,
+                                                                    top_k, top_p, r[i]))
+    completions += [tokenizer.decode(ids) for ids in new_ids]
+  return completions

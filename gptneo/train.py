@@ -7,10 +7,12 @@ import time
 from absl import logging
 import gin
 
+from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
+from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
 from gptneo.optim import optimizers
@@ -27,6 +29,8 @@ class TrainGraph:
   eval_loss: tf.Tensor
   init_ops: list
   checkpoints: runtime.Checkpoints
+  aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
+  eval_metrics: dict = dataclasses.field(default_factory=dict)  # accuracy, targets (tf)
 
 
 def check_dataset(model, info, dataset_dir):
@@ -50,17 +54,25 @@ def _import_batch(mtf_mesh, batch, dims):
 
 
 def _gradients(model, features, dims, dtype, dropout, microbatches):
-  """Mean loss and gradients, summed over microbatches when there are several."""
+  """Mean losses and gradients, summed over microbatches when there are several.
+
+  "loss" is the training objective: cross-entropy plus the model's auxiliary losses (MoE
+  balancing, z-loss), which are also returned under their own names for the logs.
+  """
   def loss_fn(f):
     logits = model(f["tokens"], dtype, dropout)
-    return {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab)}
+    losses = {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab), **model.aux_losses}
+    for aux in model.aux_losses.values():
+      losses["loss"] += aux
+    return losses
 
   variables = features["tokens"].graph.trainable_variables
   if microbatches == 1:
-    loss = loss_fn(features)["loss"]
-    return loss, mtf.gradients([loss], [v.outputs[0] for v in variables])
+    losses = loss_fn(features)
+    return losses, mtf.gradients([losses["loss"]], [v.outputs[0] for v in variables])
   grads, outputs = mtf.serialize_training_step(features, loss_fn, dims.batch, microbatches)
-  return outputs["loss"] / microbatches, [g / microbatches for g in grads]
+  return ({name: value / microbatches for name, value in outputs.items()},
+          [g / microbatches for g in grads])
 
 
 def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
@@ -76,8 +88,9 @@ def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, se
     dtype = runtime.variable_dtype(precision)
     tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
     dropout = ops.Dropout(is_training=True, seed=seed, step=step)
-    loss, grads = _gradients(model, {"tokens": tokens, "targets": targets}, dims, dtype,
-                             dropout, microbatches)
+    losses, grads = _gradients(model, {"tokens": tokens, "targets": targets}, dims, dtype,
+                               dropout, microbatches)
+    loss = losses.pop("loss")
     norm = optimizers.global_norm(grads)
     grads = optimizers.clip_by_global_norm(grads, norm, clip_norm)
     learning_rate = optimizers.learning_rate_schedule(step, train_steps)
@@ -97,13 +110,16 @@ def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, se
       train_op = tf.assign_add(step, 1).op
     saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
     checkpoints = runtime.Checkpoints(lowering, model_dir, keep, [saveable])
-    tf_eval = lowering.export_to_tf_tensor(eval_loss) if eval_loss is not None else None
-    return TrainGraph(graph, step, tf_loss, learning_rate, tf_norm, train_op, tf_eval,
-                      [iterator.initializer] + eval_init, checkpoints)
+    tf_eval = {name: lowering.export_to_tf_tensor(value)
+               for name, value in (eval_loss or {}).items()}
+    tf_aux = {name: lowering.export_to_tf_tensor(value) for name, value in losses.items()}
+    return TrainGraph(graph, step, tf_loss, learning_rate, tf_norm, train_op,
+                      tf_eval.pop("loss", None), [iterator.initializer] + eval_init,
+                      checkpoints, tf_aux, tf_eval)
 
 
 def _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype, eval_batches):
-  """Mean validation loss of one batch (dropout off); the loop averages `eval_batches` of them."""
+  """Validation loss, accuracy and targets of one batch (dropout off), or None."""
   info = inputs.read_dataset_info(dataset_dir)
   if not eval_batches or info["splits"].get("validation", {}).get("windows", 0) < batch_size:
     return None, []
@@ -112,7 +128,8 @@ def _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype, eval_batch
   tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
   no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
   logits = model(tokens, dtype, no_dropout)
-  return gpt_lib.loss(logits, targets, dims.vocab), [iterator.initializer]
+  outputs = evaluate_lib.batch_outputs(logits, targets, dims.vocab)
+  return {**outputs, "targets": targets}, [iterator.initializer]
 
 
 class Progress:
@@ -125,7 +142,7 @@ class Progress:
     self._start, self._first_step = time.time(), first_step
     self._last_time, self._last_step = self._start, first_step
 
-  def log(self, step, loss, learning_rate, grad_norm):
+  def log(self, step, loss, learning_rate, grad_norm, aux_losses=None):
     now = time.time()
     tokens_per_sec = (step - self._last_step) * self._tokens_per_step / max(now - self._last_time,
                                                                             1e-9)
@@ -135,7 +152,8 @@ class Progress:
                  self._train_steps, loss, learning_rate, tokens_per_sec,
                  _clock(now - self._start), _clock(eta))
     values = {"loss": float(loss), "learning_rate": float(learning_rate),
-              "tokens_per_sec": tokens_per_sec, "grad_norm": float(grad_norm)}
+              "tokens_per_sec": tokens_per_sec, "grad_norm": float(grad_norm),
+              **{name: float(value) for name, value in (aux_losses or {}).items()}}
     self.scalars(step, values)
     self._metrics.write(json.dumps({"step": int(step), **values}) + "\n")
     self._metrics.flush()
@@ -157,7 +175,8 @@ def _clock(seconds):
 def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUIRED,
           batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
           microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
-          keep_checkpoints=5, log_every_n_steps=10, eval_batches=10):
+          keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
+          eval_steps=10):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
 
   Args:
@@ -176,22 +195,38 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     keep_checkpoints: how many recent checkpoints to keep.
     log_every_n_steps: log and write summaries every this many steps.
     eval_batches: validation batches averaged for the loss printed at the end (0: none).
+    eval_every_n_steps: every this many steps, write validation loss, perplexity, bits per
+      byte and accuracy to TensorBoard (eval/...) and eval.jsonl (0: never).
+    eval_steps: validation batches per periodic evaluation (the stream cycles on).
 
   Returns:
     dict with the final training loss and validation loss (None without a validation split).
   """
+  if mesh.cluster:
+    server = runtime.start_server(mesh)  # noqa: F841  (serves this task's devices while alive)
+    if mesh.task_index:  # task 0 drives the whole mesh
+      runtime.serve_until_released(mesh)
+      return None
   graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
-                           precision, microbatches_per_batch, clip_norm, eval_batches,
+                           precision, microbatches_per_batch, clip_norm,
+                           eval_batches or (eval_steps if eval_every_n_steps else 0),
                            model_dir, keep_checkpoints)
   gin_utils.write_run_files(model_dir)
   _copy_tokenizer(dataset_dir, model_dir)
-  with graph.graph.as_default(), tf.Session(config=mesh.session_config()) as session:
+  with graph.graph.as_default():
+    release_peers = runtime.release_ops(mesh)
+  if mesh.cluster:
+    runtime.wait_for_peers(mesh)
+  with (graph.graph.as_default(),
+        tf.Session(mesh.target, config=mesh.session_config()) as session,
+        runtime.peers_guard(mesh)):
     restored = graph.checkpoints.restore_or_initialize(session, graph.init_ops)
     start = session.run(graph.step)
     logging.info("%s at step %d", f"resumed from {restored}" if restored else "started", start)
     loss = _train_steps(session, graph, model_dir, start, train_steps, batch_size * model.n_ctx,
-                        steps_per_checkpoint, log_every_n_steps)
+                        steps_per_checkpoint, log_every_n_steps, eval_every_n_steps, eval_steps)
     eval_loss = _evaluate(session, graph, eval_batches)
+    session.run(release_peers)
   if eval_loss is not None:
     logging.info("validation loss %.4f after step %d", eval_loss, train_steps)
   return {"loss": loss, "validation_loss": eval_loss}
@@ -204,6 +239,9 @@ def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_step
     raise ValueError(f"train.microbatches_per_batch = {microbatches} does not divide "
                      f"train.batch_size = {batch_size}")
   spec.validate(model.dims(batch_size // microbatches).sizes())
+  if spec.implementation == "simd":  # the graph builds (tests/test_layouts.py); no loop yet
+    raise ValueError("mesh.implementation = 'simd': bin/train has no TPU session loop yet; "
+                     "see docs/tpu.md for what works today")
   runtime.variable_dtype(precision)
   return build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
                      precision, microbatches, clip_norm, eval_batches, model_dir, keep)
@@ -216,21 +254,37 @@ def _copy_tokenizer(dataset_dir, model_dir):
 
 
 def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
-                 steps_per_checkpoint, log_every_n_steps):
+                 steps_per_checkpoint, log_every_n_steps, eval_every_n_steps=0, eval_steps=0):
   progress = Progress(model_dir, train_steps, tokens_per_step, start)
   loss, step = None, start
   while step < train_steps:
-    _, loss, learning_rate, norm = session.run(
-        [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm])
+    _, loss, learning_rate, norm, aux_losses = session.run(
+        [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm, graph.aux_losses])
     step += 1
     if step % log_every_n_steps == 0 or step in (start + 1, train_steps):
-      progress.log(step, loss, learning_rate, norm)
+      progress.log(step, loss, learning_rate, norm, aux_losses)
     if step % steps_per_checkpoint == 0 or step == train_steps:
       logging.info("saved checkpoint %s", graph.checkpoints.save(session, step))
+    if eval_every_n_steps and step % eval_every_n_steps == 0 and graph.eval_loss is not None:
+      _periodic_eval(session, graph, model_dir, step, eval_steps, progress)
   return loss
 
 
+def _periodic_eval(session, graph, model_dir, step, eval_steps, progress):
+  """Validation metrics to TensorBoard (eval/...) and to model_dir/eval.jsonl."""
+  byte_lengths = evaluate_lib.token_byte_lengths(
+      tokenizer_lib.load_tokenizer(os.path.join(model_dir, "tokenizer.json")))
+  metrics = evaluate_lib.metrics_of_batches(
+      session, {"loss": graph.eval_loss, **graph.eval_metrics}, eval_steps, byte_lengths)
+  progress.scalars(step, {f"eval/{name}": metrics[name]
+                          for name in ("loss", "perplexity", "bits_per_byte", "accuracy")})
+  evaluate_lib.append_result(model_dir, {"step": int(step), "task": "lm", "split": "validation",
+                                         **metrics})
+  logging.info("step %d  validation loss %.4f  bits/byte %.4f  accuracy %.4f", step,
+               metrics["loss"], metrics["bits_per_byte"], metrics["accuracy"])
+
+
 def _evaluate(session, graph, eval_batches):
-  if graph.eval_loss is None:
+  if graph.eval_loss is None or not eval_batches:
     return None
   return sum(session.run(graph.eval_loss) for _ in range(eval_batches)) / eval_batches

@@ -55,3 +55,31 @@ def run_binary(name, *args, check=False):
   if check and result.returncode:
     raise AssertionError(f"bin/{name} failed:\n{result.stderr[-3000:]}")
   return result
+
+
+# GPT-Neo's architecture (unscaled attention, global + local layers) at test size, with a
+# window long enough for a prompt plus 32 greedy tokens: HF GPT-Neo can compute it exactly.
+NEO_N_CTX = 64
+NEO_TEST_BINDINGS = [
+    "GPT.n_layer = 2", "GPT.n_embd = 32", "GPT.n_head = 4", f"GPT.n_ctx = {NEO_N_CTX}",
+    f"GPT.n_vocab = {VOCAB}", "GPT.scale_attention = False",
+    'GPT.attention_layers = [[["global", "local"], 1]]', "GPT.window_size = 16",
+    "train.batch_size = 8", "train.log_every_n_steps = 10", "train.eval_batches = 0",
+    "learning_rate_schedule.learning_rate = 3e-3", "learning_rate_schedule.warmup_steps = 5",
+]
+
+
+@pytest.fixture(scope="session")
+def neo_model_dir(tmp_path_factory):
+  """A GPT-Neo-shaped model trained 30 steps on a 64-token dataset; returns its model dir."""
+  from gptneo import gin_utils  # pylint: disable=g-import-not-at-top
+  from gptneo import train  # pylint: disable=g-import-not-at-top
+  from gptneo.data import prepare  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("neo")
+  prepare.prepare_dataset(stdlib_files(8), str(root / "data"), n_ctx=NEO_N_CTX,
+                          vocab_size=VOCAB, validation_fraction=0.25)
+  gin_utils.parse(["tiny.gin"], NEO_TEST_BINDINGS + [
+      f'DATASET_DIR = "{root / "data"}"', "train.train_steps = 30"])
+  train.train(str(root / "run"))
+  gin.clear_config()
+  return str(root / "run")

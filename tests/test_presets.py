@@ -51,6 +51,16 @@ WARMUP_TOKENS, DECAY_TOKENS, TRAIN_TOKENS = 375e6, 260e9, 300e9
 SMALL_SHAPE = ["GPT.n_layer = 2", "GPT.n_embd = 64", "GPT.n_head = 4",
                f"GPT.n_ctx = {SMALL_N_CTX}", "GPT.n_vocab = 512", "train.batch_size = 4"]
 MAX_PRESET_LINES = 15
+# The released GPT-Neo models (EleutherAI, HF configs): n_layer, n_embd, n_head, global/local
+# pairs, parameters (the HF checkpoints' counts).
+GPT_NEO = {
+    "gpt_neo_125m.gin": (12, 768, 12, 6, 125.2e6),
+    "gpt_neo_1_3b.gin": (24, 2048, 16, 12, 1.316e9),
+    "gpt_neo_2_7b.gin": (32, 2560, 20, 16, 2.652e9),
+}
+# Presets that change a GPT-3 size's architecture, built at small dims below.
+VARIANTS = {"gpt3_small_moe.gin": ["MoE.layers = [1]"]}
+SMALL_NEO_PATTERN = 'GPT.attention_layers = [[["global", "local"], 1]]'
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +121,7 @@ def non_comment_lines(preset):
 
 
 def test_every_gpt3_size_has_a_preset():
-  assert sorted(p for p in PRESETS if p.startswith("gpt3_")) == sorted(GPT3)
+  assert sorted(p for p in PRESETS if p.startswith("gpt3_") and p not in VARIANTS) == sorted(GPT3)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -174,6 +184,27 @@ def test_gpt3_preset_builds_train_graph(preset, preset_dataset, monkeypatch, tmp
 
 def test_tiny_preset_builds_unchanged(tiny_dataset, monkeypatch, tmp_path):
   gin_utils.parse(["tiny.gin"], [f'DATASET_DIR = "{tiny_dataset}"'])
+  graph, model = build_train_graph(monkeypatch, tmp_path)
+  assert isinstance(graph.loss, tf.Tensor) and graph.loss.graph is graph.graph
+  assert mesh_parameter_count(graph.graph) == model.num_parameters()
+
+
+@pytest.mark.parametrize("preset", sorted(GPT_NEO))
+def test_gpt_neo_shape_and_parameter_count(preset):
+  n_layer, n_embd, n_head, pairs, hf_parameters = GPT_NEO[preset]
+  gin_utils.parse([preset], [NO_DATASET])
+  model = gpt_lib.GPT()
+  assert (model.n_layer, model.n_embd, model.n_head) == (n_layer, n_embd, n_head)
+  assert (model.n_ctx, model.n_vocab, model.window_size) == (N_CTX, 50257, 256)
+  assert model.layer_types == ["global", "local"] * pairs
+  assert not model.scale_attention and model.tie_embeddings
+  assert model.num_parameters() == pytest.approx(hf_parameters, rel=0.01)
+
+
+@pytest.mark.parametrize("preset", sorted(GPT_NEO) + sorted(VARIANTS))
+def test_variant_preset_builds_train_graph(preset, preset_dataset, monkeypatch, tmp_path):
+  small = [SMALL_NEO_PATTERN] if preset in GPT_NEO else VARIANTS[preset]
+  gin_utils.parse([preset], SMALL_SHAPE + small + [f'DATASET_DIR = "{preset_dataset}"'])
   graph, model = build_train_graph(monkeypatch, tmp_path)
   assert isinstance(graph.loss, tf.Tensor) and graph.loss.graph is graph.graph
   assert mesh_parameter_count(graph.graph) == model.num_parameters()

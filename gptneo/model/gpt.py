@@ -1,15 +1,24 @@
 """The GPT: token + position embeddings, pre-LayerNorm blocks, tied output projection.
 
 Every tensor has named dimensions (`batch`, `sequence`, `memory`, `embd`, `heads`, `kv`,
-`mlp`, `vocab`): a layout in gin/layouts/ maps those names onto the device mesh, so the
-same code runs data- and model-parallel.
+`mlp`, `vocab`, and `experts` with a mixture of experts): a layout in gin/layouts/ maps
+those names onto the device mesh, so the same code runs data- and model-parallel.
+
+The variants live in their own modules and are picked in gin: attention kernels per layer
+(attention.py), position encodings (positions.py), feed-forwards (feedforward.py) and
+mixtures of experts (moe.py).
 """
 import dataclasses
+import functools
+import math
 
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.model import attention
+from gptneo.model import feedforward
 from gptneo.model import ops
+from gptneo.model import positions as positions_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +32,15 @@ class Dims:
   kv: mtf.Dimension
   mlp: mtf.Dimension
   vocab: mtf.Dimension
+  experts: mtf.Dimension = None  # only with a mixture of experts
 
   def sizes(self):
-    return {d.name: d.size for d in dataclasses.astuple(self)}
+    return {d.name: d.size for d in dataclasses.astuple(self) if d is not None}
 
 
 @gin.configurable(denylist=["name"])
 class GPT:
-  """A GPT-2/GPT-3-style decoder.
+  """A GPT-2/GPT-3/GPT-Neo-style decoder.
 
   Args:
     n_layer: number of transformer blocks.
@@ -38,30 +48,55 @@ class GPT:
     n_head: attention heads; must divide n_embd.
     n_ctx: context length (tokens per training sequence).
     n_vocab: vocabulary size; must be at least the dataset's.
-    mlp_ratio: the MLP's hidden width is mlp_ratio * n_embd.
-    activation: the MLP's activation, a gin reference: @gelu, @gelu_tanh, @relu, @selu, @silu.
+    mlp_ratio: the feed-forward's hidden width is mlp_ratio * n_embd.
+    activation: the feed-forward's activation, a gin reference: @gelu, @gelu_tanh, @relu,
+      @selu, @silu.
+    feed_forward: @mlp (GPT-2) or @glu (GEGLU with @gelu, SwiGLU with @silu).
+    attention_layers: attention type per block: "global" (full causal), "local" (sliding
+      window of window_size) or "linear"; a list of names, or [types, count] pairs such as
+      GPT-Neo's [[["global", "local"], 6]]. None: every block global.
+    window_size: tokens a "local" layer sees (itself included); divides n_ctx.
+    scale_attention: scale the softmax layers' scores by 1/sqrt(n_embd / n_head) (GPT-2/3);
+      False matches GPT-Neo's released models, which do not scale.
+    positions: the position encoding: @LearnedPositions() (None means this),
+      @RotaryPositions(), @AxialPositions() or @NoPositions().
+    moe: None, or @MoE() to replace the feed-forward of MoE.layers with experts.
+    recompute_grad: recompute each block's activations on the backward pass instead of
+      keeping them (less memory, about a third more compute).
+    z_loss: weight of the mean squared log-partition of the logits (PaLM's z-loss), added
+      to the training loss and logged as `z_loss`; 0 disables it.
     embed_dropout: dropout rate on the summed embeddings.
-    attn_dropout: dropout rate on the attention probabilities.
-    res_dropout: dropout rate on each block's attention and MLP outputs.
+    attn_dropout: dropout rate on the attention probabilities (global and local layers).
+    res_dropout: dropout rate on each block's attention and feed-forward outputs.
     init_std: standard deviation of the normal init of every weight matrix.
     scale_by_depth: divide the init std of residual projections by sqrt(2 * n_layer).
+    scale_by_in: also divide the init std of every projection by sqrt(its fan-in).
     tie_embeddings: reuse the token embedding as the output projection.
     layer_norm_epsilon: added to the variance in every LayerNorm.
     name: variable scope of the model's weights.
   """
 
   def __init__(self, n_layer=12, n_embd=768, n_head=12, n_ctx=1024, n_vocab=50257,
-               mlp_ratio=4, activation=ops.gelu_tanh, embed_dropout=0.0, attn_dropout=0.0,
-               res_dropout=0.0, init_std=0.02, scale_by_depth=True, tie_embeddings=True,
-               layer_norm_epsilon=1e-5, name="gpt"):
+               mlp_ratio=4, activation=ops.gelu_tanh, feed_forward=feedforward.mlp,
+               attention_layers=None, window_size=256, scale_attention=True, positions=None,
+               moe=None, recompute_grad=False, z_loss=0.0, embed_dropout=0.0,
+               attn_dropout=0.0, res_dropout=0.0, init_std=0.02, scale_by_depth=True,
+               scale_by_in=False,
+               tie_embeddings=True, layer_norm_epsilon=1e-5, name="gpt"):
     self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
     self.n_ctx, self.n_vocab, self.mlp_ratio = n_ctx, n_vocab, mlp_ratio
-    self.activation = activation
+    self.activation, self.feed_forward = activation, feed_forward
+    self.attention_layers, self.window_size = attention_layers, window_size
+    self.scale_attention = scale_attention
+    self.positions = positions or positions_lib.LearnedPositions()
+    self.moe, self.recompute_grad, self.z_loss = moe, recompute_grad, z_loss
     self.embed_dropout, self.attn_dropout, self.res_dropout = (
         embed_dropout, attn_dropout, res_dropout)
-    self.init_std, self.scale_by_depth = init_std, scale_by_depth
+    self.init_std, self.scale_by_depth, self.scale_by_in = (
+        init_std, scale_by_depth, scale_by_in)
     self.tie_embeddings, self.layer_norm_epsilon, self.name = (
         tie_embeddings, layer_norm_epsilon, name)
+    self.aux_losses = {}  # name -> weighted mtf scalar, from the latest call
     self.validate()
 
   def validate(self):
@@ -75,6 +110,11 @@ class GPT:
     for knob in ("embed_dropout", "attn_dropout", "res_dropout"):
       if not 0.0 <= getattr(self, knob) < 1.0:
         raise ValueError(f"GPT.{knob} = {getattr(self, knob)}; it must be in [0, 1)")
+    self.layer_types = attention.expand_pattern(self.attention_layers, self.n_layer)
+    attention.validate_pattern(self.layer_types, self.n_layer, self.window_size, self.n_ctx)
+    self.positions.validate(self.n_ctx, self.n_embd // self.n_head)
+    if self.moe is not None:
+      self.moe.validate(self.n_layer)
 
   def dims(self, batch_size, sequence_length=None):
     length = sequence_length or self.n_ctx
@@ -85,18 +125,23 @@ class GPT:
                 heads=mtf.Dimension("heads", self.n_head),
                 kv=mtf.Dimension("kv", self.n_embd // self.n_head),
                 mlp=mtf.Dimension("mlp", self.n_embd * self.mlp_ratio),
-                vocab=mtf.Dimension("vocab", self.n_vocab))
+                vocab=mtf.Dimension("vocab", self.n_vocab),
+                experts=self.moe.experts_dim() if self.moe else None)
 
   def num_parameters(self):
     """Trainable parameters, counted analytically (the embedding counted once if tied)."""
     e, m = self.n_embd, self.n_embd * self.mlp_ratio
-    per_block = 4 * e + (3 * e * e) + (e * e + e) + (e * m + m) + (m * e + e)
-    embeddings = self.n_vocab * e + self.n_ctx * e
+    per_block = 4 * e + (3 * e * e) + (e * e + e)
+    dense = feedforward.num_parameters(self.feed_forward, e, m)
+    experts = self.moe.num_parameters(e, m) if self.moe else 0
+    moe_layers = len(self.moe.layers) if self.moe else 0
+    blocks = self.n_layer * per_block + (self.n_layer - moe_layers) * dense + moe_layers * experts
+    embeddings = self.n_vocab * e + self.positions.num_parameters(self.n_ctx, e)
     output = 0 if self.tie_embeddings else self.n_vocab * e
-    return self.n_layer * per_block + embeddings + 2 * e + output
+    return blocks + embeddings + 2 * e + output
 
   def __call__(self, tokens, dtype, dropout):
-    """Logits for every position.
+    """Logits for every position; sets `aux_losses` for the training loss.
 
     Args:
       tokens: int32 mtf.Tensor [batch, sequence].
@@ -107,61 +152,84 @@ class GPT:
       float32 mtf.Tensor [batch, sequence, vocab].
     """
     dims = self.dims(*tokens.shape.to_integer_list)
+    moe_losses = []
     with tf.variable_scope(self.name):
       wte = mtf.get_variable(tokens.mesh, "wte", [dims.vocab, dims.embd], dtype=dtype,
                              initializer=tf.random_normal_initializer(stddev=self.init_std))
-      wpe = mtf.get_variable(tokens.mesh, "wpe", [dims.sequence, dims.embd], dtype=dtype,
-                             initializer=tf.random_normal_initializer(stddev=self.init_std / 2))
-      x = mtf.gather(wte, tokens, dims.vocab) + wpe
+      wpe = self.positions.embed(tokens.mesh, dims, dtype, self.init_std)  # None: no table
+      x = mtf.gather(wte, tokens, dims.vocab)
+      x = x + wpe if wpe is not None else x
       x = dropout(x, self.embed_dropout)
       for layer in range(self.n_layer):
         with tf.variable_scope(f"h{layer}"):
-          x = self._block(x, dims, dtype, dropout)
+          x = self._layer(x, layer, dims, dtype, dropout, moe_losses)
       x = ops.layer_norm(x, dims.embd, self.layer_norm_epsilon, dtype, "ln_f")
-      return mtf.cast(self._unembed(x, wte, dims, dtype), tf.float32)
+      logits = mtf.cast(self._unembed(x, wte, dims, dtype), tf.float32)
+    self.aux_losses = self._aux_losses(logits, dims, moe_losses)
+    return logits
 
-  def _block(self, x, dims, dtype, dropout):
-    eps = self.layer_norm_epsilon
-    x += dropout(self._attention(ops.layer_norm(x, dims.embd, eps, dtype, "ln_1"), dims, dtype,
-                                 dropout), self.res_dropout)
-    x += dropout(self._mlp(ops.layer_norm(x, dims.embd, eps, dtype, "ln_2"), dims, dtype),
-                 self.res_dropout)
+  def _layer(self, x, layer, dims, dtype, dropout, moe_losses):
+    """One block, rematerialized on the backward pass if recompute_grad."""
+    block = functools.partial(self._block, layer=layer, dims=dims, dtype=dtype,
+                              dropout=dropout)
+    outputs = mtf.recompute_grad(block, [x]) if self.recompute_grad else block(x)
+    x, *moe_loss = outputs
+    moe_losses.extend(moe_loss)
     return x
 
-  def _attention(self, x, dims, dtype, dropout):
-    """Causal multi-head self-attention."""
-    std = self.init_std
+  def _block(self, x, layer, dims, dtype, dropout):
+    """Returns (x,) or, in a mixture-of-experts block, (x, balancing loss)."""
+    eps = self.layer_norm_epsilon
+    x += dropout(self._attention(ops.layer_norm(x, dims.embd, eps, dtype, "ln_1"), layer,
+                                 dims, dtype, dropout), self.res_dropout)
+    h, *moe_loss = self._feed_forward(ops.layer_norm(x, dims.embd, eps, dtype, "ln_2"), layer,
+                                      dims, dtype)
+    return (x + dropout(h, self.res_dropout), *moe_loss)
+
+  def _feed_forward(self, x, layer, dims, dtype):
+    """(output,) of the feed-forward, or (output, balancing loss) of the experts."""
+    args = (dims, self.activation, self._std(dims.embd.size),
+            self._std(dims.mlp.size, residual=True), dtype)
+    if self.moe is not None and layer in self.moe.layers:
+      with tf.variable_scope("moe"):
+        return self.moe(x, *args)
+    with tf.variable_scope("mlp"):
+      return (self.feed_forward(x, *args),)
+
+  def _attention(self, x, layer, dims, dtype, dropout):
+    """Causal multi-head self-attention with this layer's kernel."""
+    std = self._std(dims.embd.size)
     with tf.variable_scope("attn"):
       q = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "q", use_bias=False)
       k = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "k", use_bias=False)
       v = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "v", use_bias=False)
-      k = mtf.rename_dimension(k, dims.sequence.name, dims.memory.name)
-      v = mtf.rename_dimension(v, dims.sequence.name, dims.memory.name)
-      scores = mtf.einsum([q, k], [dims.batch, dims.heads, dims.sequence, dims.memory])
-      scores = scores * (dims.kv.size ** -0.5) + causal_bias(x.mesh, dims, scores.dtype)
-      probs = dropout(mtf.softmax(scores, dims.memory), self.attn_dropout)
-      heads = mtf.einsum([probs, v], [dims.batch, dims.sequence, dims.heads, dims.kv])
-      out_std = ops.scaled_init_std(std, self.n_layer, self.scale_by_depth)
+      q, k = self.positions.rotate(q, dims), self.positions.rotate(k, dims)
+      scale = dims.kv.size ** -0.5 if self.scale_attention else 1.0
+      attend = attention.kernel(self.layer_types[layer], self.window_size, scale)
+      heads = attend(q, k, v, dims, lambda probs: dropout(probs, self.attn_dropout))
+      out_std = self._std(dims.embd.size, residual=True)
       return ops.dense(heads, [dims.heads, dims.kv], [dims.embd], out_std, dtype, "out")
 
-  def _mlp(self, x, dims, dtype):
-    with tf.variable_scope("mlp"):
-      h = self.activation(ops.dense(x, [dims.embd], [dims.mlp], self.init_std, dtype, "fc"))
-      out_std = ops.scaled_init_std(self.init_std, self.n_layer, self.scale_by_depth)
-      return ops.dense(h, [dims.mlp], [dims.embd], out_std, dtype, "proj")
+  def _std(self, fan_in, residual=False):
+    """Init std of a projection: scaled by depth on residual outputs, by fan-in if asked."""
+    std = ops.scaled_init_std(self.init_std, self.n_layer, self.scale_by_depth and residual)
+    return std / math.sqrt(fan_in) if self.scale_by_in else std
 
   def _unembed(self, x, wte, dims, dtype):
     if self.tie_embeddings:
       return mtf.einsum([x, wte], [dims.batch, dims.sequence, dims.vocab])
-    return ops.dense(x, [dims.embd], [dims.vocab], self.init_std, dtype, "lm_head",
-                     use_bias=False)
+    return ops.dense(x, [dims.embd], [dims.vocab], self._std(dims.embd.size), dtype,
+                     "lm_head", use_bias=False)
 
-
-def causal_bias(mesh, dims, dtype):
-  """0 where memory position <= query position, -1e9 after it."""
-  query = mtf.mtf_range(mesh, dims.sequence, tf.int32)
-  key = mtf.mtf_range(mesh, dims.memory, tf.int32)
-  return mtf.cast(mtf.greater(key, query), dtype) * -1e9
+  def _aux_losses(self, logits, dims, moe_losses):
+    """Weighted auxiliary losses for the training objective, by the name they are logged as."""
+    losses = {}
+    if moe_losses:
+      losses["moe_loss"] = mtf.add_n(moe_losses) / len(moe_losses)
+    if self.z_loss:
+      log_z = mtf.reduce_logsumexp(logits, dims.vocab)
+      losses["z_loss"] = self.z_loss * mtf.reduce_mean(mtf.square(log_z))
+    return losses
 
 
 def loss(logits, targets, vocab_dim):

@@ -99,6 +99,10 @@ class Dropout:
   def __init__(self, is_training, seed, step):
     self._enabled, self._seed, self._step, self._count = is_training, seed, step, 0
 
+  @property
+  def is_training(self):
+    return self._enabled
+
   def __call__(self, x, rate):
     if not self._enabled or rate == 0.0:
       return x
@@ -111,3 +115,10 @@ class Dropout:
 def scaled_init_std(init_std, n_layer, scale_by_depth):
   """GPT-2's init: residual projections get std / sqrt(2 * n_layer)."""
   return init_std / math.sqrt(2 * n_layer) if scale_by_depth else init_std
+
+
+def cumsum(x, dim, exclusive=False):
+  """Running sum along `dim` in O(n) (mtf.cumsum builds an n x n mask); `dim` stays whole."""
+  axis = x.shape.dims.index(dim)
+  return mtf.slicewise(lambda t: tf.math.cumsum(t, axis=axis, exclusive=exclusive), [x],
+                       splittable_dims=[d for d in x.shape.dims if d != dim], name="cumsum")

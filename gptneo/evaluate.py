@@ -1,0 +1,210 @@
+"""Evaluation of a trained model: language-model metrics on a dataset split, and last-word
+prediction (LAMBADA's task) on a JSONL file of texts.
+
+Results are returned and appended as one JSON line to model_dir/eval.jsonl.
+"""
+import json
+import math
+import os
+import time
+
+import gin
+import numpy as np
+
+from gptneo import inference
+from gptneo.compat import mtf, tf
+from gptneo.data import inputs
+
+TASKS = ("lm", "lambada")
+
+
+def token_byte_lengths(tokenizer):
+  """UTF-8 bytes each id decodes to: byte-level BPE maps every character of a token to one
+  byte, and special tokens (EOS) decode to nothing, so sums are exact even mid-character."""
+  lengths = np.zeros([tokenizer.get_vocab_size(with_added_tokens=True)], np.int64)
+  special = {token.content for token in tokenizer.get_added_tokens_decoder().values()
+             if token.special}
+  for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+    lengths[index] = 0 if token in special else len(token)
+  return lengths
+
+
+def lm_metrics(total_nll, tokens, correct, num_bytes):
+  """Mean loss (nats/token), perplexity, bits per byte and next-token accuracy."""
+  loss = total_nll / tokens
+  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+          "bits_per_byte": total_nll / math.log(2) / max(num_bytes, 1),
+          "accuracy": correct / tokens, "tokens": int(tokens), "bytes": int(num_bytes)}
+
+
+def _windows(dataset_dir, split, batch_size, max_batches):
+  """Batches [batch, n_ctx + 1] of the split, in stored order, one pass."""
+  graph = tf.Graph()
+  with graph.as_default():
+    batches = inputs.make_dataset(dataset_dir, split, batch_size, shuffle=False, repeat=False)
+    next_batch = tf.data.make_one_shot_iterator(batches).get_next()
+  with tf.Session(graph=graph) as session:
+    for _ in range(max_batches or np.iinfo(np.int64).max):
+      try:
+        yield session.run(next_batch)
+      except tf.errors.OutOfRangeError:
+        return
+
+
+def evaluate_split(restored, dataset_dir, split, max_batches, byte_lengths):
+  """Language-model metrics of `restored` over a dataset split."""
+  info = inputs.read_dataset_info(dataset_dir)
+  if info["n_ctx"] != restored.model.n_ctx:
+    raise ValueError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but the model's "
+                     f"GPT.n_ctx = {restored.model.n_ctx}; prepare it with "
+                     f"--n_ctx={restored.model.n_ctx}")
+  total_nll, tokens, correct, num_bytes = 0.0, 0, 0, 0
+  for batch in _windows(dataset_dir, split, restored.batch_size, max_batches):
+    out = restored.score(batch[:, :-1], batch[:, 1:])
+    total_nll += float(out.token_nll.astype(np.float64).sum())
+    tokens += out.token_nll.size
+    correct += int((out.argmax == batch[:, 1:]).sum())
+    num_bytes += int(byte_lengths[batch[:, 1:]].sum())
+  if not tokens:
+    raise ValueError(f"split {split!r} of {dataset_dir!r} has no full batch of "
+                     f"{restored.batch_size} windows; lower evaluate.batch_size")
+  return lm_metrics(total_nll, tokens, correct, num_bytes)
+
+
+def read_last_word_examples(path, tokenizer, n_ctx):
+  """(ids, word_length) per line of a JSONL of {"text": ...}: the word is the text's last.
+
+  As in LAMBADA, the context is everything before the last space and the target is the
+  space plus the last word; contexts longer than the model's window keep their end.
+  """
+  examples = []
+  with tf.io.gfile.GFile(path) as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        context, word = _split_last_word(line, path, number)
+        word_ids = tokenizer.encode(" " + word).ids
+        if len(word_ids) > n_ctx:
+          raise ValueError(f"{path} line {number}: the last word is {len(word_ids)} tokens, "
+                           f"more than GPT.n_ctx = {n_ctx}")
+        examples.append(((tokenizer.encode(context).ids + word_ids)[-(n_ctx + 1):],
+                         len(word_ids)))
+  if not examples:
+    raise ValueError(f"task file {path} has no examples; write one JSON object per line")
+  return examples
+
+
+def _split_last_word(line, path, number):
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} line {number} is not JSON ({error.msg}); write one "
+                     f'{{"text": ...}} object per line') from None
+  text = record.get("text") if isinstance(record, dict) else None
+  if not isinstance(text, str):
+    raise ValueError(f'{path} line {number} has no string "text" field; write one '
+                     f'{{"text": ...}} object per line')
+  context, _, word = text.strip().rpartition(" ")
+  if not context or not word:
+    raise ValueError(f"{path} line {number}: the text needs a context and a last word "
+                     f"separated by a space")
+  return context, word
+
+
+def evaluate_last_word(restored, examples):
+  """Accuracy (every token of the last word greedy-correct) and the word's perplexity.
+
+  Perplexity is exp of the mean over examples of the word's summed NLL (lm-eval-harness's
+  LAMBADA definition), i.e. per word, not per token.
+  """
+  correct, word_nll = 0, []
+  for start in range(0, len(examples), restored.batch_size):
+    chunk = examples[start:start + restored.batch_size]
+    tokens = restored.pad([ids[:-1] for ids, _ in chunk])
+    targets = restored.pad([ids[1:] for ids, _ in chunk])
+    out = restored.score(tokens, targets)
+    for row, (ids, word_length) in enumerate(chunk):
+      span = slice(len(ids) - 1 - word_length, len(ids) - 1)
+      correct += bool((out.argmax[row, span] == targets[row, span]).all())
+      word_nll.append(float(out.token_nll[row, span].astype(np.float64).sum()))
+  return {"accuracy": correct / len(examples),
+          "perplexity": math.exp(min(float(np.mean(word_nll)), 700.0)),
+          "examples": len(examples)}
+
+
+def _step_of(checkpoint_path):
+  return int(checkpoint_path.rsplit("-", 1)[1])
+
+
+def append_result(model_dir, record):
+  with tf.io.gfile.GFile(os.path.join(model_dir, "eval.jsonl"), "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+@gin.configurable(denylist=["model_dir", "task", "task_file"])
+def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.REQUIRED,
+             dataset_dir=None, split="validation", batch_size=8, max_batches=0,
+             precision="float32"):
+  """Evaluates the latest checkpoint in `model_dir`; appends the result to eval.jsonl.
+
+  Args:
+    model_dir: a trained model's folder (a flag).
+    task: "lm" (loss, perplexity, bits per byte, accuracy on a dataset split) or "lambada"
+      (last-word accuracy and perplexity on `task_file`) (a flag).
+    task_file: for "lambada", a JSONL file of {"text": ...} lines (a flag).
+    model: the model, as trained (read from the operative config).
+    mesh: the mesh to evaluate on.
+    dataset_dir: for "lm", a folder written by bin/prepare_data; defaults to the training
+      dataset (DATASET_DIR of the operative config).
+    split: for "lm", the dataset split to evaluate.
+    batch_size: windows per batch.
+    max_batches: for "lm", stop after this many batches (0: the whole split).
+    precision: "float32" or "bfloat16" activations.
+
+  Returns:
+    the metrics dict, with "step", "task" and what was evaluated.
+  """
+  if task not in TASKS:
+    raise ValueError(f"task {task!r} is unknown; use one of {list(TASKS)}")
+  if task == "lambada" and not task_file:
+    raise ValueError("task 'lambada' needs --task_file, a JSONL file of {\"text\": ...} lines")
+  if task == "lm" and not dataset_dir:
+    raise ValueError("task 'lm' needs a dataset: set --dataset_dir")
+  inference.check_model_dir(model_dir)
+  tokenizer = inference.load_tokenizer(model_dir)
+  examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)
+              if task == "lambada" else None)
+  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision)
+  checkpoint = restored.restore()
+  start = time.time()
+  if task == "lambada":
+    metrics = {"task_file": task_file, **evaluate_last_word(restored, examples)}
+  else:
+    metrics = {"dataset_dir": dataset_dir, "split": split,
+               **evaluate_split(restored, dataset_dir, split, max_batches,
+                                token_byte_lengths(tokenizer))}
+  record = {"step": _step_of(checkpoint), "task": task, **metrics,
+            "seconds": round(time.time() - start, 3)}
+  append_result(model_dir, record)
+  return record
+
+
+# --- Periodic evaluation inside the training graph (train.eval_every_n_steps).
+
+def batch_outputs(logits, targets, vocab_dim):
+  """mtf scalars of one validation batch for the trainer: mean NLL and next-token accuracy."""
+  nll = mtf.layers.softmax_cross_entropy_with_logits(logits, targets, vocab_dim)
+  hits = mtf.cast(mtf.equal(mtf.argmax(logits, vocab_dim), targets), tf.float32)
+  return {"loss": mtf.reduce_mean(nll), "accuracy": mtf.reduce_mean(hits)}
+
+
+def metrics_of_batches(session, fetches, steps, byte_lengths):
+  """lm_metrics over `steps` runs of fetches {"loss", "accuracy", "targets"} (tf tensors)."""
+  total_nll, tokens, correct, num_bytes = 0.0, 0, 0.0, 0
+  for _ in range(steps):
+    batch = session.run(fetches)
+    count = batch["targets"].size
+    total_nll += float(batch["loss"]) * count
+    correct += float(batch["accuracy"]) * count
+    tokens += count
+    num_bytes += int(byte_lengths[batch["targets"]].sum())
+  return lm_metrics(total_nll, tokens, correct, num_bytes)

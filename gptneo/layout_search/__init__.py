@@ -1,0 +1,1 @@
+"""Layout search: an analytic cost model of a training step and a CP-SAT search over layouts."""

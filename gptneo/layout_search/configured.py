@@ -1,0 +1,174 @@
+"""The search as the binaries run it: the workload from the parsed gin config, a report, a gin file.
+
+Shared by bin/search_layout and bin/train --auto_layout / --auto_layout_and_mesh_shape.
+"""
+import os
+import re
+
+import gin
+
+from gptneo import mesh as mesh_lib
+from gptneo.layout_search import cost_model
+from gptneo.layout_search import search as search_lib
+from gptneo.model import gpt as gpt_lib
+
+UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
+         "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+TOP = 5
+
+
+def parse_bytes(text, flag="--device_memory"):
+  """'16GiB', '512MiB', '1.5e9' -> bytes."""
+  match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+  unit = match and match.group(2).lower()
+  if not match or unit not in UNITS:
+    raise ValueError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
+  try:
+    return float(match.group(1)) * UNITS[unit]
+  except ValueError:
+    raise ValueError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+
+
+def _query(name, default):
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
+
+
+def workload_from_gin(recompute=False):
+  """The model, batch and optimizer the parsed gin config would train."""
+  model = gpt_lib.GPT()
+  optimizer = _query("train.optimizer", None)
+  optimizer_name = getattr(optimizer, "selector", "Adam").split(".")[-1].lower()
+  return cost_model.Workload(
+      n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head, n_ctx=model.n_ctx,
+      n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
+      batch=_query("train.batch_size", 8), optimizer=optimizer_name
+      if optimizer_name in cost_model.OPTIMIZER_SLOTS else "adam", recompute=recompute,
+      tie_embeddings=model.tie_embeddings)
+
+
+def check_mesh_shape(mesh_shape, devices):
+  """A fixed --mesh_shape must use exactly the devices there are."""
+  shape = tuple(mesh_lib._parse_pairs(mesh_shape, "mesh_shape", int))  # pylint: disable=protected-access
+  size = 1
+  for _, dim_size in shape:
+    size *= dim_size
+  if devices and size != devices:
+    raise ValueError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
+                     f"make their product {devices} or drop --mesh_shape")
+  return shape
+
+
+def run(devices, mesh_shape, device_memory, link_bandwidth, device_flops, time_limit,
+        recompute=False):
+  """Searches for the parsed gin config; returns (workload, Result)."""
+  if time_limit <= 0:
+    raise ValueError(f"--time_limit={time_limit}; give the search a positive number of seconds")
+  shape = check_mesh_shape(mesh_shape, devices) if mesh_shape else None
+  if shape is None and (not devices or devices < 1):
+    raise ValueError(f"--devices={devices}; give a positive device count or a --mesh_shape")
+  work = workload_from_gin(recompute)
+  hardware = cost_model.Hardware(device_memory, device_flops, link_bandwidth)
+  return work, search_lib.search(work, hardware, devices, shape, time_limit)
+
+
+def report(work, result):
+  """Human-readable: the top candidates and why the first won."""
+  fmt = search_lib
+  lines = [f"model: {work.num_parameters() / 1e9:.2f}B parameters, batch {work.batch}, "
+           f"optimizer {work.optimizer}; searched {result.shapes_searched} mesh shapes in "
+           f"{result.seconds:.1f}s",
+           f"{'mesh':<12} {'layout':<36} {'micro':>5} {'params+opt':>11} {'activ.':>10} "
+           f"{'comm/step':>10} {'est. step':>10}"]
+  for c in result.candidates[:TOP]:
+    lines.append(f"{fmt.format_mesh(c.mesh_shape) or '-':<12} "
+                 f"{fmt.format_layout(c.layout) or '-':<36} {c.microbatches:>5} "
+                 f"{fmt.format_bytes(c.param_bytes):>11} {fmt.format_bytes(c.activation_bytes):>10}"
+                 f" {c.comm_bytes / 2 ** 30:>7.1f}GiB {c.step_seconds:>9.3f}s")
+  return "\n".join(lines + explain(work, result.candidates[0]))
+
+
+def explain(work, best):
+  sizes = dict(best.mesh_shape)
+  split = ", ".join(f"{d} {sizes[m]}-way over {m}" for d, m in best.layout) or "nothing"
+  model_split = [d for d, _ in best.layout if d != "batch"]
+  lines = [f"chosen: splits {split}.",
+           f"  weights + optimizer state + gradients: {search_lib.format_bytes(best.param_bytes)}"
+           f" per device" + (f" (split by {'/'.join(model_split)})" if model_split else
+                             " (replicated: data parallel only)"),
+           f"  activations: {search_lib.format_bytes(best.activation_bytes)} per device with "
+           f"{best.microbatches} microbatch(es) of {work.batch // best.microbatches} sequences",
+           _whole_dims_line(best)]
+  if best.n_vocab != work.n_vocab:
+    lines.append(f"  vocabulary padded from {work.n_vocab} to {best.n_vocab} (GPT.n_vocab) so it "
+                 f"can be split: nothing fits with {work.n_vocab}")
+  replicated = cost_model.estimate(work, cost_model.Hardware(1), (), ())
+  if model_split:
+    lines.append(f"  data parallel alone would hold {search_lib.format_bytes(replicated.param_bytes)}"
+                 f" of weights + optimizer state + gradients on every device")
+  return lines
+
+
+def _whole_dims_line(best):
+  fallback = [d for d, _ in best.layout if d not in cost_model.SPLITTABLE]
+  if fallback:
+    return (f"  {'/'.join(fallback)} split only because no layout of "
+            f"{'/'.join(cost_model.SPLITTABLE)} fits.")
+  return "  sequence, memory and kv stay whole: splitting them is never needed first."
+
+
+def default_output(gin_files, devices, mesh_shape):
+  model = os.path.splitext(os.path.basename(gin_files[-1]))[0] if gin_files else "model"
+  count = devices or mesh_shape.replace(":", "").replace(",", "_")
+  return os.path.join("gin", "layouts", f"search_{model}_{count}.gin")
+
+
+def gin_text(work, best, command):
+  mesh = search_lib.format_mesh(best.mesh_shape)
+  layout = search_lib.format_layout(best.layout)
+  return (f"# Found by: {command}\n"
+          f"# Estimated per device: {search_lib.format_bytes(best.memory_bytes)} "
+          f"({search_lib.format_bytes(best.param_bytes)} weights+optimizer+gradients), "
+          f"step {best.step_seconds:.3f}s.\n"
+          f"mesh.mesh_shape = \"{mesh}\"\nmesh.layout = \"{layout}\"\n"
+          f"train.microbatches_per_batch = {best.microbatches}\n"
+          + (f"GPT.n_vocab = {best.n_vocab}  # padded so `vocab` splits\n"
+             if best.n_vocab != work.n_vocab else ""))
+
+
+def bind(best):
+  """Makes the parsed gin config train with `best` (used by bin/train --auto_layout)."""
+  with gin.unlock_config():
+    gin.bind_parameter("mesh.mesh_shape", search_lib.format_mesh(best.mesh_shape))
+    gin.bind_parameter("mesh.layout", search_lib.format_layout(best.layout))
+    gin.bind_parameter("train.microbatches_per_batch", best.microbatches)
+    if best.n_vocab != gpt_lib.GPT().n_vocab:
+      gin.bind_parameter("GPT.n_vocab", best.n_vocab)
+
+
+def auto_configure(search_mesh_shape, devices, device_memory, time_limit):
+  """bin/train --auto_layout[_and_mesh_shape]: searches, logs the report, binds the best.
+
+  Args:
+    search_mesh_shape: also search the mesh shape (else keep mesh.mesh_shape).
+    devices: device count for the shape search (default: the size of mesh.mesh_shape).
+    device_memory: bytes of one device.
+    time_limit: seconds the search may take.
+
+  Returns:
+    The report, for the log.
+  """
+  mesh_shape = _query("mesh.mesh_shape", "")
+  if not devices:
+    devices = 1
+    for _, size in check_mesh_shape(mesh_shape, None):
+      devices *= size
+  if not search_mesh_shape and not mesh_shape:
+    raise ValueError("--auto_layout keeps mesh.mesh_shape, which is unset; set it or use "
+                     "--auto_layout_and_mesh_shape --devices=N")
+  work, result = run(devices, None if search_mesh_shape else mesh_shape, device_memory,
+                     50e9, 50e12, time_limit)
+  bind(result.candidates[0])
+  return report(work, result)

@@ -1,0 +1,209 @@
+"""An analytic cost model of one GPT training step on a mesh: memory, FLOPs, communication.
+
+Every quantity is a sum of `Term`s, each `coefficient / prod(split[d] for d in dims)`, where
+`split[d]` is the size of the mesh dimension tensor dimension `d` is laid out on (1 if none).
+The same terms feed the exact evaluation here and the CP-SAT model in `search.py`, so the
+solver and the printed estimate can't disagree about what a layout costs.
+
+Ring allreduce of N bytes over k devices moves 2N(k-1)/k per device; written as two terms,
+2N/prod(D) - 2N/(prod(D)*k), it stays in the same form.
+"""
+import dataclasses
+import math
+
+# The tensor dimensions a layout may split, in tiers: the search tries the first alone and
+# adds the next only when nothing fits. `kv` (contracted inside attention, so its split
+# allreduces the scores) and `sequence` (its split all-gathers keys and values) come last.
+# `embd` is costed but never searched: mesh-tensorflow 0.1.21 fails to lower the backward
+# pass of an embd-split GPT ('LazyAllreduceSum' object has no attribute 'tensor_list').
+TIERS = (("batch", "heads", "mlp", "vocab"), ("kv",), ("sequence",))
+SPLITTABLE = TIERS[0]
+BYTES = 4  # float32 activations, slices and gradients
+OPTIMIZER_SLOTS = {"adam": 2.0, "adafactor": 0.0, "sgd": 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  kind: str  # "params" (bytes), "activations" (bytes), "flops", "comm" (bytes)
+  coefficient: float
+  dims: tuple  # tensor dimensions whose splits divide this term
+
+  def value(self, split):
+    return self.coefficient / math.prod(split.get(d, 1) for d in self.dims)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """The shape of one training step: the model's dimensions and the batch."""
+  n_layer: int
+  n_embd: int
+  n_head: int
+  n_ctx: int
+  n_vocab: int
+  mlp: int
+  batch: int
+  microbatches: int = 1
+  optimizer: str = "adam"
+  recompute: bool = False
+  tie_embeddings: bool = True
+
+  def dim_sizes(self):
+    return {"batch": self.batch // self.microbatches, "heads": self.n_head, "mlp": self.mlp,
+            "vocab": self.n_vocab, "embd": self.n_embd, "kv": self.n_embd // self.n_head,
+            "sequence": self.n_ctx}
+
+  def parameters(self):
+    """(element count, dims) of each group of weights that is split alike."""
+    e, m, layers = self.n_embd, self.mlp, self.n_layer
+    groups = [(layers * 4 * e * e, ("embd", "heads", "kv")),  # q, k, v, out
+              (layers * 2 * e * m, ("embd", "mlp")),  # fc, proj
+              (layers * m, ("mlp",)),  # fc bias
+              (layers * 6 * e + 2 * e, ("embd",)),  # biases, norms
+              (self.n_ctx * e, ("sequence", "embd")),  # wpe
+              (self.n_vocab * e, ("vocab", "embd"))]
+    if not self.tie_embeddings:
+      groups.append((self.n_vocab * e, ("vocab", "embd")))
+    return groups
+
+  def num_parameters(self):
+    return sum(count for count, _ in self.parameters())
+
+
+def terms(work):
+  """Every term of the step's cost."""
+  return (_parameter_terms(work) + _activation_terms(work) + _flop_terms(work)
+          + _communication_terms(work))
+
+
+def _parameter_terms(work):
+  """Slices, optimizer slots and gradients: (1 + slots + 1) float32 copies per weight."""
+  copies = 2 + OPTIMIZER_SLOTS[work.optimizer]
+  return [Term("params", copies * BYTES * count, dims) for count, dims in work.parameters()]
+
+
+def variable_bytes(work, split):
+  """Per-device bytes of the variables mtf allocates: weight slices and optimizer slots."""
+  copies = 1 + OPTIMIZER_SLOTS[work.optimizer]
+  return sum(Term("params", copies * BYTES * count, dims).value(split)
+             for count, dims in work.parameters())
+
+
+def _activation_terms(work):
+  """What the backward pass keeps per layer; with recompute, only each layer's input."""
+  b, s, e, h, m = work.batch // work.microbatches, work.n_ctx, work.n_embd, work.n_head, work.mlp
+  full_layer = [Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "embd")),
+                Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
+                Term("activations", BYTES * 2 * b * h * s * s, ("batch", "sequence", "heads")),
+                Term("activations", BYTES * 2 * b * s * m, ("batch", "sequence", "mlp"))]
+  logits = [Term("activations", BYTES * 2 * b * s * work.n_vocab,
+                 ("batch", "sequence", "vocab"))]
+  if work.recompute:
+    kept = [Term("activations", BYTES * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
+    return kept + full_layer + logits
+  return [dataclasses.replace(t, coefficient=t.coefficient * work.n_layer)
+          for t in full_layer] + logits
+
+
+def _flop_terms(work):
+  """Forward + backward = 3 x 2 FLOPs per multiply-add, over every microbatch."""
+  tokens, e, m, layers = work.batch * work.n_ctx, work.n_embd, work.mlp, work.n_layer
+  factor = 6 * tokens * (4 / 3 if work.recompute else 1)
+  per_token = ("batch", "sequence")
+  return [Term("flops", factor * layers * 4 * e * e, per_token + ("embd", "heads", "kv")),
+          Term("flops", factor * layers * 2 * work.n_ctx * e, per_token + ("heads", "kv")),
+          Term("flops", factor * layers * 2 * e * m, per_token + ("embd", "mlp")),
+          Term("flops", factor * e * work.n_vocab, per_token + ("embd", "vocab"))]
+
+
+def _allreduce(total_bytes, dims, over):
+  """Ring allreduce of `total_bytes / prod(dims)` over the devices the `over` dims split."""
+  return [Term("comm", 2 * total_bytes, dims), Term("comm", -2 * total_bytes, dims + over)]
+
+
+def _communication_terms(work):
+  """Gradient allreduce over `batch`; activation allreduces after each model-parallel split."""
+  result = []
+  for count, dims in work.parameters():  # once per step, after accumulating microbatches
+    over = ("batch",) if "sequence" in dims else ("batch", "sequence")
+    result += _allreduce(BYTES * count, dims, over)
+  tokens, e, m, layers = work.batch * work.n_ctx, work.n_embd, work.mlp, work.n_layer
+  hidden = BYTES * tokens * e  # one [batch, sequence, embd] activation, all microbatches
+  per_token = ("batch", "sequence")
+  # Forward and backward each reduce once per split matmul: attention out / qkv input grad.
+  result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("heads", "kv"))
+  result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("mlp",))
+  result += _allreduce(2 * hidden, per_token + ("embd",), ("vocab",))  # gather; unembed grad
+  # A kv split reduces the attention scores (forward) and their gradient (backward).
+  scores = BYTES * work.batch * work.n_head * work.n_ctx ** 2
+  result += _allreduce(2 * layers * scores, per_token + ("heads",), ("kv",))
+  # A sequence split gathers keys and values for every query (forward), scatters back (bwd).
+  gathered = 4 * layers * hidden
+  result += [Term("comm", gathered, ("batch", "heads", "kv")),
+             Term("comm", -gathered, ("batch", "heads", "kv", "sequence"))]
+  # Splitting embd makes every matmul that contracts it reduce its output.
+  result += _allreduce(layers * 4 * hidden, per_token + ("heads", "kv"), ("embd",))
+  result += _allreduce(layers * 2 * BYTES * tokens * m, per_token + ("mlp",), ("embd",))
+  result += _allreduce(2 * BYTES * tokens * work.n_vocab, per_token + ("vocab",), ("embd",))
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  device_memory: float  # bytes
+  device_flops: float = 50e12  # sustained FLOP/s of one device
+  link_bandwidth: float = 50e9  # bytes/s each device sends in a collective
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """The cost of one step under one layout, per device."""
+  mesh_shape: tuple  # ((name, size), ...)
+  layout: tuple  # ((tensor dim, mesh dim), ...)
+  microbatches: int
+  param_bytes: float  # slices + optimizer slots + gradients
+  activation_bytes: float
+  flops: float
+  comm_bytes: float
+  step_seconds: float
+  n_vocab: int = 0  # the vocabulary costed: padded if the search had to pad it
+
+  @property
+  def memory_bytes(self):
+    return self.param_bytes + self.activation_bytes
+
+
+VOCAB_PADDING = 128
+
+
+def padded_vocab(work):
+  """The workload with n_vocab rounded up to a multiple of 128, so `vocab` can be split.
+
+  GPT-2's 50257 = 29 x 1733 splits over no power of two; the extra rows are never targets.
+  """
+  padded = -(-work.n_vocab // VOCAB_PADDING) * VOCAB_PADDING
+  return dataclasses.replace(work, n_vocab=padded)
+
+
+def splits(mesh_shape, layout):
+  sizes = dict(mesh_shape)
+  return {tensor_dim: sizes[mesh_dim] for tensor_dim, mesh_dim in layout}
+
+
+def estimate(work, hardware, mesh_shape, layout):
+  """Evaluates every term of `work` under a layout ((tensor dim, mesh dim) pairs)."""
+  split = splits(mesh_shape, layout)
+  total = {"params": 0.0, "activations": 0.0, "flops": 0.0, "comm": 0.0}
+  for term in terms(work):
+    total[term.kind] += term.value(split)
+  seconds = total["flops"] / hardware.device_flops + total["comm"] / hardware.link_bandwidth
+  return Estimate(tuple(mesh_shape), tuple(layout), work.microbatches, total["params"],
+                  total["activations"], total["flops"], total["comm"], seconds, work.n_vocab)
+
+
+def conflicts(work):
+  """Pairs of tensor dimensions some tensor has both of: they can't share a mesh dimension."""
+  pairs = set()
+  for term in terms(work):
+    for i, a in enumerate(term.dims):
+      pairs.update((min(a, b), max(a, b)) for b in term.dims[i + 1:])
+  return sorted(pairs)

@@ -1,0 +1,300 @@
+"""Searches mesh shapes and layout rules with OR-Tools CP-SAT under the cost model.
+
+For each mesh shape (a factorization of the device count into 1-3 named dimensions) and
+each count of microbatches, one small CP-SAT model picks for every splittable tensor
+dimension at most one mesh dimension, such that the split divides the dimension, no tensor
+has two dimensions on one mesh dimension, and the per-device memory fits; it minimizes the
+estimated step time. The best solutions across shapes are re-evaluated exactly and ranked.
+"""
+import dataclasses
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+# CP-SAT's protobuf and TensorFlow's clash when TF was loaded first: any Solve() then
+# segfaults, whatever `num_workers`. Loaded the other way round, both work. Note which it is.
+SOLVER_SAFE_IN_PROCESS = not ("tensorflow" in sys.modules
+                              and "ortools.sat.python.cp_model" not in sys.modules)
+from ortools.sat.python import cp_model  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from gptneo.layout_search import cost_model  # noqa: E402  pylint: disable=g-import-not-at-top
+
+MESH_DIM_NAMES = ("x", "y", "z")
+PICOSECONDS = 1e12  # the solver's unit of time: integers, fine enough for a tiny model
+
+
+class NothingFits(ValueError):
+  """No mesh shape and layout fits the memory budget."""
+
+
+def single_worker_solver(time_limit):
+  """CP-SAT with one search worker: its parallel workers segfault in a process that loaded TF."""
+  if not SOLVER_SAFE_IN_PROCESS:
+    raise RuntimeError("CP-SAT would segfault: TensorFlow was imported before OR-Tools; import "
+                       "gptneo.layout_search before TensorFlow, or call search.search()")
+  solver = cp_model.CpSolver()
+  solver.parameters.num_workers = 1
+  solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+  return solver
+
+
+def mesh_shapes(devices, max_dims=3):
+  """Every way to write `devices` as a product of 1..max_dims factors >= 2, largest first."""
+  shapes = set()
+
+  def extend(remaining, factors):
+    if remaining == 1:
+      shapes.add(tuple(factors))
+      return
+    if len(factors) == max_dims:
+      return
+    for factor in range(2, remaining + 1):
+      if remaining % factor == 0 and (not factors or factor <= factors[-1]):
+        extend(remaining // factor, factors + [factor])
+
+  extend(devices, [])
+  named = [tuple(zip(MESH_DIM_NAMES, shape, strict=False)) for shape in sorted(shapes)]
+  return named or [()]
+
+
+def parse_mesh_shape(text):
+  pairs = []
+  for item in filter(None, (s.strip() for s in text.split(","))):
+    name, _, size = item.partition(":")
+    pairs.append((name.strip(), int(size)))
+  return tuple(pairs)
+
+
+@dataclasses.dataclass
+class _Model:
+  """One CP-SAT model: `assign[(tensor dim, mesh dim)]` booleans and its cost expressions."""
+  model: cp_model.CpModel
+  assign: dict
+  memory: cp_model.LinearExpr
+  step_time: cp_model.LinearExpr
+
+
+def _build(work, hardware, mesh_shape, memory_limit, splittable):
+  model = cp_model.CpModel()
+  sizes, dims = dict(mesh_shape), work.dim_sizes()
+  assign = {(d, m): model.NewBoolVar(f"{d}_on_{m}") for d in splittable
+            for m in sizes if dims[d] % sizes[m] == 0}
+  for d in splittable:  # each tensor dimension on at most one mesh dimension
+    model.AddAtMostOne(v for (td, _), v in assign.items() if td == d)
+  for a, b in cost_model.conflicts(work):
+    for m in sizes:
+      if (a, m) in assign and (b, m) in assign:
+        model.AddBoolOr([assign[a, m].Not(), assign[b, m].Not()])
+  max_split = max(sizes.values(), default=1)
+  split = {}
+  for d in splittable:
+    split[d] = model.NewIntVar(1, max_split, f"split_{d}")
+    model.Add(split[d] == 1 + sum((sizes[m] - 1) * v for (td, m), v in assign.items()
+                                  if td == d))
+  # Memory in bytes; FLOPs and communicated bytes as the picoseconds they take.
+  units = {"params": 1, "activations": 1, "flops": PICOSECONDS / hardware.device_flops,
+           "comm": PICOSECONDS / hardware.link_bandwidth}
+  totals = {kind: 0 for kind in units}
+  for index, term in enumerate(cost_model.terms(work)):
+    totals[term.kind] += _term_expression(model, term, units[term.kind], split, max_split,
+                                          index)
+  memory = totals["params"] + totals["activations"]
+  if memory_limit is not None:
+    model.Add(memory <= int(memory_limit))
+  return _Model(model, assign, memory, totals["flops"] + totals["comm"])
+
+
+def _term_expression(model, term, unit, split, max_split, index):
+  """unit * coefficient / prod(split): a constant divided by a product of split variables."""
+  numerator = abs(round(term.coefficient * unit))
+  dims = [d for d in term.dims if d in split]  # the others stay whole: split 1
+  if not dims:
+    return int(math.copysign(numerator, term.coefficient))
+  product = model.NewIntVar(1, max_split ** len(dims), f"prod_{index}")
+  model.AddMultiplicationEquality(product, [split[d] for d in dims])
+  quotient = model.NewIntVar(0, numerator, f"quot_{index}")
+  model.AddDivisionEquality(quotient, numerator, product)
+  return quotient if term.coefficient >= 0 else -quotient
+
+
+def solve_layout(work, hardware, mesh_shape, time_limit, memory_limit=True,
+                 splittable=cost_model.SPLITTABLE):
+  """The best layout for one mesh shape, or None if nothing fits (or time ran out)."""
+  built = _build(work, hardware, mesh_shape,
+                 hardware.device_memory if memory_limit else None, splittable)
+  built.model.Minimize(built.step_time if memory_limit else built.memory)
+  solver = single_worker_solver(time_limit)
+  if solver.Solve(built.model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    return None
+  layout = tuple((d, m) for (d, m), v in built.assign.items() if solver.Value(v))
+  return cost_model.estimate(work, hardware, mesh_shape, layout)
+
+
+def microbatch_counts(batch):
+  """1, 2, 4, ... up to the batch: gradient accumulation trades steps for activation memory."""
+  return [2 ** i for i in range(int(math.log2(batch)) + 1) if batch % 2 ** i == 0]
+
+
+@dataclasses.dataclass
+class Result:
+  candidates: list  # Estimates that fit, fastest first
+  seconds: float  # the search's own wall time
+  shapes_searched: int
+
+
+def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0):
+  """Ranks the fitting (mesh shape, layout, microbatches) by estimated step time.
+
+  Solves in this process if that is safe (OR-Tools loaded before TensorFlow), else in a
+  child Python that never loads TensorFlow.
+
+  Args:
+    work: a cost_model.Workload (its `microbatches` is ignored: the search picks it).
+    hardware: a cost_model.Hardware.
+    devices: the device count whose factorizations to try (unless mesh_shape is given).
+    mesh_shape: a fixed mesh shape, ((name, size), ...).
+    time_limit: seconds for the whole search; it stops early with what it has.
+
+  Returns:
+    A Result.
+
+  Raises:
+    NothingFits: no candidate fits; the message names the smallest requirement found.
+  """
+  if not SOLVER_SAFE_IN_PROCESS:
+    return _search_in_child(work, hardware, devices, mesh_shape, time_limit)
+  start = time.monotonic()
+  shapes = [tuple(mesh_shape)] if mesh_shape is not None else mesh_shapes(devices)
+  variants = [work] + ([cost_model.padded_vocab(work)]
+                       if cost_model.padded_vocab(work) != work else [])
+  splittable, steps = (), len(cost_model.TIERS) * len(variants)
+  for tier in cost_model.TIERS:  # the next tier's dimensions only if nothing fits without
+    splittable += tier
+    for variant in variants:  # and a padded vocabulary only if the real one doesn't fit
+      steps -= 1
+      deadline = time.monotonic() + (start + time_limit - time.monotonic()) / (steps + 1)
+      candidates, searched = _search_shapes(variant, hardware, shapes, splittable, deadline)
+      if candidates:
+        break
+    if candidates:
+      break
+  if not candidates:
+    raise NothingFits(_nothing_fits_message(variants[-1], hardware, shapes, start,
+                                            time_limit, splittable))
+  candidates.sort(key=lambda c: (c.step_seconds, c.microbatches, c.memory_bytes))
+  return Result(candidates, time.monotonic() - start, searched)
+
+
+def _search_shapes(work, hardware, shapes, splittable, deadline):
+  """The fastest fitting layout of each shape, searched until `deadline`."""
+  candidates, searched = [], 0
+  for shape in shapes:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      break
+    best = _fastest_fitting(work, hardware, shape, left / (len(shapes) - searched), splittable)
+    searched += 1
+    if best:
+      candidates.append(best)
+  return candidates, searched
+
+
+def _fastest_fitting(work, hardware, shape, time_limit, splittable):
+  """Fewest microbatches that fit (more only shrink activations), then the fastest layout."""
+  deadline = time.monotonic() + time_limit
+  for count in microbatch_counts(work.batch):
+    left = deadline - time.monotonic()
+    if left <= 0:
+      return None
+    best = solve_layout(dataclasses.replace(work, microbatches=count), hardware, shape, left,
+                        splittable=splittable)
+    if best:
+      return best
+  return None
+
+
+def _nothing_fits_message(work, hardware, shapes, start, time_limit, splittable):
+  """Names the smallest per-device memory any shape needs, with the most microbatches."""
+  most = dataclasses.replace(work, microbatches=microbatch_counts(work.batch)[-1])
+  smallest = None
+  for shape in shapes:
+    left = max(time_limit - (time.monotonic() - start), 1.0) / len(shapes)
+    found = solve_layout(most, hardware, shape, left, memory_limit=False,
+                         splittable=splittable)
+    if found and (smallest is None or found.memory_bytes < smallest.memory_bytes):
+      smallest = found
+  if smallest is None:
+    return "no layout found within --time_limit; raise --time_limit"
+  return (f"nothing fits {format_bytes(hardware.device_memory)} per device: the smallest "
+          f"need found is {format_bytes(smallest.memory_bytes)} (mesh "
+          f"{format_mesh(smallest.mesh_shape)}, layout {format_layout(smallest.layout)}, "
+          f"{smallest.microbatches} microbatches); add devices or raise --device_memory")
+
+
+def format_bytes(count):
+  return f"{count / 2 ** 30:.2f} GiB"
+
+
+def format_mesh(shape):
+  return ",".join(f"{name}:{size}" for name, size in shape)
+
+
+def format_layout(layout):
+  return ",".join(f"{tensor_dim}:{mesh_dim}" for tensor_dim, mesh_dim in layout)
+
+
+def all_layouts(work, mesh_shape, splittable=cost_model.SPLITTABLE):
+  """Every valid layout of one mesh shape, by brute force: the check on the solver."""
+  sizes, dims = dict(mesh_shape), work.dim_sizes()
+  conflicting = set(cost_model.conflicts(work))
+  options = [[None] + [m for m in sizes if dims[d] % sizes[m] == 0]
+             for d in splittable]
+  for choice in itertools.product(*options):
+    layout = tuple((d, m) for d, m in zip(splittable, choice, strict=True) if m)
+    if not any((min(a, b), max(a, b)) in conflicting
+               for (a, ma), (b, mb) in itertools.combinations(layout, 2) if ma == mb):
+      yield layout
+
+
+def _search_in_child(work, hardware, devices, mesh_shape, time_limit):
+  request = {"work": dataclasses.asdict(work), "hardware": dataclasses.asdict(hardware),
+             "devices": devices, "mesh_shape": mesh_shape, "time_limit": time_limit}
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  child = subprocess.run([sys.executable, "-m", "gptneo.layout_search.search"], env=env,
+                         input=json.dumps(request), capture_output=True, text=True, check=False)
+  if child.returncode:
+    raise RuntimeError(f"the layout search process failed: {child.stderr[-2000:]}")
+  answer = json.loads(child.stdout)
+  if "nothing_fits" in answer:
+    raise NothingFits(answer["nothing_fits"])
+  candidates = [_estimate_from_json(c) for c in answer["candidates"]]
+  return Result(candidates, answer["seconds"], answer["shapes_searched"])
+
+
+def _estimate_from_json(fields):
+  fields = dict(fields, mesh_shape=tuple(map(tuple, fields["mesh_shape"])),
+                layout=tuple(map(tuple, fields["layout"])))
+  return cost_model.Estimate(**fields)
+
+
+def _serve_one_request():
+  """The child's side: a JSON request on stdin, the Result as JSON on stdout."""
+  request = json.load(sys.stdin)
+  shape = request["mesh_shape"] and tuple(map(tuple, request["mesh_shape"]))
+  try:
+    result = search(cost_model.Workload(**request["work"]),
+                    cost_model.Hardware(**request["hardware"]), request["devices"], shape or None,
+                    request["time_limit"])
+  except NothingFits as error:
+    json.dump({"nothing_fits": str(error)}, sys.stdout)
+    return
+  json.dump({"candidates": [dataclasses.asdict(c) for c in result.candidates],
+             "seconds": result.seconds, "shapes_searched": result.shapes_searched}, sys.stdout)
+
+
+if __name__ == "__main__":
+  _serve_one_request()

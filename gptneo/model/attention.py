@@ -1,0 +1,151 @@
+"""Causal self-attention kernels, picked per layer by name: global, local and linear.
+
+Each kernel maps projected queries, keys and values [batch, sequence, heads, kv] to the
+attended values of the same shape; the GPT owns the projections, so the kernels add no
+weights and any layer can use any kernel.
+"""
+import functools
+
+from gptneo.compat import mtf, tf
+from gptneo.model import ops
+
+ATTENTION_TYPES = ("global", "local", "linear")
+_MASKED = -1e9
+
+
+def expand_pattern(attention_layers, n_layer):
+  """The attention type of each layer, from `GPT.attention_layers`.
+
+  Args:
+    attention_layers: None (every layer global), or a list whose entries are a type name
+      (one layer) or a pair [types, count] repeating `types` (a name or a list of names)
+      `count` times: GPT-Neo's [[["global", "local"], 6]] is 12 alternating layers.
+    n_layer: how many layers the pattern must describe.
+
+  Returns:
+    a list of n_layer type names.
+  """
+  if attention_layers is None:
+    return ["global"] * n_layer
+  layers = []
+  for entry in attention_layers:
+    if isinstance(entry, str):
+      layers.append(entry)
+    elif len(entry) == 2 and isinstance(entry[1], int):
+      types = [entry[0]] if isinstance(entry[0], str) else list(entry[0])
+      layers.extend(types * entry[1])
+    else:
+      raise ValueError(f"GPT.attention_layers entry {entry!r} is neither a type name nor a "
+                       f"[types, count] pair; write e.g. [[\"global\", \"local\"], 6]")
+  return layers
+
+
+def validate_pattern(layers, n_layer, window_size, n_ctx):
+  """Raises ValueError (one line) on an unknown type, a wrong length or a bad window."""
+  unknown = sorted(set(layers) - set(ATTENTION_TYPES))
+  if unknown:
+    raise ValueError(f"GPT.attention_layers names unknown attention type(s) {unknown}; "
+                     f"use {list(ATTENTION_TYPES)}")
+  if len(layers) != n_layer:
+    raise ValueError(f"GPT.attention_layers describes {len(layers)} layers but GPT.n_layer = "
+                     f"{n_layer}; change the repeat count or n_layer so they agree")
+  if "local" not in layers:
+    return
+  if not isinstance(window_size, int) or window_size < 1:
+    raise ValueError(f"GPT.window_size = {window_size!r}; it must be a positive integer")
+  if window_size < n_ctx and n_ctx % window_size:
+    raise ValueError(f"GPT.window_size = {window_size} does not divide GPT.n_ctx = {n_ctx}; "
+                     f"local attention works in blocks of window_size tokens, pick a divisor")
+
+
+def kernel(attention_type, window_size, scale):
+  """The kernel function(q, k, v, dims, drop_probs) for one attention type.
+
+  `scale` multiplies the softmax layers' scores: kv**-0.5 in GPT-2/3, 1.0 in GPT-Neo.
+  """
+  if attention_type == "linear":
+    return linear_attention
+  if attention_type == "local":
+    return functools.partial(local_attention, window_size=window_size, scale=scale)
+  return functools.partial(global_attention, scale=scale)
+
+
+def global_attention(q, k, v, dims, drop_probs, scale):
+  """Full causal softmax attention: O(n^2) scores."""
+  k = mtf.rename_dimension(k, dims.sequence.name, dims.memory.name)
+  v = mtf.rename_dimension(v, dims.sequence.name, dims.memory.name)
+  scores = mtf.einsum([q, k], [dims.batch, dims.heads, dims.sequence, dims.memory])
+  scores = scores * scale + causal_bias(q.mesh, dims, scores.dtype)
+  probs = drop_probs(mtf.softmax(scores, dims.memory))
+  return mtf.einsum([probs, v], [dims.batch, dims.sequence, dims.heads, dims.kv])
+
+
+def causal_bias(mesh, dims, dtype):
+  """0 where memory position <= query position, -1e9 after it."""
+  query = mtf.mtf_range(mesh, dims.sequence, tf.int32)
+  key = mtf.mtf_range(mesh, dims.memory, tf.int32)
+  return mtf.cast(mtf.greater(key, query), dtype) * _MASKED
+
+
+def local_attention(q, k, v, dims, drop_probs, window_size, scale):
+  """Causal sliding-window attention: position i sees i - window_size + 1 .. i.
+
+  The sequence is cut into blocks of window_size queries; each block attends to its own
+  keys and the previous block's, so scores cost O(n * window) instead of O(n^2).
+  """
+  if window_size >= dims.sequence.size:
+    return global_attention(q, k, v, dims, drop_probs, scale)
+  blocks = mtf.Dimension("blocks", dims.sequence.size // window_size)
+  block = mtf.Dimension("block", window_size)
+  memory = mtf.Dimension("block_memory", 2 * window_size)
+  q = _split_blocks(q, dims.sequence, blocks, block)
+  k = _with_previous_block(_split_blocks(k, dims.sequence, blocks, block), blocks, block)
+  v = _with_previous_block(_split_blocks(v, dims.sequence, blocks, block), blocks, block)
+  scores = mtf.einsum([q, k], [dims.batch, dims.heads, blocks, block, memory])
+  scores = scores * scale + _local_bias(q.mesh, blocks, block, memory, scores.dtype)
+  probs = drop_probs(mtf.softmax(scores, memory))
+  out = mtf.einsum([probs, v], [dims.batch, blocks, block, dims.heads, dims.kv])
+  return mtf.reshape(out, [dims.batch, dims.sequence, dims.heads, dims.kv])
+
+
+def _split_blocks(x, sequence, blocks, block):
+  """[..., sequence, ...] -> [..., blocks, block, ...] (position = blocks * w + block)."""
+  index = x.shape.dims.index(sequence)
+  return mtf.reshape(x, x.shape.dims[:index] + [blocks, block] + x.shape.dims[index + 1:])
+
+
+def _with_previous_block(x, blocks, block):
+  """Keys of each block preceded by the previous block's: `block` becomes `block_memory`."""
+  current = mtf.rename_dimension(x, block.name, "block_memory")
+  previous = mtf.shift(current, 1, blocks, wrap=False)
+  return mtf.concat([previous, current], "block_memory")
+
+
+def _local_bias(mesh, blocks, block, memory, dtype):
+  """0 where the key is within the window before (or at) the query, -1e9 elsewhere."""
+  w = block.size
+  block_start = mtf.mtf_range(mesh, blocks, tf.float32) * w
+  query = block_start + mtf.mtf_range(mesh, block, tf.float32)
+  key = block_start - w + mtf.mtf_range(mesh, memory, tf.float32)
+  allowed = (mtf.cast(mtf.less_equal(key, query), tf.float32)
+             * mtf.cast(mtf.greater(key, query - w), tf.float32)
+             * mtf.cast(mtf.greater_equal(key, 0.0), tf.float32))
+  return mtf.cast((1.0 - allowed) * _MASKED, dtype)
+
+
+def linear_attention(q, k, v, dims, drop_probs):
+  """Causal linear attention with the elu + 1 feature map (Katharopoulos et al. 2020).
+
+  Running sums over the sequence replace the softmax, so cost is O(n * kv^2). There are no
+  attention probabilities, so `drop_probs` (attn_dropout) does not apply.
+  """
+  del drop_probs
+  q, k = mtf.elu(q) + 1.0, mtf.elu(k) + 1.0
+  kv_out = mtf.Dimension("kv_out", dims.kv.size)
+  v = mtf.rename_dimension(v, dims.kv.name, kv_out.name)
+  state = ops.cumsum(mtf.einsum([k, v], [dims.batch, dims.sequence, dims.heads, dims.kv,
+                                         kv_out]), dims.sequence)
+  normalizer = ops.cumsum(k, dims.sequence)
+  numerator = mtf.einsum([q, state], [dims.batch, dims.sequence, dims.heads, kv_out])
+  denominator = mtf.einsum([q, normalizer], [dims.batch, dims.sequence, dims.heads])
+  return mtf.rename_dimension(numerator / denominator, kv_out.name, dims.kv.name)

@@ -1,0 +1,141 @@
+"""Position encodings, picked in gin: `GPT.positions = @RotaryPositions()`.
+
+Each encoding may add an embedding to the token embeddings (`embed`) and may rotate the
+queries and keys of every attention layer (`rotate`); the GPT calls both.
+"""
+import math
+
+import gin
+
+from gptneo.compat import mtf, tf
+
+
+class _Positions:
+  """No-op defaults: nothing added, nothing rotated, nothing to check, no weights."""
+
+  def validate(self, n_ctx, head_size):
+    del n_ctx, head_size
+
+  def num_parameters(self, n_ctx, n_embd):
+    del n_ctx, n_embd
+    return 0
+
+  def embed(self, mesh, dims, dtype, std):
+    """An embedding [sequence, embd] to add to the token embeddings, or None."""
+    del mesh, dims, dtype, std
+    return None
+
+  def rotate(self, x, dims):
+    """Queries or keys [batch, sequence, heads, kv] with positions mixed in."""
+    del dims
+    return x
+
+
+@gin.configurable
+class LearnedPositions(_Positions):
+  """GPT-2's learned absolute positions: a [n_ctx, n_embd] table `wpe` (the default)."""
+
+  def num_parameters(self, n_ctx, n_embd):
+    return n_ctx * n_embd
+
+  def embed(self, mesh, dims, dtype, std):
+    return mtf.get_variable(mesh, "wpe", [dims.sequence, dims.embd], dtype=dtype,
+                            initializer=tf.random_normal_initializer(stddev=std / 2))
+
+
+@gin.configurable
+class NoPositions(_Positions):
+  """No position encoding: causal attention alone tells positions apart."""
+
+
+@gin.configurable
+class RotaryPositions(_Positions):
+  """Rotary position embedding (RoPE, Su et al. 2021) on part of each head.
+
+  The first `fraction` of every query and key head is rotated pairwise (GPT-NeoX's
+  rotate-half layout) by angles proportional to the position; the rest passes unchanged.
+
+  Args:
+    fraction: share of the head dimension (n_embd / n_head) that is rotated; the product
+      must be an even integer. GPT-J and GPT-NeoX use 0.25.
+    base: wavelength base of the rotation frequencies.
+  """
+
+  def __init__(self, fraction=1.0, base=10000.0):
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f"RotaryPositions.fraction = {fraction}; it must be in (0, 1]")
+    self.fraction, self.base = fraction, base
+
+  def rotary_size(self, head_size):
+    return self.fraction * head_size
+
+  def validate(self, n_ctx, head_size):
+    size = self.rotary_size(head_size)
+    if size != int(size) or int(size) % 2:
+      raise ValueError(f"RotaryPositions.fraction = {self.fraction} rotates {size:g} of the "
+                       f"{head_size} dims per head; pick a fraction that gives an even "
+                       f"integer, e.g. {2 / head_size:g} times an integer")
+
+  def rotate(self, x, dims):
+    size = int(self.rotary_size(dims.kv.size))
+    rotated = mtf.slice(x, 0, size, dims.kv.name)
+    half = mtf.Dimension(dims.kv.name, size // 2)
+    first = mtf.slice(rotated, 0, half.size, dims.kv.name)
+    second = mtf.slice(rotated, half.size, half.size, dims.kv.name)
+    cos, sin = self._cos_sin(x.mesh, dims.sequence, half, x.dtype)
+    rotated = (rotated * mtf.concat([cos, cos], dims.kv.name)
+               + mtf.concat([-second, first], dims.kv.name) * mtf.concat([sin, sin],
+                                                                       dims.kv.name))
+    if size == dims.kv.size:
+      return rotated
+    rest = mtf.slice(x, size, dims.kv.size - size, dims.kv.name)
+    return mtf.concat([rotated, rest], dims.kv.name)
+
+  def _cos_sin(self, mesh, sequence, half, dtype):
+    """cos and sin of position * base^(-2j / size), each [sequence, half]."""
+    exponent = mtf.mtf_range(mesh, half, tf.float32) * (-2.0 / (2 * half.size))
+    frequency = mtf.exp(exponent * math.log(self.base))
+    angle = mtf.mtf_range(mesh, sequence, tf.float32) * frequency
+    return (mtf.cast(mtf.cwise(tf.cos, [angle]), dtype),
+            mtf.cast(mtf.cwise(tf.sin, [angle]), dtype))
+
+
+@gin.configurable
+class AxialPositions(_Positions):
+  """Axial learned positions (GPT-Neo's `axial_pos_emb`): two small tables, averaged.
+
+  Position p = i * shape[1] + j gets (row_i + column_j) / 2, so the tables hold
+  (shape[0] + shape[1]) * n_embd weights instead of n_ctx * n_embd.
+
+  Args:
+    shape: (rows, columns) with rows * columns = n_ctx; None picks the most square
+      factorization of n_ctx.
+  """
+
+  def __init__(self, shape=None):
+    self.shape = tuple(shape) if shape is not None else None
+
+  def factors(self, n_ctx):
+    if self.shape is not None:
+      return self.shape
+    rows = max(d for d in range(1, math.isqrt(n_ctx) + 1) if n_ctx % d == 0)
+    return rows, n_ctx // rows
+
+  def validate(self, n_ctx, head_size):
+    del head_size
+    rows, columns = self.factors(n_ctx)
+    if rows * columns != n_ctx:
+      raise ValueError(f"AxialPositions.shape = {self.shape} multiplies to {rows * columns}, "
+                       f"not GPT.n_ctx = {n_ctx}; pick two factors of n_ctx (or None)")
+
+  def num_parameters(self, n_ctx, n_embd):
+    return sum(self.factors(n_ctx)) * n_embd
+
+  def embed(self, mesh, dims, dtype, std):
+    rows, columns = (mtf.Dimension(f"axial_{i}", size)
+                     for i, size in enumerate(self.factors(dims.sequence.size)))
+    tables = [mtf.get_variable(mesh, f"wpe_axial_{i}", [axis, dims.embd], dtype=dtype,
+                               initializer=tf.random_normal_initializer(stddev=std / 2))
+              for i, axis in enumerate((rows, columns))]
+    grid = mtf.add(tables[0], tables[1], output_shape=[rows, columns, dims.embd]) * 0.5
+    return mtf.reshape(grid, [dims.sequence, dims.embd])

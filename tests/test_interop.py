@@ -1,0 +1,153 @@
+"""HF GPT-Neo interop: imported HF models and exported models of ours compute the same logits.
+
+The tests that run HF's model need torch and transformers (requirements-interop.txt); they
+skip without them. The refusals need neither.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from gptneo import gin_utils
+from gptneo import hf
+from gptneo import inference
+from gptneo import mesh as mesh_lib
+from gptneo import sample as sample_lib
+from gptneo.model import gpt as gpt_lib
+from tests.conftest import VOCAB, run_binary
+
+ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
+
+
+def hf_libraries():
+  torch = pytest.importorskip("torch", reason="HF interop tests need torch "
+                              "(pip install -r requirements-interop.txt)")
+  transformers = pytest.importorskip("transformers", reason="HF interop tests need "
+                                     "transformers (pip install -r requirements-interop.txt)")
+  return torch, transformers
+
+
+def our_logits(model_dir, ids):
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], ONE_DEVICE)
+  restored = inference.RestoredModel(gpt_lib.GPT(), mesh_lib.mesh(), model_dir, len(ids))
+  restored.restore()
+  return restored.all_logits(np.asarray(ids, np.int32))
+
+
+def hf_logits(hf_model, ids):
+  torch, _ = hf_libraries()
+  with torch.no_grad():
+    return hf_model(torch.tensor(np.asarray(ids))).logits.float().numpy()
+
+
+def random_ids(n_ctx, rows=2, seed=0):
+  return np.random.default_rng(seed).integers(0, VOCAB, [rows, n_ctx])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, neo_model_dir):
+  output = tmp_path_factory.mktemp("export") / "hf"
+  run_binary("export", "--format=hf", f"--model_dir={neo_model_dir}", f"--output={output}",
+             check=True)
+  return str(output)
+
+
+def test_import_of_a_random_hf_gpt_neo_gives_its_logits(tmp_path, exported):
+  torch, transformers = hf_libraries()
+  torch.manual_seed(0)
+  config = transformers.GPTNeoConfig(
+      vocab_size=VOCAB, max_position_embeddings=32, hidden_size=48, num_layers=3, num_heads=4,
+      attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=8,
+      intermediate_size=96, bos_token_id=0, eos_token_id=0)
+  hf_model = transformers.GPTNeoForCausalLM(config).eval()
+  hf_model.save_pretrained(tmp_path / "hf")
+  shutil.copy(os.path.join(exported, "tokenizer.json"), tmp_path / "hf")
+  run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--model_dir={tmp_path / 'ours'}",
+             check=True)
+  ids = random_ids(32)
+  difference = np.abs(our_logits(str(tmp_path / "ours"), ids) - hf_logits(hf_model, ids))
+  assert difference.max() < 1e-4
+
+
+def test_exported_model_gives_our_logits_and_greedy_tokens(exported, neo_model_dir):
+  _, transformers = hf_libraries()
+  hf_model, info = transformers.GPTNeoForCausalLM.from_pretrained(exported,
+                                                                  output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids = random_ids(64)
+  difference = np.abs(our_logits(neo_model_dir, ids) - hf_logits(hf_model.eval(), ids))
+  assert difference.max() < 1e-4
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  assert tokenizer.is_fast
+  prompt = "def main(argv):\n"
+  ours = inference.load_tokenizer(neo_model_dir)
+  assert tokenizer(prompt).input_ids == ours.encode(prompt).ids
+  assert _hf_greedy(hf_model, tokenizer, prompt) == _our_greedy(neo_model_dir, ours, prompt)
+
+
+def _hf_greedy(hf_model, tokenizer, prompt):
+  torch, _ = hf_libraries()
+  prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+  out = hf_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                          max_new_tokens=32, do_sample=False)[0, prompt_ids.shape[1]:]
+  out = out.tolist()
+  return out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+
+
+def _our_greedy(model_dir, tokenizer, prompt):
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/sample.gin"],
+                  ONE_DEVICE + ["sample.temperature = 0", "sample.max_new_tokens = 32"])
+  [completion] = sample_lib.sample(model_dir, [prompt])
+  return tokenizer.encode(completion).ids if completion else []
+
+
+def test_bfloat16_export_loads_as_bfloat16(tmp_path, neo_model_dir, exported):
+  torch, transformers = hf_libraries()
+  run_binary("export", f"--model_dir={neo_model_dir}", f"--output={tmp_path / 'bf16'}",
+             '--gin_param=export_hf.dtype = "bfloat16"', check=True)
+  model = transformers.GPTNeoForCausalLM.from_pretrained(tmp_path / "bf16")
+  assert model.transformer.wte.weight.dtype == torch.bfloat16
+  f32 = transformers.GPTNeoForCausalLM.from_pretrained(exported)
+  ids = random_ids(64, rows=1)
+  assert np.abs(hf_logits(model, ids) - hf_logits(f32, ids)).max() < 0.25
+
+
+def test_export_writes_gpt_neo_config(exported):
+  with open(os.path.join(exported, "config.json")) as f:
+    config = json.load(f)
+  assert config["model_type"] == "gpt_neo" and config["attention_types"] == [
+      [["global"], 1], [["local"], 1]]
+  assert config["window_size"] == 16 and config["activation_function"] == "gelu_new"
+
+
+def test_export_refuses_what_hf_gpt_neo_cannot_compute(tmp_path, neo_model_dir):
+  result = run_binary("export", f"--model_dir={neo_model_dir}", f"--output={tmp_path / 'x'}",
+                      "--gin_param=GPT.scale_attention = True",
+                      "--gin_param=GPT.activation = @selu")
+  assert result.returncode == 2 and not (tmp_path / "x").exists()
+  assert result.stderr.strip().splitlines()[-1] == (
+      "export: error: HF GPT-Neo cannot express this model: GPT.activation = selu (HF GPT-Neo: "
+      "['gelu', 'gelu_tanh', 'relu', 'silu']); GPT.scale_attention = True (GPT-Neo does not "
+      "scale q·k)")
+
+
+def test_import_refuses_another_architecture(tmp_path):
+  (tmp_path / "gpt2").mkdir()
+  (tmp_path / "gpt2" / "config.json").write_text(json.dumps(
+      {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
+  result = run_binary("import_hf", f"--hf_dir={tmp_path / 'gpt2'}",
+                      f"--model_dir={tmp_path / 'ours'}")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"import_hf: error: {tmp_path / 'gpt2'} holds a 'gpt2' model (GPT2LMHeadModel); only HF "
+      f"GPT-Neo (model_type 'gpt_neo') can be imported")
+
+
+def test_safetensors_round_trip_in_bfloat16(tmp_path):
+  array = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)
+  hf.write_safetensors(tmp_path / "w.safetensors",
+                       {"w": array.astype(hf.EXPORT_DTYPES["bfloat16"][1])}, "BF16")
+  restored = hf.read_safetensors(tmp_path / "w.safetensors")["w"]
+  np.testing.assert_allclose(restored, array, rtol=1e-2)

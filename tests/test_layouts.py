@@ -1,0 +1,183 @@
+"""Every split of the mesh computes the same model: losses, gradients and weights match one device.
+
+Each case builds the training graph by hand (fixed tokens, dropout off, plain SGD so a
+gradient's rounding noise is not amplified by Adam's normalisation), lowers it onto a CPU
+mesh of 2, 4 or 8 devices and compares, to 1e-5, the loss and every gradient at each step
+and every weight after the last step with the single-device run.
+"""
+import numpy as np
+import pytest
+
+from gptneo import gin_utils
+from gptneo import mesh as mesh_lib
+from gptneo import runtime
+from gptneo.compat import mtf, tf
+from gptneo.model import gpt as gpt_lib
+from gptneo.model import ops
+
+STEPS = 3
+LEARNING_RATE = 0.5  # large, so the weights move enough for a wrong split to show
+BATCH, N_CTX, VOCAB = 8, 16, 64
+# Every split dimension divides by 8: heads 8, mlp 4 * 32 = 128, vocab 64, batch 8.
+MODEL = dict(n_layer=2, n_embd=32, n_head=8, n_ctx=N_CTX, n_vocab=VOCAB)
+
+LAYOUTS = {  # case -> (mesh_shape, layout)
+    "2 data": ("x:2", "batch:x"),
+    "2 heads": ("x:2", "heads:x"),
+    "2 mlp": ("x:2", "mlp:x"),
+    "2 vocab": ("x:2", "vocab:x"),
+    "2 heads,mlp,vocab": ("x:2", "heads:x,mlp:x,vocab:x"),
+    "4 data": ("x:4", "batch:x"),
+    "4 heads,mlp,vocab": ("x:4", "heads:x,mlp:x,vocab:x"),
+    "4 data x model": ("x:2,y:2", "batch:x,heads:y,mlp:y,vocab:y"),
+    "8 data": ("x:8", "batch:x"),
+    "8 heads,mlp,vocab": ("x:8", "heads:x,mlp:x,vocab:x"),
+    "8 data x model": ("x:2,y:4", "batch:x,heads:y,mlp:y,vocab:y"),
+    "8 model x data": ("x:4,y:2", "heads:x,mlp:x,vocab:x,batch:y"),
+}
+# The shipped CPU layout files: each must be one of the cases above.
+LAYOUT_FILES = ["cpu2_data.gin", "cpu2_heads.gin", "cpu4_data.gin", "cpu4_model.gin",
+                "cpu4_data_model.gin", "cpu8_data.gin", "cpu8_model.gin", "cpu8_data_model.gin"]
+
+
+def train_steps(spec):
+  """Losses and gradients of every step, and the weights after the last, as numpy."""
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.set_random_seed(7)
+    mtf_graph, mtf_mesh = runtime.new_mesh()
+    model = gpt_lib.GPT(**MODEL)
+    dims = model.dims(BATCH)
+    windows = np.random.RandomState(0).randint(0, VOCAB, size=(BATCH, N_CTX + 1))
+    import_tokens = lambda t, name: mtf.import_tf_tensor(  # noqa: E731
+        mtf_mesh, tf.constant(t, tf.int32), [dims.batch, dims.sequence], name=name)
+    tokens, targets = import_tokens(windows[:, :-1], "tokens"), import_tokens(windows[:, 1:], "t")
+    logits = model(tokens, runtime.variable_dtype("float32"),
+                   ops.Dropout(is_training=False, seed=0, step=0))
+    loss = gpt_lib.loss(logits, targets, dims.vocab)
+    variables = mtf_graph.trainable_variables
+    grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
+    updates = [mtf.assign_sub(v, g * LEARNING_RATE) for v, g in zip(variables, grads, strict=True)]
+    lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    tf_loss = lowering.export_to_tf_tensor(loss)
+    tf_grads = {v.name: lowering.export_to_tf_tensor(g) for v, g in zip(variables, grads, strict=True)}
+    tf_weights = {v.name: lowering.export_to_tf_tensor(v.outputs[0]) for v in variables}
+    update_op = tf.group([lowering.lowered_operation(op) for op in updates])
+    with tf.Session(config=spec.session_config()) as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      history = []
+      for _ in range(STEPS):
+        history.append(session.run((tf_loss, tf_grads)))
+        session.run(update_op)
+      return history, session.run(tf_weights)
+
+
+def spec_of(mesh_shape, layout):
+  spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout)
+  spec.validate(gpt_lib.GPT(**MODEL).dims(BATCH).sizes())
+  return spec
+
+
+@pytest.fixture(scope="module")
+def single_device():
+  return train_steps(spec_of("", ""))
+
+
+def assert_same_training(split, single):
+  (split_history, split_weights), (single_history, single_weights) = split, single
+  for step, ((split_loss, split_grads), (loss, grads)) in enumerate(
+      zip(split_history, single_history, strict=True)):
+    np.testing.assert_allclose(split_loss, loss, rtol=0, atol=1e-5, err_msg=f"loss {step}")
+    assert split_grads.keys() == grads.keys()
+    for name in grads:
+      np.testing.assert_allclose(split_grads[name], grads[name], rtol=0, atol=1e-5,
+                                 err_msg=f"gradient of {name} at step {step}")
+  for name in single_weights:
+    np.testing.assert_allclose(split_weights[name], single_weights[name], rtol=0, atol=1e-5,
+                               err_msg=f"{name} after {STEPS} steps")
+
+
+def test_single_device_training_moves(single_device):
+  history, _ = single_device
+  losses = [loss for loss, _ in history]
+  assert losses[-1] < losses[0] - 0.05, losses  # the comparison is not of a frozen model
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_split_equals_single_device(case, single_device):
+  assert_same_training(train_steps(spec_of(*LAYOUTS[case])), single_device)
+
+
+@pytest.mark.parametrize("layout_file", LAYOUT_FILES)
+def test_shipped_cpu_layout_file_is_a_tested_case(layout_file):
+  gin_utils.parse([f"layouts/{layout_file}"], [])
+  spec = mesh_lib.mesh()
+  assert (spec.shape, spec.layout) in [(spec_of(*case).shape, spec_of(*case).layout)
+                                       for case in LAYOUTS.values()], layout_file
+
+
+TPU_LAYOUTS = ["tpu_v3_8.gin", "tpu_v3_32.gin", "tpu_v3_128.gin", "tpu_v3_256.gin",
+               "tpu_v3_512.gin", "tpu_v4_8.gin", "tpu_v4_32.gin", "tpu_v4_128.gin",
+               "tpu_v4_256.gin", "tpu_v4_512.gin"]
+DEVICES = {"v3": lambda cores: cores, "v4": lambda cores: cores // 2}  # v4: megacore chips
+
+
+@pytest.mark.parametrize("layout_file", TPU_LAYOUTS + ["gpu8.gin", "gpu8_data.gin"])
+def test_accelerator_layout_fits_its_slice_and_gpt3_xl(layout_file):
+  gin_utils.parse(["gpt3_xl.gin", f"layouts/{layout_file}"],
+                  ['DATASET_DIR = "unused"', "mesh.tpu = 'local'"])
+  if layout_file.startswith("gpu"):
+    spec = mesh_lib.MeshSpec(mesh_lib._parse_pairs(  # pylint: disable=protected-access
+        gin_utils.gin.query_parameter("mesh.mesh_shape"), "mesh_shape", int), [], [])
+    assert spec.size == 8
+  else:
+    spec = mesh_lib.mesh()
+    generation, cores = layout_file[4:6], int(layout_file[:-4].split("_")[-1])
+    assert (spec.implementation, spec.size) == ("simd", DEVICES[generation](cores))
+    spec.validate(gpt_lib.GPT().dims(512).sizes())
+    assert spec.devices == [""] * spec.size
+
+
+def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
+  """The SIMD lowering of loss, gradients and an update, inside one TPU program of 8 cores."""
+  spec = mesh_lib.mesh(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y",
+                       implementation="simd", tpu="local")
+  spec.device_assignment = runtime.synthetic_device_assignment(num_chips=4)
+  graph = tf.Graph()
+  with graph.as_default():
+    mtf_graph, mtf_mesh = runtime.new_mesh()
+    model = gpt_lib.GPT(**MODEL)
+    dims = model.dims(BATCH)
+    tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
+                                  [dims.batch, dims.sequence])
+    loss = gpt_lib.loss(model(tokens, runtime.variable_dtype("bfloat16"),
+                              ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
+    variables = mtf_graph.trainable_variables
+    grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
+    updates = [mtf.assign_sub(v, g * LEARNING_RATE) for v, g in zip(variables, grads, strict=True)]
+
+    def step():
+      lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+      with tf.control_dependencies([lowering.lowered_operation(op) for op in updates]):
+        return [tf.identity(lowering.export_to_tf_tensor(loss))]
+
+    outputs = runtime.replicate(spec, step)
+  assert len(outputs) == 8  # one loss per core
+  devices = {op.device for op in graph.get_operations()}
+  assert {f"/task:0/device:TPU:{core}" for core in range(8)} <= devices
+
+
+@pytest.mark.parametrize("bindings, fragment", [
+    ({"implementation": "simd"}, "set mesh.tpu"),
+    ({"implementation": "mpi"}, "mesh.implementation = 'mpi'"),
+])
+def test_bad_mesh_implementation(bindings, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    mesh_lib.mesh(mesh_shape="x:2", **bindings)
+
+
+def test_simd_without_a_device_assignment_says_how_to_get_one():
+  spec = mesh_lib.mesh(mesh_shape="x:2", implementation="simd", tpu="local")
+  with pytest.raises(ValueError, match="tpu_device_assignment"):
+    spec.mesh_impl()
