@@ -294,9 +294,11 @@ def import_hf(hf_dir, model_dir, spec):
   _import_tokenizer(hf_dir, model_dir)
   checkpoint = write_checkpoint(model, spec, model_dir, weights)
   text = (f"# Imported from the HF GPT-Neo folder {hf_dir} by bin/import_hf.\n"
-          + "\n".join(bindings) + "\nDATASET_DIR = None  # bin/eval: pass --dataset_dir\n")
-  for name in (MODEL_GIN, inference.OPERATIVE_CONFIG):
+          + "\n".join(bindings) + "\n")
+  # model.gin holds the shape only, for bin/train --gin_file; the operative config also
+  # names no dataset, so bin/eval asks for --dataset_dir.
+  for name, extra in ((MODEL_GIN, ""), (inference.OPERATIVE_CONFIG, "DATASET_DIR = None\n")):
     with open(os.path.join(model_dir, name), "w") as f:
-      f.write(text)
+      f.write(text + extra)
   return checkpoint
 

@@ -71,9 +71,9 @@ class RestoredModel:
     self.lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
     self.token_nll = self.lowering.export_to_tf_tensor(nll)
     self.argmax = self.lowering.export_to_tf_tensor(argmax)
-    all_logits = self.lowering.export_to_tf_tensor(logits)
-    self.logits = all_logits  # [batch, n_ctx, vocab]
-    self.last_logits = tf.gather(all_logits, self.positions, axis=1, batch_dims=1)
+    self.logits = self.lowering.export_to_tf_tensor(logits)  # [batch, n_ctx, vocab]
+    # Sampling fetches only the row it needs of each window, not [batch, n_ctx, vocab].
+    self.last_logits = tf.gather(self.logits, self.positions, axis=1, batch_dims=1)
 
   def restore(self):
     """Loads the latest checkpoint; returns its path."""

@@ -54,21 +54,27 @@ def exported(tmp_path_factory, neo_model_dir):
   return str(output)
 
 
-def test_import_of_a_random_hf_gpt_neo_gives_its_logits(tmp_path, exported):
+def test_import_of_a_random_hf_gpt_neo_gives_its_logits_and_tokens(tmp_path, exported):
   torch, transformers = hf_libraries()
   torch.manual_seed(0)
   config = transformers.GPTNeoConfig(
-      vocab_size=VOCAB, max_position_embeddings=32, hidden_size=48, num_layers=3, num_heads=4,
+      vocab_size=VOCAB, max_position_embeddings=64, hidden_size=48, num_layers=3, num_heads=4,
       attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=8,
-      intermediate_size=96, bos_token_id=0, eos_token_id=0)
+      intermediate_size=96, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
   hf_model = transformers.GPTNeoForCausalLM(config).eval()
   hf_model.save_pretrained(tmp_path / "hf")
   shutil.copy(os.path.join(exported, "tokenizer.json"), tmp_path / "hf")
   run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--model_dir={tmp_path / 'ours'}",
              check=True)
-  ids = random_ids(32)
+  ids = random_ids(64)
   difference = np.abs(our_logits(str(tmp_path / "ours"), ids) - hf_logits(hf_model, ids))
   assert difference.max() < 1e-4
+  # Random weights (std 0.2) continue with varied tokens: a stronger check than a tiny
+  # trained model, whose greedy text repeats one token.
+  hf_ids = _hf_greedy(hf_model, transformers.AutoTokenizer.from_pretrained(exported), "def ")
+  assert len(set(hf_ids)) > 8
+  ours = inference.load_tokenizer(str(tmp_path / "ours"))
+  assert _our_greedy(str(tmp_path / "ours"), "def ") == ours.decode(hf_ids)
 
 
 def test_exported_model_gives_our_logits_and_greedy_tokens(exported, neo_model_dir):
@@ -84,7 +90,8 @@ def test_exported_model_gives_our_logits_and_greedy_tokens(exported, neo_model_d
   prompt = "def main(argv):\n"
   ours = inference.load_tokenizer(neo_model_dir)
   assert tokenizer(prompt).input_ids == ours.encode(prompt).ids
-  assert _hf_greedy(hf_model, tokenizer, prompt) == _our_greedy(neo_model_dir, ours, prompt)
+  hf_ids = _hf_greedy(hf_model, tokenizer, prompt)
+  assert _our_greedy(neo_model_dir, prompt) == ours.decode(hf_ids)
 
 
 def _hf_greedy(hf_model, tokenizer, prompt):
@@ -96,11 +103,11 @@ def _hf_greedy(hf_model, tokenizer, prompt):
   return out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
 
 
-def _our_greedy(model_dir, tokenizer, prompt):
+def _our_greedy(model_dir, prompt):
   gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/sample.gin"],
                   ONE_DEVICE + ["sample.temperature = 0", "sample.max_new_tokens = 32"])
   [completion] = sample_lib.sample(model_dir, [prompt])
-  return tokenizer.encode(completion).ids if completion else []
+  return completion
 
 
 def test_bfloat16_export_loads_as_bfloat16(tmp_path, neo_model_dir, exported):
