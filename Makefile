@@ -10,7 +10,7 @@ RUN := runs/tiny
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt setup.py
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-interop.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt

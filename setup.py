@@ -11,6 +11,10 @@ def _requirements(name):
   return [l for l in lines if l and not l.startswith(("#", "-r"))]
 
 
+def _dev_requirements():
+  return _requirements("requirements-interop.txt") + _requirements("requirements-dev.txt")
+
+
 setuptools.setup(
     name="gptneo",
     version="0.1.0",
@@ -22,5 +26,5 @@ setuptools.setup(
     package_data={"gptneo.gin": ["*.gin", "*/*.gin"]},
     scripts=[str(p) for p in sorted((_HERE / "bin").iterdir()) if p.is_file()],
     install_requires=_requirements("requirements.txt"),
-    extras_require={"dev": _requirements("requirements-dev.txt")},
+    extras_require={"dev": _dev_requirements()},
 )
