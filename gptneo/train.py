@@ -6,6 +6,7 @@ import time
 
 from absl import logging
 import gin
+import numpy as np
 
 from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
@@ -193,7 +194,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     seed: seeds weights, data order and dropout; same seed, same run.
     steps_per_checkpoint: save a checkpoint every this many steps (and at the end).
     keep_checkpoints: how many recent checkpoints to keep.
-    log_every_n_steps: log and write summaries every this many steps.
+    log_every_n_steps: log and write summaries every this many steps; the loss logged is
+      the mean over the steps since the previous log.
     eval_batches: validation batches averaged for the loss printed at the end (0: none).
     eval_every_n_steps: every this many steps, write validation loss, perplexity, bits per
       byte and accuracy to TensorBoard (eval/...) and eval.jsonl (0: never).
@@ -256,12 +258,15 @@ def _copy_tokenizer(dataset_dir, model_dir):
 def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
                  steps_per_checkpoint, log_every_n_steps, eval_every_n_steps=0, eval_steps=0):
   progress = Progress(model_dir, train_steps, tokens_per_step, start)
-  loss, step = None, start
+  loss, step, since_log = None, start, []
   while step < train_steps:
-    _, loss, learning_rate, norm, aux_losses = session.run(
+    _, step_loss, learning_rate, norm, aux_losses = session.run(
         [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm, graph.aux_losses])
     step += 1
+    since_log.append(step_loss)
     if step % log_every_n_steps == 0 or step in (start + 1, train_steps):
+      # One batch's loss is noisy; the mean since the last log shows the trend.
+      loss, since_log = float(np.mean(since_log)), []
       progress.log(step, loss, learning_rate, norm, aux_losses)
     if step % steps_per_checkpoint == 0 or step == train_steps:
       logging.info("saved checkpoint %s", graph.checkpoints.save(session, step))
