@@ -13,6 +13,7 @@ import numpy as np
 
 from gptneo import inference
 from gptneo.compat import mtf, tf
+from gptneo.data import jsonl
 from gptneo.data import inputs
 
 TASKS = ("lm", "lambada")
@@ -94,15 +95,7 @@ def read_last_word_examples(path, tokenizer, n_ctx):
 
 
 def _split_last_word(line, path, number):
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path} line {number} is not JSON ({error.msg}); write one "
-                     f'{{"text": ...}} object per line') from None
-  text = record.get("text") if isinstance(record, dict) else None
-  if not isinstance(text, str):
-    raise ValueError(f'{path} line {number} has no string "text" field; write one '
-                     f'{{"text": ...}} object per line')
+  text = jsonl.string_field(line, path, number, "text")
   context, _, word = text.strip().rpartition(" ")
   if not context or not word:
     raise ValueError(f"{path} line {number}: the text needs a context and a last word "

@@ -3,13 +3,13 @@
 There is no key/value cache yet: every new token reruns the model over the window (the last
 n_ctx tokens), so a token costs a full forward pass.
 """
-import json
 
 import gin
 import numpy as np
 
 from gptneo import inference
 from gptneo.compat import tf
+from gptneo.data import jsonl
 from gptneo.data import tokenizer as tokenizer_lib
 
 
@@ -25,20 +25,8 @@ def read_prompts(path):
   prompts = []
   for number, line in enumerate(lines, start=1):
     if line.strip():
-      prompts.append(_prompt_of(line, path, number))
+      prompts.append(jsonl.string_field(line, path, number, "prompt"))
   return prompts
-
-
-def _prompt_of(line, path, number):
-  try:
-    record = json.loads(line)
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path} line {number} is not JSON ({error.msg}); write one "
-                     f'{{"prompt": ...}} object per line') from None
-  prompt = record.get("prompt") if isinstance(record, dict) else None
-  if not isinstance(prompt, str):
-    raise ValueError(f'{path} line {number} has no string "prompt" field')
-  return prompt
 
 
 def choose_token(logits, temperature, top_k, top_p, rng):
