@@ -88,12 +88,18 @@ class Checkpoints:
   def latest(self):
     return tf.train.latest_checkpoint(self.model_dir) if self.model_dir else None
 
-  def restore_or_initialize(self, session, init_ops=()):
-    """Restores the latest checkpoint if any, else initializes; returns the restored path."""
+  def restore_or_initialize(self, session, init_ops=(), warm_start_from=None):
+    """Restores the latest checkpoint if any, else initializes; returns the restored path.
+
+    With no checkpoint of its own, the weights of `warm_start_from` (a model dir) replace the
+    fresh ones; optimizer state, step and data position start anew (fine-tuning).
+    """
     session.run([tf.global_variables_initializer(), *init_ops])
     path = self.latest()
     if path:
       self._restore(session, path)
+    elif warm_start_from:
+      _warm_start(session, warm_start_from)
     session.run(self._to_slices)
     return path
 
@@ -116,6 +122,20 @@ class Checkpoints:
     session.run(self._to_masters)
     return self._saver.save(session, os.path.join(self.model_dir, "model.ckpt"),
                             global_step=step, write_meta_graph=False)
+
+
+def _warm_start(session, model_dir):
+  """Copies every trainable weight that `model_dir`'s latest checkpoint holds, same shape."""
+  source = tf.train.latest_checkpoint(model_dir)
+  stored = tf.train.load_checkpoint(source).get_variable_to_shape_map()
+  masters = set(tf.global_variables())  # mtf's per-device slices are trainable but not global
+  weights = [v for v in tf.trainable_variables() if v in masters]
+  for variable in weights:
+    name, shape = variable.op.name, variable.shape.as_list()
+    if stored.get(name) != shape:
+      raise ValueError(f"train.init_from checkpoint {source} has {name} of shape "
+                       f"{stored.get(name)}, the model needs {shape}; use the same model gin")
+  tf.train.Saver(weights).restore(session, source)
 
 
 # Several processes, one mesh: task 0 builds the graph and drives the session through its own

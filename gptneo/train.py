@@ -177,7 +177,7 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
           batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
           microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
           keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
-          eval_steps=10):
+          eval_steps=10, init_from=None):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
 
   Args:
@@ -200,6 +200,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     eval_every_n_steps: every this many steps, write validation loss, perplexity, bits per
       byte and accuracy to TensorBoard (eval/...) and eval.jsonl (0: never).
     eval_steps: validation batches per periodic evaluation (the stream cycles on).
+    init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
+      fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
 
   Returns:
     dict with the final training loss and validation loss (None without a validation split).
@@ -209,6 +211,9 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     if mesh.task_index:  # task 0 drives the whole mesh
       runtime.serve_until_released(mesh)
       return None
+  if init_from and not tf.train.latest_checkpoint(init_from):
+    raise ValueError(f"train.init_from = {init_from!r} has no checkpoint; point it at a model "
+                     f"dir that bin/train or bin/import_hf wrote")
   graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
                            precision, microbatches_per_batch, clip_norm,
                            eval_batches or (eval_steps if eval_every_n_steps else 0),
@@ -222,7 +227,7 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
   with (graph.graph.as_default(),
         tf.Session(mesh.target, config=mesh.session_config()) as session,
         runtime.peers_guard(mesh)):
-    restored = graph.checkpoints.restore_or_initialize(session, graph.init_ops)
+    restored = graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
     start = session.run(graph.step)
     logging.info("%s at step %d", f"resumed from {restored}" if restored else "started", start)
     loss = _train_steps(session, graph, model_dir, start, train_steps, batch_size * model.n_ctx,

@@ -101,3 +101,18 @@ def test_sample_prints_decoded_text(tmp_path, small_dataset):
                       check=True)
   assert result.stdout.startswith("def ")
   assert len(result.stdout.strip()) > len("def ")
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(tmp_path, small_dataset):
+  train_in_process(tmp_path / "trained", small_dataset, 40)
+  train_in_process(tmp_path / "fresh", small_dataset, 1)
+  train_in_process(tmp_path / "tuned", small_dataset, 1,
+                   f'train.init_from = "{tmp_path / "trained"}"')
+  fresh, tuned = logged_losses(tmp_path / "fresh"), logged_losses(tmp_path / "tuned")
+  assert tuned[1] < fresh[1] - 0.5  # same first batch: only the weights differ
+
+
+def test_init_from_without_checkpoint_is_refused(tmp_path, small_dataset):
+  with pytest.raises(ValueError, match="has no checkpoint"):
+    train_in_process(tmp_path / "run", small_dataset, 1, f'train.init_from = "{tmp_path}"')
+  assert not (tmp_path / "run").exists()
