@@ -4,6 +4,7 @@ The tests that run HF's model need torch and transformers (requirements-interop.
 skip without them. The refusals need neither.
 """
 import json
+import math
 import os
 import shutil
 
@@ -158,3 +159,17 @@ def test_safetensors_round_trip_in_bfloat16(tmp_path):
                        {"w": array.astype(hf.EXPORT_DTYPES["bfloat16"][1])}, "BF16")
   restored = hf.read_safetensors(tmp_path / "w.safetensors")["w"]
   np.testing.assert_allclose(restored, array, rtol=1e-2)
+
+
+def test_imported_model_fine_tunes_with_init_from(tmp_path, exported, neo_model_dir):
+  imported = tmp_path / "imported"
+  run_binary("import_hf", f"--hf_dir={exported}", f"--model_dir={imported}", check=True)
+  data = os.path.join(os.path.dirname(neo_model_dir), "data")
+  run_binary("train", "--gin_file=tiny.gin", f"--gin_file={imported / 'model.gin'}",
+             f"--model_dir={tmp_path / 'tuned'}", f'--gin_param=DATASET_DIR = "{data}"',
+             "--gin_param=train.train_steps = 2", "--gin_param=train.log_every_n_steps = 1",
+             "--gin_param=train.eval_batches = 0",
+             f'--gin_param=train.init_from = "{imported}"', check=True)
+  with open(tmp_path / "tuned" / "train_metrics.jsonl") as f:
+    first_loss = json.loads(f.readline())["loss"]
+  assert first_loss < math.log(VOCAB) - 0.5  # a fresh model starts near ln(vocab)
