@@ -127,17 +127,17 @@ class _SoftmaxCrossEntropy(mtf.Operation):
     offset = _vocab_offset(mesh_impl, self._vocab_dim)
     tiny = 1e-37  # -log of it caps the loss of a float32-underflowing target at ~85
     if offset is None:
-      def fn(l, t):
-        p = tf.nn.softmax(l)  # one oneDNN kernel
+      def fn(logit_slice, t):
+        p = tf.nn.softmax(logit_slice)  # one oneDNN kernel
         p_target = tf.gather(p, t[..., None], batch_dims=t.shape.ndims)[..., 0]
         return -tf.math.log(tf.maximum(p_target, tiny)), p
       loss, probs = mesh_impl.slicewise(fn, lowering.tensors[logits], lowering.tensors[targets])
     else:
       axis = _mesh_axis(mesh_impl, self._vocab_dim)
-      l = lowering.tensors[logits]
+      laid_logits = lowering.tensors[logits]
       m = mesh_impl.allreduce(mesh_impl.slicewise(
-          lambda x: tf.stop_gradient(tf.reduce_max(x, -1)), l), [axis], "MAX")
-      e = mesh_impl.slicewise(lambda x, mx: tf.exp(x - mx[..., None]), l, m)
+          lambda x: tf.stop_gradient(tf.reduce_max(x, -1)), laid_logits), [axis], "MAX")
+      e = mesh_impl.slicewise(lambda x, mx: tf.exp(x - mx[..., None]), laid_logits, m)
       s = mesh_impl.allreduce(mesh_impl.slicewise(lambda x: tf.reduce_sum(x, -1), e), [axis],
                               "SUM")
       probs = mesh_impl.slicewise(lambda x, sx: x / sx[..., None], e, s)
