@@ -2,7 +2,7 @@
 """A/B of the proposed bench/fast_ops.py against the current code, on the real train step.
 
   . .venv/bin/activate && export PYTHONPATH=$PWD
-  python bench/train_variants.py                      # tiny and 20m, ~3 minutes on 2 idle cores
+  python bench/train_variants.py                      # check + tiny and 20m, ~8 minutes, 2 idle cores
   python bench/train_variants.py --check_only         # equivalence on 3 layouts, no timing
 
 Nothing in gptneo/ changes: before a graph is built, this process swaps three mtf functions
