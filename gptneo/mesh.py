@@ -38,14 +38,38 @@ class MeshSpec:
   task_index: int = 0  # this process's place in cluster["worker"]
   operation_timeout: float = 300.0  # seconds a step may wait on a peer before failing
   target: str = ""  # the session target: "" in-process, a server's grpc:// address in a cluster
+  cluster_def: object = None  # with "simd": the TPU's cluster, from its resolver (tpu.connect)
+  tpu_job: str = None  # with "simd": the TPU workers' job name, None on a TPU VM
 
   @property
   def size(self):
     return math.prod(size for _, size in self.shape)
 
-  def validate(self, dim_sizes):
-    """Raises ValueError if the layout can't apply to tensor dimensions `dim_sizes`."""
-    mesh_sizes = dict(self.shape)
+  def validate(self, dim_sizes=None, tensor_shapes=()):
+    """Raises ValueError if the layout can't apply to tensor dimensions `dim_sizes`.
+
+    `tensor_shapes` ((tensor name, (dimension names)) pairs, e.g. of the mtf graph about to
+    be lowered: runtime.lower) are checked too: mtf can't lay out a tensor two of whose
+    dimensions the layout puts on one mesh dimension.
+    """
+    if dim_sizes is not None:
+      self._validate_rules(dim_sizes, dict(self.shape))
+    for name, dims in tensor_shapes:
+      self._validate_tensor(name, dims)
+
+  def _validate_tensor(self, name, dims):
+    """Two dimensions of one tensor on one mesh dimension: mtf's LayoutRules reject it."""
+    on = {}
+    for dim in dims:
+      for tensor_dim, mesh_dim in self.layout:
+        if tensor_dim == dim and mesh_dim in on:
+          raise ValueError(f"layout puts {on[mesh_dim]!r} and {dim!r} both on mesh dimension "
+                           f"{mesh_dim!r}, but tensor {name} has both ({', '.join(dims)}); "
+                           f"map one of them to another mesh dimension or leave it whole")
+        if tensor_dim == dim:
+          on[mesh_dim] = dim
+
+  def _validate_rules(self, dim_sizes, mesh_sizes):
     for tensor_dim, mesh_dim in self.layout:
       if tensor_dim not in dim_sizes:
         raise ValueError(f"layout names tensor dimension {tensor_dim!r}, which the model "
@@ -68,8 +92,8 @@ class MeshSpec:
     """mtf's placement (one device of this process per position) or SIMD (TPU) mesh."""
     if self.implementation == "simd":
       if self.device_assignment is None:
-        raise ValueError("mesh.implementation = 'simd' needs a TPU device assignment; build "
-                         "the graph with runtime.tpu_device_assignment (see docs/tpu.md)")
+        raise ValueError("mesh.implementation = 'simd' needs a TPU device assignment; get one "
+                         "with tpu.connect(spec) (see docs/tpu.md)")
       return mtf.simd_mesh_impl.SimdMeshImpl(self.mtf_shape(), self.mtf_layout(),
                                              device_assignment=self.device_assignment)
     return mtf.placement_mesh_impl.PlacementMeshImpl(
@@ -80,6 +104,12 @@ class MeshSpec:
     return len(self.cluster["worker"]) if self.cluster else 1
 
   def session_config(self):
+    """Devices this process may use; a lost peer or TPU host fails a step instead of hanging."""
+    if self.implementation == "simd":
+      config = tf.ConfigProto(allow_soft_placement=True)  # no timeout: XLA compiles for minutes
+      if self.cluster_def:
+        config.cluster_def.CopyFrom(self.cluster_def)
+      return config
     cpu_count = sum(1 for d in self.devices if "cpu" in d.lower()) // self.num_tasks
     config = tf.ConfigProto(device_count={"CPU": max(cpu_count, 1)},
                             allow_soft_placement=False)

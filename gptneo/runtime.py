@@ -5,8 +5,6 @@ import socket
 import sys
 import time
 
-import numpy as np
-
 from gptneo.compat import mtf, tf
 from gptneo.mesh import MESH_NAME
 
@@ -22,13 +20,18 @@ def variable_dtype(precision):
                            activation_dtype=activation)
 
 
-def new_mesh():
+def new_mesh(variable_placer=None):
+  """An mtf graph and its mesh; `variable_placer` puts master weights (TPU: tpu.py)."""
   graph = mtf.Graph()
-  return graph, mtf.Mesh(graph, MESH_NAME)
+  return graph, mtf.Mesh(graph, MESH_NAME, variable_placer)
 
 
 def lower(mtf_graph, mtf_mesh, spec):
-  """Lowers the mtf graph onto `spec`'s devices (autostack off: checkpoint names stay stable)."""
+  """Lowers the mtf graph onto `spec`'s devices (autostack off: checkpoint names stay stable).
+
+  First checks every tensor against the layout, so a layout mtf can't apply is one line.
+  """
+  spec.validate(tensor_shapes=tensor_shapes(mtf_graph))
   verbosity = tf.logging.get_verbosity()
   tf.logging.set_verbosity(tf.logging.WARN)  # mtf logs a page of per-op statistics at INFO
   try:
@@ -37,38 +40,10 @@ def lower(mtf_graph, mtf_mesh, spec):
     tf.logging.set_verbosity(verbosity)
 
 
-def tpu_device_assignment(spec):
-  """Connects to `spec.tpu`, initializes it; returns (session target, DeviceAssignment).
-
-  Logical mesh position k runs on replica k of the assignment (mtf's SIMD mesh wants the
-  cores in lexicographic order, which DeviceAssignment.build gives).
-  """
-  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=spec.tpu)
-  with tf.Graph().as_default(), tf.Session(resolver.master()) as session:
-    serialized = session.run(tf.tpu.initialize_system())
-  topology = tf.tpu.experimental.Topology(serialized=serialized)
-  if spec.size > topology.num_tasks * topology.num_tpus_per_task:
-    raise ValueError(f"mesh_shape has {spec.size} positions but TPU {spec.tpu!r} has "
-                     f"{topology.num_tasks * topology.num_tpus_per_task} cores; pick its layout "
-                     f"from gin/layouts/tpu_*.gin")
-  return resolver.master(), tf.tpu.experimental.DeviceAssignment.build(
-      topology, num_replicas=spec.size)
-
-
-def synthetic_device_assignment(num_chips, cores_per_chip=2):
-  """A DeviceAssignment for a made-up single-host TPU, so SIMD graphs build without one."""
-  coordinates = [[x, 0, 0, core] for x in range(num_chips) for core in range(cores_per_chip)]
-  topology = tf.tpu.experimental.Topology(
-      mesh_shape=[num_chips, 1, 1, cores_per_chip],
-      device_coordinates=np.array([coordinates], dtype=np.int32))
-  return tf.tpu.experimental.DeviceAssignment.build(
-      topology, num_replicas=num_chips * cores_per_chip)
-
-
-def replicate(spec, computation):
-  """Runs `computation` (which builds and lowers the mtf graph) as one SPMD TPU program."""
-  return tf.tpu.replicate(computation, inputs=[[]] * spec.size,
-                          device_assignment=spec.device_assignment)
+def tensor_shapes(mtf_graph):
+  """(name, dimension names) of every tensor of an mtf graph."""
+  return [(t.name, tuple(d.name for d in t.shape.dims))
+          for op in mtf_graph.operations for t in op.outputs]
 
 
 class Checkpoints:

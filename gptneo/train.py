@@ -11,6 +11,7 @@ import numpy as np
 from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
 from gptneo import runtime
+from gptneo import tpu
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
 from gptneo.data import tokenizer as tokenizer_lib
@@ -32,6 +33,19 @@ class TrainGraph:
   checkpoints: runtime.Checkpoints
   aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
   eval_metrics: dict = dataclasses.field(default_factory=dict)  # accuracy, targets (tf)
+  steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
+  loop_steps: tf.Tensor = None  # with a device loop: the placeholder of its step count
+  enqueue: tf.Operation = None  # with a device loop: feeds its batches (infeed)
+
+  def run(self, session, steps=1):
+    """Takes `steps` steps; returns (loss, learning rate, gradient norm, auxiliary losses).
+
+    With a device loop the loss is the mean over its steps, the rest are of its last step.
+    """
+    fetches = [self.train_op, self.loss, self.learning_rate, self.grad_norm, self.aux_losses]
+    if self.loop_steps is None:
+      return session.run(fetches)[1:]
+    return session.run([self.enqueue] + fetches, {self.loop_steps: steps})[2:]
 
 
 def check_dataset(model, info, dataset_dir):
@@ -76,8 +90,59 @@ def _gradients(model, features, dims, dtype, dropout, microbatches):
           [g / microbatches for g in grads])
 
 
+@dataclasses.dataclass
+class MtfStep:
+  """One training step as an mtf graph: losses, gradient norm, learning rate, update ops."""
+  losses: dict  # "loss" (the objective) and the auxiliary losses, mtf scalars
+  grad_norm: mtf.Tensor
+  learning_rate: tf.Tensor
+  update_ops: list
+
+
+def mtf_step(model, optimizer, features, dims, step, train_steps, seed, precision,
+             microbatches, clip_norm):
+  """Builds loss, gradients and the optimizer update of one step on `features`' mesh.
+
+  Shared by the placement loop here and the TPU loop (gptneo/tpu.py); `step` is the tf scalar
+  of the step being taken (it drives the schedule, Adam's bias correction and dropout).
+  """
+  mtf_mesh = features["tokens"].mesh
+  dtype = runtime.variable_dtype(precision)
+  dropout = ops.Dropout(is_training=True, seed=seed, step=step)
+  losses, grads = _gradients(model, features, dims, dtype, dropout, microbatches)
+  norm = optimizers.global_norm(grads)
+  grads = optimizers.clip_by_global_norm(grads, norm, clip_norm)
+  learning_rate = optimizers.learning_rate_schedule(step, train_steps)
+  optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
+  optimizer.step = mtf.import_fully_replicated(
+      mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
+  update_ops = optimizer.apply_grads(grads, mtf_mesh.graph.trainable_variables)
+  return MtfStep(losses, norm, learning_rate, update_ops)
+
+
+@dataclasses.dataclass
+class LoweredStep:
+  """An MtfStep's tf side, on whichever mesh it was lowered."""
+  loss: tf.Tensor
+  grad_norm: tf.Tensor
+  aux_losses: dict
+  updates: tf.Operation  # runs after loss and norm have read this step's weights
+
+
+def lower_step(lowering, step):
+  """The tf tensors of an MtfStep; the update is ordered after the loss reads the weights."""
+  losses = dict(step.losses)
+  tf_loss = lowering.export_to_tf_tensor(losses.pop("loss"))
+  tf_norm = lowering.export_to_tf_tensor(step.grad_norm)
+  with tf.control_dependencies([tf_loss, tf_norm]):
+    updates = tf.group([lowering.lowered_operation(op) for op in step.update_ops])
+  return LoweredStep(tf_loss, tf_norm, {name: lowering.export_to_tf_tensor(value)
+                                        for name, value in losses.items()}, updates)
+
+
 def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
                 precision, microbatches, clip_norm, eval_batches, model_dir, keep):
+  """The placement mesh's training graph: one step per session.run."""
   graph = tf.Graph()
   with graph.as_default():
     tf.set_random_seed(seed)
@@ -86,37 +151,66 @@ def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, se
         inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed))
     mtf_graph, mtf_mesh = runtime.new_mesh()
     dims = model.dims(batch_size)
-    dtype = runtime.variable_dtype(precision)
     tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
-    dropout = ops.Dropout(is_training=True, seed=seed, step=step)
-    losses, grads = _gradients(model, {"tokens": tokens, "targets": targets}, dims, dtype,
-                               dropout, microbatches)
-    loss = losses.pop("loss")
-    norm = optimizers.global_norm(grads)
-    grads = optimizers.clip_by_global_norm(grads, norm, clip_norm)
-    learning_rate = optimizers.learning_rate_schedule(step, train_steps)
-    optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
-    optimizer.step = mtf.import_fully_replicated(
-        mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
-    update_ops = optimizer.apply_grads(grads, mtf_graph.trainable_variables)
-    eval_loss, eval_init = _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype,
-                                      eval_batches)
+    step_graph = mtf_step(model, optimizer, {"tokens": tokens, "targets": targets}, dims, step,
+                          train_steps, seed, precision, microbatches, clip_norm)
+    eval_loss, eval_init = _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims,
+                                      runtime.variable_dtype(precision), eval_batches)
     lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
-    tf_loss = lowering.export_to_tf_tensor(loss)
-    tf_norm = lowering.export_to_tf_tensor(norm)
-    # The loss must read the weights before this step's update: order it explicitly.
-    with tf.control_dependencies([tf_loss, tf_norm]):
-      updates = tf.group([lowering.lowered_operation(op) for op in update_ops])
-    with tf.control_dependencies([updates]):
+    lowered = lower_step(lowering, step_graph)
+    with tf.control_dependencies([lowered.updates]):
       train_op = tf.assign_add(step, 1).op
     saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
     checkpoints = runtime.Checkpoints(lowering, model_dir, keep, [saveable])
     tf_eval = {name: lowering.export_to_tf_tensor(value)
                for name, value in (eval_loss or {}).items()}
-    tf_aux = {name: lowering.export_to_tf_tensor(value) for name, value in losses.items()}
-    return TrainGraph(graph, step, tf_loss, learning_rate, tf_norm, train_op,
-                      tf_eval.pop("loss", None), [iterator.initializer] + eval_init,
-                      checkpoints, tf_aux, tf_eval)
+    return TrainGraph(graph, step, lowered.loss, step_graph.learning_rate, lowered.grad_norm,
+                      train_op, tf_eval.pop("loss", None), [iterator.initializer] + eval_init,
+                      checkpoints, lowered.aux_losses, tf_eval)
+
+
+def build_tpu_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
+                    precision, microbatches, clip_norm, model_dir, keep, steps_per_loop):
+  """The SIMD (TPU) mesh's training graph: up to `steps_per_loop` steps per session.run.
+
+  The same step as build_graph (mtf_step, lower_step), built inside tpu.device_loop on every
+  core; batches come from the same saveable iterator through tpu.Infeed. Needs
+  spec.device_assignment (tpu.connect, or tpu.synthetic_device_assignment to only build).
+  """
+  graph = tf.Graph()
+  with graph.as_default(), tpu.v1_control_flow():
+    tf.set_random_seed(seed)
+    with tf.device(tpu.host_devices(spec)[0]):
+      step = tf.train.get_or_create_global_step()
+      iterator = tf.data.make_initializable_iterator(
+          inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed))
+      loop_steps = tf.placeholder_with_default(1, [], "loop_steps")
+      start = tf.identity(step)
+    dims = model.dims(batch_size)
+    infeed = tpu.Infeed(spec, iterator.get_next, mtf.Shape([dims.batch, dims.sequence]),
+                        loop_steps)
+    built = {}
+
+    def body(current):
+      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(spec))
+      tokens, targets = infeed.dequeue(mtf_mesh)
+      step_graph = mtf_step(model, optimizer, {"tokens": tokens, "targets": targets}, dims,
+                            current, train_steps, seed, precision, microbatches, clip_norm)
+      built["lowering"] = runtime.lower(mtf_graph, mtf_mesh, spec)
+      lowered = lower_step(built["lowering"], step_graph)
+      built["aux"] = sorted(lowered.aux_losses)
+      return lowered.updates, [lowered.loss, step_graph.learning_rate, lowered.grad_norm,
+                               *[lowered.aux_losses[name] for name in built["aux"]]]
+
+    loss, learning_rate, norm, *aux = tpu.device_loop(spec, body, start, loop_steps)
+    with tf.control_dependencies([loss, learning_rate, norm, *aux]):
+      train_op = tf.assign_add(step, tf.cast(loop_steps, step.dtype)).op
+    saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
+    checkpoints = runtime.Checkpoints(built["lowering"], model_dir, keep, [saveable])
+    return TrainGraph(graph, step, loss, learning_rate, norm, train_op, None,
+                      [iterator.initializer], checkpoints, dict(zip(built["aux"], aux, strict=True)),
+                      steps_per_run=steps_per_loop, loop_steps=loop_steps,
+                      enqueue=infeed.enqueue)
 
 
 def _eval_loss(model, mtf_mesh, dataset_dir, batch_size, dims, dtype, eval_batches):
@@ -177,7 +271,7 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
           batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
           microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
           keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
-          eval_steps=10, init_from=None):
+          eval_steps=10, init_from=None, steps_per_loop=1):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
 
   Args:
@@ -202,9 +296,12 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     eval_steps: validation batches per periodic evaluation (the stream cycles on).
     init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
+    steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
+      the TPU; a loop also ends at each log, checkpoint and the last step.
 
   Returns:
-    dict with the final training loss and validation loss (None without a validation split).
+    dict with the final training loss and validation loss (None without a validation split
+    and on a TPU, which has no evaluation loop yet).
   """
   if mesh.cluster:
     server = runtime.start_server(mesh)  # noqa: F841  (serves this task's devices while alive)
@@ -217,11 +314,11 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
   graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
                            precision, microbatches_per_batch, clip_norm,
                            eval_batches or (eval_steps if eval_every_n_steps else 0),
-                           model_dir, keep_checkpoints)
+                           model_dir, keep_checkpoints, steps_per_loop, eval_every_n_steps)
   gin_utils.write_run_files(model_dir)
   _copy_tokenizer(dataset_dir, model_dir)
   with graph.graph.as_default():
-    release_peers = runtime.release_ops(mesh)
+    release_peers = runtime.release_ops(mesh) + tpu.shutdown_ops(mesh)
   if mesh.cluster:
     runtime.wait_for_peers(mesh)
   with (graph.graph.as_default(),
@@ -236,22 +333,41 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     session.run(release_peers)
   if eval_loss is not None:
     logging.info("validation loss %.4f after step %d", eval_loss, train_steps)
+  elif mesh.implementation == "simd" and eval_batches:
+    logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
   return {"loss": loss, "validation_loss": eval_loss}
 
 
 def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
-                     precision, microbatches, clip_norm, eval_batches, model_dir, keep):
+                     precision, microbatches, clip_norm, eval_batches, model_dir, keep,
+                     steps_per_loop=1, eval_every_n_steps=0):
+  """Checks the config, then builds the graph (on "simd": after connecting to the TPU)."""
   check_dataset(model, inputs.read_dataset_info(dataset_dir), dataset_dir)
   if batch_size % microbatches:
     raise ValueError(f"train.microbatches_per_batch = {microbatches} does not divide "
                      f"train.batch_size = {batch_size}")
   spec.validate(model.dims(batch_size // microbatches).sizes())
-  if spec.implementation == "simd":  # the graph builds (tests/test_layouts.py); no loop yet
-    raise ValueError("mesh.implementation = 'simd': bin/train has no TPU session loop yet; "
-                     "see docs/tpu.md for what works today")
   runtime.variable_dtype(precision)
+  check_loop(spec, steps_per_loop, eval_every_n_steps)
+  if spec.implementation == "simd":
+    if spec.device_assignment is None:
+      tpu.connect(spec)
+    return build_tpu_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
+                           precision, microbatches, clip_norm, model_dir, keep, steps_per_loop)
   return build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
                      precision, microbatches, clip_norm, eval_batches, model_dir, keep)
+
+
+def check_loop(spec, steps_per_loop, eval_every_n_steps):
+  """Loops on the device exist on the TPU only, and have no periodic evaluation yet."""
+  if not isinstance(steps_per_loop, int) or steps_per_loop < 1:
+    raise ValueError(f"train.steps_per_loop = {steps_per_loop!r}; use a positive integer")
+  if spec.implementation != "simd" and steps_per_loop != 1:
+    raise ValueError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
+                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
+  if spec.implementation == "simd" and eval_every_n_steps:
+    raise ValueError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
+                     f"periodic evaluation yet; set it to 0 and run bin/eval on the checkpoints")
 
 
 def _copy_tokenizer(dataset_dir, model_dir):
@@ -265,10 +381,11 @@ def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
   progress = Progress(model_dir, train_steps, tokens_per_step, start)
   loss, step, since_log = None, start, []
   while step < train_steps:
-    _, step_loss, learning_rate, norm, aux_losses = session.run(
-        [graph.train_op, graph.loss, graph.learning_rate, graph.grad_norm, graph.aux_losses])
-    step += 1
-    since_log.append(step_loss)
+    steps = steps_this_run(step, start, train_steps, graph.steps_per_run,
+                           (log_every_n_steps, steps_per_checkpoint, eval_every_n_steps))
+    step_loss, learning_rate, norm, aux_losses = graph.run(session, steps)
+    step += steps
+    since_log.extend([step_loss] * steps)  # a device loop reports its steps' mean loss
     if step % log_every_n_steps == 0 or step in (start + 1, train_steps):
       # One batch's loss is noisy; the mean since the last log shows the trend.
       loss, since_log = float(np.mean(since_log)), []
@@ -278,6 +395,12 @@ def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
     if eval_every_n_steps and step % eval_every_n_steps == 0 and graph.eval_loss is not None:
       _periodic_eval(session, graph, model_dir, step, eval_steps, progress)
   return loss
+
+
+def steps_this_run(step, start, train_steps, steps_per_run, every):
+  """Up to `steps_per_run` steps, stopping at the next log, checkpoint or eval step."""
+  stops = [train_steps, start + 1] + [(step // n + 1) * n for n in every if n]
+  return max(1, min([steps_per_run] + [stop - step for stop in stops if stop > step]))
 
 
 def _periodic_eval(session, graph, model_dir, step, eval_steps, progress):

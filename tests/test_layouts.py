@@ -11,9 +11,12 @@ import pytest
 from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
+from gptneo import tpu
 from gptneo.compat import mtf, tf
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
+from tests.conftest import TINY_TEST_BINDINGS, run_binary
+from tests.test_errors import assert_one_line_error
 
 STEPS = 3
 LEARNING_RATE = 0.5  # large, so the weights move enough for a wrong split to show
@@ -143,7 +146,7 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
   """The SIMD lowering of loss, gradients and an update, inside one TPU program of 8 cores."""
   spec = mesh_lib.mesh(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y",
                        implementation="simd", tpu="local")
-  spec.device_assignment = runtime.synthetic_device_assignment(num_chips=4)
+  spec.device_assignment = tpu.synthetic_device_assignment(num_chips=4)
   graph = tf.Graph()
   with graph.as_default():
     mtf_graph, mtf_mesh = runtime.new_mesh()
@@ -162,7 +165,8 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
       with tf.control_dependencies([lowering.lowered_operation(op) for op in updates]):
         return [tf.identity(lowering.export_to_tf_tensor(loss))]
 
-    outputs = runtime.replicate(spec, step)
+    outputs = tf.tpu.replicate(step, inputs=[[]] * spec.size,
+                               device_assignment=spec.device_assignment)
   assert len(outputs) == 8  # one loss per core
   devices = {op.device for op in graph.get_operations()}
   assert {f"/task:0/device:TPU:{core}" for core in range(8)} <= devices
@@ -179,5 +183,53 @@ def test_bad_mesh_implementation(bindings, fragment):
 
 def test_simd_without_a_device_assignment_says_how_to_get_one():
   spec = mesh_lib.mesh(mesh_shape="x:2", implementation="simd", tpu="local")
-  with pytest.raises(ValueError, match="tpu_device_assignment"):
+  with pytest.raises(ValueError, match="tpu.connect"):
     spec.mesh_impl()
+
+
+def gpt_graph():
+  """A GPT's forward and backward mtf graph (not lowered) and its mesh."""
+  mtf_graph, mtf_mesh = runtime.new_mesh()
+  model = gpt_lib.GPT(**MODEL)
+  dims = model.dims(BATCH)
+  tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
+                                [dims.batch, dims.sequence])
+  loss = gpt_lib.loss(model(tokens, runtime.variable_dtype("float32"),
+                            ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
+  mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
+  return mtf_graph, mtf_mesh
+
+
+@pytest.mark.parametrize("layout, pair", [("heads:x,kv:x", ("heads", "kv")),
+                                          ("batch:x,embd:x", ("batch", "embd")),
+                                          ("mlp:x,embd:x", ("embd", "mlp"))])
+def test_two_dimensions_of_one_tensor_on_one_mesh_dimension_is_one_line(layout, pair):
+  """What mtf's LayoutRules reject, MeshSpec.validate names first: both dims and a tensor."""
+  spec = spec_of("x:2", layout)  # each rule divides its dimension: the old check passed
+  with tf.Graph().as_default(), pytest.raises(ValueError, match="Two Tensor Dimensions may"):
+    mtf_graph, mtf_mesh = gpt_graph()
+    mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)  # mtf's, unchecked
+  with tf.Graph().as_default(), pytest.raises(ValueError) as error:
+    runtime.lower(*gpt_graph(), spec)
+  message = str(error.value)
+  assert "\n" not in message and "both on mesh dimension 'x'" in message
+  assert all(f"'{dim}'" in message for dim in pair), message
+
+
+def test_dimensions_of_different_tensors_may_share_a_mesh_dimension():
+  spec = spec_of("x:2", "heads:x,mlp:x,vocab:x")  # no tensor has two of these
+  with tf.Graph().as_default():
+    mtf_graph, _ = gpt_graph()
+    spec.validate(MODEL_DIMS, runtime.tensor_shapes(mtf_graph))
+
+
+MODEL_DIMS = gpt_lib.GPT(**MODEL).dims(BATCH).sizes()
+
+
+def test_bin_train_names_both_dimensions_and_touches_nothing(tmp_path, small_dataset):
+  params = TINY_TEST_BINDINGS + [f'DATASET_DIR = "{small_dataset}"', "train.train_steps = 1",
+                                 "mesh.mesh_shape = 'x:2'", "mesh.layout = 'heads:x,kv:x'"]
+  result = run_binary("train", "--gin_file=tiny.gin", f"--model_dir={tmp_path / 'run'}",
+                      *[f"--gin_param={p}" for p in params])
+  assert_one_line_error(result, "train", "'heads' and 'kv' both on mesh dimension 'x'")
+  assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -36,17 +36,20 @@ def _query(name, default):
     return default
 
 
-def workload_from_gin(recompute=False):
-  """The model, batch and optimizer the parsed gin config would train."""
+def workload_from_gin():
+  """The model, batch and optimizer the parsed gin config would train (MoE included)."""
   model = gpt_lib.GPT()
   optimizer = _query("train.optimizer", None)
   optimizer_name = getattr(optimizer, "selector", "Adam").split(".")[-1].lower()
+  moe = model.moe
   return cost_model.Workload(
       n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head, n_ctx=model.n_ctx,
       n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
       batch=_query("train.batch_size", 8), optimizer=optimizer_name
-      if optimizer_name in cost_model.OPTIMIZER_SLOTS else "adam", recompute=recompute,
-      tie_embeddings=model.tie_embeddings)
+      if optimizer_name in cost_model.OPTIMIZER_SLOTS else "adam",
+      recompute=model.recompute_grad, tie_embeddings=model.tie_embeddings,
+      num_experts=moe.num_experts if moe else 0, moe_layers=len(moe.layers) if moe else 0,
+      capacity_factor=moe.capacity_factor if moe else 1.25)
 
 
 def check_mesh_shape(mesh_shape, devices):
@@ -62,16 +65,22 @@ def check_mesh_shape(mesh_shape, devices):
 
 
 def run(devices, mesh_shape, device_memory, link_bandwidth, device_flops, time_limit,
-        recompute=False):
-  """Searches for the parsed gin config; returns (workload, Result)."""
+        recompute=None):
+  """Searches for the parsed gin config; returns (workload, Result).
+
+  recompute: None lets the search decide per candidate (no recompute if it fits), unless the
+  config already sets GPT.recompute_grad = True; True or False fixes it.
+  """
   if time_limit <= 0:
     raise ValueError(f"--time_limit={time_limit}; give the search a positive number of seconds")
   shape = check_mesh_shape(mesh_shape, devices) if mesh_shape else None
   if shape is None and (not devices or devices < 1):
     raise ValueError(f"--devices={devices}; give a positive device count or a --mesh_shape")
-  work = workload_from_gin(recompute)
+  work = workload_from_gin()
+  if recompute is None and work.recompute:
+    recompute = True  # the config recomputes already: cost it so
   hardware = cost_model.Hardware(device_memory, device_flops, link_bandwidth)
-  return work, search_lib.search(work, hardware, devices, shape, time_limit)
+  return work, search_lib.search(work, hardware, devices, shape, time_limit, recompute)
 
 
 def report(work, result):
@@ -80,11 +89,12 @@ def report(work, result):
   lines = [f"model: {work.num_parameters() / 1e9:.2f}B parameters, batch {work.batch}, "
            f"optimizer {work.optimizer}; searched {result.shapes_searched} mesh shapes in "
            f"{result.seconds:.1f}s",
-           f"{'mesh':<12} {'layout':<36} {'micro':>5} {'params+opt':>11} {'activ.':>10} "
-           f"{'comm/step':>10} {'est. step':>10}"]
+           f"{'mesh':<12} {'layout':<36} {'micro':>5} {'recomp.':>7} {'params+opt':>11} "
+           f"{'activ.':>10} {'comm/step':>10} {'est. step':>10}"]
   for c in result.candidates[:TOP]:
     lines.append(f"{fmt.format_mesh(c.mesh_shape) or '-':<12} "
                  f"{fmt.format_layout(c.layout) or '-':<36} {c.microbatches:>5} "
+                 f"{'yes' if c.recompute else 'no':>7} "
                  f"{fmt.format_bytes(c.param_bytes):>11} {fmt.format_bytes(c.activation_bytes):>10}"
                  f" {c.comm_bytes / 2 ** 30:>7.1f}GiB {c.step_seconds:>9.3f}s")
   return "\n".join(lines + explain(work, result.candidates[0]))
@@ -99,8 +109,10 @@ def explain(work, best):
            f" per device" + (f" (split by {'/'.join(model_split)})" if model_split else
                              " (replicated: data parallel only)"),
            f"  activations: {search_lib.format_bytes(best.activation_bytes)} per device with "
-           f"{best.microbatches} microbatch(es) of {work.batch // best.microbatches} sequences",
-           _whole_dims_line(best)]
+           f"{best.microbatches} microbatch(es) of {work.batch // best.microbatches} sequences"
+           + (", recomputed per layer on the backward pass (GPT.recompute_grad = True)"
+              if best.recompute else ", kept for the backward pass (no recompute)"),
+           _whole_dims_line(work, best)]
   if best.n_vocab != work.n_vocab:
     lines.append(f"  vocabulary padded from {work.n_vocab} to {best.n_vocab} (GPT.n_vocab) so it "
                  f"can be split: nothing fits with {work.n_vocab}")
@@ -111,11 +123,12 @@ def explain(work, best):
   return lines
 
 
-def _whole_dims_line(best):
-  fallback = [d for d, _ in best.layout if d not in cost_model.SPLITTABLE]
+def _whole_dims_line(work, best):
+  first = [d for d in cost_model.SPLITTABLE if d in work.dim_sizes()]
+  fallback = [d for d, _ in best.layout if d not in first]
   if fallback:
     return (f"  {'/'.join(fallback)} split only because no layout of "
-            f"{'/'.join(cost_model.SPLITTABLE)} fits.")
+            f"{'/'.join(first)} fits, even with recompute.")
   return "  sequence, memory and kv stay whole: splitting them is never needed first."
 
 
@@ -135,7 +148,9 @@ def gin_text(work, best, command):
           f"mesh.mesh_shape = \"{mesh}\"\nmesh.layout = \"{layout}\"\n"
           f"train.microbatches_per_batch = {best.microbatches}\n"
           + (f"GPT.n_vocab = {best.n_vocab}  # padded so `vocab` splits\n"
-             if best.n_vocab != work.n_vocab else ""))
+             if best.n_vocab != work.n_vocab else "")
+          + (f"GPT.recompute_grad = {best.recompute}  # as costed\n"
+             if best.recompute != work.recompute else ""))
 
 
 def bind(best):
@@ -144,11 +159,14 @@ def bind(best):
     gin.bind_parameter("mesh.mesh_shape", search_lib.format_mesh(best.mesh_shape))
     gin.bind_parameter("mesh.layout", search_lib.format_layout(best.layout))
     gin.bind_parameter("train.microbatches_per_batch", best.microbatches)
-    if best.n_vocab != gpt_lib.GPT().n_vocab:
+    model = gpt_lib.GPT()
+    if best.n_vocab != model.n_vocab:
       gin.bind_parameter("GPT.n_vocab", best.n_vocab)
+    if best.recompute != model.recompute_grad:
+      gin.bind_parameter("GPT.recompute_grad", best.recompute)
 
 
-def auto_configure(search_mesh_shape, devices, device_memory, time_limit):
+def auto_configure(search_mesh_shape, devices, device_memory, time_limit, recompute=None):
   """bin/train --auto_layout[_and_mesh_shape]: searches, logs the report, binds the best.
 
   Args:
@@ -156,6 +174,7 @@ def auto_configure(search_mesh_shape, devices, device_memory, time_limit):
     devices: device count for the shape search (default: the size of mesh.mesh_shape).
     device_memory: bytes of one device.
     time_limit: seconds the search may take.
+    recompute: None: the search decides; True/False: fixed (bin/train --[no]recompute).
 
   Returns:
     The report, for the log.
@@ -169,6 +188,6 @@ def auto_configure(search_mesh_shape, devices, device_memory, time_limit):
     raise ValueError("--auto_layout keeps mesh.mesh_shape, which is unset; set it or use "
                      "--auto_layout_and_mesh_shape --devices=N")
   work, result = run(devices, None if search_mesh_shape else mesh_shape, device_memory,
-                     50e9, 50e12, time_limit)
+                     50e9, 50e12, time_limit, recompute)
   bind(result.candidates[0])
   return report(work, result)

@@ -7,16 +7,20 @@ solver and the printed estimate can't disagree about what a layout costs.
 
 Ring allreduce of N bytes over k devices moves 2N(k-1)/k per device; written as two terms,
 2N/prod(D) - 2N/(prod(D)*k), it stays in the same form.
+
+A mixture of experts (`num_experts` top-1 experts in `moe_layers` blocks) replaces those
+blocks' MLP: expert weights divide by the `experts` split, each expert computes on its
+capacity_factor share of the tokens, and combining the experts' outputs reduces over it.
 """
 import dataclasses
 import math
 
 # The tensor dimensions a layout may split, in tiers: the search tries the first alone and
-# adds the next only when nothing fits. `kv` (contracted inside attention, so its split
+# adds the next only when nothing fits (`experts` exists in mixture-of-experts models only). `kv` (contracted inside attention, so its split
 # allreduces the scores) and `sequence` (its split all-gathers keys and values) come last.
 # `embd` is costed but never searched: mesh-tensorflow 0.1.21 fails to lower the backward
 # pass of an embd-split GPT ('LazyAllreduceSum' object has no attribute 'tensor_list').
-TIERS = (("batch", "heads", "mlp", "vocab"), ("kv",), ("sequence",))
+TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv",), ("sequence",))
 SPLITTABLE = TIERS[0]
 BYTES = 4  # float32 activations, slices and gradients
 OPTIMIZER_SLOTS = {"adam": 2.0, "adafactor": 0.0, "sgd": 0.0}
@@ -46,21 +50,32 @@ class Workload:
   optimizer: str = "adam"
   recompute: bool = False
   tie_embeddings: bool = True
+  num_experts: int = 0  # > 0: `moe_layers` blocks have a mixture of this many expert MLPs
+  moe_layers: int = 0
+  capacity_factor: float = 1.25  # tokens an expert takes, relative to an even share
 
   def dim_sizes(self):
-    return {"batch": self.batch // self.microbatches, "heads": self.n_head, "mlp": self.mlp,
-            "vocab": self.n_vocab, "embd": self.n_embd, "kv": self.n_embd // self.n_head,
-            "sequence": self.n_ctx}
+    sizes = {"batch": self.batch // self.microbatches, "heads": self.n_head, "mlp": self.mlp,
+             "vocab": self.n_vocab, "embd": self.n_embd, "kv": self.n_embd // self.n_head,
+             "sequence": self.n_ctx}
+    return {**sizes, "experts": self.num_experts} if self.moe_layers else sizes
+
+  @property
+  def dense_layers(self):
+    return self.n_layer - self.moe_layers
 
   def parameters(self):
     """(element count, dims) of each group of weights that is split alike."""
-    e, m, layers = self.n_embd, self.mlp, self.n_layer
+    e, m, layers, dense = self.n_embd, self.mlp, self.n_layer, self.dense_layers
     groups = [(layers * 4 * e * e, ("embd", "heads", "kv")),  # q, k, v, out
-              (layers * 2 * e * m, ("embd", "mlp")),  # fc, proj
-              (layers * m, ("mlp",)),  # fc bias
-              (layers * 6 * e + 2 * e, ("embd",)),  # biases, norms
+              (dense * 2 * e * m, ("embd", "mlp")),  # fc, proj
+              (dense * m, ("mlp",)),  # fc bias
+              (layers * 5 * e + dense * e + 2 * e, ("embd",)),  # biases, norms
               (self.n_ctx * e, ("sequence", "embd")),  # wpe
               (self.n_vocab * e, ("vocab", "embd"))]
+    if self.moe_layers:  # each expert's fc and proj (no biases), and the router
+      groups += [(self.moe_layers * self.num_experts * 2 * e * m, ("experts", "embd", "mlp")),
+                 (self.moe_layers * self.num_experts * e, ("embd", "experts"))]
     if not self.tie_embeddings:
       groups.append((self.n_vocab * e, ("vocab", "embd")))
     return groups
@@ -91,17 +106,25 @@ def variable_bytes(work, split):
 def _activation_terms(work):
   """What the backward pass keeps per layer; with recompute, only each layer's input."""
   b, s, e, h, m = work.batch // work.microbatches, work.n_ctx, work.n_embd, work.n_head, work.mlp
-  full_layer = [Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "embd")),
-                Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
-                Term("activations", BYTES * 2 * b * h * s * s, ("batch", "sequence", "heads")),
-                Term("activations", BYTES * 2 * b * s * m, ("batch", "sequence", "mlp"))]
+  attention = [Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "embd")),
+               Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
+               Term("activations", BYTES * 2 * b * h * s * s, ("batch", "sequence", "heads"))]
+  dense = [Term("activations", BYTES * 2 * b * s * m, ("batch", "sequence", "mlp"))]
+  routed = b * s * work.capacity_factor  # token slots over all experts
+  experts = [Term("activations", BYTES * 2 * routed * m, ("batch", "experts", "mlp")),
+             Term("activations", BYTES * 2 * routed * e, ("batch", "experts", "embd")),
+             Term("activations", BYTES * 2 * routed * s, ("batch", "sequence", "experts"))]
   logits = [Term("activations", BYTES * 2 * b * s * work.n_vocab,
                  ("batch", "sequence", "vocab"))]
-  if work.recompute:
+  if work.recompute:  # every layer's input, and one layer's activations at a time
     kept = [Term("activations", BYTES * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
-    return kept + full_layer + logits
-  return [dataclasses.replace(t, coefficient=t.coefficient * work.n_layer)
-          for t in full_layer] + logits
+    return kept + attention + (experts if work.moe_layers else dense) + logits
+  return (_times(attention, work.n_layer) + _times(dense, work.dense_layers)
+          + _times(experts, work.moe_layers) + logits)
+
+
+def _times(terms_, count):
+  return [dataclasses.replace(t, coefficient=t.coefficient * count) for t in terms_ if count]
 
 
 def _flop_terms(work):
@@ -109,10 +132,17 @@ def _flop_terms(work):
   tokens, e, m, layers = work.batch * work.n_ctx, work.n_embd, work.mlp, work.n_layer
   factor = 6 * tokens * (4 / 3 if work.recompute else 1)
   per_token = ("batch", "sequence")
-  return [Term("flops", factor * layers * 4 * e * e, per_token + ("embd", "heads", "kv")),
-          Term("flops", factor * layers * 2 * work.n_ctx * e, per_token + ("heads", "kv")),
-          Term("flops", factor * layers * 2 * e * m, per_token + ("embd", "mlp")),
-          Term("flops", factor * e * work.n_vocab, per_token + ("embd", "vocab"))]
+  moe, slots = work.moe_layers, work.capacity_factor  # an expert computes on its token slots
+  result = [Term("flops", factor * layers * 4 * e * e, per_token + ("embd", "heads", "kv")),
+            Term("flops", factor * layers * 2 * work.n_ctx * e, per_token + ("heads", "kv")),
+            Term("flops", factor * work.dense_layers * 2 * e * m, per_token + ("embd", "mlp")),
+            Term("flops", factor * e * work.n_vocab, per_token + ("embd", "vocab"))]
+  if moe:  # experts' MLPs; dispatch and combine einsums; the router
+    result += [Term("flops", factor * moe * slots * 2 * e * m, ("batch", "experts", "embd", "mlp")),
+               Term("flops", factor * moe * slots * 2 * work.n_ctx * e,
+                    per_token + ("experts", "embd")),
+               Term("flops", factor * moe * e * work.num_experts, per_token + ("embd", "experts"))]
+  return result
 
 
 def _allreduce(total_bytes, dims, over):
@@ -131,7 +161,12 @@ def _communication_terms(work):
   per_token = ("batch", "sequence")
   # Forward and backward each reduce once per split matmul: attention out / qkv input grad.
   result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("heads", "kv"))
-  result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("mlp",))
+  result += _allreduce(2 * work.dense_layers * hidden, per_token + ("embd",), ("mlp",))
+  if work.moe_layers:  # combine (forward) and dispatch's gradient reduce over split experts;
+    # each expert's output reduces over a split mlp.
+    result += _allreduce(2 * work.moe_layers * hidden, per_token + ("embd",), ("experts",))
+    result += _allreduce(2 * work.moe_layers * work.capacity_factor * hidden,
+                         ("batch", "experts", "embd"), ("mlp",))
   result += _allreduce(2 * hidden, per_token + ("embd",), ("vocab",))  # gather; unembed grad
   # A kv split reduces the attention scores (forward) and their gradient (backward).
   scores = BYTES * work.batch * work.n_head * work.n_ctx ** 2
@@ -166,6 +201,7 @@ class Estimate:
   comm_bytes: float
   step_seconds: float
   n_vocab: int = 0  # the vocabulary costed: padded if the search had to pad it
+  recompute: bool = False  # costed with activations recomputed per layer (GPT.recompute_grad)
 
   @property
   def memory_bytes(self):
@@ -197,7 +233,8 @@ def estimate(work, hardware, mesh_shape, layout):
     total[term.kind] += term.value(split)
   seconds = total["flops"] / hardware.device_flops + total["comm"] / hardware.link_bandwidth
   return Estimate(tuple(mesh_shape), tuple(layout), work.microbatches, total["params"],
-                  total["activations"], total["flops"], total["comm"], seconds, work.n_vocab)
+                  total["activations"], total["flops"], total["comm"], seconds, work.n_vocab,
+                  work.recompute)
 
 
 def conflicts(work):

@@ -1,10 +1,12 @@
 """Searches mesh shapes and layout rules with OR-Tools CP-SAT under the cost model.
 
-For each mesh shape (a factorization of the device count into 1-3 named dimensions) and
-each count of microbatches, one small CP-SAT model picks for every splittable tensor
-dimension at most one mesh dimension, such that the split divides the dimension, no tensor
-has two dimensions on one mesh dimension, and the per-device memory fits; it minimizes the
-estimated step time. The best solutions across shapes are re-evaluated exactly and ranked.
+For each mesh shape (a factorization of the device count into 1-3 named dimensions), each
+count of microbatches and, if nothing fits without, with activations recomputed, one small
+CP-SAT model picks for every splittable tensor dimension at most one mesh dimension, such
+that the split divides the dimension, no tensor has two dimensions on one mesh dimension,
+and the per-device memory fits; it minimizes the estimated step time. The best solutions
+across shapes are re-evaluated exactly and ranked. The whole search, including starting a
+solver process when TensorFlow was loaded first, keeps to its time limit.
 """
 import dataclasses
 import itertools
@@ -122,13 +124,20 @@ def _term_expression(model, term, unit, split, max_split, index):
 
 
 def solve_layout(work, hardware, mesh_shape, time_limit, memory_limit=True,
-                 splittable=cost_model.SPLITTABLE):
-  """The best layout for one mesh shape, or None if nothing fits (or time ran out)."""
+                 splittable=cost_model.SPLITTABLE, clock=None):
+  """The best layout for one mesh shape, or None if nothing fits (or time ran out).
+
+  Time running out (rather than proven infeasibility) is noted on `clock`.
+  """
+  splittable = tuple(d for d in splittable if d in work.dim_sizes())
   built = _build(work, hardware, mesh_shape,
                  hardware.device_memory if memory_limit else None, splittable)
   built.model.Minimize(built.step_time if memory_limit else built.memory)
   solver = single_worker_solver(time_limit)
-  if solver.Solve(built.model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+  status = solver.Solve(built.model)
+  if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    if status == cp_model.UNKNOWN and clock:
+      clock.expired = True
     return None
   layout = tuple((d, m) for (d, m), v in built.assign.items() if solver.Value(v))
   return cost_model.estimate(work, hardware, mesh_shape, layout)
@@ -146,93 +155,129 @@ class Result:
   shapes_searched: int
 
 
-def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0):
-  """Ranks the fitting (mesh shape, layout, microbatches) by estimated step time.
+class Clock:
+  """A deadline, and whether running out of time cut any part of the search short."""
+
+  def __init__(self, deadline):
+    self.deadline, self.expired = deadline, False
+
+  def left(self):
+    left = self.deadline - time.monotonic()
+    if left <= 0:
+      self.expired = True
+    return left
+
+
+def recompute_options(recompute):
+  """None: the search decides, preferring no recompute; True/False: fixed."""
+  return (False, True) if recompute is None else (bool(recompute),)
+
+
+def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0, recompute=None):
+  """Ranks the fitting (mesh shape, layout, microbatches, recompute) by estimated step time.
 
   Solves in this process if that is safe (OR-Tools loaded before TensorFlow), else in a
-  child Python that never loads TensorFlow.
+  child Python that never loads TensorFlow; `time_limit` includes starting that child.
 
   Args:
-    work: a cost_model.Workload (its `microbatches` is ignored: the search picks it).
+    work: a cost_model.Workload (its `microbatches` and `recompute` are ignored: the search
+      picks them).
     hardware: a cost_model.Hardware.
     devices: the device count whose factorizations to try (unless mesh_shape is given).
     mesh_shape: a fixed mesh shape, ((name, size), ...).
     time_limit: seconds for the whole search; it stops early with what it has.
+    recompute: None tries each layout without recomputing activations first, then with;
+      True or False fixes it.
 
   Returns:
     A Result.
 
   Raises:
-    NothingFits: no candidate fits; the message names the smallest requirement found.
+    NothingFits: no candidate fits (the message names the smallest requirement found), or
+      none was found in time (it says to raise the time limit).
   """
   if not SOLVER_SAFE_IN_PROCESS:
-    return _search_in_child(work, hardware, devices, mesh_shape, time_limit)
-  start = time.monotonic()
+    return _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute)
+  return _search(work, hardware, devices, mesh_shape, time.monotonic() + time_limit, recompute,
+                 time_limit)
+
+
+def _search(work, hardware, devices, mesh_shape, deadline, recompute, time_limit):
+  start, clock = time.monotonic(), Clock(deadline)
   shapes = [tuple(mesh_shape)] if mesh_shape is not None else mesh_shapes(devices)
   variants = [work] + ([cost_model.padded_vocab(work)]
                        if cost_model.padded_vocab(work) != work else [])
-  splittable, steps = (), len(cost_model.TIERS) * len(variants)
+  splittable, steps, candidates = (), len(cost_model.TIERS) * len(variants), []
   for tier in cost_model.TIERS:  # the next tier's dimensions only if nothing fits without
     splittable += tier
     for variant in variants:  # and a padded vocabulary only if the real one doesn't fit
       steps -= 1
-      deadline = time.monotonic() + (start + time_limit - time.monotonic()) / (steps + 1)
-      candidates, searched = _search_shapes(variant, hardware, shapes, splittable, deadline)
+      share = Clock(time.monotonic() + max(clock.left(), 0) / (steps + 1))
+      candidates, searched = _search_shapes(variant, hardware, shapes, splittable, share,
+                                            recompute_options(recompute))
+      clock.expired |= share.expired
       if candidates:
         break
     if candidates:
       break
   if not candidates:
-    raise NothingFits(_nothing_fits_message(variants[-1], hardware, shapes, start,
-                                            time_limit, splittable))
-  candidates.sort(key=lambda c: (c.step_seconds, c.microbatches, c.memory_bytes))
+    raise NothingFits(_nothing_fits_message(variants[-1], hardware, shapes, clock, splittable,
+                                            time_limit, max(recompute_options(recompute))))
+  candidates.sort(key=lambda c: (c.step_seconds, c.recompute, c.microbatches, c.memory_bytes))
   return Result(candidates, time.monotonic() - start, searched)
 
 
-def _search_shapes(work, hardware, shapes, splittable, deadline):
-  """The fastest fitting layout of each shape, searched until `deadline`."""
+def _search_shapes(work, hardware, shapes, splittable, clock, recomputes):
+  """The fastest fitting layout of each shape, searched until the clock's deadline."""
   candidates, searched = [], 0
   for shape in shapes:
-    left = deadline - time.monotonic()
+    left = clock.left()
     if left <= 0:
       break
-    best = _fastest_fitting(work, hardware, shape, left / (len(shapes) - searched), splittable)
+    best = _fastest_fitting(work, hardware, shape, Clock(
+        time.monotonic() + left / (len(shapes) - searched)), splittable, recomputes, clock)
     searched += 1
     if best:
       candidates.append(best)
   return candidates, searched
 
 
-def _fastest_fitting(work, hardware, shape, time_limit, splittable):
-  """Fewest microbatches that fit (more only shrink activations), then the fastest layout."""
-  deadline = time.monotonic() + time_limit
-  for count in microbatch_counts(work.batch):
-    left = deadline - time.monotonic()
-    if left <= 0:
-      return None
-    best = solve_layout(dataclasses.replace(work, microbatches=count), hardware, shape, left,
-                        splittable=splittable)
-    if best:
-      return best
+def _fastest_fitting(work, hardware, shape, share, splittable, recomputes, clock):
+  """No recompute if it fits, and the fewest microbatches that fit; then the fastest layout."""
+  for recompute in recomputes:
+    for count in microbatch_counts(work.batch):
+      left = share.left()
+      if left <= 0:
+        clock.expired = True
+        return None
+      best = solve_layout(dataclasses.replace(work, microbatches=count, recompute=recompute),
+                          hardware, shape, left, splittable=splittable, clock=clock)
+      if best:
+        return best
   return None
 
 
-def _nothing_fits_message(work, hardware, shapes, start, time_limit, splittable):
+def _nothing_fits_message(work, hardware, shapes, clock, splittable, time_limit, recompute):
   """Names the smallest per-device memory any shape needs, with the most microbatches."""
-  most = dataclasses.replace(work, microbatches=microbatch_counts(work.batch)[-1])
+  if clock.expired:
+    return (f"no layout found that fits within --time_limit={time_limit:g}s (the search was cut "
+            f"short); raise --time_limit")
+  most = dataclasses.replace(work, microbatches=microbatch_counts(work.batch)[-1],
+                             recompute=recompute)
   smallest = None
-  for shape in shapes:
-    left = max(time_limit - (time.monotonic() - start), 1.0) / len(shapes)
-    found = solve_layout(most, hardware, shape, left, memory_limit=False,
-                         splittable=splittable)
+  for index, shape in enumerate(shapes):
+    left = clock.left() / (len(shapes) - index)
+    found = left > 0 and solve_layout(most, hardware, shape, left, memory_limit=False,
+                                      splittable=splittable)
     if found and (smallest is None or found.memory_bytes < smallest.memory_bytes):
       smallest = found
   if smallest is None:
-    return "no layout found within --time_limit; raise --time_limit"
+    return (f"no layout found within --time_limit={time_limit:g}s; raise --time_limit")
   return (f"nothing fits {format_bytes(hardware.device_memory)} per device: the smallest "
           f"need found is {format_bytes(smallest.memory_bytes)} (mesh "
           f"{format_mesh(smallest.mesh_shape)}, layout {format_layout(smallest.layout)}, "
-          f"{smallest.microbatches} microbatches); add devices or raise --device_memory")
+          f"{smallest.microbatches} microbatches{', recompute' if recompute else ''}); add "
+          f"devices or raise --device_memory")
 
 
 def format_bytes(count):
@@ -250,6 +295,7 @@ def format_layout(layout):
 def all_layouts(work, mesh_shape, splittable=cost_model.SPLITTABLE):
   """Every valid layout of one mesh shape, by brute force: the check on the solver."""
   sizes, dims = dict(mesh_shape), work.dim_sizes()
+  splittable = tuple(d for d in splittable if d in dims)
   conflicting = set(cost_model.conflicts(work))
   options = [[None] + [m for m in sizes if dims[d] % sizes[m] == 0]
              for d in splittable]
@@ -260,12 +306,22 @@ def all_layouts(work, mesh_shape, splittable=cost_model.SPLITTABLE):
       yield layout
 
 
-def _search_in_child(work, hardware, devices, mesh_shape, time_limit):
+CHILD_GRACE = 10.0  # seconds past the limit before a child that hangs is killed
+
+
+def _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute):
+  """The search in a fresh Python; the deadline is set now, so its start-up counts."""
   request = {"work": dataclasses.asdict(work), "hardware": dataclasses.asdict(hardware),
-             "devices": devices, "mesh_shape": mesh_shape, "time_limit": time_limit}
+             "devices": devices, "mesh_shape": mesh_shape, "recompute": recompute,
+             "deadline": time.time() + time_limit, "time_limit": time_limit}
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-  child = subprocess.run([sys.executable, "-m", "gptneo.layout_search.search"], env=env,
-                         input=json.dumps(request), capture_output=True, text=True, check=False)
+  try:
+    child = subprocess.run([sys.executable, "-m", "gptneo.layout_search.search"], env=env,
+                           input=json.dumps(request), capture_output=True, text=True,
+                           check=False, timeout=time_limit + CHILD_GRACE)
+  except subprocess.TimeoutExpired:
+    raise RuntimeError(f"the layout search process outlived --time_limit={time_limit:g}s by "
+                       f"{CHILD_GRACE:g}s and was killed") from None
   if child.returncode:
     raise RuntimeError(f"the layout search process failed: {child.stderr[-2000:]}")
   answer = json.loads(child.stdout)
@@ -285,10 +341,12 @@ def _serve_one_request():
   """The child's side: a JSON request on stdin, the Result as JSON on stdout."""
   request = json.load(sys.stdin)
   shape = request["mesh_shape"] and tuple(map(tuple, request["mesh_shape"]))
+  # The parent's wall-clock deadline, on this process's monotonic clock.
+  deadline = time.monotonic() + request["deadline"] - time.time()
   try:
-    result = search(cost_model.Workload(**request["work"]),
-                    cost_model.Hardware(**request["hardware"]), request["devices"], shape or None,
-                    request["time_limit"])
+    result = _search(cost_model.Workload(**request["work"]),
+                     cost_model.Hardware(**request["hardware"]), request["devices"],
+                     shape or None, deadline, request["recompute"], request["time_limit"])
   except NothingFits as error:
     json.dump({"nothing_fits": str(error)}, sys.stdout)
     return

@@ -1,0 +1,116 @@
+"""The TPU training loop, as far as it can be checked without a TPU: the whole graph (infeed,
+replicated device loop, checkpoint saver) builds over a synthetic 8-core device assignment,
+and bad TPU configs are one-line errors before the model dir is touched."""
+import pytest
+
+from gptneo import mesh as mesh_lib
+from gptneo import tpu
+from gptneo import train as train_lib
+from gptneo.compat import tf
+from gptneo.model import gpt as gpt_lib
+from gptneo.optim import optimizers
+from tests.conftest import N_CTX, TINY_TEST_BINDINGS, VOCAB, run_binary
+from tests.test_errors import assert_one_line_error
+
+MODEL = dict(n_layer=2, n_embd=32, n_head=4, n_ctx=N_CTX, n_vocab=VOCAB)
+BATCH = 8
+
+
+def simd_spec(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y"):
+  spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout, implementation="simd", tpu="local")
+  spec.device_assignment = tpu.synthetic_device_assignment(num_chips=4)
+  return spec
+
+
+@pytest.fixture(scope="module")
+def tpu_graph(small_dataset, tmp_path_factory):
+  model = gpt_lib.GPT(**MODEL, z_loss=1e-4)  # an auxiliary loss, reported like the placement's
+  return train_lib.build_tpu_graph(
+      model, optimizers.Adam(), simd_spec(), small_dataset, BATCH, 100, 1, "bfloat16", 2, 1.0,
+      str(tmp_path_factory.mktemp("tpu_run")), 3, steps_per_loop=10)
+
+
+def op_types(graph):
+  return [op.type for op in graph.graph.get_operations()]
+
+
+def test_training_graph_feeds_every_core_and_loops_on_the_device(tpu_graph):
+  types = op_types(tpu_graph)
+  assert types.count("InfeedEnqueueTuple") == 8  # one per core, each its slice of the batch
+  assert types.count("InfeedDequeueTuple") == 1  # in the replicated step, on every core
+  assert "TPUReplicateMetadata" in types and types.count("TPUReplicatedInput") >= 2
+  enqueues = [op for op in tpu_graph.graph.get_operations() if op.type == "InfeedEnqueueTuple"]
+  assert sorted(op.get_attr("device_ordinal") for op in enqueues) == list(range(8))
+  shapes = {tuple(dim.size for dim in shape.dim)
+            for op in enqueues for shape in op.get_attr("shapes")}
+  assert shapes == {(BATCH // 4, N_CTX)}  # batch split 4-way over x, sequence whole
+  assert tpu_graph.steps_per_run == 10 and tpu_graph.enqueue is not None
+
+
+def test_slice_variables_live_on_the_cores_and_masters_on_the_host(tpu_graph):
+  ops = tpu_graph.graph.get_operations()
+  slices = [op for op in ops if op.type == "VarHandleOp" and "_slice_" in op.name]
+  assert {op.device for op in slices} == {f"/task:0/device:TPU:{core}" for core in range(8)}
+  masters = tpu_graph.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES)
+  assert masters and all("CPU" in v.device for v in masters), {v.device for v in masters}
+
+
+def saved_names(graph):
+  """The names the graph's checkpoint saver writes (the SaveV2 op's tensor_names)."""
+  save = [op for op in graph.get_operations() if op.type == "SaveV2"]
+  assert len(save) == 1
+  return set(tf.make_ndarray(save[0].inputs[1].op.get_attr("value")).astype(str))
+
+
+def test_checkpoint_holds_what_the_placement_loop_restores(tpu_graph, small_dataset, tmp_path):
+  """Masters, optimizer slots, step and data position, by the placement graph's names."""
+  placement = train_lib.build_graph(
+      gpt_lib.GPT(**MODEL, z_loss=1e-4), optimizers.Adam(), mesh_lib.mesh(), small_dataset,
+      BATCH, 100, 1, "bfloat16", 2, 1.0, 0, str(tmp_path), 3)
+  names = saved_names(tpu_graph.graph)
+  assert names == saved_names(placement.graph)
+  assert {"global_step", "gpt/wte", "gpt/wte/adam_m"} <= names
+  assert not any("_slice_" in name for name in names)
+
+
+def test_step_reports_the_placement_loops_metrics(tpu_graph):
+  assert tpu_graph.loss.dtype == tf.float32 and tpu_graph.loss.shape == []
+  assert set(tpu_graph.aux_losses) == {"z_loss"}
+  assert tpu_graph.eval_loss is None and tpu_graph.train_op.type == "AssignAddVariableOp"
+
+
+def test_loop_lengths_stop_at_logs_and_checkpoints():
+  runs, step = [], 0
+  while step < 45:
+    steps = train_lib.steps_this_run(step, 0, 45, 16, (10, 20, 0))
+    runs.append(steps)
+    step += steps
+  assert runs == [1, 9, 10, 10, 10, 5]  # step 1 is logged alone, then every 10, end at 45
+  assert train_lib.steps_this_run(7, 7, 100, 1, (10, 20, 0)) == 1  # placement: always one
+
+
+def test_mesh_larger_than_the_tpu_is_a_one_line_error():
+  spec = mesh_lib.mesh(mesh_shape="x:16", layout="batch:x", implementation="simd", tpu="v3-8")
+  with pytest.raises(ValueError, match="16 positions but TPU 'v3-8' has 8 cores"):
+    tpu.device_assignment(spec, tpu.synthetic_topology(num_chips=4))
+  assert tpu.device_assignment(simd_spec(), tpu.synthetic_topology(num_chips=4)).num_replicas == 8
+
+
+@pytest.mark.parametrize("bindings, fragments", [
+    (["mesh.implementation = 'simd'"], ["set mesh.tpu"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.eval_every_n_steps = 5"],
+     ["train.eval_every_n_steps = 5", "no periodic evaluation", "bin/eval"]),
+    (["train.steps_per_loop = 4"], ["train.steps_per_loop = 4", "TPU only"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'"],  # this machine has no TPU
+     ["mesh.tpu = 'local'", "no TPU to initialize"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.steps_per_loop = 0"],
+     ["train.steps_per_loop = 0", "positive integer"]),
+])
+def test_bad_tpu_config_stops_before_touching_the_model_dir(bindings, fragments, tmp_path, small_dataset):
+  params = TINY_TEST_BINDINGS + [f'DATASET_DIR = "{small_dataset}"', "train.train_steps = 2",
+                                 "mesh.mesh_shape = 'x:2'", "mesh.layout = 'batch:x'", *bindings]
+  model_dir = tmp_path / "run"
+  result = run_binary("train", "--gin_file=tiny.gin", f"--model_dir={model_dir}",
+                      *[f"--gin_param={p}" for p in params])
+  assert_one_line_error(result, "train", *fragments)
+  assert not model_dir.exists() or not any(model_dir.iterdir())
