@@ -39,6 +39,7 @@ lint: install
 bench: install
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -295,13 +295,7 @@ def main():
                       help="seconds to wait, before each round, for other processes to idle")
   parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
   parser.add_argument("--data_dir", default=None, help="reuse/keep the prepared dataset here")
-  parser.add_argument("--variant", default="base",
-                      help="ours with proposed bench/fast_ops.py swapped in, e.g. "
-                           "gather+xent+softmax (see bench/train_variants.py); base = as is")
   args = parser.parse_args()
-  if args.variant != "base":
-    import train_variants  # pylint: disable=g-import-not-at-top
-    train_variants.use(args.variant)
 
   torch.set_num_threads(args.torch_threads)
   tf.get_logger().setLevel("ERROR")  # deprecation notices of the tf.compat.v1 API
@@ -309,7 +303,7 @@ def main():
   print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  cores={CORES}  torch threads="
         f"{torch.get_num_threads()}  TF {tf.__version__}  torch {torch.__version__}  "
         f"TF threads inter={args.inter_op_threads or 'default'} "
-        f"intra={args.intra_op_threads or 'default'}  ours variant={args.variant}  loadavg "
+        f"intra={args.intra_op_threads or 'default'}  loadavg "
         f"{' '.join(open('/proc/loadavg').read().split()[:3])}", flush=True)
   wait_for_idle(args.max_foreign, args.idle_wait)
   rates = matmul_rates()

@@ -15,6 +15,7 @@ from gptneo import inference
 from gptneo.compat import mtf, tf
 from gptneo.data import jsonl
 from gptneo.data import inputs
+from gptneo.model import ops
 
 TASKS = ("lm", "lambada")
 
@@ -185,7 +186,7 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
 
 def batch_outputs(logits, targets, vocab_dim):
   """mtf scalars of one validation batch for the trainer: mean NLL and next-token accuracy."""
-  nll = mtf.layers.softmax_cross_entropy_with_logits(logits, targets, vocab_dim)
+  nll = ops.softmax_cross_entropy(logits, targets, vocab_dim)
   hits = mtf.cast(mtf.equal(mtf.argmax(logits, vocab_dim), targets), tf.float32)
   return {"loss": mtf.reduce_mean(nll), "accuracy": mtf.reduce_mean(hits)}
 

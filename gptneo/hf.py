@@ -6,11 +6,11 @@ rather than written as a model that computes something different.
 """
 import json
 import os
-import struct
 
 import gin
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
 from gptneo import inference
 from gptneo.compat import tf
@@ -24,44 +24,8 @@ MODEL_GIN = "model.gin"
 # Our activation (by function name) <-> HF's `activation_function`.
 ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 _HF_ACTIVATIONS = {**{hf: ours for ours, hf in ACTIVATIONS.items()}, "swish": "silu"}
-_SAFETENSORS_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
-EXPORT_DTYPES = {"float32": ("F32", np.float32), "bfloat16": ("BF16", ml_dtypes.bfloat16)}
-
-
-# --- safetensors: a u64 header length, a JSON header, then the raw little-endian tensors.
-# Written by hand because the numpy binding of safetensors knows no bfloat16.
-
-def write_safetensors(path, tensors, dtype_name):
-  """Writes {name: np.ndarray} (all of one dtype, named by safetensors) to `path`."""
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  for name, array in tensors.items():
-    header[name] = {"dtype": dtype_name, "shape": list(array.shape),
-                    "data_offsets": [offset, offset + array.nbytes]}
-    offset += array.nbytes
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)) + encoded)
-    for array in tensors.values():
-      f.write(np.ascontiguousarray(array).tobytes())
-
-
-def read_safetensors(path):
-  """{name: float32 np.ndarray} from a safetensors file of F32, F16 or BF16 tensors."""
-  with open(path, "rb") as f:
-    data = f.read()
-  (header_length,) = struct.unpack("<Q", data[:8])
-  header = json.loads(data[8:8 + header_length])
-  header.pop("__metadata__", None)
-  tensors = {}
-  for name, entry in header.items():
-    if entry["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}; only "
-                       f"{sorted(_SAFETENSORS_DTYPES)} are supported")
-    begin, end = (8 + header_length + o for o in entry["data_offsets"])
-    array = np.frombuffer(data[begin:end], _SAFETENSORS_DTYPES[entry["dtype"]])
-    tensors[name] = array.reshape(entry["shape"]).astype(np.float32)
-  return tensors
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's sharded weights
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 # --- Weight names and layouts. Ours: q/k/v w [embd, heads, kv], out w [heads, kv, embd],
@@ -192,11 +156,12 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
   inference.check_model_dir(model_dir)
   checkpoint = tf.train.latest_checkpoint(model_dir)
   reader = tf.train.load_checkpoint(checkpoint)
-  safetensors_dtype, numpy_dtype = EXPORT_DTYPES[dtype]
-  tensors = {hf: _to_hf(kind, reader.get_tensor(ours)).astype(numpy_dtype)
+  tensors = {hf: np.ascontiguousarray(_to_hf(kind, reader.get_tensor(ours)),
+                                      EXPORT_DTYPES[dtype])
              for ours, hf, kind in weight_pairs(model.n_layer)}
   os.makedirs(output_dir, exist_ok=True)
-  write_safetensors(os.path.join(output_dir, WEIGHTS_FILE), tensors, safetensors_dtype)
+  safetensors.numpy.save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE),
+                              metadata={"format": "pt"})
   eos = write_tokenizer(model_dir, output_dir, model.n_ctx)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
     json.dump(hf_config(model, eos, dtype), f, indent=2)
@@ -246,11 +211,21 @@ def gin_bindings(config):
 
 
 def _hf_weights(hf_dir):
-  path = os.path.join(hf_dir, WEIGHTS_FILE)
-  if not os.path.exists(path):
-    raise ValueError(f"{path} not found; save the HF model with safe_serialization=True "
-                     f"(sharded or .bin weights are not supported)")
-  return read_safetensors(path)
+  """{HF name: float32 array} from model.safetensors or the shards its index lists."""
+  index = os.path.join(hf_dir, WEIGHTS_INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
+    files = [WEIGHTS_FILE]
+  else:
+    raise ValueError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
+                     f"model with safe_serialization=True (.bin weights are not supported)")
+  weights = {}
+  for name in files:
+    tensors = safetensors.numpy.load_file(os.path.join(hf_dir, name))
+    weights.update({key: value.astype(np.float32) for key, value in tensors.items()})
+  return weights
 
 
 def _import_tokenizer(hf_dir, model_dir):

@@ -1,7 +1,8 @@
 """Sampling: batched prompts of any length through one graph, built once.
 
-There is no key/value cache yet: every new token reruns the model over the window (the last
-n_ctx tokens), so a token costs a full forward pass.
+With the key/value cache (the default) the prompts run once as whole windows and every new
+token then costs one position. Once a sequence outgrows n_ctx its window slides, positions
+shift, and every further token reruns the window, as without the cache.
 """
 
 import gin
@@ -45,11 +46,13 @@ def choose_token(logits, temperature, top_k, top_p, rng):
   return int(order[rng.choice(keep, p=probs)])
 
 
-def generate(next_logits, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
+def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
   """New ids per prompt, all prompts stepped together; each stops at its EOS.
 
   Args:
-    next_logits: function(list of windows) -> [len, vocab] logits after each window.
+    start: function(windows) -> [len, vocab] logits after each window.
+    extend: the same, for windows that each grew by one id since the last call (or, for a
+      sequence that already ended, stayed the same); `start` itself when there is no cache.
     prompts_ids: one list of ids per prompt.
     n_ctx: the window: longer sequences keep their last n_ctx ids.
     max_new_tokens: at most this many new ids per prompt.
@@ -58,19 +61,20 @@ def generate(next_logits, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
   """
   sequences = [list(ids) for ids in prompts_ids]
   new_ids = [[] for _ in prompts_ids]
-  active = list(range(len(prompts_ids)))
-  for _ in range(max_new_tokens):
-    if not active:
-      break
-    logits = next_logits([sequences[i][-n_ctx:] for i in active])
-    still_active = []
-    for index, row in zip(active, logits, strict=True):
-      token = choose(index, row)
-      if token != eos_id:
+  active = set(range(len(prompts_ids)))
+  logits = start(sequences) if max_new_tokens else None
+  for remaining in range(max_new_tokens - 1, -1, -1):
+    for index in sorted(active):
+      token = choose(index, logits[index])
+      if token == eos_id:
+        active.remove(index)
+      else:
         sequences[index].append(token)
         new_ids[index].append(token)
-        still_active.append(index)
-    active = still_active
+    if not active or not remaining:
+      break
+    slid = any(len(sequences[index]) > n_ctx for index in active)
+    logits = (start if slid else extend)([ids[-n_ctx:] for ids in sequences])
   return new_ids
 
 
@@ -100,7 +104,8 @@ def encode_prompts(tokenizer, prompts, n_ctx):
 
 @gin.configurable(denylist=["model_dir", "prompts"])
 def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_tokens=100,
-           temperature=0.8, top_k=0, top_p=1.0, seed=0, batch_size=8, precision="float32"):
+           temperature=0.8, top_k=0, top_p=1.0, seed=0, batch_size=8, precision="float32",
+           cache=True, xla=True):
   """Continues each prompt with the latest checkpoint in `model_dir`.
 
   Args:
@@ -118,6 +123,11 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
       does not change the samples.
     batch_size: prompts run together through the graph.
     precision: "float32" or "bfloat16" activations.
+    cache: decode with the key/value cache (one position per new token); False reruns the
+      whole window for every token (the reference the cache is tested against).
+    xla: compile the decoding graph with XLA: each token then runs as a few fused kernels
+      instead of hundreds of small ops (about 2x faster on CPU, after a compile of a few
+      seconds at start).
 
   Returns:
     the decoded continuations (without the prompts), one per prompt.
@@ -126,13 +136,16 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
   inference.check_model_dir(model_dir)
   tokenizer = inference.load_tokenizer(model_dir)
   prompts_ids = encode_prompts(tokenizer, prompts, model.n_ctx)
-  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision)
+  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision,
+                                     decode=cache, xla=xla)
   restored.restore()
+  start, extend = ((restored.start, restored.extend) if cache
+                   else (restored.next_logits, restored.next_logits))
   rngs = [np.random.default_rng([seed, index]) for index in range(len(prompts))]
   completions = []
-  for start in range(0, len(prompts_ids), batch_size):
-    chunk_rngs = rngs[start:start + batch_size]
-    new_ids = generate(restored.next_logits, prompts_ids[start:start + batch_size],
+  for first in range(0, len(prompts_ids), batch_size):
+    chunk_rngs = rngs[first:first + batch_size]
+    new_ids = generate(start, extend, prompts_ids[first:first + batch_size],
                        model.n_ctx, max_new_tokens, tokenizer_lib.eos_id(tokenizer),
                        lambda i, logits, r=chunk_rngs: choose_token(logits, temperature,
                                                                     top_k, top_p, r[i]))

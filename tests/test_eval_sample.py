@@ -129,8 +129,9 @@ def test_each_prompt_stops_at_its_own_eos():
       logits[row, eos if window[0] == 5 else window[-1] + 1] = 1.0
     return logits
 
-  new_ids = sample_lib.generate(next_logits, [[1], [5], [3, 4]], n_ctx=4, max_new_tokens=3,
-                                eos_id=eos, choose=lambda i, logits: int(np.argmax(logits)))
+  new_ids = sample_lib.generate(next_logits, next_logits, [[1], [5], [3, 4]], n_ctx=4,
+                                max_new_tokens=3, eos_id=eos,
+                                choose=lambda i, logits: int(np.argmax(logits)))
   assert new_ids == [[2, 3, 4], [], [5, 6, 7]]
 
 

@@ -236,3 +236,10 @@ def test_experts_split_over_two_devices_give_the_single_device_losses(tmp_path, 
   single, split = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "split")
   np.testing.assert_allclose([split[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)],
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh", "relu", "selu", "silu", "swish"])
+def test_every_documented_activation_resolves_in_gin(name):
+  import gin  # pylint: disable=g-import-not-at-top
+  gin.parse_config(f"GPT.activation = @{name}")
+  assert gpt_lib.GPT().activation.__name__ == {"swish": "silu"}.get(name, name)

@@ -74,17 +74,35 @@ def global_attention(q, k, v, dims, drop_probs, scale):
   """Full causal softmax attention: O(n^2) scores."""
   k = mtf.rename_dimension(k, dims.sequence.name, dims.memory.name)
   v = mtf.rename_dimension(v, dims.sequence.name, dims.memory.name)
-  scores = mtf.einsum([q, k], [dims.batch, dims.heads, dims.sequence, dims.memory])
-  scores = scores * scale + causal_bias(q.mesh, dims, scores.dtype)
-  probs = drop_probs(mtf.softmax(scores, dims.memory))
-  return mtf.einsum([probs, v], [dims.batch, dims.sequence, dims.heads, dims.kv])
+  positions = mtf.mtf_range(q.mesh, dims.sequence, tf.int32)
+  return memory_attention(q, k, v, dims, drop_probs, scale, positions)
 
 
-def causal_bias(mesh, dims, dtype):
-  """0 where memory position <= query position, -1e9 after it."""
-  query = mtf.mtf_range(mesh, dims.sequence, tf.int32)
-  key = mtf.mtf_range(mesh, dims.memory, tf.int32)
-  return mtf.cast(mtf.greater(key, query), dtype) * _MASKED
+def memory_attention(q, keys, values, dims, drop_probs, scale, positions, window_size=None):
+  """Queries at `positions` attend to keys/values at memory positions 0 .. memory - 1.
+
+  Args:
+    q: [batch, sequence, heads, kv].
+    keys, values: [batch, memory, heads, kv].
+    positions: int32, [sequence] or [batch, sequence]: each query's own position; it sees
+      the memory positions up to it (and, with window_size, after position - window_size).
+  """
+  scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.sequence, dims.memory])
+  scores = scores * scale + visibility_bias(positions, dims.memory, window_size, scores.dtype)
+  probs = drop_probs(ops.softmax(scores, dims.memory))
+  return mtf.einsum([probs, values], [dims.batch, dims.sequence, dims.heads, dims.kv])
+
+
+def visibility_bias(positions, memory, window_size, dtype):
+  """0 where memory position m is visible from a query at `positions`, -1e9 elsewhere.
+
+  Visible: m <= position, and m > position - window_size when window_size is given.
+  """
+  key = mtf.mtf_range(positions.mesh, memory, tf.int32)
+  hidden = mtf.greater(key, positions)
+  if window_size:
+    hidden = mtf.logical_or(hidden, mtf.less_equal(key, positions - window_size))
+  return mtf.cast(hidden, dtype) * _MASKED
 
 
 def local_attention(q, k, v, dims, drop_probs, window_size, scale):
@@ -103,7 +121,7 @@ def local_attention(q, k, v, dims, drop_probs, window_size, scale):
   v = _with_previous_block(_split_blocks(v, dims.sequence, blocks, block), blocks, block)
   scores = mtf.einsum([q, k], [dims.batch, dims.heads, blocks, block, memory])
   scores = scores * scale + _local_bias(q.mesh, blocks, block, memory, scores.dtype)
-  probs = drop_probs(mtf.softmax(scores, memory))
+  probs = drop_probs(ops.softmax(scores, memory))
   out = mtf.einsum([probs, v], [dims.batch, blocks, block, dims.heads, dims.kv])
   return mtf.reshape(out, [dims.batch, dims.sequence, dims.heads, dims.kv])
 
@@ -140,12 +158,35 @@ def linear_attention(q, k, v, dims, drop_probs):
   attention probabilities, so `drop_probs` (attn_dropout) does not apply.
   """
   del drop_probs
-  q, k = mtf.elu(q) + 1.0, mtf.elu(k) + 1.0
+  return linear_attention_from(q, k, v, dims, state=None, normalizer=None)[0]
+
+
+def linear_attention_from(q, k, v, dims, state, normalizer):
+  """Linear attention continuing running sums: the output, and the sums after the sequence.
+
+  Args:
+    q, k, v: [batch, sequence, heads, kv], before the feature map.
+    state: None (start from zero) or the sums of phi(k) v^T so far, [batch, heads, kv, kv_out].
+    normalizer: None or the sums of phi(k) so far, [batch, heads, kv].
+
+  Returns:
+    (output [batch, sequence, heads, kv], states, normalizers): the running sums after
+    each position, [batch, sequence, heads, kv, kv_out] and [batch, sequence, heads, kv].
+  """
+  q, k = linear_features(q), linear_features(k)
   kv_out = mtf.Dimension("kv_out", dims.kv.size)
   v = mtf.rename_dimension(v, dims.kv.name, kv_out.name)
-  state = ops.cumsum(mtf.einsum([k, v], [dims.batch, dims.sequence, dims.heads, dims.kv,
-                                         kv_out]), dims.sequence)
-  normalizer = ops.cumsum(k, dims.sequence)
-  numerator = mtf.einsum([q, state], [dims.batch, dims.sequence, dims.heads, kv_out])
-  denominator = mtf.einsum([q, normalizer], [dims.batch, dims.sequence, dims.heads])
-  return mtf.rename_dimension(numerator / denominator, kv_out.name, dims.kv.name)
+  states = ops.cumsum(mtf.einsum([k, v], [dims.batch, dims.sequence, dims.heads, dims.kv,
+                                          kv_out]), dims.sequence)
+  normalizers = ops.cumsum(k, dims.sequence)
+  if state is not None:
+    states, normalizers = states + state, normalizers + normalizer
+  numerator = mtf.einsum([q, states], [dims.batch, dims.sequence, dims.heads, kv_out])
+  denominator = mtf.einsum([q, normalizers], [dims.batch, dims.sequence, dims.heads])
+  output = mtf.rename_dimension(numerator / denominator, kv_out.name, dims.kv.name)
+  return output, states, normalizers
+
+
+def linear_features(x):
+  """The feature map phi(x) = elu(x) + 1 (positive, so the normalizer never vanishes)."""
+  return mtf.elu(x) + 1.0

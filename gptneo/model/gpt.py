@@ -116,11 +116,11 @@ class GPT:
     if self.moe is not None:
       self.moe.validate(self.n_layer)
 
-  def dims(self, batch_size, sequence_length=None):
+  def dims(self, batch_size, sequence_length=None, memory_length=None):
     length = sequence_length or self.n_ctx
     return Dims(batch=mtf.Dimension("batch", batch_size),
                 sequence=mtf.Dimension("sequence", length),
-                memory=mtf.Dimension("memory", length),
+                memory=mtf.Dimension("memory", memory_length or length),
                 embd=mtf.Dimension("embd", self.n_embd),
                 heads=mtf.Dimension("heads", self.n_head),
                 kv=mtf.Dimension("kv", self.n_embd // self.n_head),
@@ -140,48 +140,52 @@ class GPT:
     output = 0 if self.tie_embeddings else self.n_vocab * e
     return blocks + embeddings + 2 * e + output
 
-  def __call__(self, tokens, dtype, dropout):
+  def __call__(self, tokens, dtype, dropout, cache=None):
     """Logits for every position; sets `aux_losses` for the training loss.
 
     Args:
       tokens: int32 mtf.Tensor [batch, sequence].
       dtype: an mtf.VariableDType (float32, or bfloat16 activations over float32 weights).
       dropout: an ops.Dropout (disabled outside training).
+      cache: None, or a cache.DecodeCache to decode with: whole windows fill it, or each
+        row's new tokens continue at cache.positions and attend to what it holds.
 
     Returns:
       float32 mtf.Tensor [batch, sequence, vocab].
     """
-    dims = self.dims(*tokens.shape.to_integer_list)
+    dims = self.dims(*tokens.shape.to_integer_list, memory_length=self.n_ctx if cache else None)
+    positions = cache.positions if cache else None  # None: 0 .. sequence - 1
     moe_losses = []
     with tf.variable_scope(self.name):
       wte = mtf.get_variable(tokens.mesh, "wte", [dims.vocab, dims.embd], dtype=dtype,
                              initializer=tf.random_normal_initializer(stddev=self.init_std))
-      wpe = self.positions.embed(tokens.mesh, dims, dtype, self.init_std)  # None: no table
-      x = mtf.gather(wte, tokens, dims.vocab)
+      wpe = self.positions.embed(tokens.mesh, dims, dtype, self.init_std, positions)
+      x = ops.embedding_lookup(wte, tokens, dims.vocab)
       x = x + wpe if wpe is not None else x
       x = dropout(x, self.embed_dropout)
       for layer in range(self.n_layer):
         with tf.variable_scope(f"h{layer}"):
-          x = self._layer(x, layer, dims, dtype, dropout, moe_losses)
+          x = self._layer(x, layer, dims, dtype, dropout, moe_losses, cache)
       x = ops.layer_norm(x, dims.embd, self.layer_norm_epsilon, dtype, "ln_f")
       logits = mtf.cast(self._unembed(x, wte, dims, dtype), tf.float32)
     self.aux_losses = self._aux_losses(logits, dims, moe_losses)
     return logits
 
-  def _layer(self, x, layer, dims, dtype, dropout, moe_losses):
+  def _layer(self, x, layer, dims, dtype, dropout, moe_losses, cache):
     """One block, rematerialized on the backward pass if recompute_grad."""
     block = functools.partial(self._block, layer=layer, dims=dims, dtype=dtype,
-                              dropout=dropout)
-    outputs = mtf.recompute_grad(block, [x]) if self.recompute_grad else block(x)
+                              dropout=dropout, cache=cache)
+    recompute = self.recompute_grad and cache is None  # decoding has no backward pass
+    outputs = mtf.recompute_grad(block, [x]) if recompute else block(x)
     x, *moe_loss = outputs
     moe_losses.extend(moe_loss)
     return x
 
-  def _block(self, x, layer, dims, dtype, dropout):
+  def _block(self, x, layer, dims, dtype, dropout, cache):
     """Returns (x,) or, in a mixture-of-experts block, (x, balancing loss)."""
     eps = self.layer_norm_epsilon
     x += dropout(self._attention(ops.layer_norm(x, dims.embd, eps, dtype, "ln_1"), layer,
-                                 dims, dtype, dropout), self.res_dropout)
+                                 dims, dtype, dropout, cache), self.res_dropout)
     h, *moe_loss = self._feed_forward(ops.layer_norm(x, dims.embd, eps, dtype, "ln_2"), layer,
                                       dims, dtype)
     return (x + dropout(h, self.res_dropout), *moe_loss)
@@ -196,17 +200,22 @@ class GPT:
     with tf.variable_scope("mlp"):
       return (self.feed_forward(x, *args),)
 
-  def _attention(self, x, layer, dims, dtype, dropout):
-    """Causal multi-head self-attention with this layer's kernel."""
+  def _attention(self, x, layer, dims, dtype, dropout, cache):
+    """Causal multi-head self-attention with this layer's kernel (through the cache if any)."""
     std = self._std(dims.embd.size)
     with tf.variable_scope("attn"):
       q = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "q", use_bias=False)
       k = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "k", use_bias=False)
       v = ops.dense(x, [dims.embd], [dims.heads, dims.kv], std, dtype, "v", use_bias=False)
-      q, k = self.positions.rotate(q, dims), self.positions.rotate(k, dims)
+      positions = cache.positions if cache else None
+      q, k = self.positions.rotate(q, dims, positions), self.positions.rotate(k, dims, positions)
       scale = dims.kv.size ** -0.5 if self.scale_attention else 1.0
-      attend = attention.kernel(self.layer_types[layer], self.window_size, scale)
-      heads = attend(q, k, v, dims, lambda probs: dropout(probs, self.attn_dropout))
+      kind = self.layer_types[layer]
+      if cache:
+        heads = cache.attend(kind, q, k, v, dims, self.window_size, scale)
+      else:
+        attend = attention.kernel(kind, self.window_size, scale)
+        heads = attend(q, k, v, dims, lambda probs: dropout(probs, self.attn_dropout))
       out_std = self._std(dims.embd.size, residual=True)
       return ops.dense(heads, [dims.heads, dims.kv], [dims.embd], out_std, dtype, "out")
 
@@ -234,5 +243,5 @@ class GPT:
 
 def loss(logits, targets, vocab_dim):
   """Mean next-token cross-entropy over all positions (float32)."""
-  per_token = mtf.layers.softmax_cross_entropy_with_logits(logits, targets, vocab_dim)
+  per_token = ops.softmax_cross_entropy(logits, targets, vocab_dim)
   return mtf.reduce_mean(per_token)

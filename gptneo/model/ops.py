@@ -36,7 +36,7 @@ def silu(x):
   return mtf.cwise(tf_nn.silu, [x], name="silu")
 
 
-gin.register(silu, "swish")
+gin.register("swish")(silu)
 
 
 def layer_norm(x, dim, epsilon, dtype, name):
@@ -122,3 +122,235 @@ def cumsum(x, dim, exclusive=False):
   axis = x.shape.dims.index(dim)
   return mtf.slicewise(lambda t: tf.math.cumsum(t, axis=axis, exclusive=exclusive), [x],
                        splittable_dims=[d for d in x.shape.dims if d != dim], name="cumsum")
+
+
+# Single-kernel replacements for three mtf composites that dominated a CPU training step's
+# non-matmul time (bench/RESULTS.md, "Where the time goes"): the token embedding, the loss
+# and the attention softmax. Each computes what the mtf op it replaces computes, also with the
+# vocabulary split over the mesh (tests/test_ops.py).
+
+
+def _mesh_axis(mesh_impl, dim):
+  return mesh_impl.tensor_dimension_to_mesh_axis(dim)
+
+
+def _split_axes(mesh_impl, shape):
+  return [a for a in mesh_impl.tensor_layout(shape).tensor_axis_to_mesh_axis if a is not None]
+
+
+def _vocab_offset(mesh_impl, vocab_dim):
+  """Each slice's first vocabulary id (a LaidOutTensor of int32 scalars); 0 if unsplit."""
+  axis = _mesh_axis(mesh_impl, vocab_dim)
+  if axis is None:
+    return mesh_impl.slicewise(lambda _: tf.constant(0, tf.int32), mesh_impl.laid_out_pnum())
+  local = vocab_dim.size // mesh_impl.shape[axis].size
+  return mesh_impl.slicewise(lambda c: tf.cast(c, tf.int32) * local,
+                             mesh_impl.laid_out_pcoord(axis))
+
+
+def _local_ids(ids, start, local_size):
+  """(ids - start, or 0 where outside [0, local_size): a safe index; which ids are inside)."""
+  local = ids - start
+  inside = tf.logical_and(local >= 0, local < local_size)
+  return tf.where(inside, local, tf.zeros_like(local)), inside
+
+
+def _check_vocab_not_shared(mesh_impl, ids, vocab_dim, op_name):
+  """A slice's allreduce over the vocab axis must not mix different ids' slices."""
+  axis = _mesh_axis(mesh_impl, vocab_dim)
+  if axis is not None and axis in _split_axes(mesh_impl, ids.shape):
+    raise ValueError(f"{op_name}: the layout puts {vocab_dim.name} on the same mesh axis as a "
+                     f"dimension of {ids.shape}; split them over different mesh axes")
+
+
+class _EmbeddingLookup(mtf.Operation):
+  """weights[ids] by tf.gather; the gradient is an unsorted_segment_sum of the output's."""
+
+  def __init__(self, weights, ids, vocab_dim):
+    super().__init__([weights, ids], name="embedding_lookup")
+    if weights.shape.dims[0] != vocab_dim or not ids.dtype.is_integer:
+      raise ValueError(f"embedding_lookup wants weights [{vocab_dim.name}, ...] and integer "
+                       f"ids; got {weights.shape} and {ids.dtype.name} ids")
+    self._vocab_dim = vocab_dim
+    self._outputs = [mtf.Tensor(self, mtf.Shape(ids.shape.dims + weights.shape.dims[1:]),
+                                weights.dtype)]
+
+  def gradient(self, grad_ys):
+    weights, ids = self.inputs
+    return [_EmbeddingGrad(grad_ys[0], ids, weights.shape, self._vocab_dim).outputs[0], None]
+
+  def lower(self, lowering):
+    mesh_impl = lowering.mesh_impl(self)
+    weights, ids = self.inputs
+    _check_vocab_not_shared(mesh_impl, ids, self._vocab_dim, "embedding_lookup")
+
+    def lookup(w, i, start):
+      # A dense read first: tf.gather straight on a resource variable (a one-device slice)
+      # would switch it to copy-on-read, and every later read of it (the tied unembedding)
+      # would copy the whole table.
+      w = tf.convert_to_tensor(w)
+      # rows outside this slice (or the vocabulary) are zero, as in mtf.gather's one-hot
+      local, inside = _local_ids(i, start, tf.shape(w)[0])
+      return tf.gather(w, local) * tf.cast(inside, w.dtype)[..., None]
+
+    y = mesh_impl.slicewise(lookup, lowering.tensors[weights], lowering.tensors[ids],
+                            _vocab_offset(mesh_impl, self._vocab_dim))
+    axis = _mesh_axis(mesh_impl, self._vocab_dim)
+    if axis is not None:  # each id's row lives in one slice, zeros in the others
+      y = mesh_impl.allreduce(y, [axis], "SUM")
+    lowering.set_tensor_lowering(self.outputs[0], y)
+
+
+class _EmbeddingGrad(mtf.Operation):
+  """d weights: the output gradient's rows summed into the rows of their ids."""
+
+  def __init__(self, dy, ids, weights_shape, vocab_dim):
+    super().__init__([dy, ids], name="embedding_lookup_grad")
+    self._vocab_dim = vocab_dim
+    self._outputs = [mtf.Tensor(self, weights_shape, dy.dtype)]
+
+  def lower(self, lowering):
+    mesh_impl = lowering.mesh_impl(self)
+    dy, ids = self.inputs
+    local_vocab = mesh_impl.slice_shape(self.outputs[0].shape)[0]
+
+    def segment_sum(d, i, start):
+      local, inside = _local_ids(tf.reshape(i, [-1]), start, local_vocab)
+      segments = tf.where(inside, local, -tf.ones_like(local))  # -1: dropped by the sum
+      rows = tf.reshape(d, [-1] + d.shape.as_list()[i.shape.ndims:])
+      return tf.math.unsorted_segment_sum(rows, segments, local_vocab)
+
+    grad = mesh_impl.slicewise(segment_sum, lowering.tensors[dy], lowering.tensors[ids],
+                               _vocab_offset(mesh_impl, self._vocab_dim))
+    batch_axes = _split_axes(mesh_impl, ids.shape)  # each slice saw part of the ids: sum them
+    if batch_axes:
+      grad = mesh_impl.allreduce(grad, batch_axes, "SUM")
+    lowering.set_tensor_lowering(self.outputs[0], grad)
+
+
+def embedding_lookup(weights, ids, vocab_dim):
+  """Rows of `weights` [vocab, ...] at integer `ids`: [*ids.shape, ...], = mtf.gather.
+
+  An id outside [0, vocab) gets a zero row and passes no gradient (mtf.gather's one-hot
+  of it is all zeros), on every layout.
+  """
+  return _EmbeddingLookup(weights, ids, vocab_dim).outputs[0]
+
+
+_TINY = 1e-37  # -log of it caps the loss of a target whose probability underflows at ~85
+
+
+class _SoftmaxCrossEntropy(mtf.Operation):
+  """-log softmax(logits)[targets] over `vocab_dim`; the softmax is kept for the backward."""
+
+  def __init__(self, logits, targets, vocab_dim):
+    super().__init__([logits, targets], name="softmax_cross_entropy")
+    if (logits.shape.dims[-1] != vocab_dim or targets.shape.dims != logits.shape.dims[:-1]
+        or not targets.dtype.is_integer):
+      raise ValueError(f"softmax_cross_entropy wants logits [..., {vocab_dim.name}] and integer "
+                       f"targets [...]; got {logits.shape} and {targets.shape}")
+    self._vocab_dim = vocab_dim
+    self._outputs = [mtf.Tensor(self, targets.shape, logits.dtype),
+                     mtf.Tensor(self, logits.shape, logits.dtype)]  # loss, softmax
+
+  def gradient(self, grad_ys):
+    probs, targets = self.outputs[1], self.inputs[1]
+    return [_SoftmaxCrossEntropyGrad(probs, targets, grad_ys[0], self._vocab_dim).outputs[0],
+            None]
+
+  def lower(self, lowering):
+    mesh_impl = lowering.mesh_impl(self)
+    logits, targets = self.inputs
+    axis = _mesh_axis(mesh_impl, self._vocab_dim)
+    laid_logits, laid_targets = lowering.tensors[logits], lowering.tensors[targets]
+    if axis is None:
+      probs = mesh_impl.slicewise(tf.nn.softmax, laid_logits)  # one oneDNN kernel
+    else:
+      probs = self._split_softmax(mesh_impl, laid_logits, axis)
+
+    def target_prob(p, t, start):
+      local, inside = _local_ids(t, start, tf.shape(p)[-1])
+      got = tf.gather(p, local[..., None], batch_dims=t.shape.ndims)[..., 0]
+      return got * tf.cast(inside, p.dtype)
+
+    p_target = mesh_impl.slicewise(target_prob, probs, laid_targets,
+                                   _vocab_offset(mesh_impl, self._vocab_dim))
+    if axis is not None:  # the target's probability is in one slice, zeros in the others
+      p_target = mesh_impl.allreduce(p_target, [axis], "SUM")
+    vocab_size = self._vocab_dim.size
+
+    def nll(p, t):  # 0 for a target outside the vocabulary, as mtf's all-zero one-hot gives
+      valid = tf.logical_and(t >= 0, t < vocab_size)
+      return tf.where(valid, -tf.math.log(tf.maximum(p, _TINY)), tf.zeros_like(p))
+
+    lowering.set_tensor_lowering(self.outputs[0], mesh_impl.slicewise(nll, p_target,
+                                                                      laid_targets))
+    lowering.set_tensor_lowering(self.outputs[1], probs)
+
+  @staticmethod
+  def _split_softmax(mesh_impl, laid_logits, axis):
+    """Softmax over a vocabulary split along mesh `axis`: global max and sum by allreduce."""
+    m = mesh_impl.allreduce(mesh_impl.slicewise(
+        lambda x: tf.stop_gradient(tf.reduce_max(x, -1)), laid_logits), [axis], "MAX")
+    e = mesh_impl.slicewise(lambda x, mx: tf.exp(x - mx[..., None]), laid_logits, m)
+    s = mesh_impl.allreduce(mesh_impl.slicewise(lambda x: tf.reduce_sum(x, -1), e), [axis],
+                            "SUM")
+    return mesh_impl.slicewise(lambda x, sx: x / sx[..., None], e, s)
+
+
+class _SoftmaxCrossEntropyGrad(mtf.Operation):
+  """(softmax - one_hot(targets)) * dy, without materializing the one-hot."""
+
+  def __init__(self, probs, targets, dy, vocab_dim):
+    super().__init__([probs, targets, dy], name="softmax_cross_entropy_grad")
+    self._vocab_dim = vocab_dim
+    self._outputs = [mtf.Tensor(self, probs.shape, probs.dtype)]
+
+  def lower(self, lowering):
+    mesh_impl = lowering.mesh_impl(self)
+    vocab_size = self._vocab_dim.size
+
+    def fn(p, t, d, start):
+      d = d * tf.cast(tf.logical_and(t >= 0, t < vocab_size), d.dtype)  # no loss, no gradient
+      v = p.shape.as_list()[-1]
+      g = tf.reshape(p * d[..., None], [-1, v])
+      local, inside = _local_ids(tf.reshape(t, [-1]), start, v)
+      index = tf.stack([tf.range(tf.shape(g)[0]), local], 1)
+      g = tf.tensor_scatter_nd_sub(g, index, tf.reshape(d, [-1]) * tf.cast(inside, g.dtype))
+      return tf.reshape(g, tf.shape(p))
+
+    inputs = [lowering.tensors[x] for x in self.inputs]
+    lowering.set_tensor_lowering(self.outputs[0], mesh_impl.slicewise(
+        fn, *inputs, _vocab_offset(mesh_impl, self._vocab_dim)))
+
+
+def softmax_cross_entropy(logits, targets, vocab_dim):
+  """Per-position -log softmax(logits)[targets], = mtf.layers.softmax_cross_entropy_with_logits.
+
+  `vocab_dim` must be the last dimension of `logits`; it may be split over the mesh. A target
+  outside [0, vocab) gives loss 0 and no gradient (mtf's one-hot of it is all zeros). A loss
+  is capped at -log(1e-37) ~ 85 where the target's probability underflows.
+  """
+  return _SoftmaxCrossEntropy(logits, targets, vocab_dim).outputs[0]
+
+
+class _Softmax(mtf.SlicewiseOperation):
+  """tf.nn.softmax on each slice; TF's own gradient (mtf's GenericGradOperation)."""
+
+  def __init__(self, x, dim):
+    axis = x.shape.dims.index(dim)
+    super().__init__(lambda t: tf.nn.softmax(t, axis=axis), [x], [x.shape], [x.dtype],
+                     [d for d in x.shape.dims if d != dim], name="softmax")
+    self._dim = dim
+
+  def lower(self, lowering):
+    # mtf's own check of this fails formatting its message (a TypeError): say it plainly
+    if lowering.mesh_impl(self).tensor_dimension_to_mesh_axis(self._dim) is not None:
+      raise ValueError(f"softmax over {self._dim.name}, which the layout splits over the "
+                       f"mesh; keep {self._dim.name} out of the layout")
+    super().lower(lowering)
+
+
+def softmax(x, dim):
+  """mtf.softmax(x, dim) as one TF (oneDNN) kernel; `dim` must not be split over the mesh."""
+  return _Softmax(x, dim).outputs[0]

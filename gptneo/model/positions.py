@@ -1,13 +1,16 @@
 """Position encodings, picked in gin: `GPT.positions = @RotaryPositions()`.
 
 Each encoding may add an embedding to the token embeddings (`embed`) and may rotate the
-queries and keys of every attention layer (`rotate`); the GPT calls both.
+queries and keys of every attention layer (`rotate`); the GPT calls both. Both take the
+positions of the tokens: None for a whole window (0 .. sequence - 1, training), or an int32
+tensor [batch, sequence] when decoding continues each row at its own position.
 """
 import math
 
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.model import ops
 
 
 class _Positions:
@@ -20,15 +23,28 @@ class _Positions:
     del n_ctx, n_embd
     return 0
 
-  def embed(self, mesh, dims, dtype, std):
-    """An embedding [sequence, embd] to add to the token embeddings, or None."""
-    del mesh, dims, dtype, std
+  def embed(self, mesh, dims, dtype, std, positions=None):
+    """An embedding [sequence, embd] ([batch, sequence, embd] at `positions`) or None."""
+    del mesh, dims, dtype, std, positions
     return None
 
-  def rotate(self, x, dims):
+  def rotate(self, x, dims, positions=None):
     """Queries or keys [batch, sequence, heads, kv] with positions mixed in."""
-    del dims
+    del dims, positions
     return x
+
+
+def _table_rows(dims):
+  """The position tables' first dimension: n_ctx rows (the memory), named `sequence`."""
+  return mtf.Dimension(dims.sequence.name, dims.memory.size)
+
+
+def _rows_at(table, dims, positions):
+  """The rows of a [sequence, embd] table at `positions`, or the whole table if None."""
+  if positions is None:
+    return table
+  table = mtf.rename_dimension(table, dims.sequence.name, dims.memory.name)
+  return ops.embedding_lookup(table, positions, dims.memory)
 
 
 @gin.configurable
@@ -38,9 +54,10 @@ class LearnedPositions(_Positions):
   def num_parameters(self, n_ctx, n_embd):
     return n_ctx * n_embd
 
-  def embed(self, mesh, dims, dtype, std):
-    return mtf.get_variable(mesh, "wpe", [dims.sequence, dims.embd], dtype=dtype,
-                            initializer=tf.random_normal_initializer(stddev=std / 2))
+  def embed(self, mesh, dims, dtype, std, positions=None):
+    table = mtf.get_variable(mesh, "wpe", [_table_rows(dims), dims.embd], dtype=dtype,
+                             initializer=tf.random_normal_initializer(stddev=std / 2))
+    return _rows_at(table, dims, positions)
 
 
 @gin.configurable
@@ -76,13 +93,15 @@ class RotaryPositions(_Positions):
                        f"{head_size} dims per head; pick a fraction that gives an even "
                        f"integer, e.g. {2 / head_size:g} times an integer")
 
-  def rotate(self, x, dims):
+  def rotate(self, x, dims, positions=None):
     size = int(self.rotary_size(dims.kv.size))
     rotated = mtf.slice(x, 0, size, dims.kv.name)
     half = mtf.Dimension(dims.kv.name, size // 2)
     first = mtf.slice(rotated, 0, half.size, dims.kv.name)
     second = mtf.slice(rotated, half.size, half.size, dims.kv.name)
-    cos, sin = self._cos_sin(x.mesh, dims.sequence, half, x.dtype)
+    if positions is None:
+      positions = mtf.mtf_range(x.mesh, dims.sequence, tf.int32)
+    cos, sin = self._cos_sin(positions, half, x.dtype)
     rotated = (rotated * mtf.concat([cos, cos], dims.kv.name)
                + mtf.concat([-second, first], dims.kv.name) * mtf.concat([sin, sin],
                                                                        dims.kv.name))
@@ -91,11 +110,11 @@ class RotaryPositions(_Positions):
     rest = mtf.slice(x, size, dims.kv.size - size, dims.kv.name)
     return mtf.concat([rotated, rest], dims.kv.name)
 
-  def _cos_sin(self, mesh, sequence, half, dtype):
-    """cos and sin of position * base^(-2j / size), each [sequence, half]."""
-    exponent = mtf.mtf_range(mesh, half, tf.float32) * (-2.0 / (2 * half.size))
+  def _cos_sin(self, positions, half, dtype):
+    """cos and sin of position * base^(-2j / size), each positions.shape + [half]."""
+    exponent = mtf.mtf_range(positions.mesh, half, tf.float32) * (-2.0 / (2 * half.size))
     frequency = mtf.exp(exponent * math.log(self.base))
-    angle = mtf.mtf_range(mesh, sequence, tf.float32) * frequency
+    angle = mtf.cast(positions, tf.float32) * frequency
     return (mtf.cast(mtf.cwise(tf.cos, [angle]), dtype),
             mtf.cast(mtf.cwise(tf.sin, [angle]), dtype))
 
@@ -131,11 +150,11 @@ class AxialPositions(_Positions):
   def num_parameters(self, n_ctx, n_embd):
     return sum(self.factors(n_ctx)) * n_embd
 
-  def embed(self, mesh, dims, dtype, std):
+  def embed(self, mesh, dims, dtype, std, positions=None):
     rows, columns = (mtf.Dimension(f"axial_{i}", size)
-                     for i, size in enumerate(self.factors(dims.sequence.size)))
+                     for i, size in enumerate(self.factors(dims.memory.size)))
     tables = [mtf.get_variable(mesh, f"wpe_axial_{i}", [axis, dims.embd], dtype=dtype,
                                initializer=tf.random_normal_initializer(stddev=std / 2))
               for i, axis in enumerate((rows, columns))]
     grid = mtf.add(tables[0], tables[1], output_shape=[rows, columns, dims.embd]) * 0.5
-    return mtf.reshape(grid, [dims.sequence, dims.embd])
+    return _rows_at(mtf.reshape(grid, [_table_rows(dims), dims.embd]), dims, positions)
