@@ -30,6 +30,7 @@ LAYOUTS = {  # case -> (mesh_shape, layout)
     "2 mlp": ("x:2", "mlp:x"),
     "2 vocab": ("x:2", "vocab:x"),
     "2 heads,mlp,vocab": ("x:2", "heads:x,mlp:x,vocab:x"),
+    "2 kv": ("x:2", "kv:x"),  # q·k reduces a split dim: its gradient arrives all-reduced
     "4 data": ("x:4", "batch:x"),
     "4 heads,mlp,vocab": ("x:4", "heads:x,mlp:x,vocab:x"),
     "4 data x model": ("x:2,y:2", "batch:x,heads:y,mlp:y,vocab:y"),

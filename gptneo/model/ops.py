@@ -117,11 +117,29 @@ def scaled_init_std(init_std, n_layer, scale_by_depth):
   return init_std / math.sqrt(2 * n_layer) if scale_by_depth else init_std
 
 
+class _GradOfSlices(mtf.GenericGradOperation):
+  """mtf's GenericGradOperation (TF's gradient per slice), incoming gradients reduced first.
+
+  mtf's own reads each incoming gradient's slices directly, which a pending all-reduce does
+  not have: the gradient of an einsum that reduces a split dimension (q·k with `kv` split).
+  """
+
+  def lower(self, lowering):
+    for dy in self._grad_ys:
+      lowering.tensors[dy] = lowering.tensors[dy].to_laid_out_tensor()
+    super().lower(lowering)
+
+
+def _grad_of_slices(forward_op, *grad_ys):
+  return _GradOfSlices(forward_op, list(grad_ys)).outputs
+
+
 def cumsum(x, dim, exclusive=False):
   """Running sum along `dim` in O(n) (mtf.cumsum builds an n x n mask); `dim` stays whole."""
   axis = x.shape.dims.index(dim)
   return mtf.slicewise(lambda t: tf.math.cumsum(t, axis=axis, exclusive=exclusive), [x],
-                       splittable_dims=[d for d in x.shape.dims if d != dim], name="cumsum")
+                       splittable_dims=[d for d in x.shape.dims if d != dim],
+                       grad_function=_grad_of_slices, name="cumsum")
 
 
 # Single-kernel replacements for three mtf composites that dominated a CPU training step's
@@ -335,12 +353,13 @@ def softmax_cross_entropy(logits, targets, vocab_dim):
 
 
 class _Softmax(mtf.SlicewiseOperation):
-  """tf.nn.softmax on each slice; TF's own gradient (mtf's GenericGradOperation)."""
+  """tf.nn.softmax on each slice; TF's own gradient (through _GradOfSlices)."""
 
   def __init__(self, x, dim):
     axis = x.shape.dims.index(dim)
     super().__init__(lambda t: tf.nn.softmax(t, axis=axis), [x], [x.shape], [x.dtype],
-                     [d for d in x.shape.dims if d != dim], name="softmax")
+                     [d for d in x.shape.dims if d != dim], grad_function=_grad_of_slices,
+                     name="softmax")
     self._dim = dim
 
   def lower(self, lowering):
