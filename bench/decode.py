@@ -28,6 +28,7 @@ import argparse
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
 
@@ -62,7 +63,6 @@ def hf_model_dir(torch, transformers, name, folder):
   model = transformers.GPTNeoForCausalLM(config).eval()
   path = os.path.join(folder, "hf")
   model.save_pretrained(path)
-  import sysconfig  # pylint: disable=g-import-not-at-top
   corpus = [os.path.join(sysconfig.get_paths()["stdlib"], f) for f in ("os.py", "json/decoder.py")]
   tokenizer_lib.train_bpe(corpus, vocab_size=1000).save(os.path.join(path, "tokenizer.json"))
   return model, path

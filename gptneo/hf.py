@@ -20,11 +20,11 @@ from gptneo.model import gpt as gpt_lib
 from gptneo.model import positions as positions_lib
 
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's sharded weights
 MODEL_GIN = "model.gin"
 # Our activation (by function name) <-> HF's `activation_function`.
 ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 _HF_ACTIVATIONS = {**{hf: ours for ours, hf in ACTIVATIONS.items()}, "swish": "silu"}
-WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's sharded weights
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 

@@ -59,8 +59,6 @@ class RestoredModel:
       self.tokens = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="tokens")
       self.targets = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="targets")
       self.positions = tf.placeholder(tf.int32, [batch_size], name="positions")
-      self.new_tokens = tf.placeholder(tf.int32, [batch_size, 1], name="new_tokens")
-      self.new_positions = tf.placeholder(tf.int32, [batch_size, 1], name="new_positions")
       self._build(spec, precision, decode, xla)
       self.checkpoints = runtime.Checkpoints(self.lowering, model_dir)
       self._init_cache = tf.local_variables_initializer()
@@ -97,6 +95,8 @@ class RestoredModel:
 
   def _step(self, mesh, dims, dtype, dropout):
     """The one-new-token-per-row graph against the cache: (its DecodeCache, logits)."""
+    self.new_tokens = tf.placeholder(tf.int32, [self.batch_size, 1], name="new_tokens")
+    self.new_positions = tf.placeholder(tf.int32, [self.batch_size, 1], name="new_positions")
     shape = [dims.batch, mtf.Dimension(dims.sequence.name, 1)]
     tokens = mtf.import_tf_tensor(mesh, self.new_tokens, shape)
     step = cache_lib.DecodeCache(positions=mtf.import_tf_tensor(mesh, self.new_positions, shape))

@@ -55,18 +55,26 @@ def exported(tmp_path_factory, neo_model_dir):
   return str(output)
 
 
-def test_import_of_a_random_hf_gpt_neo_gives_its_logits_and_tokens(tmp_path, exported):
+def import_random_hf_gpt_neo(tmp_path, exported, seed, max_shard_size="5GB", **config):
+  """A random GPT-Neo (std 0.2) saved in tmp_path/hf and imported by bin/import_hf into
+  tmp_path/ours, with the exported model's tokenizer; returns the HF model."""
   torch, transformers = hf_libraries()
-  torch.manual_seed(0)
-  config = transformers.GPTNeoConfig(
-      vocab_size=VOCAB, max_position_embeddings=64, hidden_size=48, num_layers=3, num_heads=4,
-      attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=8,
-      intermediate_size=96, bos_token_id=0, eos_token_id=0, initializer_range=0.2)
-  hf_model = transformers.GPTNeoForCausalLM(config).eval()
-  hf_model.save_pretrained(tmp_path / "hf")
+  torch.manual_seed(seed)
+  hf_model = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+      vocab_size=VOCAB, max_position_embeddings=64, num_heads=4, window_size=8,
+      bos_token_id=0, eos_token_id=0, initializer_range=0.2, **config)).eval()
+  hf_model.save_pretrained(tmp_path / "hf", max_shard_size=max_shard_size)
   shutil.copy(os.path.join(exported, "tokenizer.json"), tmp_path / "hf")
   run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--model_dir={tmp_path / 'ours'}",
              check=True)
+  return hf_model
+
+
+def test_import_of_a_random_hf_gpt_neo_gives_its_logits_and_tokens(tmp_path, exported):
+  _, transformers = hf_libraries()
+  hf_model = import_random_hf_gpt_neo(
+      tmp_path, exported, seed=0, hidden_size=48, num_layers=3, intermediate_size=96,
+      attention_types=[[["global", "local"], 1], [["local"], 1]])
   ids = random_ids(64)
   difference = np.abs(our_logits(str(tmp_path / "ours"), ids) - hf_logits(hf_model, ids))
   assert difference.max() < 1e-4
@@ -167,19 +175,11 @@ def test_import_without_weights_is_one_line(tmp_path, exported):
 
 
 def test_import_reads_sharded_weights(tmp_path, exported):
-  torch, transformers = hf_libraries()
-  torch.manual_seed(1)
-  config = transformers.GPTNeoConfig(
-      vocab_size=VOCAB, max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=4,
-      attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=0,
-      eos_token_id=0, initializer_range=0.2)
-  hf_model = transformers.GPTNeoForCausalLM(config).eval()
-  hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+  hf_model = import_random_hf_gpt_neo(
+      tmp_path, exported, seed=1, hidden_size=32, num_layers=2,
+      attention_types=[[["global", "local"], 1]], max_shard_size="40KB")
   assert (tmp_path / "hf" / hf.WEIGHTS_INDEX).exists()
   assert not (tmp_path / "hf" / hf.WEIGHTS_FILE).exists()
-  shutil.copy(os.path.join(exported, "tokenizer.json"), tmp_path / "hf")
-  run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--model_dir={tmp_path / 'ours'}",
-             check=True)
   ids = random_ids(64)
   difference = np.abs(our_logits(str(tmp_path / "ours"), ids) - hf_logits(hf_model, ids))
   assert difference.max() < 1e-4

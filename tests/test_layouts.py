@@ -66,7 +66,10 @@ def train_steps(spec):
     tf_loss = lowering.export_to_tf_tensor(loss)
     tf_grads = {v.name: lowering.export_to_tf_tensor(g) for v, g in zip(variables, grads, strict=True)}
     tf_weights = {v.name: lowering.export_to_tf_tensor(v.outputs[0]) for v in variables}
-    update_op = tf.group([lowering.lowered_operation(op) for op in updates])
+    # Every read of the weights (they feed the loss and gradients) before any update: on
+    # several devices an unordered assign could otherwise race a read of the same run.
+    with tf.control_dependencies([tf_loss, *tf_grads.values()]):
+      update_op = tf.group([lowering.lowered_operation(op) for op in updates])
     with tf.Session(config=spec.session_config()) as session:
       session.run(tf.global_variables_initializer())
       session.run(lowering.copy_masters_to_slices())
@@ -150,16 +153,9 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
   spec.device_assignment = tpu.synthetic_device_assignment(num_chips=4)
   graph = tf.Graph()
   with graph.as_default():
-    mtf_graph, mtf_mesh = runtime.new_mesh()
-    model = gpt_lib.GPT(**MODEL)
-    dims = model.dims(BATCH)
-    tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
-                                  [dims.batch, dims.sequence])
-    loss = gpt_lib.loss(model(tokens, runtime.variable_dtype("bfloat16"),
-                              ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
-    variables = mtf_graph.trainable_variables
-    grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
-    updates = [mtf.assign_sub(v, g * LEARNING_RATE) for v, g in zip(variables, grads, strict=True)]
+    mtf_graph, mtf_mesh, loss, grads = gpt_graph("bfloat16")
+    updates = [mtf.assign_sub(v, g * LEARNING_RATE)
+               for v, g in zip(mtf_graph.trainable_variables, grads, strict=True)]
 
     def step():
       lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
@@ -188,17 +184,17 @@ def test_simd_without_a_device_assignment_says_how_to_get_one():
     spec.mesh_impl()
 
 
-def gpt_graph():
-  """A GPT's forward and backward mtf graph (not lowered) and its mesh."""
+def gpt_graph(precision="float32"):
+  """A GPT's forward and backward mtf graph (not lowered): (graph, mesh, loss, gradients)."""
   mtf_graph, mtf_mesh = runtime.new_mesh()
   model = gpt_lib.GPT(**MODEL)
   dims = model.dims(BATCH)
   tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
                                 [dims.batch, dims.sequence])
-  loss = gpt_lib.loss(model(tokens, runtime.variable_dtype("float32"),
+  loss = gpt_lib.loss(model(tokens, runtime.variable_dtype(precision),
                             ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
-  mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
-  return mtf_graph, mtf_mesh
+  grads = mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
+  return mtf_graph, mtf_mesh, loss, grads
 
 
 @pytest.mark.parametrize("layout, pair", [("heads:x,kv:x", ("heads", "kv")),
@@ -208,10 +204,10 @@ def test_two_dimensions_of_one_tensor_on_one_mesh_dimension_is_one_line(layout, 
   """What mtf's LayoutRules reject, MeshSpec.validate names first: both dims and a tensor."""
   spec = spec_of("x:2", layout)  # each rule divides its dimension: the old check passed
   with tf.Graph().as_default(), pytest.raises(ValueError, match="Two Tensor Dimensions may"):
-    mtf_graph, mtf_mesh = gpt_graph()
+    mtf_graph, mtf_mesh, _, _ = gpt_graph()
     mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)  # mtf's, unchecked
   with tf.Graph().as_default(), pytest.raises(ValueError) as error:
-    runtime.lower(*gpt_graph(), spec)
+    runtime.lower(*gpt_graph()[:2], spec)
   message = str(error.value)
   assert "\n" not in message and "both on mesh dimension 'x'" in message
   assert all(f"'{dim}'" in message for dim in pair), message
@@ -220,7 +216,7 @@ def test_two_dimensions_of_one_tensor_on_one_mesh_dimension_is_one_line(layout, 
 def test_dimensions_of_different_tensors_may_share_a_mesh_dimension():
   spec = spec_of("x:2", "heads:x,mlp:x,vocab:x")  # no tensor has two of these
   with tf.Graph().as_default():
-    mtf_graph, _ = gpt_graph()
+    mtf_graph = gpt_graph()[0]
     spec.validate(MODEL_DIMS, runtime.tensor_shapes(mtf_graph))
 
 
