@@ -3,7 +3,7 @@
 
   . .venv/bin/activate && export PYTHONPATH=$PWD
   pip install -r requirements-bench.txt      # torch + transformers, for the HF side
-  python bench/decode.py                     # both configs, ~10 minutes on 2 cores
+  python bench/decode.py                     # both configs, ~10 minutes on 2 idle cores
   python bench/decode.py --configs=small --new_tokens=256
 
 Per config, one random GPT-Neo (transformers' GPTNeoForCausalLM, torch.manual_seed(0)) is
@@ -13,18 +13,23 @@ same random --prompt_tokens-token prompt, batch --batch_size, without stopping a
 (HF: min_new_tokens = max_new_tokens; ours: eos_id = -1), float32, one CPU device:
 
   * ours, cached: gptneo.sample.generate with RestoredModel.start/extend (sample.cache=True,
-    the default of bin/sample): the prompt runs once as a window, then one position a token;
+    the default of bin/sample): the prompt runs once through the cache (chunks of 64
+    positions), then one position a token;
   * ours, uncached: the same loop with next_logits (sample.cache=False): every token reruns
     the whole n_ctx window. Its cost per token does not depend on the position (the window
     is always n_ctx, right-padded), so on the big config it is timed on --uncached_tokens
     tokens only and reported per token;
   * HF: model.generate(do_sample=False, use_cache=True), torch.set_num_threads(--threads).
 
-Times: the median of --repeats runs after one warm-up run, each a whole generate call
-(prompt included); graph building and restoring are outside (bin/sample builds once and
-serves every prompt). Also printed: how many greedy tokens ours and HF's agree on.
+A round is one whole generate call (prompt included); graph building and restoring are
+outside (bin/sample builds once and serves every prompt). Ours cached and HF run in
+alternating rounds after a warm-up each, with bench/timing.py's guard against a busy
+neighbour; tokens/s is the median undisturbed round, ours/HF the median ratio of back-to-back
+pairs. Also printed: ours' prompt time and ms per new token, and how many greedy tokens ours
+and HF's agree on.
 """
 import argparse
+import datetime
 import os
 import shutil
 import sys
@@ -36,6 +41,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gptneo import gin_utils  # noqa: E402
 from gptneo import hf  # noqa: E402
@@ -44,6 +50,7 @@ from gptneo import mesh as mesh_lib  # noqa: E402
 from gptneo import sample as sample_lib  # noqa: E402
 from gptneo.data import tokenizer as tokenizer_lib  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
+from timing import Runner, paired_ratio, wait_for_idle  # noqa: E402
 
 CONFIGS = {  # transformers.GPTNeoConfig arguments
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=512,
@@ -68,7 +75,7 @@ def hf_model_dir(torch, transformers, name, folder):
   return model, path
 
 
-def ours(hf_path, folder, batch_size, xla):
+def ours(hf_path, folder, batch_size):
   """Our RestoredModel (decode ops) of the imported HF folder."""
   model_dir = os.path.join(folder, "ours")
   gin_utils.parse([], ['mesh.mesh_shape = ""', 'mesh.layout = ""'])
@@ -77,7 +84,7 @@ def ours(hf_path, folder, batch_size, xla):
                   ['mesh.mesh_shape = ""', 'mesh.layout = ""'])
   model = gpt_lib.GPT()
   restored = inference.RestoredModel(model, mesh_lib.mesh(), model_dir, batch_size,
-                                     decode=True, xla=xla)
+                                     decode=True)
   restored.restore()
   return model, restored
 
@@ -86,9 +93,9 @@ def median_seconds(run, repeats):
   run()  # warm-up: first-run allocations and oneDNN kernel selection
   times = []
   for _ in range(repeats):
-    start = time.perf_counter()
+    begin = time.perf_counter()
     run()
-    times.append(time.perf_counter() - start)
+    times.append(time.perf_counter() - begin)
   return float(np.median(times))
 
 
@@ -101,17 +108,15 @@ def bench_config(name, args, torch, transformers):
   folder = tempfile.mkdtemp(prefix=f"decode_{name}_")
   try:
     hf_model, hf_path = hf_model_dir(torch, transformers, name, folder)
-    model, restored = ours(hf_path, folder, args.batch_size, not args.no_xla)
+    model, restored = ours(hf_path, folder, args.batch_size)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, 50257, args.prompt_tokens)) for _ in range(args.batch_size)]
     n, rows = args.new_tokens, args.batch_size
     uncached_n = n if name == "small" else args.uncached_tokens
-    cached_ids = greedy(restored.start, restored.extend, prompts, model.n_ctx, n)
-    t_cached = median_seconds(
-        lambda: greedy(restored.start, restored.extend, prompts, model.n_ctx, n), args.repeats)
-    t_uncached = median_seconds(lambda: greedy(restored.next_logits, restored.next_logits,
-                                               prompts, model.n_ctx, uncached_n), args.repeats)
     input_ids = torch.tensor(prompts)
+
+    def cached():
+      return greedy(restored.start, restored.extend, prompts, model.n_ctx, n)
 
     def hf_generate():
       with torch.no_grad():
@@ -119,13 +124,25 @@ def bench_config(name, args, torch, transformers):
                                  max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                  use_cache=True, pad_token_id=0)
 
-    hf_ids = hf_generate()[:, args.prompt_tokens:].tolist()
-    t_hf = median_seconds(hf_generate, args.repeats)
-    agree = [_common_prefix(a, b) for a, b in zip(cached_ids, hf_ids, strict=True)]
+    agree = min(_common_prefix(a, b) for a, b in zip(
+        cached(), hf_generate()[:, args.prompt_tokens:].tolist(), strict=True))
+    runners = {side: Runner(fn, rows * n, args.max_foreign, args.idle_wait, args.retries)
+               for side, fn in (("ours", cached), ("hf", hf_generate))}
+    for _ in range(args.rounds):  # alternate, so a noisy neighbour hits both sides alike
+      for runner in runners.values():
+        runner.time_round(1)
+    prompt_seconds = median_seconds(lambda: restored.start(prompts), args.rounds)
+    uncached = Runner(lambda: greedy(restored.next_logits, restored.next_logits, prompts,
+                                     model.n_ctx, uncached_n),
+                      rows * uncached_n, args.max_foreign, args.idle_wait, args.retries)
+    uncached.time_round(1)
+    cached_tps, foreign = runners["ours"].median()
     return dict(config=name, params=sum(p.numel() for p in hf_model.parameters()),
-                n_ctx=model.n_ctx, cached=rows * n / t_cached,
-                uncached=rows * uncached_n / t_uncached, hf=rows * n / t_hf,
-                uncached_tokens=uncached_n, agree=min(agree))
+                n_ctx=model.n_ctx, cached=cached_tps, uncached=uncached.median()[0],
+                hf=runners["hf"].median()[0], ratio=paired_ratio(runners["ours"], runners["hf"]),
+                uncached_tokens=uncached_n, agree=agree, prompt_ms=prompt_seconds * 1e3,
+                token_ms=(rows * n / cached_tps - prompt_seconds) / n * 1e3,
+                foreign=max(foreign, runners["hf"].median()[1]))
   finally:
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -141,24 +158,31 @@ def main():
   parser.add_argument("--prompt_tokens", type=int, default=32)
   parser.add_argument("--batch_size", type=int, default=1)
   parser.add_argument("--uncached_tokens", type=int, default=8)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side")
   parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--no_xla", action="store_true", help="ours without sample.xla")
+  parser.add_argument("--max_foreign", type=float, default=0.15,
+                      help="a round counts as undisturbed if other processes used fewer cores")
+  parser.add_argument("--idle_wait", type=float, default=20,
+                      help="seconds to wait, before each round, for other processes to idle")
+  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
-  print(f"greedy, {args.new_tokens} new tokens after {args.prompt_tokens}, batch "
-        f"{args.batch_size}, float32, tokens/s (median of {args.repeats})")
+  print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  greedy, {args.new_tokens} new tokens after "
+        f"{args.prompt_tokens}, batch {args.batch_size}, float32, tokens/s (median of "
+        f"{args.rounds} rounds)", flush=True)
+  wait_for_idle(args.max_foreign, args.idle_wait)
   print("| config | params | n_ctx | ours cached | ours uncached | HF generate | cached/uncached "
-        "| ours/HF | greedy tokens equal |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| ours/HF | ours prompt ms | ours ms/token | greedy tokens equal | foreign load |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in args.configs.split(","):
     r = bench_config(name, args, torch, transformers)
     print(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['n_ctx']} | {r['cached']:.1f} | "
           f"{r['uncached']:.2f} ({r['uncached_tokens']} tok) | {r['hf']:.1f} | "
-          f"{r['cached'] / r['uncached']:.1f}x | {r['cached'] / r['hf']:.2f}x | "
-          f"{r['agree']}/{args.new_tokens} |", flush=True)
+          f"{r['cached'] / r['uncached']:.1f}x | {r['ratio']:.2f}x | {r['prompt_ms']:.0f} | "
+          f"{r['token_ms']:.1f} | {r['agree']}/{args.new_tokens} | {r['foreign']:.2f} |",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from gptneo.optim import optimizers  # noqa: E402
 
 import torch  # noqa: E402  (after TF: both load their own OpenMP/oneDNN; this order works)
 import torch_gpt  # noqa: E402
+from timing import Runner, paired_ratio, wait_for_idle  # noqa: E402
 
 CORES = os.cpu_count()
 N_CTX = 256
@@ -131,82 +132,6 @@ def prepare_data(folder):
   info = prepare.prepare_dataset(files, folder, n_ctx=N_CTX, vocab_size=4096,
                                  validation_fraction=0.0)
   return info
-
-
-# --------------------------------------------------------------------------- timing
-
-
-class CpuMeter:
-  """Wall time, this process's CPU time and the whole machine's busy time over a region.
-
-  `foreign` is the CPU (in cores) that other processes used meanwhile: this machine is
-  shared, and a busy neighbour both slows a run and, worse, wrecks torch's OpenMP threads
-  (they spin-wait at every barrier), so a round with foreign load is not a fair sample.
-  """
-
-  @staticmethod
-  def _machine_busy():
-    with open("/proc/stat") as f:
-      fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-  def __enter__(self):
-    self._wall, self._cpu, self._busy = (time.perf_counter(), time.process_time(),
-                                         self._machine_busy())
-    return self
-
-  def __exit__(self, *exc):
-    self.wall = time.perf_counter() - self._wall
-    self.cpu = time.process_time() - self._cpu
-    self.foreign = max(0.0, (self._machine_busy() - self._busy - self.cpu) / self.wall)
-
-
-def wait_for_idle(max_foreign, timeout):
-  """Waits (up to `timeout` s) until other processes use < max_foreign cores for 1 s."""
-  deadline = time.time() + timeout
-  while True:
-    with CpuMeter() as meter:
-      time.sleep(1.0)
-    if meter.foreign < max_foreign or time.time() > deadline:
-      return meter.foreign
-
-
-class Runner:
-  """Runs `step()` in timed rounds; keeps each round's tokens/s and foreign load."""
-
-  def __init__(self, step, tokens_per_step, max_foreign, idle_wait, retries):
-    self.step, self.tokens_per_step, self.rounds = step, tokens_per_step, []
-    self.max_foreign, self.idle_wait, self.retries = max_foreign, idle_wait, retries
-
-  def time_round(self, steps):
-    """One round; redone (up to `retries` times) when a neighbour got busy meanwhile."""
-    for _ in range(self.retries + 1):
-      wait_for_idle(self.max_foreign, self.idle_wait)
-      with CpuMeter() as meter:
-        for _ in range(steps):
-          self.step()
-      if meter.foreign < self.max_foreign:
-        break
-    self.rounds.append((self.tokens_per_step * steps / meter.wall, meter.foreign,
-                        meter.cpu / meter.wall))
-
-  def clean(self):
-    """The rounds no neighbour disturbed (all rounds if none was spared)."""
-    return [r for r in self.rounds if r[1] < self.max_foreign] or self.rounds
-
-  def median(self):
-    """(tokens/s, foreign cores) of the median undisturbed round."""
-    rounds = sorted(self.clean())
-    return rounds[len(rounds) // 2][:2]
-
-
-def paired_ratio(ours, theirs):
-  """Median over rounds of ours/torch, each pair timed back to back (drifts cancel)."""
-  ratios = sorted(a[0] / b[0] for a, b in zip(ours.rounds, theirs.rounds, strict=False)
-                  if a[1] < ours.max_foreign and b[1] < theirs.max_foreign)
-  ratios = ratios or sorted(a[0] / b[0] for a, b in zip(ours.rounds, theirs.rounds, strict=False))
-  return ratios[len(ratios) // 2]
 
 
 # --------------------------------------------------------------------------- ours

@@ -28,45 +28,48 @@ _HF_ACTIVATIONS = {**{hf: ours for ours, hf in ACTIVATIONS.items()}, "swish": "s
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-# --- Weight names and layouts. Ours: q/k/v w [embd, heads, kv], out w [heads, kv, embd],
-# dense w [in, out]. HF: nn.Linear weights [out, in].
+# --- Weight names and layouts. Ours: qkv w [embd, 3, heads, kv] (HF: q_proj, k_proj and
+# v_proj), out w [heads, kv, embd], dense w [in, out]. HF: nn.Linear weights [out, in].
 
 def _layer_pairs(layer):
-  """(our name, HF name, kind) per weight of block `layer`; kind says how to convert."""
+  """(our name, HF names, kind) per weight of block `layer`; kind says how to convert."""
   ours, hf = f"gpt/h{layer}", f"transformer.h.{layer}"
-  pairs = [(f"{ours}/{n}/{p}", f"{hf}.{n}.{q}", "copy") for n in ("ln_1", "ln_2")
+  pairs = [(f"{ours}/{n}/{p}", (f"{hf}.{n}.{q}",), "copy") for n in ("ln_1", "ln_2")
            for p, q in (("g", "weight"), ("b", "bias"))]
-  pairs += [(f"{ours}/attn/{n}/w", f"{hf}.attn.attention.{n}_proj.weight", "qkv")
-            for n in ("q", "k", "v")]
-  pairs += [(f"{ours}/attn/out/w", f"{hf}.attn.attention.out_proj.weight", "out"),
-            (f"{ours}/attn/out/b", f"{hf}.attn.attention.out_proj.bias", "copy")]
+  pairs += [(f"{ours}/attn/qkv/w",
+             tuple(f"{hf}.attn.attention.{n}_proj.weight" for n in ("q", "k", "v")), "qkv"),
+            (f"{ours}/attn/out/w", (f"{hf}.attn.attention.out_proj.weight",), "out"),
+            (f"{ours}/attn/out/b", (f"{hf}.attn.attention.out_proj.bias",), "copy")]
   for n, m in (("fc", "c_fc"), ("proj", "c_proj")):
-    pairs += [(f"{ours}/mlp/{n}/w", f"{hf}.mlp.{m}.weight", "linear"),
-              (f"{ours}/mlp/{n}/b", f"{hf}.mlp.{m}.bias", "copy")]
+    pairs += [(f"{ours}/mlp/{n}/w", (f"{hf}.mlp.{m}.weight",), "linear"),
+              (f"{ours}/mlp/{n}/b", (f"{hf}.mlp.{m}.bias",), "copy")]
   return pairs
 
 
 def weight_pairs(n_layer):
-  pairs = [("gpt/wte", "transformer.wte.weight", "copy"),
-           ("gpt/wpe", "transformer.wpe.weight", "copy"),
-           ("gpt/ln_f/g", "transformer.ln_f.weight", "copy"),
-           ("gpt/ln_f/b", "transformer.ln_f.bias", "copy")]
+  pairs = [("gpt/wte", ("transformer.wte.weight",), "copy"),
+           ("gpt/wpe", ("transformer.wpe.weight",), "copy"),
+           ("gpt/ln_f/g", ("transformer.ln_f.weight",), "copy"),
+           ("gpt/ln_f/b", ("transformer.ln_f.bias",), "copy")]
   for layer in range(n_layer):
     pairs += _layer_pairs(layer)
   return pairs
 
 
 def _to_hf(kind, array):
-  if kind == "qkv":  # [embd, heads, kv] -> [heads * kv, embd]
-    return array.reshape(array.shape[0], -1).T
+  """Our array -> the list of HF arrays it holds."""
+  if kind == "qkv":  # [embd, 3, heads, kv] -> 3 x [heads * kv, embd]
+    return [part.reshape(array.shape[0], -1).T for part in np.moveaxis(array, 1, 0)]
   if kind == "out":  # [heads, kv, embd] -> [embd, heads * kv]
-    return array.reshape(-1, array.shape[-1]).T
-  return array.T if kind == "linear" else array
+    return [array.reshape(-1, array.shape[-1]).T]
+  return [array.T if kind == "linear" else array]
 
 
-def _from_hf(kind, array, n_head):
+def _from_hf(kind, arrays, n_head):
+  """The list of HF arrays -> our array."""
   if kind == "qkv":
-    return array.T.reshape(array.shape[1], n_head, -1)
+    return np.stack([a.T.reshape(a.shape[1], n_head, -1) for a in arrays], axis=1)
+  (array,) = arrays
   if kind == "out":
     return array.T.reshape(n_head, -1, array.shape[0])
   return array.T if kind == "linear" else array
@@ -156,9 +159,11 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
   inference.check_model_dir(model_dir)
   checkpoint = tf.train.latest_checkpoint(model_dir)
   reader = tf.train.load_checkpoint(checkpoint)
-  tensors = {hf: np.ascontiguousarray(_to_hf(kind, reader.get_tensor(ours)),
-                                      EXPORT_DTYPES[dtype])
-             for ours, hf, kind in weight_pairs(model.n_layer)}
+  tensors = {}
+  for ours, names, kind in weight_pairs(model.n_layer):
+    arrays = _to_hf(kind, reader.get_tensor(ours))
+    tensors.update({name: np.ascontiguousarray(array, EXPORT_DTYPES[dtype])
+                    for name, array in zip(names, arrays, strict=True)})
   os.makedirs(output_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE),
                               metadata={"format": "pt"})
@@ -263,8 +268,9 @@ def import_hf(hf_dir, model_dir, spec):
   with gin.unlock_config():
     gin.parse_config(bindings)
   model = gpt_lib.GPT()
-  weights = {ours: _from_hf(kind, hf_tensors[hf], model.n_head)
-             for ours, hf, kind in weight_pairs(model.n_layer) if hf in hf_tensors}
+  weights = {ours: _from_hf(kind, [hf_tensors[name] for name in names], model.n_head)
+             for ours, names, kind in weight_pairs(model.n_layer)
+             if all(name in hf_tensors for name in names)}
   os.makedirs(model_dir, exist_ok=True)
   _import_tokenizer(hf_dir, model_dir)
   checkpoint = write_checkpoint(model, spec, model_dir, weights)

@@ -2,10 +2,9 @@
 
 Evaluation, the last-word task, sampling and the HF import all read the model through this
 class, so there is one way to turn a model dir into numbers. With `decode=True` the graph also
-holds a key/value cache (gptneo/model/cache.py): `start` fills it from whole windows and
-`extend` then costs one position per new token; `xla=True` compiles the graph with XLA.
+holds a key/value cache (gptneo/model/cache.py): `start` fills it with the prompts, a chunk
+of positions at a time, and `extend` then costs one position per new token.
 """
-import contextlib
 import dataclasses
 import os
 
@@ -48,23 +47,24 @@ class RestoredModel:
   """The model's outputs for `batch_size` windows of n_ctx tokens, from the latest checkpoint.
 
   Windows shorter than n_ctx are right-padded: attention is causal, so padding never changes
-  the outputs at real positions.
+  the outputs at real positions. With decode=True, `start` and `extend` decode through the
+  key/value cache: prompts run in chunks of `chunk` tokens, then one token per step.
   """
 
   def __init__(self, model, spec, model_dir, batch_size, precision="float32", decode=False,
-               xla=False):
+               chunk=64):
     self.model, self.batch_size = model, batch_size
     self.graph = tf.Graph()
     with self.graph.as_default():
       self.tokens = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="tokens")
       self.targets = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="targets")
       self.positions = tf.placeholder(tf.int32, [batch_size], name="positions")
-      self._build(spec, precision, decode, xla)
+      self._build(spec, precision, decode, min(chunk, model.n_ctx))
       self.checkpoints = runtime.Checkpoints(self.lowering, model_dir)
       self._init_cache = tf.local_variables_initializer()
       self.session = tf.Session(graph=self.graph, config=spec.session_config())
 
-  def _build(self, spec, precision, decode, xla):
+  def _build(self, spec, precision, decode, chunk):
     mtf_graph, mtf_mesh = runtime.new_mesh()
     dims = self.model.dims(self.batch_size)
     shape = [dims.batch, dims.sequence]
@@ -72,35 +72,20 @@ class RestoredModel:
     targets = mtf.import_tf_tensor(mtf_mesh, self.targets, shape)
     dtype = runtime.variable_dtype(precision)
     no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
-    prefill = None
-    if decode:  # whole windows fill the cache; linear layers sum only each window's ids
-      lengths = mtf.import_tf_tensor(mtf_mesh, self.positions + 1, [dims.batch])
-      prefill = cache_lib.DecodeCache(lengths=lengths)
-    logits = self.model(tokens, dtype, no_dropout, prefill)
+    logits = self.model(tokens, dtype, no_dropout)
     nll = ops.softmax_cross_entropy(logits, targets, dims.vocab)
     argmax = mtf.argmax(logits, dims.vocab)
-    step, step_logits = self._step(mtf_mesh, dims, dtype, no_dropout) if decode else (None, None)
-    # XLA fuses the hundreds of small ops of a one-token step, which dominate its time.
-    with tf.xla.experimental.jit_scope() if xla else contextlib.nullcontext():
-      self.lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    decoders = [_Decoder(self.model, mtf_mesh, self.batch_size, length, dtype, no_dropout)
+                for length in ((chunk, 1) if decode else ())]
+    self.lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
     self.token_nll = self.lowering.export_to_tf_tensor(nll)
     self.argmax = self.lowering.export_to_tf_tensor(argmax)
     self.logits = self.lowering.export_to_tf_tensor(logits)  # [batch, n_ctx, vocab]
     # Sampling fetches only the row it needs of each window, not [batch, n_ctx, vocab].
     self.last_logits = tf.gather(self.logits, self.positions, axis=1, batch_dims=1)
-    if decode:
-      self.prefill_updates = [self.lowering.lowered_operation(op) for op in prefill.updates]
-      self.step_updates = [self.lowering.lowered_operation(op) for op in step.updates]
-      self.step_logits = self.lowering.export_to_tf_tensor(step_logits)[:, 0]
-
-  def _step(self, mesh, dims, dtype, dropout):
-    """The one-new-token-per-row graph against the cache: (its DecodeCache, logits)."""
-    self.new_tokens = tf.placeholder(tf.int32, [self.batch_size, 1], name="new_tokens")
-    self.new_positions = tf.placeholder(tf.int32, [self.batch_size, 1], name="new_positions")
-    shape = [dims.batch, mtf.Dimension(dims.sequence.name, 1)]
-    tokens = mtf.import_tf_tensor(mesh, self.new_tokens, shape)
-    step = cache_lib.DecodeCache(positions=mtf.import_tf_tensor(mesh, self.new_positions, shape))
-    return step, self.model(tokens, dtype, dropout, step)
+    for decoder in decoders:
+      decoder.lower(self.lowering)
+    self._chunk, self._step = decoders or (None, None)
 
   def restore(self):
     """Loads the latest checkpoint (and zeroes the cache); returns its path."""
@@ -122,31 +107,68 @@ class RestoredModel:
 
   def next_logits(self, windows):
     """float32 [len(windows), vocab]: logits after the last id of each window (no cache)."""
-    return self._run_windows(windows, [])
+    positions = np.zeros([self.batch_size], np.int32)
+    positions[:len(windows)] = [len(w) - 1 for w in windows]
+    return self.session.run(self.last_logits, {self.tokens: self.pad(windows),
+                                               self.positions: positions})[:len(windows)]
 
   def start(self, windows):
-    """Like next_logits, and fills the cache with the windows (needs decode=True)."""
-    return self._run_windows(windows, self.prefill_updates)
+    """Like next_logits, through the cache, which then holds the windows (needs decode=True).
+
+    The windows run together in chunks; a row's logits come from the chunk holding its last id.
+    """
+    logits = np.zeros([len(windows), self.model.n_vocab], np.float32)
+    length = self._chunk.length
+    for begin in range(0, max(len(w) for w in windows), length):
+      pieces = [w[begin:begin + length] for w in windows]
+      chunk_logits = self._chunk.run(self.session, pieces, [begin] * len(windows),
+                                     self.model.n_ctx)
+      for row, window in enumerate(windows):
+        if begin < len(window) <= begin + length:
+          logits[row] = chunk_logits[row]
+    return logits
 
   def extend(self, windows):
     """Logits after each window, which must be the one `start` or `extend` saw last plus one
     id (and at most n_ctx ids); a row may also repeat its last window, its logits then being
     meaningless. Costs one position per row, through the cache."""
-    tokens = np.zeros([self.batch_size, 1], np.int32)
-    positions = np.zeros([self.batch_size, 1], np.int32)
-    for row, window in enumerate(windows):
-      tokens[row, 0], positions[row, 0] = window[-1], len(window) - 1
-    logits, _ = self.session.run([self.step_logits, self.step_updates],
-                                 {self.new_tokens: tokens, self.new_positions: positions})
-    return logits[:len(windows)]
-
-  def _run_windows(self, windows, updates):
-    positions = np.zeros([self.batch_size], np.int32)
-    positions[:len(windows)] = [len(w) - 1 for w in windows]
-    logits, _ = self.session.run([self.last_logits, updates],
-                                 {self.tokens: self.pad(windows), self.positions: positions})
-    return logits[:len(windows)]
+    return self._step.run(self.session, [w[-1:] for w in windows],
+                          [len(w) - 1 for w in windows], self.model.n_ctx)
 
   def all_logits(self, tokens):
     """float32 [batch, n_ctx, vocab] for a full [batch, n_ctx] array (tests, interop)."""
     return self.session.run(self.logits, {self.tokens: tokens})
+
+
+class _Decoder:
+  """The graph that runs `length` new tokens per row through the key/value cache."""
+
+  def __init__(self, model, mesh, batch_size, length, dtype, dropout):
+    self.length = length
+    self.tokens = tf.placeholder(tf.int32, [batch_size, length], name=f"tokens_{length}")
+    self.positions = tf.placeholder(tf.int32, [batch_size, length], name=f"positions_{length}")
+    self.last = tf.placeholder(tf.int32, [batch_size], name=f"last_{length}")
+    dims = model.dims(batch_size, length)
+    shape = [dims.batch, dims.sequence]
+    self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mesh, self.positions, shape))
+    self._logits = model(mtf.import_tf_tensor(mesh, self.tokens, shape), dtype, dropout,
+                         self.cache)
+
+  def lower(self, lowering):
+    logits = lowering.export_to_tf_tensor(self._logits)  # [batch, length, vocab]
+    self.last_logits = tf.gather(logits, self.last, axis=1, batch_dims=1)
+    self.updates = [lowering.lowered_operation(op) for op in self.cache.updates]
+
+  def run(self, session, pieces, begins, n_ctx):
+    """Logits after each row's last new id; pieces[row] sits at begins[row], begins[row] + 1,
+    ...; other slots (and rows) are padding, at position n_ctx."""
+    tokens = np.zeros(self.tokens.shape.as_list(), np.int32)
+    positions = np.full(self.positions.shape.as_list(), n_ctx, np.int32)
+    last = np.zeros(self.last.shape.as_list(), np.int32)
+    for row, (piece, begin) in enumerate(zip(pieces, begins, strict=True)):
+      tokens[row, :len(piece)] = piece
+      positions[row, :len(piece)] = np.arange(begin, begin + len(piece))
+      last[row] = max(len(piece) - 1, 0)
+    logits, _ = session.run([self.last_logits, self.updates], {
+        self.tokens: tokens, self.positions: positions, self.last: last})
+    return logits[:len(pieces)]

@@ -57,8 +57,18 @@ class Checkpoints:
     self.model_dir = model_dir
     self._to_masters = lowering.copy_slices_to_masters()
     self._to_slices = lowering.copy_masters_to_slices()
-    self._saver = tf.train.Saver(tf.global_variables() + list(extra_saveables),
-                                 max_to_keep=keep, sharded=False)
+    self._variables = tf.global_variables()
+    self._saver = tf.train.Saver(self._variables + list(extra_saveables), max_to_keep=keep,
+                                 sharded=False)
+
+  def check(self, warm_start_from=None):
+    """Raises ValueError (one line) unless the checkpoint a run would start from fits."""
+    path = self.latest()
+    if path:
+      check_fits(path, self._variables, "checkpoint")
+    elif warm_start_from:
+      check_fits(tf.train.latest_checkpoint(warm_start_from), _weights(),
+                 "train.init_from checkpoint")
 
   def latest(self):
     return tf.train.latest_checkpoint(self.model_dir) if self.model_dir else None
@@ -79,6 +89,7 @@ class Checkpoints:
     return path
 
   def _restore(self, session, path):
+    check_fits(path, self._variables, "checkpoint")
     self._saver.restore(session, path)
     # Without this the Saver forgets older checkpoints, and `keep` stops pruning after a resume.
     state = tf.train.get_checkpoint_state(self.model_dir)
@@ -102,15 +113,29 @@ class Checkpoints:
 def _warm_start(session, model_dir):
   """Copies every trainable weight that `model_dir`'s latest checkpoint holds, same shape."""
   source = tf.train.latest_checkpoint(model_dir)
-  stored = tf.train.load_checkpoint(source).get_variable_to_shape_map()
-  masters = set(tf.global_variables())  # mtf's per-device slices are trainable but not global
-  weights = [v for v in tf.trainable_variables() if v in masters]
-  for variable in weights:
+  check_fits(source, _weights(), "train.init_from checkpoint")
+  tf.train.Saver(_weights()).restore(session, source)
+
+
+def _weights():
+  """The trainable master variables (mtf's per-device slices are trainable but not global)."""
+  masters = set(tf.global_variables())
+  return [v for v in tf.trainable_variables() if v in masters]
+
+
+def check_fits(path, variables, what):
+  """One line naming the first of `variables` the checkpoint lacks or holds in another shape."""
+  stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+  for variable in variables:
     name, shape = variable.op.name, variable.shape.as_list()
-    if stored.get(name) != shape:
-      raise ValueError(f"train.init_from checkpoint {source} has {name} of shape "
-                       f"{stored.get(name)}, the model needs {shape}; use the same model gin")
-  tf.train.Saver(weights).restore(session, source)
+    if stored.get(name) == shape:
+      continue
+    held = f"{name} of shape {stored[name]}" if name in stored else f"no {name}"
+    hint = "use the gin config that wrote it (its model dir's operative_config.gin)"
+    if name.endswith("/attn/qkv/w") and name.replace("/qkv/", "/q/") in stored:
+      hint = ("it predates the fused attn/qkv weight (gptneo before 2026-11-30): train or "
+              "import it again")
+    raise ValueError(f"{what} {path} has {held}, the model needs {shape}; {hint}")
 
 
 # Several processes, one mesh: task 0 builds the graph and drives the session through its own
@@ -202,7 +227,7 @@ def peers_guard(spec):
 
 def lost_peer_error(spec, error):
   lines = [line.strip() for line in str(error.message).splitlines()
-           if line.strip() and "Graph execution error" not in line]
+           if any(c.isalpha() for c in line) and "Graph execution error" not in line]
   detail = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
   return ValueError(f"task {spec.task_index} lost a peer of mesh.cluster ({detail}); restart "
                     f"every task from the last checkpoint")

@@ -1,8 +1,8 @@
 """Sampling: batched prompts of any length through one graph, built once.
 
-With the key/value cache (the default) the prompts run once as whole windows and every new
-token then costs one position. Once a sequence outgrows n_ctx its window slides, positions
-shift, and every further token reruns the window, as without the cache.
+With the key/value cache (the default) the prompts run once, a chunk of positions at a time,
+and every new token then costs one position. Once a sequence outgrows n_ctx its window
+slides, positions shift, and every further token reruns the window, as without the cache.
 """
 
 import gin
@@ -105,7 +105,7 @@ def encode_prompts(tokenizer, prompts, n_ctx):
 @gin.configurable(denylist=["model_dir", "prompts"])
 def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_tokens=100,
            temperature=0.8, top_k=0, top_p=1.0, seed=0, batch_size=8, precision="float32",
-           cache=True, xla=True):
+           cache=True):
   """Continues each prompt with the latest checkpoint in `model_dir`.
 
   Args:
@@ -125,9 +125,6 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
     precision: "float32" or "bfloat16" activations.
     cache: decode with the key/value cache (one position per new token); False reruns the
       whole window for every token (the reference the cache is tested against).
-    xla: compile the decoding graph with XLA: each token then runs as a few fused kernels
-      instead of hundreds of small ops (about 2x faster on CPU, after a compile of a few
-      seconds at start).
 
   Returns:
     the decoded continuations (without the prompts), one per prompt.
@@ -137,7 +134,7 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
   tokenizer = inference.load_tokenizer(model_dir)
   prompts_ids = encode_prompts(tokenizer, prompts, model.n_ctx)
   restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision,
-                                     decode=cache, xla=xla)
+                                     decode=cache)
   restored.restore()
   start, extend = ((restored.start, restored.extend) if cache
                    else (restored.next_logits, restored.next_logits))

@@ -315,6 +315,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
                            precision, microbatches_per_batch, clip_norm,
                            eval_batches or (eval_steps if eval_every_n_steps else 0),
                            model_dir, keep_checkpoints, steps_per_loop, eval_every_n_steps)
+  with graph.graph.as_default():  # a resume that can't work fails before anything is written
+    graph.checkpoints.check(init_from)
   gin_utils.write_run_files(model_dir)
   _copy_tokenizer(dataset_dir, model_dir)
   with graph.graph.as_default():

@@ -26,12 +26,14 @@ VARIANTS = {
 }
 
 
-def random_model(bindings, batch_size=3, mesh_shape="", layout="", precision="float32"):
+def random_model(bindings, batch_size=3, mesh_shape="", layout="", precision="float32",
+                 chunk=64):
   """A RestoredModel with decode ops over freshly initialized (seeded) weights."""
   gin_utils.parse(["models/tiny.gin"], SMALL + bindings)
   spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout)
   restored = inference.RestoredModel(gpt_lib.GPT(), spec, model_dir=None,
-                                     batch_size=batch_size, precision=precision, decode=True)
+                                     batch_size=batch_size, precision=precision, decode=True,
+                                     chunk=chunk)
   with restored.graph.as_default():
     tf.set_random_seed(3)
     restored.checkpoints.restore_or_initialize(restored.session,
@@ -39,10 +41,10 @@ def random_model(bindings, batch_size=3, mesh_shape="", layout="", precision="fl
   return restored
 
 
-def cached_and_uncached(restored, steps=10, seed=0):
+def cached_and_uncached(restored, steps=10, seed=0, lengths=(3, 6, 1)):
   """Logits of start/extend and of next_logits on the same growing windows, per step."""
   rng = np.random.default_rng(seed)
-  windows = [list(rng.integers(0, VOCAB, n)) for n in (3, 6, 1)]
+  windows = [list(rng.integers(0, VOCAB, n)) for n in lengths]
   pairs = [(restored.start(windows), restored.next_logits(windows))]
   for _ in range(steps):
     for window in windows:
@@ -57,6 +59,28 @@ def test_cached_logits_equal_the_full_window_ones(variant):
   for cached, uncached in pairs:
     assert np.abs(uncached).max() > 1.0
     np.testing.assert_allclose(cached, uncached, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["global+local", "linear+local", "rotary"])
+def test_prompts_run_in_chunks_of_any_length(variant):
+  """Prompts of 3, 11 and 6 ids in chunks of 4: rows end in different chunks, padded."""
+  pairs = cached_and_uncached(random_model(VARIANTS[variant], chunk=4), steps=3,
+                              lengths=(3, 11, 6))
+  for cached, uncached in pairs:
+    np.testing.assert_allclose(cached, uncached, atol=2e-5, rtol=0)
+
+
+def test_local_layers_attend_only_to_their_window_far_into_the_context():
+  """Past 2 * 64 positions a local layer reads the cache from near its window's start."""
+  restored = random_model(VARIANTS["global+local"] + ["GPT.n_ctx = 256"])
+  pairs = cached_and_uncached(restored, steps=12, lengths=(150, 139, 141))
+  for cached, uncached in pairs:
+    np.testing.assert_allclose(cached, uncached, atol=2e-5, rtol=0)
+
+
+def test_a_layout_splitting_kv_is_refused_with_the_fix():
+  with pytest.raises(ValueError, match="splits only batch and heads.*kv.*sample.cache"):
+    random_model([], mesh_shape="x:2", layout="kv:x")
 
 
 @pytest.mark.parametrize("mesh_shape,layout", [("x:2", "batch:x"), ("x:2", "heads:x,vocab:x")])

@@ -50,6 +50,8 @@ BAD_BINDINGS = {
     "dataset vocab larger than n_vocab": (["GPT.n_vocab = 100"], ["GPT.n_vocab = 100", "512"]),
     "missing required value": (["train.train_steps = %gin.REQUIRED"],
                                ["train.train_steps", "--gin_param"]),
+    "resuming with another model shape": (["GPT.n_embd = 64"],
+                                          ["of shape [", "needs [", "operative_config.gin"]),
 }
 
 

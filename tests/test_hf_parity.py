@@ -1,8 +1,8 @@
-"""A global + local GPT-Neo gives HuggingFace's GPTNeoForCausalLM logits (issue 3's interop).
+"""A global + local GPT-Neo gives HuggingFace's GPTNeoForCausalLM logits.
 
-Needs `torch` and `transformers`; skipped without them. Issue 3 (HF checkpoint import and
-export) has not landed, so the weights are mapped here by hand: HF's Linear weights are
-[out, in], ours [in, ...named out dims].
+Needs `torch` and `transformers`; skipped without them. The weights are mapped here by hand,
+independently of gptneo/hf.py: HF's Linear weights are [out, in], ours [in, ...named out
+dims], with q, k and v stacked in one [embd, 3, heads, kv] weight.
 """
 import numpy as np
 import pytest
@@ -45,9 +45,9 @@ def our_weights(hf):
     for norm in ("ln_1", "ln_2"):
       weights[f"{block}{norm}/g"] = state[f"{hf_block}{norm}.weight"]
       weights[f"{block}{norm}/b"] = state[f"{hf_block}{norm}.bias"]
-    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
-      weight = state[f"{hf_block}attn.attention.{theirs}.weight"]
-      weights[f"{block}attn/{ours}/w"] = weight.T.reshape(N_EMBD, *heads)
+    weights[f"{block}attn/qkv/w"] = np.stack(
+        [state[f"{hf_block}attn.attention.{p}_proj.weight"].T.reshape(N_EMBD, *heads)
+         for p in ("q", "k", "v")], axis=1)
     weights[f"{block}attn/out/w"] = state[f"{hf_block}attn.attention.out_proj.weight"].T.reshape(
         *heads, N_EMBD)
     weights[f"{block}attn/out/b"] = state[f"{hf_block}attn.attention.out_proj.bias"]

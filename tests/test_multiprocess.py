@@ -85,6 +85,10 @@ def test_losing_a_peer_mid_training_stops_task_0(tmp_path, small_dataset):
       break
   worker.wait()
   rest = finish(chief, timeout=60)
-  result = subprocess.CompletedProcess(chief.args, chief.returncode, "",
-                                       "".join(lines) + rest.stderr)
-  assert_one_line_error(result, "train", "lost a peer of mesh.cluster", "restart every task")
+  stderr = "".join(lines) + rest.stderr
+  # TF's gRPC master may log (C++, at ERROR) its failed clean-up of the dead task's graph
+  # before our line; that logging can't be silenced once TF is loaded. Ours is one line, last.
+  assert chief.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("train: error: task 0 lost a peer of mesh.cluster ("), last
+  assert "restart every task" in last and stderr.count("train: error:") == 1, stderr[-2000:]

@@ -74,34 +74,16 @@ def global_attention(q, k, v, dims, drop_probs, scale):
   """Full causal softmax attention: O(n^2) scores."""
   k = mtf.rename_dimension(k, dims.sequence.name, dims.memory.name)
   v = mtf.rename_dimension(v, dims.sequence.name, dims.memory.name)
-  positions = mtf.mtf_range(q.mesh, dims.sequence, tf.int32)
-  return memory_attention(q, k, v, dims, drop_probs, scale, positions)
-
-
-def memory_attention(q, keys, values, dims, drop_probs, scale, positions, window_size=None):
-  """Queries at `positions` attend to keys/values at memory positions 0 .. memory - 1.
-
-  Args:
-    q: [batch, sequence, heads, kv].
-    keys, values: [batch, memory, heads, kv].
-    positions: int32, [sequence] or [batch, sequence]: each query's own position; it sees
-      the memory positions up to it (and, with window_size, after position - window_size).
-  """
-  scores = mtf.einsum([q, keys], [dims.batch, dims.heads, dims.sequence, dims.memory])
-  scores = scores * scale + visibility_bias(positions, dims.memory, window_size, scores.dtype)
+  scores = mtf.einsum([q, k], [dims.batch, dims.heads, dims.sequence, dims.memory])
+  scores = scores * scale + _causal_bias(q.mesh, dims.sequence, dims.memory, scores.dtype)
   probs = drop_probs(ops.softmax(scores, dims.memory))
-  return mtf.einsum([probs, values], [dims.batch, dims.sequence, dims.heads, dims.kv])
+  return mtf.einsum([probs, v], [dims.batch, dims.sequence, dims.heads, dims.kv])
 
 
-def visibility_bias(positions, memory, window_size, dtype):
-  """0 where memory position m is visible from a query at `positions`, -1e9 elsewhere.
-
-  Visible: m <= position, and m > position - window_size when window_size is given.
-  """
-  key = mtf.mtf_range(positions.mesh, memory, tf.int32)
-  hidden = mtf.greater(key, positions)
-  if window_size:
-    hidden = mtf.logical_or(hidden, mtf.less_equal(key, positions - window_size))
+def _causal_bias(mesh, sequence, memory, dtype):
+  """0 where memory position m is at or before the query's position, -1e9 after it."""
+  hidden = mtf.greater(mtf.mtf_range(mesh, memory, tf.int32),
+                       mtf.mtf_range(mesh, sequence, tf.int32))
   return mtf.cast(hidden, dtype) * _MASKED
 
 
@@ -161,19 +143,22 @@ def linear_attention(q, k, v, dims, drop_probs):
   return linear_attention_from(q, k, v, dims, state=None, normalizer=None)[0]
 
 
-def linear_attention_from(q, k, v, dims, state, normalizer):
+def linear_attention_from(q, k, v, dims, state, normalizer, real=None):
   """Linear attention continuing running sums: the output, and the sums after the sequence.
 
   Args:
     q, k, v: [batch, sequence, heads, kv], before the feature map.
     state: None (start from zero) or the sums of phi(k) v^T so far, [batch, heads, kv, kv_out].
     normalizer: None or the sums of phi(k) so far, [batch, heads, kv].
+    real: None, or [batch, sequence]: 1 for a real token, 0 for padding (left out of the sums).
 
   Returns:
     (output [batch, sequence, heads, kv], states, normalizers): the running sums after
     each position, [batch, sequence, heads, kv, kv_out] and [batch, sequence, heads, kv].
   """
   q, k = linear_features(q), linear_features(k)
+  if real is not None:
+    k *= real
   kv_out = mtf.Dimension("kv_out", dims.kv.size)
   v = mtf.rename_dimension(v, dims.kv.name, kv_out.name)
   states = ops.cumsum(mtf.einsum([k, v], [dims.batch, dims.sequence, dims.heads, dims.kv,
