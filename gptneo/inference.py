@@ -150,13 +150,13 @@ class _Decoder:
     self.last = tf.placeholder(tf.int32, [batch_size], name=f"last_{length}")
     dims = model.dims(batch_size, length)
     shape = [dims.batch, dims.sequence]
-    self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mesh, self.positions, shape))
+    last = mtf.import_tf_tensor(mesh, self.last, [dims.batch]) if length > 1 else None
+    self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mesh, self.positions, shape), last)
     self._logits = model(mtf.import_tf_tensor(mesh, self.tokens, shape), dtype, dropout,
                          self.cache)
 
   def lower(self, lowering):
-    logits = lowering.export_to_tf_tensor(self._logits)  # [batch, length, vocab]
-    self.last_logits = tf.gather(logits, self.last, axis=1, batch_dims=1)
+    self.last_logits = lowering.export_to_tf_tensor(self._logits)[:, 0]  # [batch, vocab]
     self.updates = [lowering.lowered_operation(op) for op in self.cache.updates]
 
   def run(self, session, pieces, begins, n_ctx):

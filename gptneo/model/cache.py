@@ -26,10 +26,12 @@ class DecodeCache:
   Args:
     positions: int32 mtf.Tensor [batch, sequence]: the position of each new token (< n_ctx),
       or n_ctx for padding. A row at position 0 starts a new window.
+    last: with more than one new token per row, int32 mtf.Tensor [batch]: the index among
+      them of each row's last real one, the only one whose logits decoding needs.
   """
 
-  def __init__(self, positions):
-    self.positions = positions
+  def __init__(self, positions, last=None):
+    self.positions, self.last = positions, last
     self.updates = []  # mtf Assign operations (linear layers) to run with the logits
     self._plans = {}  # (device, window) -> _Plan, shared by every layer
 
@@ -39,6 +41,15 @@ class DecodeCache:
       return self._linear(q, k, v, dims)
     window = window_size if attention_type == "local" else None
     return CachedAttention(self, q, k, v, dims, window, scale).outputs[0]
+
+  def last_rows(self, x, sequence):
+    """x [batch, sequence, ...] at each row's last new token, sequence cut to 1 position."""
+    if self.last is None:
+      return x
+    picked = mtf.einsum([x, mtf.one_hot(self.last, sequence, dtype=x.dtype)],
+                        x.shape - sequence)
+    one = mtf.Dimension(sequence.name, 1)
+    return mtf.reshape(picked, [one if d == sequence else d for d in x.shape.dims])
 
   def plan(self, pnum, positions, heads, n_ctx, window, dtype):
     """The _Plan of device `pnum` for layers with this window, made by the first such layer."""

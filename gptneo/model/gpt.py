@@ -154,7 +154,7 @@ class GPT:
         cache.positions and attend to what the cache holds before them.
 
     Returns:
-      float32 mtf.Tensor [batch, sequence, vocab].
+      float32 mtf.Tensor [batch, sequence, vocab] ([batch, 1, vocab] with a cache).
     """
     dims = self.dims(*tokens.shape.to_integer_list, memory_length=self.n_ctx if cache else None)
     positions = cache.positions if cache else None  # None: 0 .. sequence - 1
@@ -170,6 +170,8 @@ class GPT:
         with tf.variable_scope(f"h{layer}"):
           x = self._layer(x, layer, dims, dtype, dropout, moe_losses, cache)
       x = ops.layer_norm(x, dims.embd, self.layer_norm_epsilon, dtype, "ln_f")
+      if cache:  # decoding samples after each row's last new token only
+        x = cache.last_rows(x, dims.sequence)
       logits = mtf.cast(self._unembed(x, wte, dims, dtype), tf.float32)
     self.aux_losses = self._aux_losses(logits, dims, moe_losses)
     return logits

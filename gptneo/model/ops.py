@@ -54,59 +54,69 @@ def dense(x, reduced_dims, new_dims, std, dtype, name, use_bias=True):
   with tf.variable_scope(name):
     w = mtf.get_variable(x.mesh, "w", reduced_dims + new_dims, dtype=dtype,
                          initializer=tf.random_normal_initializer(stddev=std))
-    y = matmul(x, w, reduced_dims)
-    if use_bias:
-      y += mtf.get_variable(x.mesh, "b", new_dims, dtype=dtype,
-                            initializer=tf.zeros_initializer())
-  return y
+    b = mtf.get_variable(x.mesh, "b", new_dims, dtype=dtype,
+                         initializer=tf.zeros_initializer()) if use_bias else None
+  return matmul(x, w, reduced_dims, b)
 
 
-def matmul(x, w, reduced_dims):
-  """x [..., *reduced_dims] times w [*reduced_dims, *new] (or [*new, *reduced_dims]): [..., *new].
+def matmul(x, w, reduced_dims, bias=None):
+  """x [..., *reduced_dims] times w [*reduced_dims, *new] (or [*new, *reduced_dims]), + bias.
 
-  The dense layers' and the tied unembedding's product, as one 2-D tf.matmul per slice:
-  TF's einsum kernel costs about twice as much per call, which dominates a one-token decoding
-  step, and copies a [vocab, embd] table transposed before using it. Other shapes go to
-  mtf.einsum.
+  The dense layers' and the tied unembedding's product, as one 2-D tf.matmul per slice with
+  the bias added in the same oneDNN kernel: TF's einsum kernel costs about twice as much per
+  call, which dominates a one-token decoding step, and copies a [vocab, embd] table
+  transposed before using it. Other shapes go to mtf.einsum.
+
+  Returns:
+    [..., *new].
   """
   n = len(reduced_dims)
   trailing = x.shape.dims[-n:] == reduced_dims
   if trailing and w.shape.dims[:n] == reduced_dims:
-    return _MatMul(x, w, reduced_dims, w.shape.dims[n:], transpose_b=False).outputs[0]
+    return _MatMul(x, w, bias, reduced_dims, w.shape.dims[n:], transpose_b=False).outputs[0]
   if trailing and w.shape.dims[-n:] == reduced_dims:
-    return _MatMul(x, w, reduced_dims, w.shape.dims[:-n], transpose_b=True).outputs[0]
+    return _MatMul(x, w, bias, reduced_dims, w.shape.dims[:-n], transpose_b=True).outputs[0]
   new_dims = [d for d in w.shape.dims if d not in reduced_dims]
-  return mtf.einsum([x, w], output_shape=x.shape.dims[:-n] + new_dims)
+  y = mtf.einsum([x, w], output_shape=x.shape.dims[:-n] + new_dims)
+  return y if bias is None else y + bias
 
 
 class _MatMul(mtf.Operation):
-  """x @ w (or w^T) per slice; partial sums all-reduced where the layout splits a reduced dim."""
+  """x @ w (or w^T) + bias per slice; all-reduced where the layout splits a reduced dim."""
 
-  def __init__(self, x, w, reduced_dims, new_dims, transpose_b):
-    super().__init__([x, w], name="matmul")
+  def __init__(self, x, w, bias, reduced_dims, new_dims, transpose_b):
+    super().__init__([x, w] + ([bias] if bias is not None else []), name="matmul")
     self._reduced_dims, self._transpose_b = reduced_dims, transpose_b
     shape = mtf.Shape(x.shape.dims[:-len(reduced_dims)] + new_dims)
     self._outputs = [mtf.Tensor(self, shape, x.dtype)]
 
   def gradient(self, grad_ys):
-    x, w = self.inputs
-    return [mtf.einsum([grad_ys[0], w], x.shape), mtf.einsum([x, grad_ys[0]], w.shape)]
+    dy, (x, w, *bias) = grad_ys[0], self.inputs
+    return [mtf.einsum([dy, w], x.shape), mtf.einsum([x, dy], w.shape),
+            *[mtf.reduce_sum(dy, output_shape=b.shape) for b in bias]]
 
   def lower(self, lowering):
     mesh_impl = lowering.mesh_impl(self)
     output_slice = mesh_impl.slice_shape(self.outputs[0].shape)
     n = len(self._reduced_dims)
+    split = [a for a in map(mesh_impl.tensor_dimension_to_mesh_axis, self._reduced_dims)
+             if a is not None]
+    x, w, *bias = [lowering.tensors[t] for t in self.inputs]
 
-    def product(x, w):
+    def product(x, w, *bias):
       depth = math.prod(x.shape.as_list()[-n:])
       w = tf.reshape(w, [-1, depth] if self._transpose_b else [depth, -1])
       y = tf.matmul(tf.reshape(x, [-1, depth]), w, transpose_b=self._transpose_b)
+      for b in bias:
+        y = tf.nn.bias_add(y, tf.reshape(b, [-1]))
       return tf.reshape(y, output_slice)
 
-    y = mesh_impl.slicewise(product, *[lowering.tensors[t] for t in self.inputs])
-    split = [mesh_impl.tensor_dimension_to_mesh_axis(d) for d in self._reduced_dims]
-    if any(axis is not None for axis in split):
-      y = mesh_impl.allreduce(y, [axis for axis in split if axis is not None], "SUM")
+    if not split:
+      y = mesh_impl.slicewise(product, x, w, *bias)
+    else:  # partial sums per slice: the bias goes on once, after their sum
+      y = mesh_impl.allreduce(mesh_impl.slicewise(product, x, w), split, "SUM")
+      for b in bias:
+        y = mesh_impl.slicewise(tf.add, y, b)
     lowering.set_tensor_lowering(self.outputs[0], y)
 
 
