@@ -131,7 +131,7 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
       probability; in (0, 1], 1 is off.
     seed: seeds the sampling; prompt i draws from its own stream (seed, i), so batching
       does not change the samples.
-    batch_size: prompts run together through the graph.
+    batch_size: prompts run together through the graph (as many as there are, if fewer).
     precision: "float32" or "bfloat16" activations.
     cache: decode with the key/value cache (one position per new token); False reruns the
       whole window for every token (the reference the cache is tested against).
