@@ -147,8 +147,9 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
     task_file: for "lambada", a JSONL file of {"text": ...} lines (a flag).
     model: the model, as trained (read from the operative config).
     mesh: the mesh to evaluate on.
-    dataset_dir: for "lm", a folder written by bin/prepare_data; defaults to the training
-      dataset (DATASET_DIR of the operative config).
+    dataset_dir: for "lm", a folder written by bin/prepare_data, a gs:// URI of one, or a
+      mixture {folder or URI: weight} whose parts are read one after another; defaults to
+      the training dataset (DATASET_DIR of the operative config).
     split: for "lm", the dataset split to evaluate.
     batch_size: windows per batch.
     max_batches: for "lm", stop after this many batches (0: the whole split).

@@ -141,14 +141,15 @@ def lower_step(lowering, step):
 
 
 def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
-                precision, microbatches, clip_norm, eval_batches, model_dir, keep):
+                precision, microbatches, clip_norm, eval_batches, model_dir, keep,
+                sampling="fixed"):
   """The placement mesh's training graph: one step per session.run."""
   graph = tf.Graph()
   with graph.as_default():
     tf.set_random_seed(seed)
     step = tf.train.get_or_create_global_step()
     iterator = tf.data.make_initializable_iterator(
-        inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed))
+        inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed, sampling=sampling))
     mtf_graph, mtf_mesh = runtime.new_mesh()
     dims = model.dims(batch_size)
     tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
@@ -170,7 +171,8 @@ def build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, se
 
 
 def build_tpu_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
-                    precision, microbatches, clip_norm, model_dir, keep, steps_per_loop):
+                    precision, microbatches, clip_norm, model_dir, keep, steps_per_loop,
+                    sampling="fixed"):
   """The SIMD (TPU) mesh's training graph: up to `steps_per_loop` steps per session.run.
 
   The same step as build_graph (mtf_step, lower_step), built inside tpu.device_loop on every
@@ -183,7 +185,7 @@ def build_tpu_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps
     with tf.device(tpu.host_devices(spec)[0]):
       step = tf.train.get_or_create_global_step()
       iterator = tf.data.make_initializable_iterator(
-          inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed))
+          inputs.make_dataset(dataset_dir, "train", batch_size, seed=seed, sampling=sampling))
       loop_steps = tf.placeholder_with_default(1, [], "loop_steps")
       start = tf.identity(step)
     dims = model.dims(batch_size)
@@ -271,13 +273,15 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
           batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
           microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
           keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
-          eval_steps=10, init_from=None, steps_per_loop=1):
+          eval_steps=10, init_from=None, steps_per_loop=1, sampling="fixed"):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
 
   Args:
     model_dir: where checkpoints, summaries and the operative config go (a flag).
     model: the model, e.g. @GPT().
-    dataset_dir: a folder written by bin/prepare_data.
+    dataset_dir: a folder written by bin/prepare_data, a gs:// URI of one (mirrored into
+      $GPTNEO_CACHE_DIR, default ~/.cache/gptneo), or a mixture {folder or URI: weight}
+      of datasets prepared with one tokenizer and n_ctx, drawn at random by weight.
     train_steps: the step to stop at (counting steps of earlier runs in model_dir).
     batch_size: sequences per step (all microbatches together).
     optimizer: e.g. @Adam() or @Adafactor().
@@ -298,6 +302,10 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
       the TPU; a loop also ends at each log, checkpoint and the last step.
+    sampling: how training windows are cut from the packed token stream: "fixed" (the
+      stored windows), "random_chunk" (at a random offset, so a token is not always at the
+      same position) or "document" (starting after a window's first end of document).
+      Evaluation always reads the stored windows.
 
   Returns:
     dict with the final training loss and validation loss (None without a validation split
@@ -314,7 +322,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
   graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
                            precision, microbatches_per_batch, clip_norm,
                            eval_batches or (eval_steps if eval_every_n_steps else 0),
-                           model_dir, keep_checkpoints, steps_per_loop, eval_every_n_steps)
+                           model_dir, keep_checkpoints, steps_per_loop, eval_every_n_steps,
+                           sampling)
   with graph.graph.as_default():  # a resume that can't work fails before anything is written
     graph.checkpoints.check(init_from)
   gin_utils.write_run_files(model_dir)
@@ -342,7 +351,7 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
 
 def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
                      precision, microbatches, clip_norm, eval_batches, model_dir, keep,
-                     steps_per_loop=1, eval_every_n_steps=0):
+                     steps_per_loop=1, eval_every_n_steps=0, sampling="fixed"):
   """Checks the config, then builds the graph (on "simd": after connecting to the TPU)."""
   check_dataset(model, inputs.read_dataset_info(dataset_dir), dataset_dir)
   if batch_size % microbatches:
@@ -355,9 +364,10 @@ def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_step
     if spec.device_assignment is None:
       tpu.connect(spec)
     return build_tpu_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
-                           precision, microbatches, clip_norm, model_dir, keep, steps_per_loop)
+                           precision, microbatches, clip_norm, model_dir, keep, steps_per_loop,
+                           sampling)
   return build_graph(model, optimizer, spec, dataset_dir, batch_size, train_steps, seed,
-                     precision, microbatches, clip_norm, eval_batches, model_dir, keep)
+                     precision, microbatches, clip_norm, eval_batches, model_dir, keep, sampling)
 
 
 def check_loop(spec, steps_per_loop, eval_every_n_steps):
@@ -374,8 +384,7 @@ def check_loop(spec, steps_per_loop, eval_every_n_steps):
 
 def _copy_tokenizer(dataset_dir, model_dir):
   """The model dir carries its tokenizer, so sampling needs nothing else."""
-  source = os.path.join(dataset_dir, inputs.read_dataset_info(dataset_dir)["tokenizer"])
-  tf.io.gfile.copy(source, os.path.join(model_dir, "tokenizer.json"), overwrite=True)
+  tf.io.gfile.copy(inputs.tokenizer_path(dataset_dir), os.path.join(model_dir, "tokenizer.json"), overwrite=True)
 
 
 def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,

@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 import sysconfig
+import uuid
 
 import gin
 import pytest
@@ -55,6 +56,67 @@ def run_binary(name, *args, check=False):
   if check and result.returncode:
     raise AssertionError(f"bin/{name} failed:\n{result.stderr[-3000:]}")
   return result
+
+
+class GcsEmulator:
+  """A running Cloud Storage emulator with one empty bucket, as the `gcs` fixture gives it.
+
+  Attributes:
+    host: the emulator's URL, also in $STORAGE_EMULATOR_HOST (inherited by run_binary).
+    bucket: a `google.cloud.storage.Bucket` of this test's own, for arranging and checking.
+    downloads: object names in the order the emulator served their bytes.
+  """
+
+  def __init__(self, host, bucket, downloads):
+    self.host, self.bucket, self.downloads = host, bucket, downloads
+
+  def uri(self, prefix):
+    return f"gs://{self.bucket.name}/{prefix}"
+
+  def objects(self, prefix):
+    """{name below prefix/: (generation, bytes)} of what the bucket holds there."""
+    counted = len(self.downloads)
+    found = {blob.name[len(prefix) + 1:]: (blob.generation, blob.download_as_bytes())
+             for blob in self.bucket.client.list_blobs(self.bucket, prefix=prefix + "/")}
+    del self.downloads[counted:]  # Checking is not downloading.
+    return found
+
+
+@pytest.fixture
+def gcs(monkeypatch, tmp_path):
+  """A Cloud Storage emulator on a free loopback port, its bucket empty; stopped after the test.
+
+  The google-cloud-storage client (in process, and in binaries run_binary starts) talks to it
+  through $STORAGE_EMULATOR_HOST, anonymously; $GPTNEO_CACHE_DIR points into tmp_path.
+  """
+  from gcp_storage_emulator.server import create_server  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  server = create_server("127.0.0.1", 0, in_memory=True)
+  server.start()  # returns once the server is listening
+  downloads = _count_downloads(server)
+  host = f"http://127.0.0.1:{server._api._httpd.server_address[1]}"
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "cache"))
+  try:
+    bucket = storage.Client(project=None).create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+    yield GcsEmulator(host, bucket, downloads)
+  finally:
+    server.stop()
+
+
+def _count_downloads(server):
+  """Records every object whose bytes the emulator reads (it serves media via get_file)."""
+  from gcp_storage_emulator import storage  # pylint: disable=g-import-not-at-top
+  backend = server._storage
+  serve, downloads = backend.get_file, []
+
+  def counted(bucket_name, file_name, *args, **kwargs):
+    if bucket_name != storage.RESUMABLE_DIR:  # Its own state for resumable uploads.
+      downloads.append(file_name)
+    return serve(bucket_name, file_name, *args, **kwargs)
+
+  backend.get_file = counted
+  return downloads
 
 
 # GPT-Neo's architecture (unscaled attention, global + local layers) at test size, with a

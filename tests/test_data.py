@@ -258,13 +258,18 @@ def test_same_seed_same_batches_other_seed_other_batches(small_dataset):
   assert not np.array_equal(first(3), first(4))
 
 
-def test_iterator_state_saves_and_restores(small_dataset, tmp_path):
+@pytest.mark.parametrize("sampling,mixed", [("fixed", False), ("random_chunk", True),
+                                             ("document", False)])
+def test_iterator_state_saves_and_restores(small_dataset, other_dataset, tmp_path, sampling,
+                                           mixed):
   """A resumed run continues with the batches the uninterrupted run would have seen."""
   checkpoint = str(tmp_path / "ckpt")
+  spec = {small_dataset: 2, other_dataset: 1} if mixed else small_dataset
 
   def run(restore):
     with tf.Graph().as_default():
-      dataset = inputs.make_dataset(small_dataset, "train", 8, seed=5, shuffle_buffer=50)
+      dataset = inputs.make_dataset(spec, "train", 8, seed=5, shuffle_buffer=50,
+                                    sampling=sampling)
       iterator = tf.data.make_initializable_iterator(dataset)
       saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
       tf.add_to_collection(tf.GraphKeys.SAVEABLE_OBJECTS, saveable)
@@ -294,6 +299,135 @@ def test_too_few_windows_for_one_pass(small_dataset):
 def test_missing_dataset_json(tmp_path):
   with pytest.raises(ValueError, match="has no dataset.json; run bin/prepare_data"):
     inputs.read_dataset_info(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- mixtures, sampling
+
+OTHER_FILES = [os.path.join(STDLIB, name) for name in (
+    "abc.py", "keyword.py", "nturl2path.py", "this.py", "types.py", "numbers.py")]
+
+
+@pytest.fixture(scope="module")
+def other_dataset(tmp_path_factory, small_dataset):
+  """Other documents, encoded with small_dataset's tokenizer: a valid mixture partner."""
+  output_dir = str(tmp_path_factory.mktemp("data") / "other")
+  prepare.prepare_dataset(OTHER_FILES, output_dir, N_CTX,
+                          tokenizer_path=os.path.join(small_dataset, "tokenizer.json"),
+                          validation_fraction=0.3, tokens_per_shard=3000, seed=1)
+  return output_dir
+
+
+def window_keys(dataset_dir, split):
+  return {tuple(window) for window in read_windows(dataset_dir, split)}
+
+
+def file_streams(dataset_dir, split):
+  """Each file's windows joined back into its token stream."""
+  info = inputs.read_dataset_info(dataset_dir)
+  streams = []
+  for name in info["splits"][split]["files"]:
+    path = os.path.join(dataset_dir, name)
+    streams.append(np.concatenate(run_batches(lambda p=path: tf.data.TFRecordDataset(p).map(
+        lambda r: tf.io.parse_single_example(
+            r, {"tokens": tf.io.FixedLenFeature([N_CTX + 1], tf.int64)})["tokens"]))))
+  return streams
+
+
+def locate(row, streams):
+  """Every (file, position) where the row's ids are in the streams; fails if nowhere."""
+  places = []
+  for index, stream in enumerate(streams):
+    views = np.lib.stride_tricks.sliding_window_view(stream, len(row))
+    places += [(index, int(p)) for p in np.flatnonzero((views == row).all(axis=1))]
+  assert places, f"row {row[:8]}... is no slice of the split's token stream"
+  return places
+
+
+def test_mixture_draws_parts_by_weight(small_dataset, other_dataset):
+  small, other = window_keys(small_dataset, "train"), window_keys(other_dataset, "train")
+  assert not small & other
+  mixture = {small_dataset: 3, other_dataset: 1}
+  rows = np.concatenate(run_batches(
+      lambda: inputs.make_dataset(mixture, "train", 8, seed=2), 100))
+  from_small = sum(tuple(row) in small for row in rows)
+  from_other = sum(tuple(row) in other for row in rows)
+  assert from_small + from_other == len(rows)
+  assert 0.70 < from_small / len(rows) < 0.80
+
+
+def test_mixture_evaluation_reads_every_part_once(small_dataset, other_dataset):
+  mixture = {small_dataset: 3, other_dataset: 1}
+  info = inputs.read_dataset_info(mixture)
+  expected = sum(inputs.read_dataset_info(d)["splits"]["validation"]["windows"]
+                 for d in (small_dataset, other_dataset))
+  assert info["splits"]["validation"]["windows"] == expected
+  rows = np.concatenate(run_batches(lambda: inputs.make_dataset(
+      mixture, "validation", 1, shuffle=False, repeat=False)))
+  np.testing.assert_array_equal(rows, np.concatenate(
+      [read_windows(small_dataset, "validation"), read_windows(other_dataset, "validation")]))
+
+
+def test_mixture_of_other_tokenizers_is_refused(small_dataset, tmp_path):
+  own = str(tmp_path / "own")
+  prepare.prepare_dataset(OTHER_FILES, own, N_CTX, vocab_size=VOCAB_SIZE - 1,
+                          validation_fraction=0.3)
+  with pytest.raises(ValueError, match="differ in n_vocab|different tokenizers"):
+    inputs.make_dataset({small_dataset: 1, own: 1}, "train", 8)
+
+
+def test_mixture_weights_must_be_positive(small_dataset):
+  with pytest.raises(ValueError, match="needs positive weights"):
+    inputs.make_dataset({small_dataset: 0}, "train", 8)
+
+
+def test_random_chunks_are_slices_of_the_stream_at_many_offsets(small_dataset):
+  streams = file_streams(small_dataset, "train")
+  rows = np.concatenate(run_batches(lambda: inputs.make_dataset(
+      small_dataset, "train", 8, seed=3, sampling="random_chunk"), 10))
+  offsets = {locate(row, streams)[0][1] % (N_CTX + 1) for row in rows}
+  assert len(offsets) > 20  # of 65 possible, in 80 rows
+
+
+@pytest.fixture(scope="module")
+def short_documents(tmp_path_factory, small_dataset):
+  """Documents of 120 characters: most windows hold the start of one."""
+  folder = tmp_path_factory.mktemp("short")
+  for name in sorted(os.listdir(STDLIB))[:60]:
+    if name.endswith(".py"):
+      with open(os.path.join(STDLIB, name), encoding="utf-8") as source:
+        (folder / f"{name}.txt").write_text(source.read()[:120], encoding="utf-8")
+  output_dir = str(tmp_path_factory.mktemp("data") / "short")
+  prepare.prepare_dataset([str(folder)], output_dir, N_CTX,
+                          tokenizer_path=os.path.join(small_dataset, "tokenizer.json"),
+                          validation_fraction=0.1, tokens_per_shard=3000, seed=1)
+  return output_dir
+
+
+def test_document_sampling_starts_after_an_end_of_document(short_documents):
+  eos = inputs.read_dataset_info(short_documents)["eos_id"]
+  streams = file_streams(short_documents, "train")
+  rows = np.concatenate(run_batches(lambda: inputs.make_dataset(
+      short_documents, "train", 8, seed=3, sampling="document"), 10))
+  starts_after_eos = 0
+  for row in rows:
+    # Some files repeat a passage: the row need only be right at one of its places.
+    kinds = {_document_start_kind(streams[index], position, eos)
+             for index, position in locate(row, streams)}
+    assert kinds - {"wrong"}, f"row {row[:8]}... starts neither a document nor a window"
+    starts_after_eos += "after_eos" in kinds
+  assert starts_after_eos > len(rows) // 2
+
+
+def _document_start_kind(stream, position, eos):
+  if position and stream[position - 1] == eos:
+    return "after_eos"
+  in_window = position % (N_CTX + 1) == 0 and eos not in stream[position:position + N_CTX]
+  return "inside_a_document" if in_window else "wrong"
+
+
+def test_unknown_sampling_is_refused(small_dataset):
+  with pytest.raises(ValueError, match="train.sampling = 'shuffled' is unknown"):
+    inputs.make_dataset(small_dataset, "train", 8, sampling="shuffled")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from gptneo import gin_utils
+from gptneo import storage
 from gptneo import train as train_lib
 from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
 
 
 def train_in_process(model_dir, dataset, steps, *bindings):
   gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [
-      f'DATASET_DIR = "{dataset}"', f"train.train_steps = {steps}", *bindings])
+      f"DATASET_DIR = {dataset!r}", f"train.train_steps = {steps}", *bindings])
   return train_lib.train(str(model_dir))
 
 
@@ -92,6 +93,22 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, small_dataset
   assert sorted(killed) == sorted(whole) == list(range(1, 13))
   np.testing.assert_allclose([killed[s] for s in range(1, 13)],
                              [whole[s] for s in range(1, 13)], rtol=0, atol=1e-6)
+
+
+def test_a_gs_and_local_mixture_trains_and_resumes_exactly(tmp_path, small_dataset, gcs):
+  storage.upload_folder(small_dataset, gcs.uri("small"))
+  mixture = {gcs.uri("small"): 1, small_dataset: 2}
+  bindings = ['train.sampling = "random_chunk"', "train.steps_per_checkpoint = 4"] + DROPOUT
+  train_in_process(tmp_path / "whole", mixture, 8, *bindings)
+  train_in_process(tmp_path / "halves", mixture, 4, *bindings)
+  train_in_process(tmp_path / "halves", mixture, 8, *bindings)
+  whole, halves = logged_losses(tmp_path / "whole"), logged_losses(tmp_path / "halves")
+  assert sorted(halves) == sorted(whole) == list(range(1, 9))
+  np.testing.assert_allclose([halves[s] for s in range(1, 9)], [whole[s] for s in range(1, 9)],
+                             rtol=0, atol=1e-6)
+  mirrored = os.listdir(os.path.join(os.environ["GPTNEO_CACHE_DIR"], "gcs", gcs.bucket.name,
+                                     "small"))
+  assert "dataset.json" in mirrored and "tokenizer.json" in mirrored
 
 
 def test_sample_prints_decoded_text(tmp_path, small_dataset):

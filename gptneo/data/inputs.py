@@ -1,40 +1,96 @@
-"""tf.data pipelines over a dataset folder written by `gptneo.data.prepare`.
+"""tf.data pipelines over datasets written by `gptneo.data.prepare`.
+
+A dataset spec (`train.dataset_dir`, `evaluate.dataset_dir`) is a prepared folder, a gs://
+URI of one (mirrored into a local cache by `gptneo.storage`), or a dict {folder or URI:
+weight} mixing several prepared with the same tokenizer and n_ctx.
 
 Every op used here has saveable iterator state, so the trainer can store the iterator in
 its checkpoint (`tf.data.experimental.make_saveable_from_iterator`) and a resumed run sees
 exactly the batches an uninterrupted run would have seen.
 """
+import functools
 import json
 import os
 
 import tensorflow.compat.v1 as tf
 
+from gptneo import storage
 from gptneo.data import prepare
 
 _REQUIRED_FIELDS = ("format", "n_ctx", "n_vocab", "eos_id", "tokenizer", "splits")
+# fixed: the stored windows of the packed token stream, as written.
+# random_chunk: a window of the same length at a random offset into a window and its successor.
+# document: starts right after the first end of document in a window (when it has one).
+SAMPLINGS = ("fixed", "random_chunk", "document")
+
+
+def components(dataset_dir):
+  """The parts of a dataset spec, each with its local folder, weight and dataset.json.
+
+  Args:
+    dataset_dir: a folder written by bin/prepare_data, a gs:// URI of one, or a dict
+      {folder or URI: weight} of several.
+
+  Returns:
+    list of (spec as given, local folder, weight, info); the weights sum to 1.
+  """
+  specs = dataset_dir if isinstance(dataset_dir, dict) else {dataset_dir: 1.0}
+  if not specs or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0
+                      for w in specs.values()):
+    raise ValueError(f"dataset mixture {dataset_dir!r} needs positive weights, e.g. "
+                     "{'data/a': 3, 'data/b': 1}")
+  total = float(sum(specs.values()))
+  parts = [(str(spec), _local_folder(str(spec)), weight / total)
+           for spec, weight in specs.items()]
+  parts = [(spec, folder, weight, _read_one(spec, folder)) for spec, folder, weight in parts]
+  _check_compatible(parts)
+  return parts
+
+
+@functools.lru_cache(maxsize=None)
+def _local_folder(spec):
+  # One mirror per process: a training run reads the dataset's info several times.
+  return storage.local_copy(spec)
 
 
 def read_dataset_info(dataset_dir):
-  """Loads and validates a prepared dataset's dataset.json.
+  """Loads and validates a dataset spec's dataset.json (of every part of a mixture).
 
   Args:
-    dataset_dir: folder written by `prepare.prepare_dataset` / bin/prepare_data.
+    dataset_dir: a dataset spec (see `components`).
 
   Returns:
-    The dataset.json contents as a dict.
+    The dataset.json contents as a dict. For a mixture: the shared n_ctx, n_vocab, eos_id
+    and tokenizer, and the splits all parts have, with their windows summed.
   """
-  dataset_dir = str(dataset_dir)
-  path = os.path.join(dataset_dir, "dataset.json")
+  parts = components(dataset_dir)
+  if len(parts) == 1:
+    return parts[0][3]
+  infos = [info for *_, info in parts]
+  shared = set.intersection(*(set(info["splits"]) for info in infos))
+  splits = {split: {"windows": sum(info["splits"][split]["windows"] for info in infos)}
+            for split in sorted(shared)}
+  return {**{field: infos[0][field] for field in _REQUIRED_FIELDS}, "splits": splits}
+
+
+def tokenizer_path(dataset_dir):
+  """The local tokenizer.json of a dataset spec (a mixture's parts share one)."""
+  _, folder, _, info = components(dataset_dir)[0]
+  return os.path.join(folder, info["tokenizer"])
+
+
+def _read_one(spec, folder):
+  path = os.path.join(folder, "dataset.json")
   if not tf.io.gfile.exists(path):
-    raise ValueError(f"dataset '{dataset_dir}' has no dataset.json; "
-                     f"run bin/prepare_data --output_dir={dataset_dir} first")
+    raise ValueError(f"dataset '{spec}' has no dataset.json; "
+                     f"run bin/prepare_data --output_dir={spec} first")
   with tf.io.gfile.GFile(path, "r") as f:
     try:
       info = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"dataset '{dataset_dir}' has a corrupt dataset.json ({e}); "
-                       f"rerun bin/prepare_data --output_dir={dataset_dir} --overwrite") from e
-  _validate_info(info, dataset_dir)
+      raise ValueError(f"dataset '{spec}' has a corrupt dataset.json ({e}); "
+                       f"rerun bin/prepare_data --output_dir={spec} --overwrite") from e
+  _validate_info(info, spec)
   return info
 
 
@@ -52,41 +108,94 @@ def _validate_info(info, dataset_dir):
                        f"{rerun}")
 
 
+def _check_compatible(parts):
+  """A mixture's parts must share n_ctx, ids and tokenizer: one model reads them all."""
+  first_spec, first_folder, _, first = parts[0]
+  for spec, folder, _, info in parts[1:]:
+    for field in ("n_ctx", "n_vocab", "eos_id"):
+      if info[field] != first[field]:
+        raise ValueError(f"mixture parts '{first_spec}' and '{spec}' differ in {field} "
+                         f"({first[field]} vs {info[field]}); prepare them alike")
+    if _tokenizer_bytes(folder, info) != _tokenizer_bytes(first_folder, first):
+      raise ValueError(f"mixture parts '{first_spec}' and '{spec}' have different tokenizers; "
+                       f"prepare '{spec}' with --tokenizer={first_folder}")
+
+
+def _tokenizer_bytes(folder, info):
+  with tf.io.gfile.GFile(os.path.join(folder, info["tokenizer"]), "rb") as f:
+    return f.read()
+
+
 def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=True,
-                 shuffle_buffer=10000):
+                 shuffle_buffer=10000, sampling="fixed"):
   """Builds the token-window pipeline of one split.
 
   Args:
-    dataset_dir: folder written by bin/prepare_data.
+    dataset_dir: a dataset spec (see `components`); a mixture's parts are drawn at random
+      by weight when repeating, read one after the other otherwise.
     split: 'train' or 'validation' (whatever dataset.json lists).
     batch_size: windows per batch; the last partial batch is dropped.
-    seed: fixes the file order and window shuffle, so runs are reproducible.
+    seed: fixes the file order, window shuffle, mixture draws and chunk offsets.
     shuffle: shuffle files and windows (training) or read in stored order (evaluation).
     repeat: cycle forever (training) or stop after one pass (evaluation).
-    shuffle_buffer: windows held in the shuffle buffer.
+    shuffle_buffer: windows held in the shuffle buffer (per mixture part).
+    sampling: one of SAMPLINGS; other than "fixed", each file's last window only serves as
+      its predecessor's successor.
 
   Returns:
     A `tf.data.Dataset` of int32 tensors of static shape [batch_size, n_ctx + 1].
   """
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"train.sampling = {sampling!r} is unknown; use one of {list(SAMPLINGS)}")
   info = read_dataset_info(dataset_dir)
-  split_info = _split_info(info, split, dataset_dir)
-  if not repeat and split_info["windows"] < batch_size:
-    raise ValueError(f"split '{split}' of dataset '{dataset_dir}' has "
-                     f"{split_info['windows']} windows, fewer than batch_size={batch_size}; "
-                     "lower the batch size or prepare more data")
-  files = [os.path.join(str(dataset_dir), name) for name in split_info["files"]]
+  windows = _split_info(info, split, dataset_dir)["windows"]
+  if not repeat and windows < batch_size:
+    raise ValueError(f"split '{split}' of dataset '{dataset_dir}' has {windows} windows, "
+                     f"fewer than batch_size={batch_size}; lower the batch size or prepare "
+                     "more data")
+  pairs = sampling != "fixed"
+  streams, weights = [], []
+  for index, (_, folder, weight, part) in enumerate(components(dataset_dir)):
+    files = part["splits"][split]["files"]
+    streams.append(_records([os.path.join(folder, name) for name in files], seed + index,
+                            shuffle, repeat, shuffle_buffer, pairs))
+    weights.append(weight)
+  records = _mix(streams, weights, seed, repeat)
+  batches = records.batch(batch_size, drop_remainder=True)
+  window_length = info["n_ctx"] + 1
+  if not pairs:
+    return batches.map(_window_parser(window_length, batch_size)).prefetch(2)
+  draws = tf.data.Dataset.random(seed=seed).batch(batch_size)
+  chunk = _chunk_parser(window_length, batch_size, sampling, info["eos_id"])
+  return tf.data.Dataset.zip((batches, draws)).map(chunk).prefetch(2)
+
+
+def _records(files, seed, shuffle, repeat, shuffle_buffer, pairs):
+  """Serialized windows of one dataset's files (with pairs: each with its successor)."""
   dataset = tf.data.Dataset.from_tensor_slices(files)
   if shuffle:
     dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   # flat_map reads one file after the other: a fixed record order, unlike parallel reads.
-  dataset = dataset.flat_map(tf.data.TFRecordDataset)
+  dataset = dataset.flat_map(_successive if pairs else tf.data.TFRecordDataset)
   if shuffle:
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  return dataset.repeat() if repeat else dataset
+
+
+def _successive(path):
+  records = tf.data.TFRecordDataset(path)
+  return tf.data.Dataset.zip((records, records.skip(1)))
+
+
+def _mix(streams, weights, seed, repeat):
+  if len(streams) == 1:
+    return streams[0]
   if repeat:
-    dataset = dataset.repeat()
-  dataset = dataset.batch(batch_size, drop_remainder=True)
-  dataset = dataset.map(_window_parser(info["n_ctx"] + 1, batch_size))
-  return dataset.prefetch(2)
+    return tf.data.Dataset.sample_from_datasets(streams, weights, seed=seed)
+  mixed = streams[0]
+  for stream in streams[1:]:
+    mixed = mixed.concatenate(stream)
+  return mixed
 
 
 def _split_info(info, split, dataset_dir):
@@ -109,3 +218,29 @@ def _window_parser(window_length, batch_size):
     return tokens
 
   return parse
+
+
+def _chunk_parser(window_length, batch_size, sampling, eos_id):
+  """Returns a function cutting one window out of each (window, successor) pair."""
+  parse = _window_parser(window_length, batch_size)
+
+  def chunk(pair, draws):
+    first = parse(pair[0])
+    joined = tf.concat([first, parse(pair[1])], axis=1)
+    if sampling == "random_chunk":
+      start = tf.cast(tf.math.floormod(draws, window_length + 1), tf.int32)
+    else:
+      start = _after_first_eos(first, eos_id)
+    positions = start[:, None] + tf.range(window_length)[None, :]
+    tokens = tf.gather(joined, positions, batch_dims=1)
+    tokens.set_shape([batch_size, window_length])
+    return tokens
+
+  return chunk
+
+
+def _after_first_eos(windows, eos_id):
+  """Position after each row's first EOS, or 0 if the row has none (mid-document)."""
+  is_eos = tf.cast(tf.equal(windows, eos_id), tf.int32)
+  first = tf.cast(tf.argmax(is_eos, axis=1), tf.int32)
+  return tf.where(tf.reduce_any(is_eos > 0, axis=1), first + 1, tf.zeros_like(first))

@@ -11,11 +11,13 @@ One file is one document. Every document is followed by EOS, the documents of a 
 concatenated into one token stream, and that stream is cut into non-overlapping windows of
 n_ctx+1 tokens (inputs are window[:-1], targets window[1:]).
 """
+import functools
 import glob
 import json
 import os
 import random
 import sysconfig
+import tempfile
 import time
 import uuid
 
@@ -23,6 +25,7 @@ import numpy as np
 import tensorflow.compat.v1 as tf
 import tqdm
 
+from gptneo import storage
 from gptneo.data import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 1
@@ -272,7 +275,8 @@ def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=N
 
   Args:
     inputs: input specs, see `resolve_inputs`.
-    output_dir: folder to create; must be absent or empty unless overwrite is True.
+    output_dir: folder to create, or a gs://bucket/prefix to upload to (prepared in a
+      temporary folder first); must be absent or empty unless overwrite is True.
     n_ctx: context length; windows hold n_ctx + 1 tokens.
     vocab_size: train a byte-level BPE of this size on the train documents (exclusive
       with tokenizer_path).
@@ -286,8 +290,13 @@ def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=N
     The dataset.json contents as a dict.
   """
   started = time.time()
-  output_dir = str(output_dir).rstrip("/")
   _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard)
+  if storage.is_remote(output_dir):  # Before stripping: 'gs://' must not become 'gs:'.
+    return _prepare_and_upload(str(output_dir), overwrite, functools.partial(
+        prepare_dataset, inputs, n_ctx=n_ctx, vocab_size=vocab_size,
+        tokenizer_path=tokenizer_path, validation_fraction=validation_fraction,
+        tokens_per_shard=tokens_per_shard, seed=seed))
+  output_dir = str(output_dir).rstrip("/")
   paths = resolve_inputs(inputs)
   splits = split_documents(paths, validation_fraction, seed)
   _check_output_dir(output_dir, overwrite)
@@ -307,6 +316,17 @@ def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=N
   finally:
     if tf.io.gfile.exists(staging_dir):
       tf.io.gfile.rmtree(staging_dir)
+  return info
+
+
+def _prepare_and_upload(uri, overwrite, prepare_into):
+  """Prepares a dataset with prepare_into(output_dir=...) in a temporary folder, uploads it."""
+  # An occupied prefix is refused now, not after the (possibly long) tokenization.
+  storage.check_upload_target(uri, overwrite)
+  with tempfile.TemporaryDirectory(prefix="gptneo-prepare-") as local_root:
+    local_dir = os.path.join(local_root, "dataset")
+    info = prepare_into(output_dir=local_dir)
+    storage.upload_folder(local_dir, uri, overwrite=overwrite)
   return info
 
 

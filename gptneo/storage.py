@@ -1,0 +1,278 @@
+"""Google Cloud Storage for datasets: mirror a gs:// prefix locally, upload a folder to one.
+
+The only module that knows GCS. It uses the google-cloud-storage client rather than
+TensorFlow's gs:// filesystem, because the client can be pointed at an emulator
+(STORAGE_EMULATOR_HOST=http://host:port, with anonymous credentials), which is how the
+tests run it.
+
+A mirrored prefix lives in `<cache_dir>/gcs/<bucket>/<prefix>`, with MANIFEST_NAME
+recording the generation and size of every object it holds.
+"""
+import contextlib
+import functools
+import json
+import os
+import uuid
+
+from google.api_core import exceptions as api_exceptions
+from google.auth import exceptions as auth_exceptions
+from google.cloud import storage as gcs
+from google.cloud.storage import retry as gcs_retry
+import requests
+import tqdm
+
+SCHEME = "gs://"
+CACHE_DIR_ENV = "GPTNEO_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/gptneo"
+MANIFEST_NAME = ".gptneo-manifest.json"
+LAST_UPLOADED = "dataset.json"  # A prefix without it is never taken for a complete dataset.
+_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# The client's own policy, transient errors retried for up to 2 minutes; named once, so
+# every call here waits alike (and a test can wait less).
+_RETRY = gcs_retry.DEFAULT_RETRY
+
+
+def is_remote(path):
+  """True for a `gs://` URI, False for a local path."""
+  return str(path).startswith(SCHEME)
+
+
+def split_uri(uri):
+  """Returns (bucket, prefix) of 'gs://bucket/prefix/', the prefix without slashes at its ends."""
+  bucket, _, prefix = str(uri)[len(SCHEME):].partition("/")
+  if not is_remote(uri) or not bucket:
+    raise ValueError(f"'{uri}' is not a gs://bucket/prefix URI; pass e.g. gs://my-bucket/data")
+  return bucket, prefix.strip("/")
+
+
+# --------------------------------------------------------------------------- client, errors
+
+
+def _client():
+  # Keyed by the emulator host, so a test that points it elsewhere gets a fresh client.
+  return _client_for(os.environ.get(_EMULATOR_ENV))
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for(emulator_host):  # pylint: disable=unused-argument
+  # project=None: listing, reading and writing objects bill the bucket's project, so a
+  # user whose credentials name no project can still use a bucket they may access.
+  return gcs.Client(project=None)
+
+
+@contextlib.contextmanager
+def _gcs_errors(uri):
+  """Turns the client's auth, permission, not-found and network errors into one-line ValueErrors."""
+  bucket = split_uri(uri)[0]
+  try:
+    yield
+  except (api_exceptions.Unauthorized, api_exceptions.Forbidden,
+          auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError) as error:
+    raise ValueError(f"{uri}: access denied ({_first_line(error)}); run `gcloud auth "
+                     "application-default login` with an account that may use the bucket "
+                     f"gs://{bucket}") from None
+  except api_exceptions.NotFound:
+    raise ValueError(f"{uri}: not found: bucket gs://{bucket} does not exist or an object "
+                     "vanished meanwhile; check the bucket name (`gcloud storage ls`) "
+                     "and try again") from None
+  except (requests.ConnectionError, requests.Timeout, auth_exceptions.TransportError,
+          api_exceptions.RetryError) as error:
+    raise ValueError(f"{uri}: cannot reach Cloud Storage ({type(error).__name__}); check the "
+                     f"network, or {_EMULATOR_ENV} if you use an emulator") from None
+  except api_exceptions.GoogleAPICallError as error:
+    raise ValueError(f"{uri}: Cloud Storage refused ({_first_line(error)}); "
+                     "check the bucket and try again") from None
+
+
+def _first_line(error):
+  text = str(error).strip().splitlines()
+  return text[0][:200] if text else type(error).__name__
+
+
+def _list_objects(bucket, prefix):
+  """Blobs under prefix/ (the whole bucket for ''), folder placeholders skipped."""
+  folder_prefix = f"{prefix}/" if prefix else ""  # 'data/' must not match 'data2/...'.
+  blobs = _client().list_blobs(bucket, prefix=folder_prefix, retry=_RETRY)
+  return [blob for blob in blobs if not blob.name.endswith("/")]
+
+
+def _relative_name(blob, prefix):
+  name = blob.name[len(prefix) + 1:] if prefix else blob.name
+  if os.path.isabs(name) or ".." in name.split("/"):
+    raise ValueError(f"object gs://{blob.bucket.name}/{blob.name} escapes its prefix; "
+                     "rename it without '..' parts")
+  return name
+
+
+# --------------------------------------------------------------------------- download
+
+
+def cache_dir_of(cache_dir=None):
+  """The cache root: cache_dir, else $GPTNEO_CACHE_DIR, else ~/.cache/gptneo."""
+  return os.path.expanduser(cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+
+
+def local_copy(uri, cache_dir=None):
+  """Mirrors every object under a gs:// prefix into the local cache; returns that folder.
+
+  Objects the cache holds at the same generation and size are not downloaded again;
+  objects gone remotely are removed locally.
+
+  Args:
+    uri: gs://bucket/prefix, or a local path (returned unchanged).
+    cache_dir: cache root; default $GPTNEO_CACHE_DIR, else ~/.cache/gptneo.
+
+  Returns:
+    The local folder `<cache_dir>/gcs/<bucket>/<prefix>`.
+  """
+  if not is_remote(uri):
+    return uri
+  bucket, prefix = split_uri(uri)
+  folder = os.path.normpath(os.path.join(cache_dir_of(cache_dir), "gcs", bucket, prefix))
+  with _gcs_errors(uri):
+    blobs = {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
+    if not blobs:
+      raise ValueError(f"{uri.rstrip('/')} holds no files; check the path or run "
+                       f"bin/prepare_data --output_dir={uri.rstrip('/')}")
+    cached = _read_manifest(folder)
+    _remove_vanished(folder, cached, blobs)
+    missing = {name: blob for name, blob in blobs.items()
+               if not _is_cached(folder, name, blob, cached)}
+    _download(uri, folder, missing, cached)
+  return folder
+
+
+def _read_manifest(folder):
+  """{relative name: {"generation", "size"}} of what folder holds; {} when unreadable."""
+  try:
+    with open(os.path.join(folder, MANIFEST_NAME)) as f:
+      return json.load(f)["objects"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}  # No mirror yet, or a damaged one: download everything again.
+
+
+def _write_manifest(folder, objects):
+  _atomic_write(os.path.join(folder, MANIFEST_NAME),
+                lambda path: _write_json(path, {"objects": objects}))
+
+
+def _write_json(path, value):
+  with open(path, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+
+
+def _is_cached(folder, name, blob, cached):
+  entry = cached.get(name)
+  path = os.path.join(folder, name)
+  # The size on disk too: a file truncated or deleted by hand is fetched again.
+  return (entry == {"generation": blob.generation, "size": blob.size}
+          and os.path.isfile(path) and os.path.getsize(path) == blob.size)
+
+
+def _remove_vanished(folder, cached, blobs):
+  for name in [name for name in cached if name not in blobs]:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(folder, name))
+    del cached[name]
+
+
+def _download(uri, folder, blobs, cached):
+  """Downloads blobs into folder, dataset.json last, each recorded in the manifest once in place."""
+  os.makedirs(folder, exist_ok=True)
+  try:
+    if not blobs:
+      return
+    total = sum(blob.size for blob in blobs.values())
+    with tqdm.tqdm(total=total, desc=f"downloading {uri}", unit="B", unit_scale=True) as bar:
+      for name in _dataset_json_last(blobs):
+        blob = blobs[name]
+        # As listed: downloading resets blob.generation from the response headers.
+        entry = {"generation": blob.generation, "size": blob.size}
+        cached.pop(name, None)  # Until the new version is in place, the old entry lies.
+        _atomic_write(os.path.join(folder, name),
+                      functools.partial(blob.download_to_filename, retry=_RETRY))
+        cached[name] = entry
+        bar.update(entry["size"])
+  finally:  # Also after an interruption, so the next call resumes where this one stopped.
+    _write_manifest(folder, cached)
+
+
+def _atomic_write(path, write):
+  """Calls write(temporary path) next to path, then renames it into place."""
+  directory, name = os.path.split(path)
+  os.makedirs(directory, exist_ok=True)
+  # A hidden temporary name: an interrupted write never looks like the finished file.
+  temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+  try:
+    write(temporary)
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(temporary)
+    raise
+
+
+# --------------------------------------------------------------------------- upload
+
+
+def check_upload_target(uri, overwrite=False):
+  """Raises unless the prefix is empty or overwrite is True; returns the blobs it holds."""
+  bucket, prefix = split_uri(uri)
+  with _gcs_errors(uri):
+    existing = _list_objects(bucket, prefix)
+  if existing and not overwrite:
+    raise ValueError(f"{uri} already holds {len(existing)} objects; pass --overwrite to "
+                     "replace them or choose another --output_dir")
+  return existing
+
+
+def upload_folder(local_dir, uri, overwrite=False):
+  """Uploads every file of local_dir to a gs:// prefix, dataset.json last.
+
+  Args:
+    local_dir: the folder to upload (files in subfolders keep their relative paths;
+      hidden files and folders are skipped).
+    uri: gs://bucket/prefix to upload to.
+    overwrite: replace what the prefix holds: its dataset.json is deleted first, the
+      objects the new folder lacks once the upload is complete.
+  """
+  files = _local_files(local_dir)
+  if not files:
+    raise ValueError(f"'{local_dir}' holds no files to upload; pass a prepared dataset folder")
+  bucket_name, prefix = split_uri(uri)
+  existing = check_upload_target(uri, overwrite)  # Again: someone may have written meanwhile.
+  names = {name: "/".join(filter(None, [prefix, name])) for name in files}
+  with _gcs_errors(uri):
+    bucket = _client().bucket(bucket_name)
+    _delete(bucket, [blob.name for blob in existing
+                     if blob.name == names.get(LAST_UPLOADED)])
+    total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in files)
+    with tqdm.tqdm(total=total, desc=f"uploading {uri}", unit="B", unit_scale=True) as bar:
+      for name in files:
+        path = os.path.join(local_dir, name)
+        bucket.blob(names[name]).upload_from_filename(path, retry=_RETRY)
+        bar.update(os.path.getsize(path))
+    _delete(bucket, [blob.name for blob in existing if blob.name not in names.values()])
+
+
+def _local_files(local_dir):
+  """Relative paths of the files under local_dir, sorted, with dataset.json last."""
+  files = []
+  for directory, subdirs, filenames in os.walk(local_dir):
+    # Hidden entries are tool state (a mirror's manifest, partial downloads), not data.
+    subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+    relative = os.path.relpath(directory, local_dir)
+    files.extend(os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/")
+                 for name in filenames if not name.startswith("."))
+  return _dataset_json_last(files)
+
+
+def _dataset_json_last(names):
+  # Also when downloading: a folder holding dataset.json holds the whole dataset.
+  return sorted(names, key=lambda name: (name == LAST_UPLOADED, name))
+
+
+def _delete(bucket, names):
+  for name in names:
+    with contextlib.suppress(api_exceptions.NotFound):  # Already gone is what we want.
+      bucket.blob(name).delete(retry=_RETRY)
