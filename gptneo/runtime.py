@@ -58,8 +58,10 @@ class Checkpoints:
     self._to_masters = lowering.copy_slices_to_masters()
     self._to_slices = lowering.copy_masters_to_slices()
     self._variables = tf.global_variables()
+    # Relative paths in the `checkpoint` index: a model dir still resumes once moved,
+    # mirrored from gs:// into another machine's cache included.
     self._saver = tf.train.Saver(self._variables + list(extra_saveables), max_to_keep=keep,
-                                 sharded=False)
+                                 sharded=False, save_relative_paths=True)
 
   def check(self, warm_start_from=None):
     """Raises ValueError (one line) unless the checkpoint a run would start from fits."""

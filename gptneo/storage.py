@@ -26,6 +26,7 @@ CACHE_DIR_ENV = "GPTNEO_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/gptneo"
 MANIFEST_NAME = ".gptneo-manifest.json"
 LAST_UPLOADED = "dataset.json"  # A prefix without it is never taken for a complete dataset.
+CHECKPOINT_INDEX = "checkpoint"  # TF's list of checkpoints: uploaded after what it names.
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # The client's own policy, transient errors retried for up to 2 minutes; named once, so
 # every call here waits alike (and a test can wait less).
@@ -112,7 +113,7 @@ def cache_dir_of(cache_dir=None):
   return os.path.expanduser(cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
 
 
-def local_copy(uri, cache_dir=None):
+def local_copy(uri, cache_dir=None, must_exist=True):
   """Mirrors every object under a gs:// prefix into the local cache; returns that folder.
 
   Objects the cache holds at the same generation and size are not downloaded again;
@@ -121,17 +122,19 @@ def local_copy(uri, cache_dir=None):
   Args:
     uri: gs://bucket/prefix, or a local path (returned unchanged).
     cache_dir: cache root; default $GPTNEO_CACHE_DIR, else ~/.cache/gptneo.
+    must_exist: refuse a prefix that holds nothing (a dataset); False for a model dir a
+      run is about to fill.
 
   Returns:
     The local folder `<cache_dir>/gcs/<bucket>/<prefix>`.
   """
   if not is_remote(uri):
     return uri
+  folder = _mirror_folder(uri, cache_dir)
   bucket, prefix = split_uri(uri)
-  folder = os.path.normpath(os.path.join(cache_dir_of(cache_dir), "gcs", bucket, prefix))
   with _gcs_errors(uri):
     blobs = {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
-    if not blobs:
+    if not blobs and must_exist:
       raise ValueError(f"{uri.rstrip('/')} holds no files; check the path or run "
                        f"bin/prepare_data --output_dir={uri.rstrip('/')}")
     cached = _read_manifest(folder)
@@ -140,6 +143,11 @@ def local_copy(uri, cache_dir=None):
                if not _is_cached(folder, name, blob, cached)}
     _download(uri, folder, missing, cached)
   return folder
+
+
+def _mirror_folder(uri, cache_dir=None):
+  bucket, prefix = split_uri(uri)
+  return os.path.normpath(os.path.join(cache_dir_of(cache_dir), "gcs", bucket, prefix))
 
 
 def _read_manifest(folder):
@@ -162,10 +170,10 @@ def _write_json(path, value):
 
 
 def _is_cached(folder, name, blob, cached):
-  entry = cached.get(name)
+  entry = cached.get(name) or {}
   path = os.path.join(folder, name)
   # The size on disk too: a file truncated or deleted by hand is fetched again.
-  return (entry == {"generation": blob.generation, "size": blob.size}
+  return ((entry.get("generation"), entry.get("size")) == (blob.generation, blob.size)
           and os.path.isfile(path) and os.path.getsize(path) == blob.size)
 
 
@@ -189,9 +197,9 @@ def _download(uri, folder, blobs, cached):
         # As listed: downloading resets blob.generation from the response headers.
         entry = {"generation": blob.generation, "size": blob.size}
         cached.pop(name, None)  # Until the new version is in place, the old entry lies.
-        _atomic_write(os.path.join(folder, name),
-                      functools.partial(blob.download_to_filename, retry=_RETRY))
-        cached[name] = entry
+        path = os.path.join(folder, name)
+        _atomic_write(path, functools.partial(blob.download_to_filename, retry=_RETRY))
+        cached[name] = {**entry, "mtime_ns": os.stat(path).st_mtime_ns}
         bar.update(entry["size"])
   finally:  # Also after an interruption, so the next call resumes where this one stopped.
     _write_manifest(folder, cached)
@@ -276,3 +284,63 @@ def _delete(bucket, names):
   for name in names:
     with contextlib.suppress(api_exceptions.NotFound):  # Already gone is what we want.
       bucket.blob(name).delete(retry=_RETRY)
+
+
+# --------------------------------------------------------------------------- model dirs
+
+
+def working_copy(model_dir, cache_dir=None):
+  """The local folder a run works in: model_dir itself, or a gs:// model dir's mirror.
+
+  Args:
+    model_dir: a local folder or gs://bucket/prefix (which may hold nothing yet).
+    cache_dir: cache root; default $GPTNEO_CACHE_DIR, else ~/.cache/gptneo.
+
+  Returns:
+    A local folder; for gs://, `sync_up` sends back what the run writes into it.
+  """
+  return local_copy(model_dir, cache_dir, must_exist=False)
+
+
+def sync_up(local_dir, uri):
+  """Uploads what changed in a working copy since it was mirrored or last synced.
+
+  Checkpoint data first and TF's `checkpoint` index last, so the remote index never
+  names a checkpoint that is not all there; then objects whose local file is gone (old
+  checkpoints the saver let go) are deleted remotely. A local uri: nothing to do.
+
+  Args:
+    local_dir: the folder `working_copy(uri)` returned.
+    uri: the gs:// model dir.
+  """
+  if not is_remote(uri):
+    return
+  bucket_name, prefix = split_uri(uri)
+  cached = _read_manifest(local_dir)
+  changed = [name for name in _local_files(local_dir) if _changed(local_dir, name, cached)]
+  gone = [name for name in cached if not os.path.isfile(os.path.join(local_dir, name))]
+  with _gcs_errors(uri):
+    bucket = _client().bucket(bucket_name)
+    try:
+      for name in sorted(changed, key=lambda name: (name == CHECKPOINT_INDEX, name)):
+        cached[name] = _upload(bucket, local_dir, name, "/".join(filter(None, [prefix, name])))
+      _delete(bucket, ["/".join(filter(None, [prefix, name])) for name in gone])
+      for name in gone:
+        del cached[name]
+    finally:  # What went up is recorded, also when a later upload failed.
+      _write_manifest(local_dir, cached)
+
+
+def _changed(folder, name, cached):
+  stat = os.stat(os.path.join(folder, name))
+  entry = cached.get(name) or {}
+  return (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns)
+
+
+def _upload(bucket, folder, name, object_name):
+  """Uploads one file; returns its manifest entry (as of the bytes read)."""
+  path = os.path.join(folder, name)
+  stat = os.stat(path)
+  blob = bucket.blob(object_name)
+  blob.upload_from_filename(path, retry=_RETRY)
+  return {"generation": blob.generation, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

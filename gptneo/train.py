@@ -11,6 +11,7 @@ import numpy as np
 from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
 from gptneo import runtime
+from gptneo import storage
 from gptneo import tpu
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
@@ -277,7 +278,9 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from `model_dir`.
 
   Args:
-    model_dir: where checkpoints, summaries and the operative config go (a flag).
+    model_dir: where checkpoints, summaries and the operative config go (a flag): a folder,
+      or gs://bucket/prefix, worked on in a local mirror ($GPTNEO_CACHE_DIR) and synced
+      back after every checkpoint.
     model: the model, e.g. @GPT().
     dataset_dir: a folder written by bin/prepare_data, a gs:// URI of one (mirrored into
       $GPTNEO_CACHE_DIR, default ~/.cache/gptneo), or a mixture {folder or URI: weight}
@@ -316,6 +319,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     if mesh.task_index:  # task 0 drives the whole mesh
       runtime.serve_until_released(mesh)
       return None
+  remote_dir, model_dir = model_dir, storage.working_copy(model_dir)
+  init_from = init_from and storage.local_copy(init_from)
   if init_from and not tf.train.latest_checkpoint(init_from):
     raise ValueError(f"train.init_from = {init_from!r} has no checkpoint; point it at a model "
                      f"dir that bin/train or bin/import_hf wrote")
@@ -339,9 +344,11 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
     start = session.run(graph.step)
     logging.info("%s at step %d", f"resumed from {restored}" if restored else "started", start)
     loss = _train_steps(session, graph, model_dir, start, train_steps, batch_size * model.n_ctx,
-                        steps_per_checkpoint, log_every_n_steps, eval_every_n_steps, eval_steps)
+                        steps_per_checkpoint, log_every_n_steps, eval_every_n_steps, eval_steps,
+                        lambda: storage.sync_up(model_dir, remote_dir))
     eval_loss = _evaluate(session, graph, eval_batches)
     session.run(release_peers)
+  storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
   if eval_loss is not None:
     logging.info("validation loss %.4f after step %d", eval_loss, train_steps)
   elif mesh.implementation == "simd" and eval_batches:
@@ -388,7 +395,8 @@ def _copy_tokenizer(dataset_dir, model_dir):
 
 
 def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
-                 steps_per_checkpoint, log_every_n_steps, eval_every_n_steps=0, eval_steps=0):
+                 steps_per_checkpoint, log_every_n_steps, eval_every_n_steps=0, eval_steps=0,
+                 after_checkpoint=lambda: None):
   progress = Progress(model_dir, train_steps, tokens_per_step, start)
   loss, step, since_log = None, start, []
   while step < train_steps:
@@ -403,6 +411,7 @@ def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,
       progress.log(step, loss, learning_rate, norm, aux_losses)
     if step % steps_per_checkpoint == 0 or step == train_steps:
       logging.info("saved checkpoint %s", graph.checkpoints.save(session, step))
+      after_checkpoint()
     if eval_every_n_steps and step % eval_every_n_steps == 0 and graph.eval_loss is not None:
       _periodic_eval(session, graph, model_dir, step, eval_steps, progress)
   return loss

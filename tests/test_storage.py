@@ -165,6 +165,71 @@ def test_prepare_data_to_gcs_then_refuses_to_overwrite(gcs):
   assert gcs.objects("datasets/stdlib") == remote
 
 
+# --------------------------------------------------------------------------- model dirs
+
+
+def test_sync_up_sends_what_changed_index_last_and_deletes_what_went(gcs, tmp_path):
+  uri = gcs.uri("runs/a")
+  local = storage.working_copy(uri)  # Nothing there yet: an empty mirror, no error.
+  assert local_files(local) == {}
+  for name, data in {"model.ckpt-4.index": b"i4", "model.ckpt-4.data": b"d4",
+                     "checkpoint": b"ckpt-4", "operative_config.gin": b"x = 1"}.items():
+    with open(os.path.join(local, name), "wb") as f:
+      f.write(data)
+  storage.sync_up(local, uri)
+  first = gcs.objects("runs/a")
+  assert {name: data for name, (_, data) in first.items()} == local_files(local)
+  generations = {name: generation for name, (generation, _) in first.items()}
+  assert max(generations, key=generations.get) == "checkpoint"
+
+  storage.sync_up(local, uri)  # Nothing changed: nothing sent again.
+  assert gcs.objects("runs/a") == first
+
+  os.remove(os.path.join(local, "model.ckpt-4.index"))
+  os.remove(os.path.join(local, "model.ckpt-4.data"))
+  for name, data in {"model.ckpt-8.index": b"i8", "checkpoint": b"ckpt-8"}.items():
+    with open(os.path.join(local, name), "wb") as f:
+      f.write(data)
+  storage.sync_up(local, uri)
+  second = gcs.objects("runs/a")
+  assert {name: data for name, (_, data) in second.items()} == local_files(local)
+  assert second["operative_config.gin"] == first["operative_config.gin"]
+
+
+def test_a_gs_model_dir_trains_resumes_from_a_fresh_cache_and_samples(gcs, dataset, tmp_path,
+                                                                      monkeypatch):
+  from tests.conftest import TINY_TEST_BINDINGS  # pylint: disable=g-import-not-at-top
+  uri = gcs.uri("runs/tiny")
+
+  def train(steps):
+    params = TINY_TEST_BINDINGS + [f"DATASET_DIR = {dataset!r}", f"train.train_steps = {steps}",
+                                   "train.steps_per_checkpoint = 4"]
+    return run_binary("train", "--gin_file=tiny.gin", f"--model_dir={uri}",
+                      *(f"--gin_param={p}" for p in params))
+
+  assert train(8).returncode == 0
+  remote = gcs.objects("runs/tiny")
+  assert {"checkpoint", "model.ckpt-8.index", "operative_config.gin", "tokenizer.json",
+          "train_metrics.jsonl"} <= set(remote)
+  assert b'"model.ckpt-8"' in remote["checkpoint"][1]
+
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "another_machine"))
+  resumed = train(12)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from" in resumed.stderr and "at step 8" in resumed.stderr
+  metrics = gcs.objects("runs/tiny")["train_metrics.jsonl"][1].decode().splitlines()
+  assert [json.loads(line)["step"] for line in metrics] == list(range(1, 13))
+
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "a_third_machine"))
+  sampled = run_binary("sample", f"--model_dir={uri}", "--prompt=def ",
+                       "--gin_param=sample.max_new_tokens = 8")
+  assert sampled.returncode == 0 and sampled.stdout.startswith("def "), sampled.stderr[-2000:]
+  evaluated = run_binary("eval", f"--model_dir={uri}", f"--dataset_dir={dataset}")
+  assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+  record = json.loads(gcs.objects("runs/tiny")["eval.jsonl"][1])
+  assert record["step"] == 12 and record["loss"] > 0
+
+
 # --------------------------------------------------------------------------- errors
 
 
