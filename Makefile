@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/inputs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
