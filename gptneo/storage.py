@@ -172,9 +172,10 @@ def _write_json(path, value):
 def _is_cached(folder, name, blob, cached):
   entry = cached.get(name) or {}
   path = os.path.join(folder, name)
-  # The size on disk too: a file truncated or deleted by hand is fetched again.
-  return ((entry.get("generation"), entry.get("size")) == (blob.generation, blob.size)
-          and os.path.isfile(path) and os.path.getsize(path) == blob.size)
+  if (entry.get("generation"), entry.get("size")) != (blob.generation, blob.size):
+    return False
+  # The file on disk too: one truncated, deleted or changed since is fetched again.
+  return os.path.isfile(path) and not _changed(folder, name, cached)
 
 
 def _remove_vanished(folder, cached, blobs):
@@ -297,9 +298,27 @@ def working_copy(model_dir, cache_dir=None):
     cache_dir: cache root; default $GPTNEO_CACHE_DIR, else ~/.cache/gptneo.
 
   Returns:
-    A local folder; for gs://, `sync_up` sends back what the run writes into it.
+    A local folder; for gs://, `sync_up` sends back what the run writes into it. Work a
+    stopped run left unsynced in the mirror is sent up first, unless uri changed since the
+    mirror's last sync: then uri wins and the mirror is brought back to it.
   """
+  if is_remote(model_dir):
+    folder = _mirror_folder(model_dir, cache_dir)
+    if _remote_as_last_synced(folder, model_dir):
+      # A run here stopped between a checkpoint and its sync: its work is the newest.
+      sync_up(folder, model_dir)
   return local_copy(model_dir, cache_dir, must_exist=False)
+
+
+def _remote_as_last_synced(folder, uri):
+  """True if this mirror synced last and nobody wrote to uri since; then local changes win."""
+  cached = _read_manifest(folder)
+  bucket, prefix = split_uri(uri)
+  with _gcs_errors(uri):
+    remote = {_relative_name(blob, prefix): blob.generation
+              for blob in _list_objects(bucket, prefix)}
+  return bool(cached) and remote == {name: entry.get("generation")
+                                     for name, entry in cached.items()}
 
 
 def sync_up(local_dir, uri):

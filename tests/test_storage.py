@@ -196,6 +196,32 @@ def test_sync_up_sends_what_changed_index_last_and_deletes_what_went(gcs, tmp_pa
   assert second["operative_config.gin"] == first["operative_config.gin"]
 
 
+def write_files(folder, files):
+  for name, data in files.items():
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(data)
+
+
+def test_work_left_unsynced_goes_up_first_unless_the_remote_moved_on(gcs):
+  uri = gcs.uri("runs/b")
+  local = storage.working_copy(uri)
+  write_files(local, {"model.ckpt-4.index": b"i4", "checkpoint": b"ckpt-4"})
+  storage.sync_up(local, uri)
+  # A run here saved checkpoint 8, then died before syncing it.
+  write_files(local, {"model.ckpt-8.index": b"i8", "checkpoint": b"ckpt-8"})
+  assert storage.working_copy(uri) == local
+  remote = {name: data for name, (_, data) in gcs.objects("runs/b").items()}
+  assert remote == {"model.ckpt-4.index": b"i4", "model.ckpt-8.index": b"i8",
+                    "checkpoint": b"ckpt-8"}
+
+  # Another machine trained on and synced checkpoint 9; this mirror has unsynced work again.
+  gcs.bucket.blob("runs/b/checkpoint").upload_from_string(b"ckpt-9")
+  write_files(local, {"checkpoint": b"ckpt-7"})  # same size as the remote's
+  storage.working_copy(uri)
+  assert gcs.objects("runs/b")["checkpoint"][1] == b"ckpt-9"
+  assert local_files(local)["checkpoint"] == b"ckpt-9"
+
+
 def test_a_gs_model_dir_trains_resumes_from_a_fresh_cache_and_samples(gcs, dataset, tmp_path,
                                                                       monkeypatch):
   from tests.conftest import TINY_TEST_BINDINGS  # pylint: disable=g-import-not-at-top
