@@ -340,9 +340,13 @@ def sync_up(local_dir, uri):
   gone = [name for name in cached if not os.path.isfile(os.path.join(local_dir, name))]
   with _gcs_errors(uri):
     bucket = _client().bucket(bucket_name)
+    total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in changed)
     try:
-      for name in sorted(changed, key=lambda name: (name == CHECKPOINT_INDEX, name)):
-        cached[name] = _upload(bucket, local_dir, name, "/".join(filter(None, [prefix, name])))
+      with tqdm.tqdm(total=total, desc=f"syncing {uri}", unit="B", unit_scale=True,
+                     disable=not changed, leave=False) as bar:
+        for name in sorted(changed, key=lambda name: (name == CHECKPOINT_INDEX, name)):
+          cached[name] = _upload(bucket, local_dir, name, "/".join(filter(None, [prefix, name])))
+          bar.update(cached[name]["size"])
       _delete(bucket, ["/".join(filter(None, [prefix, name])) for name in gone])
       for name in gone:
         del cached[name]
