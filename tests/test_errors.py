@@ -52,6 +52,10 @@ BAD_BINDINGS = {
                                ["train.train_steps", "--gin_param"]),
     "resuming with another model shape": (["GPT.n_embd = 64"],
                                           ["of shape [", "needs [", "operative_config.gin"]),
+    "unknown sampling": (['train.sampling = "docs"'], ["train.sampling = 'docs'", "document"]),
+    "mixture with a zero weight": (['DATASET_DIR = {"/nonexistent/a": 0}'],
+                                   ["positive weights"]),
+    "gs:// dataset without a bucket": (['DATASET_DIR = "gs://"'], ["gs://", "gs://my-bucket"]),
 }
 
 
