@@ -391,7 +391,8 @@ def check_loop(spec, steps_per_loop, eval_every_n_steps):
 
 def _copy_tokenizer(dataset_dir, model_dir):
   """The model dir carries its tokenizer, so sampling needs nothing else."""
-  tf.io.gfile.copy(inputs.tokenizer_path(dataset_dir), os.path.join(model_dir, "tokenizer.json"), overwrite=True)
+  tf.io.gfile.copy(inputs.tokenizer_path(dataset_dir), os.path.join(model_dir, "tokenizer.json"),
+                   overwrite=True)
 
 
 def _train_steps(session, graph, model_dir, start, train_steps, tokens_per_step,

@@ -63,7 +63,10 @@ def read_dataset_info(dataset_dir):
     The dataset.json contents as a dict. For a mixture: the shared n_ctx, n_vocab, eos_id
     and tokenizer, and the splits all parts have, with their windows summed.
   """
-  parts = components(dataset_dir)
+  return _merged_info(components(dataset_dir))
+
+
+def _merged_info(parts):
   if len(parts) == 1:
     return parts[0][3]
   infos = [info for *_, info in parts]
@@ -111,12 +114,13 @@ def _validate_info(info, dataset_dir):
 def _check_compatible(parts):
   """A mixture's parts must share n_ctx, ids and tokenizer: one model reads them all."""
   first_spec, first_folder, _, first = parts[0]
+  first_tokenizer = _tokenizer_bytes(first_folder, first) if len(parts) > 1 else None
   for spec, folder, _, info in parts[1:]:
     for field in ("n_ctx", "n_vocab", "eos_id"):
       if info[field] != first[field]:
         raise ValueError(f"mixture parts '{first_spec}' and '{spec}' differ in {field} "
                          f"({first[field]} vs {info[field]}); prepare them alike")
-    if _tokenizer_bytes(folder, info) != _tokenizer_bytes(first_folder, first):
+    if _tokenizer_bytes(folder, info) != first_tokenizer:
       raise ValueError(f"mixture parts '{first_spec}' and '{spec}' have different tokenizers; "
                        f"prepare '{spec}' with --tokenizer={first_folder}")
 
@@ -147,7 +151,8 @@ def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=Tr
   """
   if sampling not in SAMPLINGS:
     raise ValueError(f"train.sampling = {sampling!r} is unknown; use one of {list(SAMPLINGS)}")
-  info = read_dataset_info(dataset_dir)
+  parts = components(dataset_dir)
+  info = _merged_info(parts)
   windows = _split_info(info, split, dataset_dir)["windows"]
   if not repeat and windows < batch_size:
     raise ValueError(f"split '{split}' of dataset '{dataset_dir}' has {windows} windows, "
@@ -155,7 +160,7 @@ def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=Tr
                      "more data")
   pairs = sampling != "fixed"
   streams, weights = [], []
-  for index, (_, folder, weight, part) in enumerate(components(dataset_dir)):
+  for index, (_, folder, weight, part) in enumerate(parts):
     files = part["splits"][split]["files"]
     streams.append(_records([os.path.join(folder, name) for name in files], seed + index,
                             shuffle, repeat, shuffle_buffer, pairs))
