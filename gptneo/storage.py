@@ -25,8 +25,10 @@ SCHEME = "gs://"
 CACHE_DIR_ENV = "GPTNEO_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/gptneo"
 MANIFEST_NAME = ".gptneo-manifest.json"
-LAST_UPLOADED = "dataset.json"  # A prefix without it is never taken for a complete dataset.
-CHECKPOINT_INDEX = "checkpoint"  # TF's list of checkpoints: uploaded after what it names.
+# Files that say the rest is all there: a prepared dataset's dataset.json, TF's `checkpoint`
+# index of a model dir. Moved after everything else, so a prefix (or mirror) holding one never
+# lacks what it names.
+COMPLETING_FILES = ("dataset.json", "checkpoint")
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # The client's own policy, transient errors retried for up to 2 minutes; named once, so
 # every call here waits alike (and a test can wait less).
@@ -186,14 +188,15 @@ def _remove_vanished(folder, cached, blobs):
 
 
 def _download(uri, folder, blobs, cached):
-  """Downloads blobs into folder, dataset.json last, each recorded in the manifest once in place."""
+  """Downloads blobs into folder, COMPLETING_FILES last, each recorded in the manifest once in
+  place."""
   os.makedirs(folder, exist_ok=True)
   try:
     if not blobs:
       return
     total = sum(blob.size for blob in blobs.values())
     with tqdm.tqdm(total=total, desc=f"downloading {uri}", unit="B", unit_scale=True) as bar:
-      for name in _dataset_json_last(blobs):
+      for name in _in_transfer_order(blobs):
         blob = blobs[name]
         # As listed: downloading resets blob.generation from the response headers.
         entry = {"generation": blob.generation, "size": blob.size}
@@ -250,22 +253,17 @@ def upload_folder(local_dir, uri, overwrite=False):
     raise ValueError(f"'{local_dir}' holds no files to upload; pass a prepared dataset folder")
   bucket_name, prefix = split_uri(uri)
   existing = check_upload_target(uri, overwrite)  # Again: someone may have written meanwhile.
-  names = {name: "/".join(filter(None, [prefix, name])) for name in files}
+  names = {_object_name(prefix, name) for name in files}
   with _gcs_errors(uri):
     bucket = _client().bucket(bucket_name)
-    _delete(bucket, [blob.name for blob in existing
-                     if blob.name == names.get(LAST_UPLOADED)])
-    total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in files)
-    with tqdm.tqdm(total=total, desc=f"uploading {uri}", unit="B", unit_scale=True) as bar:
-      for name in files:
-        path = os.path.join(local_dir, name)
-        bucket.blob(names[name]).upload_from_filename(path, retry=_RETRY)
-        bar.update(os.path.getsize(path))
-    _delete(bucket, [blob.name for blob in existing if blob.name not in names.values()])
+    completing = names & {_object_name(prefix, name) for name in COMPLETING_FILES}
+    _delete(bucket, [blob.name for blob in existing if blob.name in completing])
+    _upload_files(bucket, local_dir, prefix, files, f"uploading {uri}", {}, leave=True)
+    _delete(bucket, [blob.name for blob in existing if blob.name not in names])
 
 
 def _local_files(local_dir):
-  """Relative paths of the files under local_dir, sorted, with dataset.json last."""
+  """Relative paths of the files under local_dir, sorted, COMPLETING_FILES last."""
   files = []
   for directory, subdirs, filenames in os.walk(local_dir):
     # Hidden entries are tool state (a mirror's manifest, partial downloads), not data.
@@ -273,12 +271,26 @@ def _local_files(local_dir):
     relative = os.path.relpath(directory, local_dir)
     files.extend(os.path.normpath(os.path.join(relative, name)).replace(os.sep, "/")
                  for name in filenames if not name.startswith("."))
-  return _dataset_json_last(files)
+  return _in_transfer_order(files)
 
 
-def _dataset_json_last(names):
-  # Also when downloading: a folder holding dataset.json holds the whole dataset.
-  return sorted(names, key=lambda name: (name == LAST_UPLOADED, name))
+def _in_transfer_order(names):
+  return sorted(names, key=lambda name: (name in COMPLETING_FILES, name))
+
+
+def _object_name(prefix, name):
+  return "/".join(filter(None, [prefix, name]))
+
+
+def _upload_files(bucket, local_dir, prefix, names, description, uploaded, leave):
+  """Uploads names (in that order) under prefix, recording each one's manifest entry in
+  `uploaded` as soon as it is up; a tqdm bar by bytes."""
+  total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in names)
+  with tqdm.tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=not names,
+                 leave=leave) as bar:
+    for name in names:
+      uploaded[name] = _upload(bucket, local_dir, name, _object_name(prefix, name))
+      bar.update(uploaded[name]["size"])
 
 
 def _delete(bucket, names):
@@ -324,8 +336,8 @@ def _remote_as_last_synced(folder, uri):
 def sync_up(local_dir, uri):
   """Uploads what changed in a working copy since it was mirrored or last synced.
 
-  Checkpoint data first and TF's `checkpoint` index last, so the remote index never
-  names a checkpoint that is not all there; then objects whose local file is gone (old
+  Checkpoint data first and TF's `checkpoint` index last (COMPLETING_FILES), so the remote
+  index never names a checkpoint that is not all there; then objects whose local file is gone (old
   checkpoints the saver let go) are deleted remotely. A local uri: nothing to do.
 
   Args:
@@ -340,14 +352,10 @@ def sync_up(local_dir, uri):
   gone = [name for name in cached if not os.path.isfile(os.path.join(local_dir, name))]
   with _gcs_errors(uri):
     bucket = _client().bucket(bucket_name)
-    total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in changed)
     try:
-      with tqdm.tqdm(total=total, desc=f"syncing {uri}", unit="B", unit_scale=True,
-                     disable=not changed, leave=False) as bar:
-        for name in sorted(changed, key=lambda name: (name == CHECKPOINT_INDEX, name)):
-          cached[name] = _upload(bucket, local_dir, name, "/".join(filter(None, [prefix, name])))
-          bar.update(cached[name]["size"])
-      _delete(bucket, ["/".join(filter(None, [prefix, name])) for name in gone])
+      _upload_files(bucket, local_dir, prefix, _in_transfer_order(changed), f"syncing {uri}",
+                    cached, leave=False)
+      _delete(bucket, [_object_name(prefix, name) for name in gone])
       for name in gone:
         del cached[name]
     finally:  # What went up is recorded, also when a later upload failed.
