@@ -10,7 +10,7 @@ from gptneo.compat import mtf, tf
 from gptneo.model import ops
 
 ATTENTION_TYPES = ("global", "local", "linear")
-_MASKED = -1e9
+MASKED = -1e9  # the score bias of a position a query must not see
 
 
 def expand_pattern(attention_layers, n_layer):
@@ -84,7 +84,7 @@ def _causal_bias(mesh, sequence, memory, dtype):
   """0 where memory position m is at or before the query's position, -1e9 after it."""
   hidden = mtf.greater(mtf.mtf_range(mesh, memory, tf.int32),
                        mtf.mtf_range(mesh, sequence, tf.int32))
-  return mtf.cast(hidden, dtype) * _MASKED
+  return mtf.cast(hidden, dtype) * MASKED
 
 
 def local_attention(q, k, v, dims, drop_probs, window_size, scale):
@@ -130,7 +130,7 @@ def _local_bias(mesh, blocks, block, memory, dtype):
   allowed = (mtf.cast(mtf.less_equal(key, query), tf.float32)
              * mtf.cast(mtf.greater(key, query - w), tf.float32)
              * mtf.cast(mtf.greater_equal(key, 0.0), tf.float32))
-  return mtf.cast((1.0 - allowed) * _MASKED, dtype)
+  return mtf.cast((1.0 - allowed) * MASKED, dtype)
 
 
 def linear_attention(q, k, v, dims, drop_probs):

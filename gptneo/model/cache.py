@@ -172,7 +172,7 @@ class _Plan:
     hidden = slot > query
     if window:
       hidden = tf.logical_or(hidden, slot <= query - window)
-    self.bias = tf.cast(hidden, dtype) * -1e9
+    self.bias = tf.cast(hidden, dtype) * attention.MASKED
 
 
 def _batch_matmul(x, y, adj_y=False):
