@@ -53,10 +53,10 @@ def run_batches(make_dataset, max_batches=None):
   return batches
 
 
-def read_windows(dataset_dir, split):
-  """All windows of a split, in stored order, as one [windows, n_ctx+1] array."""
+def read_windows(dataset_dir, split, files=None):
+  """Windows of a split (or of some of its files), in stored order, as [windows, n_ctx+1]."""
   info = inputs.read_dataset_info(dataset_dir)
-  files = [os.path.join(dataset_dir, name) for name in info["splits"][split]["files"]]
+  files = [os.path.join(dataset_dir, name) for name in files or info["splits"][split]["files"]]
   features = {"tokens": tf.io.FixedLenFeature([info["n_ctx"] + 1], tf.int64)}
   def parse(record):
     return tf.io.parse_single_example(record, features)["tokens"]
@@ -323,14 +323,8 @@ def window_keys(dataset_dir, split):
 
 def file_streams(dataset_dir, split):
   """Each file's windows joined back into its token stream."""
-  info = inputs.read_dataset_info(dataset_dir)
-  streams = []
-  for name in info["splits"][split]["files"]:
-    path = os.path.join(dataset_dir, name)
-    streams.append(np.concatenate(run_batches(lambda p=path: tf.data.TFRecordDataset(p).map(
-        lambda r: tf.io.parse_single_example(
-            r, {"tokens": tf.io.FixedLenFeature([N_CTX + 1], tf.int64)})["tokens"]))))
-  return streams
+  files = inputs.read_dataset_info(dataset_dir)["splits"][split]["files"]
+  return [read_windows(dataset_dir, split, [name]).reshape(-1) for name in files]
 
 
 def locate(row, streams):
