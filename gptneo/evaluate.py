@@ -15,6 +15,7 @@ from gptneo import inference
 from gptneo.compat import mtf, tf
 from gptneo.data import jsonl
 from gptneo.data import inputs
+from gptneo.errors import UserError
 from gptneo.model import ops
 
 TASKS = ("lm", "lambada")
@@ -57,9 +58,9 @@ def evaluate_split(restored, dataset_dir, split, max_batches, byte_lengths):
   """Language-model metrics of `restored` over a dataset split."""
   info = inputs.read_dataset_info(dataset_dir)
   if info["n_ctx"] != restored.model.n_ctx:
-    raise ValueError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but the model's "
-                     f"GPT.n_ctx = {restored.model.n_ctx}; prepare it with "
-                     f"--n_ctx={restored.model.n_ctx}")
+    raise UserError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but the model's "
+                    f"GPT.n_ctx = {restored.model.n_ctx}; prepare it with "
+                    f"--n_ctx={restored.model.n_ctx}")
   total_nll, tokens, correct, num_bytes = 0.0, 0, 0, 0
   for batch in _windows(dataset_dir, split, restored.batch_size, max_batches):
     out = restored.score(batch[:, :-1], batch[:, 1:])
@@ -68,8 +69,8 @@ def evaluate_split(restored, dataset_dir, split, max_batches, byte_lengths):
     correct += int((out.argmax == batch[:, 1:]).sum())
     num_bytes += int(byte_lengths[batch[:, 1:]].sum())
   if not tokens:
-    raise ValueError(f"split {split!r} of {dataset_dir!r} has no full batch of "
-                     f"{restored.batch_size} windows; lower evaluate.batch_size")
+    raise UserError(f"split {split!r} of {dataset_dir!r} has no full batch of "
+                    f"{restored.batch_size} windows; lower evaluate.batch_size")
   return lm_metrics(total_nll, tokens, correct, num_bytes)
 
 
@@ -86,12 +87,12 @@ def read_last_word_examples(path, tokenizer, n_ctx):
         context, word = _split_last_word(line, path, number)
         word_ids = tokenizer.encode(" " + word).ids
         if len(word_ids) > n_ctx:
-          raise ValueError(f"{path} line {number}: the last word is {len(word_ids)} tokens, "
-                           f"more than GPT.n_ctx = {n_ctx}")
+          raise UserError(f"{path} line {number}: the last word is {len(word_ids)} tokens, "
+                          f"more than GPT.n_ctx = {n_ctx}")
         examples.append(((tokenizer.encode(context).ids + word_ids)[-(n_ctx + 1):],
                          len(word_ids)))
   if not examples:
-    raise ValueError(f"task file {path} has no examples; write one JSON object per line")
+    raise UserError(f"task file {path} has no examples; write one JSON object per line")
   return examples
 
 
@@ -99,8 +100,8 @@ def _split_last_word(line, path, number):
   text = jsonl.string_field(line, path, number, "text")
   context, _, word = text.strip().rpartition(" ")
   if not context or not word:
-    raise ValueError(f"{path} line {number}: the text needs a context and a last word "
-                     f"separated by a space")
+    raise UserError(f"{path} line {number}: the text needs a context and a last word "
+                    f"separated by a space")
   return context, word
 
 
@@ -159,11 +160,11 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
     the metrics dict, with "step", "task" and what was evaluated.
   """
   if task not in TASKS:
-    raise ValueError(f"task {task!r} is unknown; use one of {list(TASKS)}")
+    raise UserError(f"task {task!r} is unknown; use one of {list(TASKS)}")
   if task == "lambada" and not task_file:
-    raise ValueError("task 'lambada' needs --task_file, a JSONL file of {\"text\": ...} lines")
+    raise UserError("task 'lambada' needs --task_file, a JSONL file of {\"text\": ...} lines")
   if task == "lm" and not dataset_dir:
-    raise ValueError("task 'lm' needs a dataset: set --dataset_dir")
+    raise UserError("task 'lm' needs a dataset: set --dataset_dir")
   inference.check_model_dir(model_dir)
   tokenizer = inference.load_tokenizer(model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)

@@ -4,10 +4,13 @@ import logging as std_logging
 import os
 import pathlib
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 import gin
+
+from gptneo.errors import UserError
 
 
 @contextlib.contextmanager
@@ -37,10 +40,6 @@ def define_flags():
   flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative "
                             "to the working directory, then in the shipped gin/ folder.")
   flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'GPT.n_layer = 4'; repeatable.")
-
-
-class UserError(ValueError):
-  """Bad input from the user (config, flags, data): reported in one line, exit code 2."""
 
 
 def shipped_gin_dir():
@@ -108,13 +107,22 @@ def write_run_files(model_dir):
     f.write(" ".join(sys.argv) + "\n")
 
 
+BUG_REPORT = ("this is a bug in gptneo, not in your input: please report it with the "
+              "traceback above and the command line")
+
+
 def run(main):
-  """Like `absl.app.run`, but bad input ends in one line on stderr and exit code 2."""
+  """Like `absl.app.run`: bad input (UserError) ends in one line on stderr and exit code 2;
+  anything else is a bug, shown with its traceback, a line saying so, and exit code 1."""
   def guarded_main(argv):
+    program = os.path.basename(sys.argv[0])
     try:
       return main(argv)
-    except ValueError as error:  # UserError, and the ValueErrors our checks raise
-      program = os.path.basename(sys.argv[0])
+    except UserError as error:
       print(f"{program}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()
+      print(f"{program}: internal error: {BUG_REPORT}", file=sys.stderr)
+      sys.exit(1)
   app.run(guarded_main)

@@ -15,6 +15,7 @@ import safetensors.numpy
 from gptneo import inference
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
 from gptneo.model import feedforward
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import positions as positions_lib
@@ -96,7 +97,7 @@ def check_exportable(model):
   if "linear" in model.layer_types:
     problems.append("linear attention layers")
   if problems:
-    raise ValueError("HF GPT-Neo cannot express this model: " + "; ".join(problems))
+    raise UserError("HF GPT-Neo cannot express this model: " + "; ".join(problems))
 
 
 def _attention_types(layer_types):
@@ -154,7 +155,7 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
     the path of the checkpoint exported.
   """
   if dtype not in EXPORT_DTYPES:
-    raise ValueError(f"export_hf.dtype = {dtype!r}; use one of {sorted(EXPORT_DTYPES)}")
+    raise UserError(f"export_hf.dtype = {dtype!r}; use one of {sorted(EXPORT_DTYPES)}")
   check_exportable(model)
   inference.check_model_dir(model_dir)
   checkpoint = tf.train.latest_checkpoint(model_dir)
@@ -178,18 +179,18 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
 def read_hf_config(hf_dir):
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
-    raise ValueError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
+    raise UserError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
   with open(path) as f:
     config = json.load(f)
   if config.get("model_type") != "gpt_neo":
-    raise ValueError(f"{hf_dir} holds a {config.get('model_type')!r} model "
-                     f"({', '.join(config.get('architectures') or [])}); only HF GPT-Neo "
-                     f"(model_type 'gpt_neo') can be imported")
+    raise UserError(f"{hf_dir} holds a {config.get('model_type')!r} model "
+                    f"({', '.join(config.get('architectures') or [])}); only HF GPT-Neo "
+                    f"(model_type 'gpt_neo') can be imported")
   if not config.get("tie_word_embeddings", True):
-    raise ValueError(f"{hf_dir} has untied input and output embeddings; ours are tied")
+    raise UserError(f"{hf_dir} has untied input and output embeddings; ours are tied")
   if config.get("activation_function") not in _HF_ACTIVATIONS:
-    raise ValueError(f"{hf_dir} uses activation {config.get('activation_function')!r}; "
-                     f"supported: {sorted(_HF_ACTIVATIONS)}")
+    raise UserError(f"{hf_dir} uses activation {config.get('activation_function')!r}; "
+                    f"supported: {sorted(_HF_ACTIVATIONS)}")
   return config
 
 
@@ -198,8 +199,8 @@ def gin_bindings(config):
   hidden = config["hidden_size"]
   intermediate = config.get("intermediate_size") or 4 * hidden
   if intermediate % hidden:
-    raise ValueError(f"intermediate_size {intermediate} is not a multiple of hidden_size "
-                     f"{hidden}; GPT.mlp_ratio must be an integer")
+    raise UserError(f"intermediate_size {intermediate} is not a multiple of hidden_size "
+                    f"{hidden}; GPT.mlp_ratio must be an integer")
   values = {"n_layer": config["num_layers"], "n_embd": hidden, "n_head": config["num_heads"],
             "n_ctx": config["max_position_embeddings"], "n_vocab": config["vocab_size"],
             "mlp_ratio": intermediate // hidden, "feed_forward": "@mlp",
@@ -224,8 +225,8 @@ def _hf_weights(hf_dir):
   elif os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
     files = [WEIGHTS_FILE]
   else:
-    raise ValueError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
-                     f"model with safe_serialization=True (.bin weights are not supported)")
+    raise UserError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
+                    f"model with safe_serialization=True (.bin weights are not supported)")
   weights = {}
   for name in files:
     tensors = safetensors.numpy.load_file(os.path.join(hf_dir, name))
@@ -237,7 +238,7 @@ def _import_tokenizer(hf_dir, model_dir):
   try:
     tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
   except ValueError as error:
-    raise ValueError(f"{hf_dir} has no usable tokenizer ({error})") from None
+    raise UserError(f"{hf_dir} has no usable tokenizer ({error})") from None
   tokenizer_lib.eos_id(tokenizer)
   tokenizer.save(os.path.join(model_dir, inference.TOKENIZER_FILE))
 
@@ -249,7 +250,7 @@ def write_checkpoint(model, spec, model_dir, weights):
     masters = {v.op.name: v for v in tf.global_variables()}
     missing = sorted(set(masters) - set(weights))
     if missing:
-      raise ValueError(f"the HF weights lack {missing[:3]}; is the folder complete?")
+      raise UserError(f"the HF weights lack {missing[:3]}; is the folder complete?")
     restored.checkpoints.restore_or_initialize(restored.session)
     for name, variable in masters.items():
       variable.load(weights[name].reshape(variable.shape.as_list()), restored.session)

@@ -13,6 +13,7 @@ import numpy as np
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
 from gptneo.model import cache as cache_lib
 from gptneo.model import ops
 
@@ -24,11 +25,11 @@ def check_model_dir(model_dir):
   """A model dir must hold an operative config and a checkpoint; returns the config path."""
   config = os.path.join(model_dir, OPERATIVE_CONFIG)
   if not tf.io.gfile.exists(config):
-    raise ValueError(f"{config} not found; --model_dir must be a folder bin/train or "
-                     f"bin/import_hf wrote")
+    raise UserError(f"{config} not found; --model_dir must be a folder bin/train or "
+                    f"bin/import_hf wrote")
   if not tf.train.latest_checkpoint(model_dir):
-    raise ValueError(f"model dir {model_dir!r} has no checkpoint; train one with "
-                     f"bin/train --model_dir={model_dir} first")
+    raise UserError(f"model dir {model_dir!r} has no checkpoint; train one with "
+                    f"bin/train --model_dir={model_dir} first")
   return config
 
 

@@ -5,9 +5,20 @@ import math
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 
 MESH_NAME = "mesh"
 IMPLEMENTATIONS = ("placement", "simd")
+
+
+def parse_mesh_shape(text):
+  """"x:2,y:4" -> [("x", 2), ("y", 4)]: mesh dimension names and sizes."""
+  return _parse_pairs(text, "mesh_shape", int)
+
+
+def parse_layout(text):
+  """"batch:x,heads:y" -> [("batch", "x"), ("heads", "y")]: tensor to mesh dimension."""
+  return _parse_pairs(text, "layout", str)
 
 
 def _parse_pairs(text, knob, value_type):
@@ -20,8 +31,8 @@ def _parse_pairs(text, knob, value_type):
         raise ValueError
       pairs.append((name.strip(), value_type(value.strip())))
     except ValueError:
-      raise ValueError(f"{knob} item {item!r} is not 'name:{value_type.__name__}', "
-                       f"e.g. {knob} = '{'x:2' if value_type is int else 'batch:x'}'") from None
+      raise UserError(f"{knob} item {item!r} is not 'name:{value_type.__name__}', "
+                      f"e.g. {knob} = '{'x:2' if value_type is int else 'batch:x'}'") from None
   return pairs
 
 
@@ -63,24 +74,24 @@ class MeshSpec:
     for dim in dims:
       for tensor_dim, mesh_dim in self.layout:
         if tensor_dim == dim and mesh_dim in on:
-          raise ValueError(f"layout puts {on[mesh_dim]!r} and {dim!r} both on mesh dimension "
-                           f"{mesh_dim!r}, but tensor {name} has both ({', '.join(dims)}); "
-                           f"map one of them to another mesh dimension or leave it whole")
+          raise UserError(f"layout puts {on[mesh_dim]!r} and {dim!r} both on mesh dimension "
+                          f"{mesh_dim!r}, but tensor {name} has both ({', '.join(dims)}); "
+                          f"map one of them to another mesh dimension or leave it whole")
         if tensor_dim == dim:
           on[mesh_dim] = dim
 
   def _validate_rules(self, dim_sizes, mesh_sizes):
     for tensor_dim, mesh_dim in self.layout:
       if tensor_dim not in dim_sizes:
-        raise ValueError(f"layout names tensor dimension {tensor_dim!r}, which the model "
-                         f"doesn't have; use one of {sorted(dim_sizes)}")
+        raise UserError(f"layout names tensor dimension {tensor_dim!r}, which the model "
+                        f"doesn't have; use one of {sorted(dim_sizes)}")
       if mesh_dim not in mesh_sizes:
-        raise ValueError(f"layout maps {tensor_dim!r} to mesh dimension {mesh_dim!r}, "
-                         f"which mesh_shape doesn't define; use one of {sorted(mesh_sizes)}")
+        raise UserError(f"layout maps {tensor_dim!r} to mesh dimension {mesh_dim!r}, "
+                        f"which mesh_shape doesn't define; use one of {sorted(mesh_sizes)}")
       if dim_sizes[tensor_dim] % mesh_sizes[mesh_dim]:
-        raise ValueError(f"layout splits {tensor_dim!r} (size {dim_sizes[tensor_dim]}) over "
-                         f"{mesh_dim!r} (size {mesh_sizes[mesh_dim]}), which doesn't divide it; "
-                         f"change the layout or the size")
+        raise UserError(f"layout splits {tensor_dim!r} (size {dim_sizes[tensor_dim]}) over "
+                        f"{mesh_dim!r} (size {mesh_sizes[mesh_dim]}), which doesn't divide it; "
+                        f"change the layout or the size")
 
   def mtf_shape(self):
     return mtf.Shape([mtf.Dimension(name, size) for name, size in self.shape])
@@ -92,8 +103,8 @@ class MeshSpec:
     """mtf's placement (one device of this process per position) or SIMD (TPU) mesh."""
     if self.implementation == "simd":
       if self.device_assignment is None:
-        raise ValueError("mesh.implementation = 'simd' needs a TPU device assignment; get one "
-                         "with tpu.connect(spec) (see docs/tpu.md)")
+        raise UserError("mesh.implementation = 'simd' needs a TPU device assignment; get one "
+                        "with tpu.connect(spec) (see docs/tpu.md)")
       return mtf.simd_mesh_impl.SimdMeshImpl(self.mtf_shape(), self.mtf_layout(),
                                              device_assignment=self.device_assignment)
     return mtf.placement_mesh_impl.PlacementMeshImpl(
@@ -141,17 +152,16 @@ def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=
   Returns:
     A MeshSpec.
   """
-  spec = MeshSpec(_parse_pairs(mesh_shape, "mesh_shape", int),
-                  _parse_pairs(layout, "layout", str), devices=[],
+  spec = MeshSpec(parse_mesh_shape(mesh_shape), parse_layout(layout), devices=[],
                   implementation=implementation, tpu=tpu)
   if any(size < 1 for _, size in spec.shape):
-    raise ValueError(f"mesh_shape {mesh_shape!r} has a dimension smaller than 1")
+    raise UserError(f"mesh_shape {mesh_shape!r} has a dimension smaller than 1")
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"mesh.implementation = {implementation!r}; use one of {IMPLEMENTATIONS}")
+    raise UserError(f"mesh.implementation = {implementation!r}; use one of {IMPLEMENTATIONS}")
   if implementation == "simd":
     if not tpu:
-      raise ValueError("mesh.implementation = 'simd' runs on a TPU: set mesh.tpu to its name, "
-                       "grpc:// address or 'local' (docs/tpu.md)")
+      raise UserError("mesh.implementation = 'simd' runs on a TPU: set mesh.tpu to its name, "
+                      "grpc:// address or 'local' (docs/tpu.md)")
     spec.devices = [""] * spec.size  # the SIMD mesh places by device assignment, not name
     return spec
   if cluster:
@@ -166,13 +176,13 @@ def _cluster_devices(size, device_type, cluster, task_index):
   """Mesh position p lives on task p // per_task, device p % per_task of that task."""
   tasks = cluster.get("worker") if isinstance(cluster, dict) else None
   if not tasks or set(cluster) != {"worker"}:
-    raise ValueError(f"mesh.cluster = {cluster!r}; write {{'worker': ['host:port', ...]}}")
+    raise UserError(f"mesh.cluster = {cluster!r}; write {{'worker': ['host:port', ...]}}")
   if size % len(tasks):
-    raise ValueError(f"mesh_shape has {size} positions, which {len(tasks)} tasks in "
-                     f"mesh.cluster can't share evenly; make the mesh a multiple of the tasks")
+    raise UserError(f"mesh_shape has {size} positions, which {len(tasks)} tasks in "
+                    f"mesh.cluster can't share evenly; make the mesh a multiple of the tasks")
   if not 0 <= task_index < len(tasks):
-    raise ValueError(f"--task_index={task_index} but mesh.cluster has {len(tasks)} tasks; "
-                     f"use 0 .. {len(tasks) - 1}")
+    raise UserError(f"--task_index={task_index} but mesh.cluster has {len(tasks)} tasks; "
+                    f"use 0 .. {len(tasks) - 1}")
   per_task = size // len(tasks)
   return [f"/job:worker/task:{p // per_task}/{device_type}:{p % per_task}" for p in range(size)]
 
@@ -185,11 +195,11 @@ def _devices(size, device_type, cpu_devices, gpu_ids):
     available = len(tf.config.list_physical_devices("GPU"))
     ids = list(gpu_ids) if gpu_ids is not None else list(range(size))
     if len(ids) != size:
-      raise ValueError(f"mesh.gpu_ids has {len(ids)} ids for a mesh of {size} devices")
+      raise UserError(f"mesh.gpu_ids has {len(ids)} ids for a mesh of {size} devices")
     available = available if max(ids) < available else 0
   else:
-    raise ValueError(f"mesh.device_type = {device_type!r}; use 'cpu' or 'gpu'")
+    raise UserError(f"mesh.device_type = {device_type!r}; use 'cpu' or 'gpu'")
   if size > available:
-    raise ValueError(f"the mesh needs {size} {device_type} devices but {available} are "
-                     f"available; shrink mesh_shape or add devices")
+    raise UserError(f"the mesh needs {size} {device_type} devices but {available} are "
+                    f"available; shrink mesh_shape or add devices")
   return [f"/{device_type}:{i}" for i in ids]

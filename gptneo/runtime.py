@@ -6,6 +6,7 @@ import sys
 import time
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.mesh import MESH_NAME
 
 PRECISIONS = ("float32", "bfloat16")
@@ -14,7 +15,7 @@ PRECISIONS = ("float32", "bfloat16")
 def variable_dtype(precision):
   """float32 everywhere, or bfloat16 activations over float32 master weights."""
   if precision not in PRECISIONS:
-    raise ValueError(f"precision = {precision!r}; use one of {PRECISIONS}")
+    raise UserError(f"precision = {precision!r}; use one of {PRECISIONS}")
   activation = tf.float32 if precision == "float32" else tf.bfloat16
   return mtf.VariableDType(master_dtype=tf.float32, slice_dtype=tf.float32,
                            activation_dtype=activation)
@@ -100,8 +101,8 @@ class Checkpoints:
   def restore(self, session, path=None):
     path = path or self.latest()
     if not path:
-      raise ValueError(f"model dir {self.model_dir!r} has no checkpoint; train one with "
-                       f"bin/train --model_dir={self.model_dir} first")
+      raise UserError(f"model dir {self.model_dir!r} has no checkpoint; train one with "
+                      f"bin/train --model_dir={self.model_dir} first")
     self._restore(session, path)
     session.run(self._to_slices)
     return path
@@ -137,7 +138,7 @@ def check_fits(path, variables, what):
     if name.endswith("/attn/qkv/w") and name.replace("/qkv/", "/q/") in stored:
       hint = ("it predates the fused attn/qkv weight (gptneo before 2026-11-30): train or "
               "import it again")
-    raise ValueError(f"{what} {path} has {held}, the model needs {shape}; {hint}")
+    raise UserError(f"{what} {path} has {held}, the model needs {shape}; {hint}")
 
 
 # Several processes, one mesh: task 0 builds the graph and drives the session through its own
@@ -185,9 +186,9 @@ def serve_until_released(spec, poll_seconds=1.0):
       if _reachable(spec.cluster["worker"][0], poll_seconds):
         last_seen = time.monotonic()
       elif time.monotonic() - last_seen > spec.operation_timeout:
-        raise ValueError(f"task {spec.task_index}: task 0 at {spec.cluster['worker'][0]} has "
-                         f"been unreachable for {spec.operation_timeout:.0f}s "
-                         f"(mesh.operation_timeout); restart every task")
+        raise UserError(f"task {spec.task_index}: task 0 at {spec.cluster['worker'][0]} has "
+                        f"been unreachable for {spec.operation_timeout:.0f}s "
+                        f"(mesh.operation_timeout); restart every task")
 
 
 def wait_for_peers(spec):
@@ -196,8 +197,8 @@ def wait_for_peers(spec):
   for task, address in enumerate(spec.cluster["worker"]):
     while not _reachable(address, 1.0):
       if time.monotonic() > deadline:
-        raise ValueError(f"task {task} of mesh.cluster at {address} did not come up within "
-                         f"{spec.operation_timeout:.0f}s; start it with --task_index={task}")
+        raise UserError(f"task {task} of mesh.cluster at {address} did not come up within "
+                        f"{spec.operation_timeout:.0f}s; start it with --task_index={task}")
       time.sleep(0.2)  # polling a port that is not open yet; nothing to wait on instead
 
 
@@ -231,5 +232,5 @@ def lost_peer_error(spec, error):
   lines = [line.strip() for line in str(error.message).splitlines()
            if any(c.isalpha() for c in line) and "Graph execution error" not in line]
   detail = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
-  return ValueError(f"task {spec.task_index} lost a peer of mesh.cluster ({detail}); restart "
+  return UserError(f"task {spec.task_index} lost a peer of mesh.cluster ({detail}); restart "
                     f"every task from the last checkpoint")

@@ -12,6 +12,7 @@ from gptneo import inference
 from gptneo.compat import tf
 from gptneo.data import jsonl
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
 
 
 def read_prompts(path):
@@ -80,15 +81,15 @@ def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
 
 def _validate(max_new_tokens, temperature, top_k, top_p, batch_size):
   if temperature < 0:
-    raise ValueError(f"sample.temperature = {temperature}; it must be >= 0")
+    raise UserError(f"sample.temperature = {temperature}; it must be >= 0")
   if not isinstance(top_k, int) or top_k < 0:
-    raise ValueError(f"sample.top_k = {top_k!r}; it must be an integer >= 0 (0: off)")
+    raise UserError(f"sample.top_k = {top_k!r}; it must be an integer >= 0 (0: off)")
   if not 0 < top_p <= 1:
-    raise ValueError(f"sample.top_p = {top_p}; it must be in (0, 1] (1: off)")
+    raise UserError(f"sample.top_p = {top_p}; it must be in (0, 1] (1: off)")
   if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-    raise ValueError(f"sample.max_new_tokens = {max_new_tokens!r}; it must be an integer >= 0")
+    raise UserError(f"sample.max_new_tokens = {max_new_tokens!r}; it must be an integer >= 0")
   if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"sample.batch_size = {batch_size!r}; it must be a positive integer")
+    raise UserError(f"sample.batch_size = {batch_size!r}; it must be a positive integer")
 
 
 def _rows(batch_size, prompts, mesh):
@@ -107,7 +108,7 @@ def encode_prompts(tokenizer, prompts, n_ctx):
   prompts_ids = [tokenizer.encode(p).ids if p else [eos] for p in prompts]
   for number, ids in enumerate(prompts_ids, start=1):
     if len(ids) > n_ctx:
-      raise ValueError(f"prompt {number} is {len(ids)} tokens, more than GPT.n_ctx = {n_ctx};"
+      raise UserError(f"prompt {number} is {len(ids)} tokens, more than GPT.n_ctx = {n_ctx};"
                        f" shorten it")
   return prompts_ids
 

@@ -20,6 +20,7 @@ from google.cloud import storage as gcs
 from google.cloud.storage import retry as gcs_retry
 import requests
 import tqdm
+from gptneo.errors import UserError
 
 SCHEME = "gs://"
 CACHE_DIR_ENV = "GPTNEO_CACHE_DIR"
@@ -44,7 +45,7 @@ def split_uri(uri):
   """Returns (bucket, prefix) of 'gs://bucket/prefix/', the prefix without slashes at its ends."""
   bucket, _, prefix = str(uri)[len(SCHEME):].partition("/")
   if not is_remote(uri) or not bucket:
-    raise ValueError(f"'{uri}' is not a gs://bucket/prefix URI; pass e.g. gs://my-bucket/data")
+    raise UserError(f"'{uri}' is not a gs://bucket/prefix URI; pass e.g. gs://my-bucket/data")
   return bucket, prefix.strip("/")
 
 
@@ -71,20 +72,20 @@ def _gcs_errors(uri):
     yield
   except (api_exceptions.Unauthorized, api_exceptions.Forbidden,
           auth_exceptions.DefaultCredentialsError, auth_exceptions.RefreshError) as error:
-    raise ValueError(f"{uri}: access denied ({_first_line(error)}); run `gcloud auth "
-                     "application-default login` with an account that may use the bucket "
-                     f"gs://{bucket}") from None
+    raise UserError(f"{uri}: access denied ({_first_line(error)}); run `gcloud auth "
+                    "application-default login` with an account that may use the bucket "
+                    f"gs://{bucket}") from None
   except api_exceptions.NotFound:
-    raise ValueError(f"{uri}: not found: bucket gs://{bucket} does not exist or an object "
-                     "vanished meanwhile; check the bucket name (`gcloud storage ls`) "
-                     "and try again") from None
+    raise UserError(f"{uri}: not found: bucket gs://{bucket} does not exist or an object "
+                    "vanished meanwhile; check the bucket name (`gcloud storage ls`) "
+                    "and try again") from None
   except (requests.ConnectionError, requests.Timeout, auth_exceptions.TransportError,
           api_exceptions.RetryError) as error:
-    raise ValueError(f"{uri}: cannot reach Cloud Storage ({type(error).__name__}); check the "
-                     f"network, or {_EMULATOR_ENV} if you use an emulator") from None
+    raise UserError(f"{uri}: cannot reach Cloud Storage ({type(error).__name__}); check the "
+                    f"network, or {_EMULATOR_ENV} if you use an emulator") from None
   except api_exceptions.GoogleAPICallError as error:
-    raise ValueError(f"{uri}: Cloud Storage refused ({_first_line(error)}); "
-                     "check the bucket and try again") from None
+    raise UserError(f"{uri}: Cloud Storage refused ({_first_line(error)}); "
+                    "check the bucket and try again") from None
 
 
 def _first_line(error):
@@ -102,8 +103,8 @@ def _list_objects(bucket, prefix):
 def _relative_name(blob, prefix):
   name = blob.name[len(prefix) + 1:] if prefix else blob.name
   if os.path.isabs(name) or ".." in name.split("/"):
-    raise ValueError(f"object gs://{blob.bucket.name}/{blob.name} escapes its prefix; "
-                     "rename it without '..' parts")
+    raise UserError(f"object gs://{blob.bucket.name}/{blob.name} escapes its prefix; "
+                    "rename it without '..' parts")
   return name
 
 
@@ -137,8 +138,8 @@ def local_copy(uri, cache_dir=None, must_exist=True):
   with _gcs_errors(uri):
     blobs = {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
     if not blobs and must_exist:
-      raise ValueError(f"{uri.rstrip('/')} holds no files; check the path or run "
-                       f"bin/prepare_data --output_dir={uri.rstrip('/')}")
+      raise UserError(f"{uri.rstrip('/')} holds no files; check the path or run "
+                      f"bin/prepare_data --output_dir={uri.rstrip('/')}")
     cached = _read_manifest(folder)
     _remove_vanished(folder, cached, blobs)
     missing = {name: blob for name, blob in blobs.items()
@@ -233,8 +234,8 @@ def check_upload_target(uri, overwrite=False):
   with _gcs_errors(uri):
     existing = _list_objects(bucket, prefix)
   if existing and not overwrite:
-    raise ValueError(f"{uri} already holds {len(existing)} objects; pass --overwrite to "
-                     "replace them or choose another --output_dir")
+    raise UserError(f"{uri} already holds {len(existing)} objects; pass --overwrite to "
+                    "replace them or choose another --output_dir")
   return existing
 
 
@@ -250,7 +251,7 @@ def upload_folder(local_dir, uri, overwrite=False):
   """
   files = _local_files(local_dir)
   if not files:
-    raise ValueError(f"'{local_dir}' holds no files to upload; pass a prepared dataset folder")
+    raise UserError(f"'{local_dir}' holds no files to upload; pass a prepared dataset folder")
   bucket_name, prefix = split_uri(uri)
   existing = check_upload_target(uri, overwrite)  # Again: someone may have written meanwhile.
   names = {_object_name(prefix, name) for name in files}

@@ -18,6 +18,7 @@ import contextlib
 import numpy as np
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from mesh_tensorflow.experimental import input_reader  # pylint: disable=g-bad-import-order
 from tensorflow.python.tpu import tpu_feed  # pylint: disable=g-direct-tensorflow-import
 
@@ -46,9 +47,9 @@ def connect(spec):
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=spec.tpu)
     target, cluster = resolver.master(), resolver.cluster_spec()
   except (ValueError, RuntimeError, OSError) as error:
-    raise ValueError(f"mesh.tpu = {spec.tpu!r} does not resolve to a TPU "
-                     f"({str(error).splitlines()[0][:160]}); check the name and zone, or use "
-                     f"'local' on a TPU VM") from None
+    raise UserError(f"mesh.tpu = {spec.tpu!r} does not resolve to a TPU "
+                    f"({str(error).splitlines()[0][:160]}); check the name and zone, or use "
+                    f"'local' on a TPU VM") from None
   spec.cluster_def = cluster.as_cluster_def() if cluster and cluster.jobs else None
   spec.tpu_job = resolver.get_job_name() if target else None  # a TPU VM's own: no job
   try:
@@ -56,8 +57,8 @@ def connect(spec):
       serialized = session.run(tf.tpu.initialize_system(job=spec.tpu_job))
   except tf.errors.OpError as error:
     detail = _error_line(error)
-    raise ValueError(f"mesh.tpu = {spec.tpu!r}: no TPU to initialize ({detail}); run on a TPU "
-                     f"VM with 'local' or name a TPU this machine reaches (docs/tpu.md)") from None
+    raise UserError(f"mesh.tpu = {spec.tpu!r}: no TPU to initialize ({detail}); run on a TPU "
+                    f"VM with 'local' or name a TPU this machine reaches (docs/tpu.md)") from None
   spec.target = target
   spec.device_assignment = device_assignment(
       spec, tf.tpu.experimental.Topology(serialized=serialized))
@@ -76,8 +77,8 @@ def device_assignment(spec, topology):
   """One core per mesh position, in the lexicographic order mtf's SIMD mesh expects."""
   cores = topology.num_tasks * topology.num_tpus_per_task
   if spec.size > cores:
-    raise ValueError(f"mesh_shape has {spec.size} positions but TPU {spec.tpu!r} has {cores} "
-                     f"cores; pick its layout from gin/layouts/tpu_*.gin")
+    raise UserError(f"mesh_shape has {spec.size} positions but TPU {spec.tpu!r} has {cores} "
+                    f"cores; pick its layout from gin/layouts/tpu_*.gin")
   return tf.tpu.experimental.DeviceAssignment.build(topology, num_replicas=spec.size)
 
 

@@ -16,6 +16,7 @@ from gptneo import tpu
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
 from gptneo.optim import optimizers
@@ -52,13 +53,13 @@ class TrainGraph:
 def check_dataset(model, info, dataset_dir):
   """The dataset must fit the model's vocabulary and context."""
   if info["n_vocab"] > model.n_vocab:
-    raise ValueError(f"dataset {dataset_dir!r} has vocab size {info['n_vocab']} > "
-                     f"GPT.n_vocab = {model.n_vocab}; raise GPT.n_vocab to at least "
-                     f"{info['n_vocab']}")
+    raise UserError(f"dataset {dataset_dir!r} has vocab size {info['n_vocab']} > "
+                    f"GPT.n_vocab = {model.n_vocab}; raise GPT.n_vocab to at least "
+                    f"{info['n_vocab']}")
   if info["n_ctx"] != model.n_ctx:
-    raise ValueError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but GPT.n_ctx = "
-                     f"{model.n_ctx}; set GPT.n_ctx = {info['n_ctx']} or prepare the data "
-                     f"with --n_ctx={model.n_ctx}")
+    raise UserError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but GPT.n_ctx = "
+                    f"{model.n_ctx}; set GPT.n_ctx = {info['n_ctx']} or prepare the data "
+                    f"with --n_ctx={model.n_ctx}")
 
 
 def _import_batch(mtf_mesh, batch, dims):
@@ -322,8 +323,8 @@ def train(model_dir, model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=g
   remote_dir, model_dir = model_dir, storage.working_copy(model_dir)
   init_from = init_from and storage.local_copy(init_from)
   if init_from and not tf.train.latest_checkpoint(init_from):
-    raise ValueError(f"train.init_from = {init_from!r} has no checkpoint; point it at a model "
-                     f"dir that bin/train or bin/import_hf wrote")
+    raise UserError(f"train.init_from = {init_from!r} has no checkpoint; point it at a model "
+                    f"dir that bin/train or bin/import_hf wrote")
   graph = _validated_graph(model, optimizer, mesh, dataset_dir, batch_size, train_steps, seed,
                            precision, microbatches_per_batch, clip_norm,
                            eval_batches or (eval_steps if eval_every_n_steps else 0),
@@ -362,8 +363,8 @@ def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_step
   """Checks the config, then builds the graph (on "simd": after connecting to the TPU)."""
   check_dataset(model, inputs.read_dataset_info(dataset_dir), dataset_dir)
   if batch_size % microbatches:
-    raise ValueError(f"train.microbatches_per_batch = {microbatches} does not divide "
-                     f"train.batch_size = {batch_size}")
+    raise UserError(f"train.microbatches_per_batch = {microbatches} does not divide "
+                    f"train.batch_size = {batch_size}")
   spec.validate(model.dims(batch_size // microbatches).sizes())
   runtime.variable_dtype(precision)
   check_loop(spec, steps_per_loop, eval_every_n_steps)
@@ -380,13 +381,13 @@ def _validated_graph(model, optimizer, spec, dataset_dir, batch_size, train_step
 def check_loop(spec, steps_per_loop, eval_every_n_steps):
   """Loops on the device exist on the TPU only, and have no periodic evaluation yet."""
   if not isinstance(steps_per_loop, int) or steps_per_loop < 1:
-    raise ValueError(f"train.steps_per_loop = {steps_per_loop!r}; use a positive integer")
+    raise UserError(f"train.steps_per_loop = {steps_per_loop!r}; use a positive integer")
   if spec.implementation != "simd" and steps_per_loop != 1:
-    raise ValueError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
-                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
+    raise UserError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
+                    f"set mesh.implementation = 'simd' (docs/tpu.md)")
   if spec.implementation == "simd" and eval_every_n_steps:
-    raise ValueError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
-                     f"periodic evaluation yet; set it to 0 and run bin/eval on the checkpoints")
+    raise UserError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
+                    f"periodic evaluation yet; set it to 0 and run bin/eval on the checkpoints")
 
 
 def _copy_tokenizer(dataset_dir, model_dir):

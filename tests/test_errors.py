@@ -1,9 +1,11 @@
 """Bad input: one line naming the culprit and the fix, exit code 2, the model dir untouched."""
 import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import TINY_TEST_BINDINGS, run_binary
+from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
 from tests.test_train import train_in_process
 
 
@@ -82,3 +84,27 @@ def test_empty_corpus(tmp_path):
 def test_sample_without_checkpoint(tmp_path):
   result = run_binary("sample", f"--model_dir={tmp_path}")
   assert_one_line_error(result, "sample", "operative_config.gin")
+
+
+def _run_main(body):
+  """Runs `body` (code raising an exception) as a binary's main, through gin_utils.run."""
+  script = ("import sys\nfrom gptneo import gin_utils\nfrom gptneo.errors import UserError\n"
+            "import numpy as np\n"
+            f"def main(argv):\n  {body}\n"
+            "sys.argv[0] = 'prog'\ngin_utils.run(main)\n")
+  return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
+
+
+def test_a_user_error_is_one_line_and_exit_code_2():
+  result = _run_main("raise UserError('train.batch_size = 0; use a positive integer')")
+  assert_one_line_error(result, "prog", "train.batch_size = 0")
+
+
+def test_a_bug_keeps_its_traceback_says_it_is_a_bug_and_exits_1():
+  """numpy's ValueError is no user error: it must not pass as one."""
+  result = _run_main("np.zeros(2).reshape(3)")
+  assert result.returncode == 1, result.stderr
+  assert "Traceback" in result.stderr and "ValueError: cannot reshape" in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("prog: internal error: this is a bug in gptneo"), last

@@ -16,6 +16,7 @@ import tensorflow.compat.v1 as tf
 
 from gptneo import storage
 from gptneo.data import prepare
+from gptneo.errors import UserError
 
 _REQUIRED_FIELDS = ("format", "n_ctx", "n_vocab", "eos_id", "tokenizer", "splits")
 # fixed: the stored windows of the packed token stream, as written.
@@ -37,8 +38,8 @@ def components(dataset_dir):
   specs = dataset_dir if isinstance(dataset_dir, dict) else {dataset_dir: 1.0}
   if not specs or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w <= 0
                       for w in specs.values()):
-    raise ValueError(f"dataset mixture {dataset_dir!r} needs positive weights, e.g. "
-                     "{'data/a': 3, 'data/b': 1}")
+    raise UserError(f"dataset mixture {dataset_dir!r} needs positive weights, e.g. "
+                    "{'data/a': 3, 'data/b': 1}")
   total = float(sum(specs.values()))
   parts = [(str(spec), _local_folder(str(spec)), weight / total)
            for spec, weight in specs.items()]
@@ -85,14 +86,14 @@ def tokenizer_path(dataset_dir):
 def _read_one(spec, folder):
   path = os.path.join(folder, "dataset.json")
   if not tf.io.gfile.exists(path):
-    raise ValueError(f"dataset '{spec}' has no dataset.json; "
-                     f"run bin/prepare_data --output_dir={spec} first")
+    raise UserError(f"dataset '{spec}' has no dataset.json; "
+                    f"run bin/prepare_data --output_dir={spec} first")
   with tf.io.gfile.GFile(path, "r") as f:
     try:
       info = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"dataset '{spec}' has a corrupt dataset.json ({e}); "
-                       f"rerun bin/prepare_data --output_dir={spec} --overwrite") from e
+      raise UserError(f"dataset '{spec}' has a corrupt dataset.json ({e}); "
+                      f"rerun bin/prepare_data --output_dir={spec} --overwrite") from e
   _validate_info(info, spec)
   return info
 
@@ -101,14 +102,14 @@ def _validate_info(info, dataset_dir):
   rerun = f"rerun bin/prepare_data --output_dir={dataset_dir} --overwrite"
   missing = [field for field in _REQUIRED_FIELDS if field not in info]
   if missing:
-    raise ValueError(f"dataset '{dataset_dir}' dataset.json lacks {missing}; {rerun}")
+    raise UserError(f"dataset '{dataset_dir}' dataset.json lacks {missing}; {rerun}")
   if info["format"] != prepare.FORMAT_VERSION:
-    raise ValueError(f"dataset '{dataset_dir}' has format {info['format']}, this code reads "
-                     f"format {prepare.FORMAT_VERSION}; {rerun}")
+    raise UserError(f"dataset '{dataset_dir}' has format {info['format']}, this code reads "
+                    f"format {prepare.FORMAT_VERSION}; {rerun}")
   for split, split_info in info["splits"].items():
     if not split_info.get("files") or "windows" not in split_info:
-      raise ValueError(f"dataset '{dataset_dir}' split '{split}' lists no files or windows; "
-                       f"{rerun}")
+      raise UserError(f"dataset '{dataset_dir}' split '{split}' lists no files or windows; "
+                      f"{rerun}")
 
 
 def _check_compatible(parts):
@@ -118,11 +119,11 @@ def _check_compatible(parts):
   for spec, folder, _, info in parts[1:]:
     for field in ("n_ctx", "n_vocab", "eos_id"):
       if info[field] != first[field]:
-        raise ValueError(f"mixture parts '{first_spec}' and '{spec}' differ in {field} "
-                         f"({first[field]} vs {info[field]}); prepare them alike")
+        raise UserError(f"mixture parts '{first_spec}' and '{spec}' differ in {field} "
+                        f"({first[field]} vs {info[field]}); prepare them alike")
     if _tokenizer_bytes(folder, info) != first_tokenizer:
-      raise ValueError(f"mixture parts '{first_spec}' and '{spec}' have different tokenizers; "
-                       f"prepare '{spec}' with --tokenizer={first_folder}")
+      raise UserError(f"mixture parts '{first_spec}' and '{spec}' have different tokenizers; "
+                      f"prepare '{spec}' with --tokenizer={first_folder}")
 
 
 def _tokenizer_bytes(folder, info):
@@ -150,14 +151,14 @@ def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=Tr
     A `tf.data.Dataset` of int32 tensors of static shape [batch_size, n_ctx + 1].
   """
   if sampling not in SAMPLINGS:
-    raise ValueError(f"train.sampling = {sampling!r} is unknown; use one of {list(SAMPLINGS)}")
+    raise UserError(f"train.sampling = {sampling!r} is unknown; use one of {list(SAMPLINGS)}")
   parts = components(dataset_dir)
   info = _merged_info(parts)
   windows = _split_info(info, split, dataset_dir)["windows"]
   if not repeat and windows < batch_size:
-    raise ValueError(f"split '{split}' of dataset '{dataset_dir}' has {windows} windows, "
-                     f"fewer than batch_size={batch_size}; lower the batch size or prepare "
-                     "more data")
+    raise UserError(f"split '{split}' of dataset '{dataset_dir}' has {windows} windows, "
+                    f"fewer than batch_size={batch_size}; lower the batch size or prepare "
+                    "more data")
   pairs = sampling != "fixed"
   streams, weights = [], []
   for index, (_, folder, weight, part) in enumerate(parts):
@@ -206,8 +207,8 @@ def _mix(streams, weights, seed, repeat):
 def _split_info(info, split, dataset_dir):
   if split not in info["splits"]:
     available = ", ".join(sorted(info["splits"]))
-    raise ValueError(f"dataset '{dataset_dir}' has no split '{split}'; "
-                     f"available splits: {available}")
+    raise UserError(f"dataset '{dataset_dir}' has no split '{split}'; "
+                    f"available splits: {available}")
   return info["splits"][split]
 
 

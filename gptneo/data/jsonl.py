@@ -1,6 +1,8 @@
 """JSON Lines input (prompt files, task files): one object per line, errors name the line."""
 import json
 
+from gptneo.errors import UserError
+
 
 def string_field(line, path, number, field):
   """The string `field` of JSONL line `number` of `path`.
@@ -18,8 +20,8 @@ def string_field(line, path, number, field):
   try:
     record = json.loads(line)
   except json.JSONDecodeError as error:
-    raise ValueError(f"{path} line {number} is not JSON ({error.msg}); {fix}") from None
+    raise UserError(f"{path} line {number} is not JSON ({error.msg}); {fix}") from None
   value = record.get(field) if isinstance(record, dict) else None
   if not isinstance(value, str):
-    raise ValueError(f'{path} line {number} has no string "{field}" field; {fix}')
+    raise UserError(f'{path} line {number} has no string "{field}" field; {fix}')
   return value

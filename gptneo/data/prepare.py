@@ -27,6 +27,7 @@ import tqdm
 
 from gptneo import storage
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
 
 FORMAT_VERSION = 1
 TOKEN_FEATURE = "tokens"
@@ -55,12 +56,12 @@ def resolve_inputs(specs):
   for spec in specs:
     matched = _resolve_spec(str(spec))
     if not matched:
-      raise ValueError(f"input '{spec}' matched no files; pass an existing file, folder, "
-                       f"glob or '{STDLIB_SPEC}'")
+      raise UserError(f"input '{spec}' matched no files; pass an existing file, folder, "
+                      f"glob or '{STDLIB_SPEC}'")
     paths.update(matched)
   if not paths:
-    raise ValueError("no inputs given; pass an existing file, folder, glob "
-                     f"or '{STDLIB_SPEC}'")
+    raise UserError("no inputs given; pass an existing file, folder, glob "
+                    f"or '{STDLIB_SPEC}'")
   return sorted(paths)
 
 
@@ -70,7 +71,7 @@ def _resolve_spec(spec):
     return _stdlib_files()
   if os.path.isfile(spec):
     if not _is_utf8_text(spec):
-      raise ValueError(f"input '{spec}' is not UTF-8 text; pass text files only")
+      raise UserError(f"input '{spec}' is not UTF-8 text; pass text files only")
     return [os.path.normpath(spec)]
   if os.path.isdir(spec):
     return _text_files_under(spec)
@@ -131,7 +132,7 @@ def split_documents(paths, validation_fraction, seed):
     Dict split name -> list of paths in stream order; 'validation' only when non-empty.
   """
   if not 0 <= validation_fraction < 1:
-    raise ValueError(f"validation_fraction={validation_fraction} is outside [0, 1); "
+    raise UserError(f"validation_fraction={validation_fraction} is outside [0, 1); "
                      "pass e.g. --validation_fraction=0.05, or 0 for no validation split")
   order = list(paths)
   # Shuffled stream order keeps neighbouring windows from being the same package.
@@ -240,11 +241,11 @@ def _check_output_dir(output_dir, overwrite):
   if not tf.io.gfile.exists(output_dir):
     return
   if not tf.io.gfile.isdir(output_dir):
-    raise ValueError(f"output_dir '{output_dir}' is a file; "
-                     "pass a folder path as --output_dir")
+    raise UserError(f"output_dir '{output_dir}' is a file; "
+                    "pass a folder path as --output_dir")
   if tf.io.gfile.listdir(output_dir) and not overwrite:
-    raise ValueError(f"output_dir '{output_dir}' is not empty; pass --overwrite to replace "
-                     "it or choose another --output_dir")
+    raise UserError(f"output_dir '{output_dir}' is not empty; pass --overwrite to replace "
+                    "it or choose another --output_dir")
 
 
 def _publish(staging_dir, output_dir, overwrite):
@@ -332,13 +333,13 @@ def _prepare_and_upload(uri, overwrite, prepare_into):
 
 def _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard):
   if (vocab_size is None) == (tokenizer_path is None):
-    raise ValueError("give exactly one of vocab_size (train a tokenizer) and tokenizer_path "
-                     "(load one); pass --vocab_size or --tokenizer")
+    raise UserError("give exactly one of vocab_size (train a tokenizer) and tokenizer_path "
+                    "(load one); pass --vocab_size or --tokenizer")
   if n_ctx < 1:
-    raise ValueError(f"n_ctx={n_ctx} must be positive; pass e.g. --n_ctx=256")
+    raise UserError(f"n_ctx={n_ctx} must be positive; pass e.g. --n_ctx=256")
   if tokens_per_shard < 1:
-    raise ValueError(f"tokens_per_shard={tokens_per_shard} must be positive; "
-                     "pass e.g. --tokens_per_shard=1000000")
+    raise UserError(f"tokens_per_shard={tokens_per_shard} must be positive; "
+                    "pass e.g. --tokens_per_shard=1000000")
 
 
 def _write_dataset(tokenizer, splits, folder, n_ctx, tokens_per_shard):
@@ -348,7 +349,7 @@ def _write_dataset(tokenizer, splits, folder, n_ctx, tokens_per_shard):
   for split, paths in splits.items():
     tokens, num_bytes = encode_documents(tokenizer, paths, f"tokenizing {split}")
     if len(tokens) < window_length:
-      raise ValueError(_too_few_tokens_message(split, len(tokens), n_ctx))
+      raise UserError(_too_few_tokens_message(split, len(tokens), n_ctx))
     files, num_windows = write_windows(tokens, window_length, tokens_per_shard, folder, split)
     split_infos[split] = {"files": files, "windows": num_windows, "tokens": int(len(tokens)),
                           "bytes": num_bytes, "documents": paths}

@@ -11,6 +11,8 @@ import sys
 import tensorflow.compat.v1 as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from gptneo.errors import UserError
+
 EOS_TOKEN = "<|endoftext|>"
 _MIN_VOCAB_SIZE = 256 + 1  # Every byte plus EOS; below this some text is unencodable.
 
@@ -36,8 +38,8 @@ def train_bpe(paths, vocab_size):
     A trained `tokenizers.Tokenizer`.
   """
   if vocab_size < _MIN_VOCAB_SIZE:
-    raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE; "
-                     f"use --vocab_size >= {_MIN_VOCAB_SIZE}")
+    raise UserError(f"vocab_size={vocab_size} is too small for a byte-level BPE; "
+                    f"use --vocab_size >= {_MIN_VOCAB_SIZE}")
   tokenizer = _byte_level_tokenizer(models.BPE())
   trainer = trainers.BpeTrainer(
       vocab_size=vocab_size,
@@ -63,8 +65,8 @@ def load_tokenizer(path):
   path = str(path)
   if not tf.io.gfile.isdir(path):
     if not tf.io.gfile.exists(path):
-      raise ValueError(f"tokenizer '{path}' does not exist; pass a tokenizer.json file "
-                       "or a folder with tokenizer.json or vocab.json + merges.txt")
+      raise UserError(f"tokenizer '{path}' does not exist; pass a tokenizer.json file "
+                      "or a folder with tokenizer.json or vocab.json + merges.txt")
     return _load_tokenizer_json(path)
   if tf.io.gfile.exists(os.path.join(path, "tokenizer.json")):
     return _load_tokenizer_json(os.path.join(path, "tokenizer.json"))
@@ -72,8 +74,8 @@ def load_tokenizer(path):
   merges_path = os.path.join(path, "merges.txt")
   if tf.io.gfile.exists(vocab_path) and tf.io.gfile.exists(merges_path):
     return _load_vocab_and_merges(vocab_path, merges_path)
-  raise ValueError(f"tokenizer folder '{path}' has neither tokenizer.json nor "
-                   "vocab.json + merges.txt; pass a folder holding one of them")
+  raise UserError(f"tokenizer folder '{path}' has neither tokenizer.json nor "
+                  "vocab.json + merges.txt; pass a folder holding one of them")
 
 
 def _load_tokenizer_json(path):
@@ -83,8 +85,8 @@ def _load_tokenizer_json(path):
     return Tokenizer.from_str(text)
   except Exception as e:  # tokenizers raises a bare Exception on malformed json.
     first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ValueError(f"tokenizer '{path}' is not a valid tokenizer.json ({first_line}); "
-                     "pass a file written by tokenizers' Tokenizer.save") from e
+    raise UserError(f"tokenizer '{path}' is not a valid tokenizer.json ({first_line}); "
+                    "pass a file written by tokenizers' Tokenizer.save") from e
 
 
 def _load_vocab_and_merges(vocab_path, merges_path):
@@ -107,8 +109,8 @@ def _parse_merges(text, merges_path):
       continue
     pair = line.split(" ")
     if len(pair) != 2:
-      raise ValueError(f"merges file '{merges_path}' line {line_number} is not two "
-                       "space-separated tokens; pass a GPT-2 style merges.txt")
+      raise UserError(f"merges file '{merges_path}' line {line_number} is not two "
+                      "space-separated tokens; pass a GPT-2 style merges.txt")
     merges.append(tuple(pair))
   return merges
 
@@ -121,6 +123,6 @@ def eos_id(tokenizer):
   """
   token_id = tokenizer.token_to_id(EOS_TOKEN)
   if token_id is None:
-    raise ValueError(f"tokenizer has no '{EOS_TOKEN}' token; use a tokenizer trained "
-                     "with it as a special token (e.g. drop --tokenizer to train one)")
+    raise UserError(f"tokenizer has no '{EOS_TOKEN}' token; use a tokenizer trained "
+                    "with it as a special token (e.g. drop --tokenizer to train one)")
   return token_id

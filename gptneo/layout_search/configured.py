@@ -8,6 +8,7 @@ import re
 import gin
 
 from gptneo import mesh as mesh_lib
+from gptneo.errors import UserError
 from gptneo.layout_search import cost_model
 from gptneo.layout_search import search as search_lib
 from gptneo.model import gpt as gpt_lib
@@ -22,11 +23,11 @@ def parse_bytes(text, flag="--device_memory"):
   match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
   unit = match and match.group(2).lower()
   if not match or unit not in UNITS:
-    raise ValueError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
+    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
   try:
     return float(match.group(1)) * UNITS[unit]
   except ValueError:
-    raise ValueError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
 
 
 def _query(name, default):
@@ -59,8 +60,8 @@ def check_mesh_shape(mesh_shape, devices):
   for _, dim_size in shape:
     size *= dim_size
   if devices and size != devices:
-    raise ValueError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
-                     f"make their product {devices} or drop --mesh_shape")
+    raise UserError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
+                    f"make their product {devices} or drop --mesh_shape")
   return shape
 
 
@@ -72,10 +73,10 @@ def run(devices, mesh_shape, device_memory, link_bandwidth, device_flops, time_l
   config already sets GPT.recompute_grad = True; True or False fixes it.
   """
   if time_limit <= 0:
-    raise ValueError(f"--time_limit={time_limit}; give the search a positive number of seconds")
+    raise UserError(f"--time_limit={time_limit}; give the search a positive number of seconds")
   shape = check_mesh_shape(mesh_shape, devices) if mesh_shape else None
   if shape is None and (not devices or devices < 1):
-    raise ValueError(f"--devices={devices}; give a positive device count or a --mesh_shape")
+    raise UserError(f"--devices={devices}; give a positive device count or a --mesh_shape")
   work = workload_from_gin()
   if recompute is None and work.recompute:
     recompute = True  # the config recomputes already: cost it so
@@ -185,8 +186,8 @@ def auto_configure(search_mesh_shape, devices, device_memory, time_limit, recomp
     for _, size in check_mesh_shape(mesh_shape, None):
       devices *= size
   if not search_mesh_shape and not mesh_shape:
-    raise ValueError("--auto_layout keeps mesh.mesh_shape, which is unset; set it or use "
-                     "--auto_layout_and_mesh_shape --devices=N")
+    raise UserError("--auto_layout keeps mesh.mesh_shape, which is unset; set it or use "
+                    "--auto_layout_and_mesh_shape --devices=N")
   work, result = run(devices, None if search_mesh_shape else mesh_shape, device_memory,
                      50e9, 50e12, time_limit, recompute)
   bind(result.candidates[0])

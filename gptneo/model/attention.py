@@ -7,6 +7,7 @@ weights and any layer can use any kernel.
 import functools
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import ops
 
 ATTENTION_TYPES = ("global", "local", "linear")
@@ -35,8 +36,8 @@ def expand_pattern(attention_layers, n_layer):
       types = [entry[0]] if isinstance(entry[0], str) else list(entry[0])
       layers.extend(types * entry[1])
     else:
-      raise ValueError(f"GPT.attention_layers entry {entry!r} is neither a type name nor a "
-                       f"[types, count] pair; write e.g. [[\"global\", \"local\"], 6]")
+      raise UserError(f"GPT.attention_layers entry {entry!r} is neither a type name nor a "
+                      f"[types, count] pair; write e.g. [[\"global\", \"local\"], 6]")
   return layers
 
 
@@ -44,18 +45,18 @@ def validate_pattern(layers, n_layer, window_size, n_ctx):
   """Raises ValueError (one line) on an unknown type, a wrong length or a bad window."""
   unknown = sorted(set(layers) - set(ATTENTION_TYPES))
   if unknown:
-    raise ValueError(f"GPT.attention_layers names unknown attention type(s) {unknown}; "
-                     f"use {list(ATTENTION_TYPES)}")
+    raise UserError(f"GPT.attention_layers names unknown attention type(s) {unknown}; "
+                    f"use {list(ATTENTION_TYPES)}")
   if len(layers) != n_layer:
-    raise ValueError(f"GPT.attention_layers describes {len(layers)} layers but GPT.n_layer = "
-                     f"{n_layer}; change the repeat count or n_layer so they agree")
+    raise UserError(f"GPT.attention_layers describes {len(layers)} layers but GPT.n_layer = "
+                    f"{n_layer}; change the repeat count or n_layer so they agree")
   if "local" not in layers:
     return
   if not isinstance(window_size, int) or window_size < 1:
-    raise ValueError(f"GPT.window_size = {window_size!r}; it must be a positive integer")
+    raise UserError(f"GPT.window_size = {window_size!r}; it must be a positive integer")
   if window_size < n_ctx and n_ctx % window_size:
-    raise ValueError(f"GPT.window_size = {window_size} does not divide GPT.n_ctx = {n_ctx}; "
-                     f"local attention works in blocks of window_size tokens, pick a divisor")
+    raise UserError(f"GPT.window_size = {window_size} does not divide GPT.n_ctx = {n_ctx}; "
+                    f"local attention works in blocks of window_size tokens, pick a divisor")
 
 
 def kernel(attention_type, window_size, scale):

@@ -13,6 +13,7 @@ query sees the slots up to its own position, and every one of those was written 
 prompt before it is read.
 """
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import attention
 
 # The attended span is rounded to this many slots, so TF's kernels see a few dozen shapes
@@ -117,9 +118,9 @@ class CachedAttention(mtf.Operation):
     layout = mesh_impl.tensor_layout(self.inputs[0].shape).tensor_axis_to_mesh_axis
     for dim, axis in zip(self.inputs[0].shape.dims, layout, strict=True):
       if axis is not None and dim not in (self._dims.batch, self._dims.heads):
-        raise ValueError(f"the key/value cache splits only batch and heads, but mesh.layout "
-                         f"splits {dim.name}; drop it from the layout or set sample.cache = "
-                         f"False")
+        raise UserError(f"the key/value cache splits only batch and heads, but mesh.layout "
+                        f"splits {dim.name}; drop it from the layout or set sample.cache = "
+                        f"False")
 
   def _attend(self, pnum, q, k, v, positions):
     """One device: q, k, v [batch, sequence, heads, kv], positions [batch, sequence]."""

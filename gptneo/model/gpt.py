@@ -15,6 +15,7 @@ import math
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import attention
 from gptneo.model import feedforward
 from gptneo.model import ops
@@ -106,13 +107,13 @@ class GPT:
     """Checks the shape knobs before any graph exists."""
     for knob in ("n_layer", "n_embd", "n_head", "n_ctx", "n_vocab", "mlp_ratio"):
       if not isinstance(getattr(self, knob), int) or getattr(self, knob) < 1:
-        raise ValueError(f"GPT.{knob} = {getattr(self, knob)!r}; it must be a positive integer")
+        raise UserError(f"GPT.{knob} = {getattr(self, knob)!r}; it must be a positive integer")
     if self.n_embd % self.n_head:
-      raise ValueError(f"GPT.n_embd = {self.n_embd} is not divisible by GPT.n_head = "
-                       f"{self.n_head}; pick n_head among the divisors of n_embd")
+      raise UserError(f"GPT.n_embd = {self.n_embd} is not divisible by GPT.n_head = "
+                      f"{self.n_head}; pick n_head among the divisors of n_embd")
     for knob in ("embed_dropout", "attn_dropout", "res_dropout"):
       if not 0.0 <= getattr(self, knob) < 1.0:
-        raise ValueError(f"GPT.{knob} = {getattr(self, knob)}; it must be in [0, 1)")
+        raise UserError(f"GPT.{knob} = {getattr(self, knob)}; it must be in [0, 1)")
     self.layer_types = attention.expand_pattern(self.attention_layers, self.n_layer)
     attention.validate_pattern(self.layer_types, self.n_layer, self.window_size, self.n_ctx)
     self.positions.validate(self.n_ctx, self.n_embd // self.n_head)

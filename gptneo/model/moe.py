@@ -11,6 +11,7 @@ import math
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import ops
 
 
@@ -29,17 +30,17 @@ class MoE:
 
   def __init__(self, layers=(), num_experts=8, capacity_factor=1.25, loss_coef=0.01):
     if not isinstance(num_experts, int) or num_experts < 1:
-      raise ValueError(f"MoE.num_experts = {num_experts!r}; it must be a positive integer")
+      raise UserError(f"MoE.num_experts = {num_experts!r}; it must be a positive integer")
     if capacity_factor <= 0:
-      raise ValueError(f"MoE.capacity_factor = {capacity_factor}; it must be > 0")
+      raise UserError(f"MoE.capacity_factor = {capacity_factor}; it must be > 0")
     self.layers, self.num_experts = tuple(layers), num_experts
     self.capacity_factor, self.loss_coef = capacity_factor, loss_coef
 
   def validate(self, n_layer):
     bad = [i for i in self.layers if not isinstance(i, int) or not 0 <= i < n_layer]
     if bad:
-      raise ValueError(f"MoE.layers = {list(self.layers)} has {bad} outside 0..{n_layer - 1} "
-                       f"(GPT.n_layer = {n_layer}); list block indices below n_layer")
+      raise UserError(f"MoE.layers = {list(self.layers)} has {bad} outside 0..{n_layer - 1} "
+                      f"(GPT.n_layer = {n_layer}); list block indices below n_layer")
 
   def experts_dim(self):
     return mtf.Dimension("experts", self.num_experts)

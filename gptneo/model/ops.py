@@ -5,6 +5,7 @@ import gin
 from tensorflow import nn as tf_nn  # TF2's nn: tf.compat.v1.nn lacks gelu
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 
 
 # Activations, picked in gin by reference: `gpt.activation = @gelu_tanh`.
@@ -235,8 +236,8 @@ def _check_vocab_not_shared(mesh_impl, ids, vocab_dim, op_name):
   """A slice's allreduce over the vocab axis must not mix different ids' slices."""
   axis = _mesh_axis(mesh_impl, vocab_dim)
   if axis is not None and axis in _split_axes(mesh_impl, ids.shape):
-    raise ValueError(f"{op_name}: the layout puts {vocab_dim.name} on the same mesh axis as a "
-                     f"dimension of {ids.shape}; split them over different mesh axes")
+    raise UserError(f"{op_name}: the layout puts {vocab_dim.name} on the same mesh axis as a "
+                    f"dimension of {ids.shape}; split them over different mesh axes")
 
 
 class _EmbeddingLookup(mtf.Operation):
@@ -423,8 +424,8 @@ class _Softmax(mtf.SlicewiseOperation):
   def lower(self, lowering):
     # mtf's own check of this fails formatting its message (a TypeError): say it plainly
     if lowering.mesh_impl(self).tensor_dimension_to_mesh_axis(self._dim) is not None:
-      raise ValueError(f"softmax over {self._dim.name}, which the layout splits over the "
-                       f"mesh; keep {self._dim.name} out of the layout")
+      raise UserError(f"softmax over {self._dim.name}, which the layout splits over the "
+                      f"mesh; keep {self._dim.name} out of the layout")
     super().lower(lowering)
 
 

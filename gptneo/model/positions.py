@@ -10,6 +10,7 @@ import math
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import ops
 
 
@@ -80,7 +81,7 @@ class RotaryPositions(_Positions):
 
   def __init__(self, fraction=1.0, base=10000.0):
     if not 0.0 < fraction <= 1.0:
-      raise ValueError(f"RotaryPositions.fraction = {fraction}; it must be in (0, 1]")
+      raise UserError(f"RotaryPositions.fraction = {fraction}; it must be in (0, 1]")
     self.fraction, self.base = fraction, base
 
   def rotary_size(self, head_size):
@@ -89,9 +90,9 @@ class RotaryPositions(_Positions):
   def validate(self, n_ctx, head_size):
     size = self.rotary_size(head_size)
     if size != int(size) or int(size) % 2:
-      raise ValueError(f"RotaryPositions.fraction = {self.fraction} rotates {size:g} of the "
-                       f"{head_size} dims per head; pick a fraction that gives an even "
-                       f"integer, e.g. {2 / head_size:g} times an integer")
+      raise UserError(f"RotaryPositions.fraction = {self.fraction} rotates {size:g} of the "
+                      f"{head_size} dims per head; pick a fraction that gives an even "
+                      f"integer, e.g. {2 / head_size:g} times an integer")
 
   def rotate(self, x, dims, positions=None):
     size = int(self.rotary_size(dims.kv.size))
@@ -144,8 +145,8 @@ class AxialPositions(_Positions):
     del head_size
     rows, columns = self.factors(n_ctx)
     if rows * columns != n_ctx:
-      raise ValueError(f"AxialPositions.shape = {self.shape} multiplies to {rows * columns}, "
-                       f"not GPT.n_ctx = {n_ctx}; pick two factors of n_ctx (or None)")
+      raise UserError(f"AxialPositions.shape = {self.shape} multiplies to {rows * columns}, "
+                      f"not GPT.n_ctx = {n_ctx}; pick two factors of n_ctx (or None)")
 
   def num_parameters(self, n_ctx, n_embd):
     return sum(self.factors(n_ctx)) * n_embd

@@ -8,6 +8,7 @@ import math
 import gin
 
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 
 
 @gin.configurable
@@ -28,7 +29,7 @@ def learning_rate_schedule(step, total_steps, learning_rate=6e-4, warmup_steps=0
     float32 tf scalar.
   """
   if decay not in ("cosine", "linear", "constant"):
-    raise ValueError(f"learning_rate_schedule.decay = {decay!r}; use cosine, linear or constant")
+    raise UserError(f"learning_rate_schedule.decay = {decay!r}; use cosine, linear or constant")
   step = tf.cast(step, tf.float32)
   end = float(decay_steps or total_steps)
   warmup = tf.minimum(1.0, (step + 1.0) / max(warmup_steps, 1))
