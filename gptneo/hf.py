@@ -4,8 +4,11 @@ import such folders as our checkpoints. Neither direction needs torch or transfo
 Only models HF GPT-Neo computes exactly are exported: anything else is refused in one line
 rather than written as a model that computes something different.
 """
+import functools
 import json
+import math
 import os
+import re
 
 import gin
 import ml_dtypes
@@ -16,6 +19,7 @@ from gptneo import inference
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
+from gptneo.model import attention
 from gptneo.model import feedforward
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import positions as positions_lib
@@ -94,8 +98,11 @@ def check_exportable(model):
     problems.append(f"GPT.positions = {type(model.positions).__name__}()")
   if model.moe is not None:
     problems.append("GPT.moe is set")
-  if "linear" in model.layer_types:
-    problems.append("linear attention layers")
+  unexportable = sorted({kind for kind in model.layer_types
+                         if attention.lookup(kind).hf_name is None})
+  if unexportable:
+    problems.append(f"GPT.attention_layers uses {unexportable} (HF GPT-Neo: "
+                    f"{sorted(_hf_attention_names())})")
   if problems:
     raise UserError("HF GPT-Neo cannot express this model: " + "; ".join(problems))
 
@@ -104,11 +111,18 @@ def _attention_types(layer_types):
   """HF's [[types, count], ...] from one type per layer (runs of equal types merged)."""
   runs = []
   for kind in layer_types:
-    if runs and runs[-1][0] == [kind]:
+    name = attention.lookup(kind).hf_name
+    if runs and runs[-1][0] == [name]:
       runs[-1][1] += 1
     else:
-      runs.append([[kind], 1])
+      runs.append([[name], 1])
   return runs
+
+
+def _hf_attention_names():
+  """HF GPT-Neo's attention type name -> ours, for the types it computes as we do."""
+  return {kind.hf_name: kind.name for kind in attention.ATTENTION_TYPES.values()
+          if kind.hf_name is not None}
 
 
 def hf_config(model, eos_id, dtype):
@@ -177,43 +191,137 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
 # --- Import.
 
 def read_hf_config(hf_dir):
+  """config.json of an HF GPT-Neo folder (a dict; its values are checked by gin_bindings)."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
   with open(path) as f:
     config = json.load(f)
+  if not isinstance(config, dict):
+    raise UserError(f"{path} holds a JSON {_json_type(config)}, not an object; is it an HF "
+                    f"config.json?")
   if config.get("model_type") != "gpt_neo":
     raise UserError(f"{hf_dir} holds a {config.get('model_type')!r} model "
-                    f"({', '.join(config.get('architectures') or [])}); only HF GPT-Neo "
-                    f"(model_type 'gpt_neo') can be imported")
-  if not config.get("tie_word_embeddings", True):
+                    f"({', '.join(map(str, config.get('architectures') or []))}); only HF "
+                    f"GPT-Neo (model_type 'gpt_neo') can be imported")
+  if not _field(config, path, "tie_word_embeddings", _BOOL, default=True):
     raise UserError(f"{hf_dir} has untied input and output embeddings; ours are tied")
-  if config.get("activation_function") not in _HF_ACTIVATIONS:
-    raise UserError(f"{hf_dir} uses activation {config.get('activation_function')!r}; "
-                    f"supported: {sorted(_HF_ACTIVATIONS)}")
   return config
 
 
-def gin_bindings(config):
-  """Our GPT's bindings for an HF GPT-Neo config (values as gin literals)."""
-  hidden = config["hidden_size"]
-  intermediate = config.get("intermediate_size") or 4 * hidden
+# --- Checks of config.json values: (accepts(value), what is expected). bool is an int in
+# Python, so every number check names the types it takes.
+
+def _is_int(value):
+  return type(value) is int
+
+
+def _is_real(value):
+  return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_attention_types(value):
+  """HF's [[[type names], count], ...], every name one HF GPT-Neo and we both compute."""
+  return type(value) is list and all(
+      type(entry) is list and len(entry) == 2 and type(entry[0]) is list
+      and all(type(name) is str and name in _hf_attention_names() for name in entry[0])
+      and _is_int(entry[1]) and entry[1] > 0 for entry in value)
+
+
+_BOOL = (lambda value: type(value) is bool, "true or false")
+_POSITIVE_INT = (lambda value: _is_int(value) and value > 0, "a positive integer")
+_OPTIONAL_POSITIVE_INT = (lambda value: value is None or _POSITIVE_INT[0](value),
+                          "null or a positive integer")
+_POSITIVE_REAL = (lambda value: _is_real(value) and value > 0, "a positive number")
+_PROBABILITY = (lambda value: _is_real(value) and 0 <= value < 1, "a number in [0, 1)")
+_ACTIVATION = (lambda value: type(value) is str and value in _HF_ACTIVATIONS,
+               f"one of {sorted(_HF_ACTIVATIONS)}")
+_REQUIRED = object()
+
+
+def _json_type(value):
+  """The JSON name of a json.load value's type, for error messages."""
+  names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+           dict: "object", type(None): "null"}
+  return names.get(type(value), type(value).__name__)
+
+
+def _attention_types_expected():
+  return (f'a list of [[type names], count] pairs such as [[["global", "local"], 6]], the '
+          f'names among {sorted(_hf_attention_names())}')
+
+
+def _field(config, path, key, check, default=_REQUIRED):
+  """config[key] (`default` if absent) once `check` accepts it; else a one-line UserError."""
+  if key not in config:
+    if default is _REQUIRED:
+      raise UserError(f"{path} lacks {key}; every HF GPT-Neo config.json has it")
+    return default
+  value = config[key]
+  accepts, expected = check
+  if not accepts(value):
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    raise UserError(f"{path}: {key} = {shown} (a JSON {_json_type(value)}), expected "
+                    f"{expected}; fix config.json")
+  return value
+
+
+class Reference(str):
+  """A gin reference, @name or @name(), to one of our configurables: never config.json text."""
+
+
+def gpt_values(config, path="config.json"):
+  """Our GPT's knob -> value for an HF GPT-Neo config, every value read from it type-checked."""
+  field = functools.partial(_field, config, path)
+  hidden = field("hidden_size", _POSITIVE_INT)
+  intermediate = field("intermediate_size", _OPTIONAL_POSITIVE_INT, None) or 4 * hidden
   if intermediate % hidden:
-    raise UserError(f"intermediate_size {intermediate} is not a multiple of hidden_size "
-                    f"{hidden}; GPT.mlp_ratio must be an integer")
-  values = {"n_layer": config["num_layers"], "n_embd": hidden, "n_head": config["num_heads"],
-            "n_ctx": config["max_position_embeddings"], "n_vocab": config["vocab_size"],
-            "mlp_ratio": intermediate // hidden, "feed_forward": "@mlp",
-            "activation": "@" + _HF_ACTIVATIONS[config["activation_function"]],
-            "attention_layers": json.dumps(config["attention_types"]),
-            "window_size": config.get("window_size", 256), "scale_attention": False,
-            "positions": "@LearnedPositions()", "tie_embeddings": True,
-            "layer_norm_epsilon": config.get("layer_norm_epsilon", 1e-5),
-            "embed_dropout": config.get("embed_dropout", 0.0),
-            "attn_dropout": config.get("attention_dropout", 0.0),
-            "res_dropout": config.get("resid_dropout", 0.0),
-            "init_std": config.get("initializer_range", 0.02)}
-  return [f"GPT.{name} = {value}" for name, value in values.items()]
+    raise UserError(f"{path}: intermediate_size {intermediate} is not a multiple of "
+                    f"hidden_size {hidden}; GPT.mlp_ratio must be an integer")
+  names = _hf_attention_names()
+  runs = field("attention_types", (_is_attention_types, _attention_types_expected()))
+  return {"n_layer": field("num_layers", _POSITIVE_INT), "n_embd": hidden,
+          "n_head": field("num_heads", _POSITIVE_INT),
+          "n_ctx": field("max_position_embeddings", _POSITIVE_INT),
+          "n_vocab": field("vocab_size", _POSITIVE_INT), "mlp_ratio": intermediate // hidden,
+          "feed_forward": Reference("mlp"),
+          "activation": Reference(_HF_ACTIVATIONS[field("activation_function", _ACTIVATION)]),
+          "attention_layers": [[[names[name] for name in types], count]
+                               for types, count in runs],
+          "window_size": field("window_size", _POSITIVE_INT, 256), "scale_attention": False,
+          "positions": Reference("LearnedPositions()"), "tie_embeddings": True,
+          "layer_norm_epsilon": field("layer_norm_epsilon", _POSITIVE_REAL, 1e-5),
+          "embed_dropout": field("embed_dropout", _PROBABILITY, 0.0),
+          "attn_dropout": field("attention_dropout", _PROBABILITY, 0.0),
+          "res_dropout": field("resid_dropout", _PROBABILITY, 0.0),
+          "init_std": field("initializer_range", _POSITIVE_REAL, 0.02)}
+
+
+def gin_bindings(config, path="config.json"):
+  """Our GPT's bindings for an HF GPT-Neo config, each value written by gin_literal."""
+  return [f"GPT.{name} = {gin_literal(value)}"
+          for name, value in gpt_values(config, path).items()]
+
+
+def gin_literal(value):
+  """A gin literal of `value`: the one path by which config.json values reach gin text.
+
+  Strings are JSON-quoted (ASCII, newlines escaped), so no value can end its binding and
+  start another; anything but None, bools, finite numbers, strings, lists and References
+  is refused.
+  """
+  if type(value) is Reference and re.fullmatch(r"[A-Za-z_]\w*(\(\))?", value):
+    return "@" + value
+  if value is None or type(value) in (bool, int):
+    return repr(value)
+  if type(value) is float and math.isfinite(value):
+    return repr(value)
+  if type(value) is str:
+    return json.dumps(value)
+  if type(value) in (list, tuple):
+    return "[" + ", ".join(gin_literal(item) for item in value) + "]"
+  raise TypeError(f"gin_literal cannot write {value!r} ({type(value).__name__}); check the "
+                  f"value before rendering it")
 
 
 def _hf_weights(hf_dir):
@@ -264,7 +372,7 @@ def import_hf(hf_dir, model_dir, spec):
   Returns:
     the checkpoint path.
   """
-  bindings = gin_bindings(read_hf_config(hf_dir))
+  bindings = gin_bindings(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
   hf_tensors = _hf_weights(hf_dir)
   with gin.unlock_config():
     gin.parse_config(bindings)

@@ -16,8 +16,10 @@ from gptneo import hf
 from gptneo import inference
 from gptneo import mesh as mesh_lib
 from gptneo import sample as sample_lib
+from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
 from tests.conftest import VOCAB, run_binary
+from tests.test_errors import assert_one_line_error
 
 ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
 
@@ -197,3 +199,59 @@ def test_imported_model_fine_tunes_with_init_from(tmp_path, exported, neo_model_
   with open(tmp_path / "tuned" / "train_metrics.jsonl") as f:
     first_loss = json.loads(f.readline())["loss"]
   assert first_loss < math.log(VOCAB) - 0.5  # a fresh model starts near ln(vocab)
+
+
+# A hand-written GPT-Neo config.json (what GPTNeoConfig().to_dict() holds that import reads).
+NEO_CONFIG = {"model_type": "gpt_neo", "architectures": ["GPTNeoForCausalLM"],
+              "vocab_size": VOCAB, "max_position_embeddings": 64, "hidden_size": 32,
+              "num_layers": 2, "num_heads": 4, "intermediate_size": None,
+              "attention_types": [[["global", "local"], 1]], "window_size": 8,
+              "activation_function": "gelu_new", "layer_norm_epsilon": 1e-05,
+              "initializer_range": 0.02, "embed_dropout": 0.0, "attention_dropout": 0.0,
+              "resid_dropout": 0.0, "tie_word_embeddings": True}
+
+
+def test_import_writes_config_values_as_gin_literals():
+  assert hf.gin_bindings(NEO_CONFIG) == [
+      "GPT.n_layer = 2", "GPT.n_embd = 32", "GPT.n_head = 4", "GPT.n_ctx = 64",
+      f"GPT.n_vocab = {VOCAB}", "GPT.mlp_ratio = 4", "GPT.feed_forward = @mlp",
+      "GPT.activation = @gelu_tanh", 'GPT.attention_layers = [[["global", "local"], 1]]',
+      "GPT.window_size = 8", "GPT.scale_attention = False",
+      "GPT.positions = @LearnedPositions()", "GPT.tie_embeddings = True",
+      "GPT.layer_norm_epsilon = 1e-05", "GPT.embed_dropout = 0.0", "GPT.attn_dropout = 0.0",
+      "GPT.res_dropout = 0.0", "GPT.init_std = 0.02"]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("layer_norm_epsilon", "1e-5\nsample.temperature = 9.0", "(a JSON string), expected a "
+     "positive number"),
+    ("num_layers", True, "(a JSON boolean), expected a positive integer"),
+    ("num_heads", 0, "(a JSON integer), expected a positive integer"),
+    ("window_size", 8.0, "(a JSON number), expected a positive integer"),
+    ("embed_dropout", 1.5, "expected a number in [0, 1)"),
+    ("activation_function", ["relu"], "expected one of ['gelu', 'gelu_new', 'relu'"),
+    ("attention_types", [[["global", "linear"], 1]], "the names among ['global', 'local']"),
+    ("attention_types", [["global", 2]], "expected a list of [[type names], count] pairs"),
+    ("attention_types", [[["global"], "2\nsample.x = 1"]], "a list of [[type names], count]"),
+    ("tie_word_embeddings", "false", "(a JSON string), expected true or false"),
+])
+def test_import_refuses_a_config_value_of_the_wrong_type(tmp_path, key, value, expected):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(dict(NEO_CONFIG, **{key: value})))
+  with pytest.raises(UserError) as error:
+    hf.gin_bindings(hf.read_hf_config(str(tmp_path)), str(path))
+  message = str(error.value)
+  assert message.startswith(f"{path}: {key} = {value!r} ") and expected in message
+  assert "\n" not in message and message.endswith("; fix config.json")
+
+
+def test_import_refuses_a_config_value_that_would_inject_gin(tmp_path):
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps(
+      dict(NEO_CONFIG, layer_norm_epsilon="1e-5\nsample.temperature = 9.0")))
+  result = run_binary("import_hf", f"--hf_dir={hf_dir}", f"--model_dir={tmp_path / 'ours'}")
+  assert_one_line_error(result, "import_hf", (
+      f"{hf_dir / 'config.json'}: layer_norm_epsilon = '1e-5\\nsample.temperature = 9.0' (a "
+      f"JSON string), expected a positive number; fix config.json"))
+  assert not (tmp_path / "ours").exists() or not os.listdir(tmp_path / "ours")

@@ -3,15 +3,67 @@
 Each kernel maps projected queries, keys and values [batch, sequence, heads, kv] to the
 attended values of the same shape; the GPT owns the projections, so the kernels add no
 weights and any layer can use any kernel.
+
+ATTENTION_TYPES is the one place a type is defined: how it trains, how the key/value cache
+decodes it and what HF export calls it. Training, decoding and export all look a layer's type
+up there, so a type missing from it, or lacking a part, is refused rather than run as global.
 """
+import dataclasses
 import functools
+from collections.abc import Callable
 
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 from gptneo.model import ops
 
-ATTENTION_TYPES = ("global", "local", "linear")
 MASKED = -1e9  # the score bias of a position a query must not see
+DECODE_MODES = ("softmax", "linear")  # what cache.DecodeCache.attend knows how to run
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionType:
+  """Everything the code needs to know about one attention type.
+
+  Args:
+    name: the name GPT.attention_layers uses.
+    train_kernel: function(window_size, scale) -> the kernel(q, k, v, dims, drop_probs).
+    decode: how the key/value cache decodes it, one of DECODE_MODES ("softmax": cached keys
+      and values, "linear": running sums), or None if it cannot be decoded with the cache.
+    windowed: whether a query sees only the last GPT.window_size positions.
+    hf_name: its name in HF GPT-Neo's attention_types, or None if HF does not compute it.
+  """
+  name: str
+  train_kernel: Callable
+  decode: str | None = None
+  windowed: bool = False
+  hf_name: str | None = None
+
+  def __post_init__(self):
+    if self.decode is not None and self.decode not in DECODE_MODES:
+      raise ValueError(f"attention type {self.name!r} decodes as {self.decode!r}, which "
+                       f"cache.DecodeCache does not know; use one of {DECODE_MODES} or None")
+
+
+def _registry(*types):
+  return {kind.name: kind for kind in types}
+
+
+# Kernels are looked up when a layer is built, so the lambdas may name functions defined below.
+ATTENTION_TYPES = _registry(
+    AttentionType("global", lambda window_size, scale: functools.partial(
+        global_attention, scale=scale), decode="softmax", hf_name="global"),
+    AttentionType("local", lambda window_size, scale: functools.partial(
+        local_attention, window_size=window_size, scale=scale), decode="softmax",
+                  windowed=True, hf_name="local"),
+    AttentionType("linear", lambda window_size, scale: linear_attention, decode="linear"))
+
+
+def lookup(attention_type):
+  """The ATTENTION_TYPES entry of a type name; a one-line UserError if there is none."""
+  if attention_type not in ATTENTION_TYPES:
+    raise UserError(f"GPT.attention_layers names unknown attention type {attention_type!r}; "
+                    f"use one of {list(ATTENTION_TYPES)}")
+  return ATTENTION_TYPES[attention_type]
 
 
 def expand_pattern(attention_layers, n_layer):
@@ -50,7 +102,7 @@ def validate_pattern(layers, n_layer, window_size, n_ctx):
   if len(layers) != n_layer:
     raise UserError(f"GPT.attention_layers describes {len(layers)} layers but GPT.n_layer = "
                     f"{n_layer}; change the repeat count or n_layer so they agree")
-  if "local" not in layers:
+  if not any(ATTENTION_TYPES[kind].windowed for kind in layers):
     return
   if not isinstance(window_size, int) or window_size < 1:
     raise UserError(f"GPT.window_size = {window_size!r}; it must be a positive integer")
@@ -64,11 +116,7 @@ def kernel(attention_type, window_size, scale):
 
   `scale` multiplies the softmax layers' scores: kv**-0.5 in GPT-2/3, 1.0 in GPT-Neo.
   """
-  if attention_type == "linear":
-    return linear_attention
-  if attention_type == "local":
-    return functools.partial(local_attention, window_size=window_size, scale=scale)
-  return functools.partial(global_attention, scale=scale)
+  return lookup(attention_type).train_kernel(window_size, scale)
 
 
 def global_attention(q, k, v, dims, drop_probs, scale):

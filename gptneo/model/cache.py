@@ -38,10 +38,17 @@ class DecodeCache:
 
   def attend(self, attention_type, q, k, v, dims, window_size, scale):
     """The layer's attended values [batch, sequence, heads, kv], through its cache."""
-    if attention_type == "linear":
+    kind = attention.lookup(attention_type)
+    if kind.decode == "linear":
       return self._linear(q, k, v, dims)
-    window = window_size if attention_type == "local" else None
-    return CachedAttention(self, q, k, v, dims, window, scale).outputs[0]
+    if kind.decode == "softmax":
+      window = window_size if kind.windowed else None
+      return CachedAttention(self, q, k, v, dims, window, scale).outputs[0]
+    if kind.decode is None:
+      raise UserError(f"GPT.attention_layers uses {attention_type!r} attention, which the "
+                      f"key/value cache cannot decode; set sample.cache = False")
+    raise NotImplementedError(f"attention type {attention_type!r} decodes as {kind.decode!r}, "
+                              f"a mode DecodeCache.attend lacks")
 
   def last_rows(self, x, sequence):
     """x [batch, sequence, ...] at each row's last new token, sequence cut to 1 position."""
