@@ -4,7 +4,7 @@
   .venv/bin/python bench/layout_ranking.py        # ~5 minutes on 2 idle cores
 
 One model (gin/tiny.gin with 4 layers x 512, 8 heads, n_ctx 256, vocab 4096, batch 8, Adam,
-float32) runs bin/train's real step (train._validated_graph, tf.data input included) on mesh
+float32) runs bin/train's real step (train.settings + train_graph.build, tf.data input included) on mesh
 x:2 (two CPU devices of this process, one per core) under each layout of LAYOUTS; its time is
 the median of --steps timed steps after 2 warm-ups. The estimate is the search's own
 (cost_model.estimate) with this CPU as the hardware: device_flops = a measured one-thread
@@ -26,15 +26,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gin  # noqa: E402
 
 from gptneo import gin_utils  # noqa: E402
-from gptneo import mesh as mesh_lib  # noqa: E402
+from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
+from gptneo import train_graph  # noqa: E402
 from gptneo.compat import tf  # noqa: E402
 from gptneo.layout_search import configured  # noqa: E402
 from gptneo.layout_search import cost_model  # noqa: E402
-from gptneo.model import gpt as gpt_lib  # noqa: E402
 from gptneo.optim import optimizers  # noqa: E402
 from train_throughput import prepare_data  # noqa: E402
 
@@ -71,12 +70,12 @@ def _seconds(run):
 def measured_step_seconds(layout, dataset_dir, model_dir, steps):
   gin_utils.parse(["tiny.gin"], MODEL + [f'DATASET_DIR = "{dataset_dir}"',
                                          f'mesh.layout = "{layout}"'])
-  model, spec = gpt_lib.GPT(), mesh_lib.mesh()
-  graph = train_lib._validated_graph(  # pylint: disable=protected-access
-      model, optimizers.Adam(), spec, dataset_dir, gin.query_parameter("train.batch_size"),
-      train_steps=1000, seed=1, precision="float32", microbatches=1, clip_norm=1.0,
-      eval_batches=0, model_dir=model_dir, keep=1)
-  with graph.graph.as_default(), tf.Session(config=spec.session_config()) as session:
+  settings = train_lib.settings(optimizer=optimizers.Adam(), train_steps=1000, seed=1,
+                                eval_batches=0, keep_checkpoints=1)
+  settings.check()
+  rt = runtime.Runtime(settings.mesh)
+  graph = train_graph.build(settings, model_dir, rt)
+  with graph.graph.as_default(), tf.Session(config=rt.session_config()) as session:
     graph.checkpoints.restore_or_initialize(session, graph.init_ops)
     for _ in range(2):
       session.run(graph.train_op)

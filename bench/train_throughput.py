@@ -7,7 +7,7 @@
 
 One small dataset (n_ctx 256, BPE vocab 4096, 14 stdlib modules) is prepared with
 `prepare_dataset` in a temp dir; then, per config:
-  * ours:  gin_utils.parse(["tiny.gin"], overrides) -> train._validated_graph(...), exactly
+  * ours:  gin_utils.parse(["tiny.gin"], overrides) -> train.settings() -> train_graph.build(...), exactly
            the graph bin/train builds (tf.data input, dropout sites, clipping, AdamW, step
            increment), run in a Session with the mesh's session config (TF's default
            inter/intra-op threads: all cores); tokens/s of `session.run(train_op)`;
@@ -44,12 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gptneo import gin_utils  # noqa: E402
-from gptneo import mesh as mesh_lib  # noqa: E402
+from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
+from gptneo import train_graph  # noqa: E402
 from gptneo.compat import tf  # noqa: E402
 from gptneo.data import prepare  # noqa: E402
-from gptneo.model import gpt as gpt_lib  # noqa: E402
-from gptneo.optim import optimizers  # noqa: E402
 
 import torch  # noqa: E402  (after TF: both load their own OpenMP/oneDNN; this order works)
 import torch_gpt  # noqa: E402
@@ -141,7 +140,6 @@ class Ours:
   """gptneo's real train step, built through gin as bin/train does, in a live Session."""
 
   def __init__(self, cfg, dataset_dir, model_dir, inter_threads, intra_threads):
-    import gin  # pylint: disable=g-import-not-at-top
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.CRITICAL)  # gin logs "Path not found" for each include it resolves
@@ -150,17 +148,16 @@ class Ours:
                                      "train.eval_batches = 0", *cfg.gin_params])
     finally:
       root.setLevel(level)
-    model, optimizer, spec = gpt_lib.GPT(), optimizers.Adam(), mesh_lib.mesh()
+    settings = train_lib.settings(keep_checkpoints=1)  # as bin/train would, from gin
+    model = settings.model
     assert (model.n_layer, model.n_embd, model.n_head, model.n_ctx, model.n_vocab) == (
         cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.n_vocab), "gin config mismatch"
-    batch_size = gin.query_parameter("train.batch_size")
-    assert batch_size == cfg.batch_size, (batch_size, cfg.batch_size)
+    assert settings.batch_size == cfg.batch_size, (settings.batch_size, cfg.batch_size)
     self.params = model.num_parameters()
-    self.graph = train_lib._validated_graph(  # pylint: disable=protected-access
-        model, optimizer, spec, dataset_dir, batch_size, gin.query_parameter(
-            "train.train_steps"), seed=1234, precision="float32", microbatches=1,
-        clip_norm=1.0, eval_batches=0, model_dir=model_dir, keep=1)
-    config = spec.session_config()  # what train() uses; threads 0 = TF's default (all cores)
+    settings.check()
+    rt = runtime.Runtime(settings.mesh)
+    self.graph = train_graph.build(settings, model_dir, rt)
+    config = rt.session_config()  # what train() uses; threads 0 = TF's default (all cores)
     config.inter_op_parallelism_threads = inter_threads
     config.intra_op_parallelism_threads = intra_threads
     self.session = tf.Session(graph=self.graph.graph, config=config)

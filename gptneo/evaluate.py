@@ -12,6 +12,7 @@ import gin
 import numpy as np
 
 from gptneo import inference
+from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import jsonl
 from gptneo.data import inputs
@@ -169,15 +170,16 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
   tokenizer = inference.load_tokenizer(model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)
               if task == "lambada" else None)
-  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision)
-  checkpoint = restored.restore()
-  start = time.time()
-  if task == "lambada":
-    metrics = {"task_file": task_file, **evaluate_last_word(restored, examples)}
-  else:
-    metrics = {"dataset_dir": dataset_dir, "split": split,
-               **evaluate_split(restored, dataset_dir, split, max_batches,
-                                token_byte_lengths(tokenizer))}
+  with runtime.started(mesh) as rt:
+    restored = inference.RestoredModel(model, rt, model_dir, batch_size, precision)
+    checkpoint = restored.restore()
+    start = time.time()
+    if task == "lambada":
+      metrics = {"task_file": task_file, **evaluate_last_word(restored, examples)}
+    else:
+      metrics = {"dataset_dir": dataset_dir, "split": split,
+                 **evaluate_split(restored, dataset_dir, split, max_batches,
+                                  token_byte_lengths(tokenizer))}
   record = {"step": _step_of(checkpoint), "task": task, **metrics,
             "seconds": round(time.time() - start, 3)}
   append_result(model_dir, record)

@@ -16,6 +16,7 @@ import numpy as np
 import safetensors.numpy
 
 from gptneo import inference
+from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
@@ -353,7 +354,7 @@ def _import_tokenizer(hf_dir, model_dir):
 
 def write_checkpoint(model, spec, model_dir, weights):
   """Saves {our name: array} as step 0 of `model_dir`, through the inference graph."""
-  restored = inference.RestoredModel(model, spec, model_dir, batch_size=1)
+  restored = inference.RestoredModel(model, runtime.Runtime(spec), model_dir, batch_size=1)
   with restored.graph.as_default():
     masters = {v.op.name: v for v in tf.global_variables()}
     missing = sorted(set(masters) - set(weights))

@@ -45,14 +45,15 @@ class Outputs:
 
 
 class RestoredModel:
-  """The model's outputs for `batch_size` windows of n_ctx tokens, from the latest checkpoint.
+  """The model's outputs for `batch_size` windows of n_ctx tokens, from the latest checkpoint,
+  on runtime `rt`'s mesh (runtime.started, or runtime.Runtime(spec) for this process's).
 
   Windows shorter than n_ctx are right-padded: attention is causal, so padding never changes
   the outputs at real positions. With decode=True, `start` and `extend` decode through the
   key/value cache: prompts run in chunks of `chunk` tokens, then one token per step.
   """
 
-  def __init__(self, model, spec, model_dir, batch_size, precision="float32", decode=False,
+  def __init__(self, model, rt, model_dir, batch_size, precision="float32", decode=False,
                chunk=64):
     self.model, self.batch_size = model, batch_size
     self.graph = tf.Graph()
@@ -60,12 +61,12 @@ class RestoredModel:
       self.tokens = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="tokens")
       self.targets = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="targets")
       self.positions = tf.placeholder(tf.int32, [batch_size], name="positions")
-      self._build(spec, precision, decode, min(chunk, model.n_ctx))
+      self._build(rt, precision, decode, min(chunk, model.n_ctx))
       self.checkpoints = runtime.Checkpoints(self.lowering, model_dir)
       self._init_cache = tf.local_variables_initializer()
-      self.session = tf.Session(graph=self.graph, config=spec.session_config())
+      self.session = rt.new_session(self.graph)
 
-  def _build(self, spec, precision, decode, chunk):
+  def _build(self, rt, precision, decode, chunk):
     mtf_graph, mtf_mesh = runtime.new_mesh()
     dims = self.model.dims(self.batch_size)
     shape = [dims.batch, dims.sequence]
@@ -78,7 +79,7 @@ class RestoredModel:
     argmax = mtf.argmax(logits, dims.vocab)
     decoders = [_Decoder(self.model, mtf_mesh, self.batch_size, length, dtype, no_dropout)
                 for length in ((chunk, 1) if decode else ())]
-    self.lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    self.lowering = rt.lower(mtf_graph, mtf_mesh)
     self.token_nll = self.lowering.export_to_tf_tensor(nll)
     self.argmax = self.lowering.export_to_tf_tensor(argmax)
     self.logits = self.lowering.export_to_tf_tensor(logits)  # [batch, n_ctx, vocab]
@@ -144,16 +145,17 @@ class RestoredModel:
 class _Decoder:
   """The graph that runs `length` new tokens per row through the key/value cache."""
 
-  def __init__(self, model, mesh, batch_size, length, dtype, dropout):
+  def __init__(self, model, mtf_mesh, batch_size, length, dtype, dropout):
     self.length = length
     self.tokens = tf.placeholder(tf.int32, [batch_size, length], name=f"tokens_{length}")
     self.positions = tf.placeholder(tf.int32, [batch_size, length], name=f"positions_{length}")
     self.last = tf.placeholder(tf.int32, [batch_size], name=f"last_{length}")
     dims = model.dims(batch_size, length)
     shape = [dims.batch, dims.sequence]
-    last = mtf.import_tf_tensor(mesh, self.last, [dims.batch]) if length > 1 else None
-    self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mesh, self.positions, shape), last)
-    self._logits = model(mtf.import_tf_tensor(mesh, self.tokens, shape), dtype, dropout,
+    last = mtf.import_tf_tensor(mtf_mesh, self.last, [dims.batch]) if length > 1 else None
+    self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mtf_mesh, self.positions, shape),
+                                       last)
+    self._logits = model(mtf.import_tf_tensor(mtf_mesh, self.tokens, shape), dtype, dropout,
                          self.cache)
 
   def lower(self, lowering):

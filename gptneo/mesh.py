@@ -36,21 +36,21 @@ def _parse_pairs(text, knob, value_type):
   return pairs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class MeshSpec:
-  """A mesh shape, layout rules over named tensor dimensions, and the devices to use."""
+  """A mesh shape, layout rules over named tensor dimensions, and the devices to use.
+
+  Configuration only: what a process holds while it runs a mesh (its server's session target,
+  a TPU system and device assignment) lives in runtime.Runtime.
+  """
   shape: list  # [(mesh dim name, size)]
   layout: list  # [(tensor dim name, mesh dim name)]
   devices: list  # device strings, one per mesh position
   implementation: str = "placement"  # or "simd": mtf's SPMD mesh for TPUs
   tpu: str = None  # the TPU to resolve (name, grpc:// address or "local"), with "simd"
-  device_assignment: object = None  # tf.tpu.experimental.DeviceAssignment, set at lowering
   cluster: dict = None  # {"worker": ["host:port", ...]}: one mesh over several processes
   task_index: int = 0  # this process's place in cluster["worker"]
   operation_timeout: float = 300.0  # seconds a step may wait on a peer before failing
-  target: str = ""  # the session target: "" in-process, a server's grpc:// address in a cluster
-  cluster_def: object = None  # with "simd": the TPU's cluster, from its resolver (tpu.connect)
-  tpu_job: str = None  # with "simd": the TPU workers' job name, None on a TPU VM
 
   @property
   def size(self):
@@ -99,16 +99,24 @@ class MeshSpec:
   def mtf_layout(self):
     return mtf.LayoutRules(self.layout)
 
-  def mesh_impl(self):
-    """mtf's placement (one device of this process per position) or SIMD (TPU) mesh."""
+  def mesh_impl(self, device_assignment=None):
+    """mtf's placement (one device of this process per position) or SIMD (TPU) mesh.
+
+    The SIMD mesh needs the TPU's `device_assignment` (runtime.started connects to it).
+    """
     if self.implementation == "simd":
-      if self.device_assignment is None:
-        raise UserError("mesh.implementation = 'simd' needs a TPU device assignment; get one "
-                        "with tpu.connect(spec) (see docs/tpu.md)")
+      if device_assignment is None:
+        raise UserError("mesh.implementation = 'simd' needs a TPU device assignment: "
+                        "runtime.started(spec) gets one with tpu.connect (docs/tpu.md)")
       return mtf.simd_mesh_impl.SimdMeshImpl(self.mtf_shape(), self.mtf_layout(),
-                                             device_assignment=self.device_assignment)
+                                             device_assignment=device_assignment)
     return mtf.placement_mesh_impl.PlacementMeshImpl(
         self.mtf_shape(), self.mtf_layout(), self.devices)
+
+  @property
+  def is_peer(self):
+    """A task other than 0 of a cluster: it serves its devices, task 0 drives the mesh."""
+    return bool(self.cluster) and self.task_index != 0
 
   @property
   def num_tasks(self):
@@ -116,11 +124,8 @@ class MeshSpec:
 
   def session_config(self):
     """Devices this process may use; a lost peer or TPU host fails a step instead of hanging."""
-    if self.implementation == "simd":
-      config = tf.ConfigProto(allow_soft_placement=True)  # no timeout: XLA compiles for minutes
-      if self.cluster_def:
-        config.cluster_def.CopyFrom(self.cluster_def)
-      return config
+    if self.implementation == "simd":  # no timeout: XLA compiles for minutes
+      return tf.ConfigProto(allow_soft_placement=True)
     cpu_count = sum(1 for d in self.devices if "cpu" in d.lower()) // self.num_tasks
     config = tf.ConfigProto(device_count={"CPU": max(cpu_count, 1)},
                             allow_soft_placement=False)
@@ -152,24 +157,24 @@ def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=
   Returns:
     A MeshSpec.
   """
-  spec = MeshSpec(parse_mesh_shape(mesh_shape), parse_layout(layout), devices=[],
-                  implementation=implementation, tpu=tpu)
-  if any(size < 1 for _, size in spec.shape):
+  shape, rules = parse_mesh_shape(mesh_shape), parse_layout(layout)
+  if any(size < 1 for _, size in shape):
     raise UserError(f"mesh_shape {mesh_shape!r} has a dimension smaller than 1")
   if implementation not in IMPLEMENTATIONS:
     raise UserError(f"mesh.implementation = {implementation!r}; use one of {IMPLEMENTATIONS}")
+  size = math.prod(size for _, size in shape)
   if implementation == "simd":
     if not tpu:
       raise UserError("mesh.implementation = 'simd' runs on a TPU: set mesh.tpu to its name, "
                       "grpc:// address or 'local' (docs/tpu.md)")
-    spec.devices = [""] * spec.size  # the SIMD mesh places by device assignment, not name
-    return spec
+    # The SIMD mesh places by device assignment, not by device name.
+    return MeshSpec(shape, rules, [""] * size, implementation, tpu)
   if cluster:
-    spec.cluster, spec.task_index, spec.operation_timeout = cluster, task_index, operation_timeout
-    spec.devices = _cluster_devices(spec.size, device_type, cluster, task_index)
-    return spec
-  spec.devices = _devices(spec.size, device_type, cpu_devices, gpu_ids)
-  return spec
+    devices = _cluster_devices(size, device_type, cluster, task_index)
+    return MeshSpec(shape, rules, devices, implementation, tpu, cluster, task_index,
+                    operation_timeout)
+  return MeshSpec(shape, rules, _devices(size, device_type, cpu_devices, gpu_ids),
+                  implementation, tpu)
 
 
 def _cluster_devices(size, device_type, cluster, task_index):

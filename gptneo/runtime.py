@@ -1,10 +1,14 @@
-"""What every loop shares: precision, the mtf mesh, lowering, checkpoints of mesh variables."""
+"""What every loop shares: precision, the mtf mesh, lowering, checkpoints of mesh variables,
+and the runtime of a mesh (`with started(spec) as rt:`): this process's server, TPU system,
+peers and session."""
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
 import time
 
+from gptneo import tpu as tpu_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 from gptneo.mesh import MESH_NAME
@@ -27,16 +31,18 @@ def new_mesh(variable_placer=None):
   return graph, mtf.Mesh(graph, MESH_NAME, variable_placer)
 
 
-def lower(mtf_graph, mtf_mesh, spec):
+def lower(mtf_graph, mtf_mesh, spec, device_assignment=None):
   """Lowers the mtf graph onto `spec`'s devices (autostack off: checkpoint names stay stable).
 
   First checks every tensor against the layout, so a layout mtf can't apply is one line.
+  A "simd" mesh needs its TPU's `device_assignment` (Runtime.lower passes it).
   """
   spec.validate(tensor_shapes=tensor_shapes(mtf_graph))
   verbosity = tf.logging.get_verbosity()
   tf.logging.set_verbosity(tf.logging.WARN)  # mtf logs a page of per-op statistics at INFO
   try:
-    return mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl()}, autostack=False)
+    return mtf.Lowering(mtf_graph, {mtf_mesh: spec.mesh_impl(device_assignment)},
+                        autostack=False)
   finally:
     tf.logging.set_verbosity(verbosity)
 
@@ -141,18 +147,74 @@ def check_fits(path, variables, what):
     raise UserError(f"{what} {path} has {held}, the model needs {shape}; {hint}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What this process holds while it runs a mesh: its session target and TPU system.
+
+  Made by `started`; Runtime(spec) alone is a single process's placement mesh.
+  """
+  spec: object  # the MeshSpec
+  target: str = ""  # "" in-process; this task's server in a cluster; the TPU's master
+  tpu: tpu_lib.TpuSystem = None  # with mesh.implementation = "simd"
+
+  @property
+  def device_assignment(self):
+    return self.tpu.device_assignment if self.tpu else None
+
+  def mesh_impl(self):
+    return self.spec.mesh_impl(self.device_assignment)
+
+  def lower(self, mtf_graph, mtf_mesh):
+    return lower(mtf_graph, mtf_mesh, self.spec, self.device_assignment)
+
+  def session_config(self):
+    config = self.spec.session_config()
+    if self.tpu and self.tpu.cluster_def:
+      config.cluster_def.CopyFrom(self.tpu.cluster_def)
+    return config
+
+  def new_session(self, graph):
+    return tf.Session(self.target, graph=graph, config=self.session_config())
+
+  @contextlib.contextmanager
+  def session(self, graph):
+    """A session on `graph` that, once its work is done, releases the peers and the TPU.
+
+    Task 0 of a cluster first waits for every peer's server; a peer lost mid-step ends the
+    process with one line (peers_guard).
+    """
+    with graph.as_default():
+      release = _release_ops(self.spec) + (tpu_lib.shutdown_ops(self.tpu) if self.tpu else [])
+    if self.spec.cluster:
+      _wait_for_peers(self.spec)
+    with graph.as_default(), self.new_session(graph) as session, peers_guard(self.spec):
+      yield session
+      session.run(release)
+
+  def serve_until_released(self, poll_seconds=1.0):
+    """A peer: serves this task's devices until task 0 releases it; fails once task 0 is gone."""
+    _serve_until_released(self.spec, self.target, poll_seconds)
+
+
+@contextlib.contextmanager
+def started(spec):
+  """The Runtime of `spec` for this process: a cluster task's gRPC server (kept alive for the
+  block), an initialized TPU for "simd"."""
+  server = _start_server(spec) if spec.cluster else None
+  system = tpu_lib.connect(spec) if spec.implementation == "simd" else None
+  target = system.target if system else (server.target if server else "")
+  yield Runtime(spec, target, system)
+
+
 # Several processes, one mesh: task 0 builds the graph and drives the session through its own
 # server (in-graph replication); the other tasks only serve their devices until it is done.
 PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                tf.errors.AbortedError, tf.errors.CancelledError)
 
 
-def start_server(spec):
-  """Starts this task's gRPC server; the session target becomes its address."""
-  server = tf.distribute.Server(tf.train.ClusterSpec(spec.cluster), job_name="worker",
-                                task_index=spec.task_index, config=spec.session_config())
-  spec.target = server.target
-  return server
+def _start_server(spec):
+  return tf.distribute.Server(tf.train.ClusterSpec(spec.cluster), job_name="worker",
+                              task_index=spec.task_index, config=spec.session_config())
 
 
 def _done_queue(task):
@@ -161,13 +223,12 @@ def _done_queue(task):
     return tf.queue.FIFOQueue(1, [tf.int32], shapes=[[]], shared_name=f"gptneo_done_{task}")
 
 
-def release_ops(spec):
+def _release_ops(spec):
   """Task 0 runs these last: each other task's server may then stop."""
   return [_done_queue(task).enqueue(1) for task in range(1, spec.num_tasks)]
 
 
-def serve_until_released(spec, poll_seconds=1.0):
-  """A task other than 0: serves until task 0 releases it; fails once task 0 is gone."""
+def _serve_until_released(spec, target, poll_seconds):
   graph = tf.Graph()
   with graph.as_default():
     released = _done_queue(spec.task_index).dequeue()
@@ -176,7 +237,7 @@ def serve_until_released(spec, poll_seconds=1.0):
   config.device_filters.append(f"/job:worker/task:{spec.task_index}")
   options = tf.RunOptions(timeout_in_ms=int(poll_seconds * 1000))
   last_seen = time.monotonic()
-  with tf.Session(spec.target, graph=graph, config=config) as session:
+  with tf.Session(target, graph=graph, config=config) as session:
     while True:
       try:
         session.run(released, options=options)
@@ -191,7 +252,7 @@ def serve_until_released(spec, poll_seconds=1.0):
                         f"(mesh.operation_timeout); restart every task")
 
 
-def wait_for_peers(spec):
+def _wait_for_peers(spec):
   """Task 0, before its session: every task's server must answer within the timeout."""
   deadline = time.monotonic() + spec.operation_timeout
   for task, address in enumerate(spec.cluster["worker"]):
@@ -233,4 +294,4 @@ def lost_peer_error(spec, error):
            if any(c.isalpha() for c in line) and "Graph execution error" not in line]
   detail = f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
   return UserError(f"task {spec.task_index} lost a peer of mesh.cluster ({detail}); restart "
-                    f"every task from the last checkpoint")
+                   f"every task from the last checkpoint")

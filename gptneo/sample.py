@@ -9,6 +9,7 @@ import gin
 import numpy as np
 
 from gptneo import inference
+from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.data import jsonl
 from gptneo.data import tokenizer as tokenizer_lib
@@ -145,18 +146,27 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
   tokenizer = inference.load_tokenizer(model_dir)
   prompts_ids = encode_prompts(tokenizer, prompts, model.n_ctx)
   batch_size = _rows(batch_size, len(prompts), mesh)
-  restored = inference.RestoredModel(model, mesh, model_dir, batch_size, precision,
-                                     decode=cache)
-  restored.restore()
+  rngs = [np.random.default_rng([seed, index]) for index in range(len(prompts))]
+
+  def choose(index, logits):
+    return choose_token(logits, temperature, top_k, top_p, rngs[index])
+
+  with runtime.started(mesh) as rt:
+    restored = inference.RestoredModel(model, rt, model_dir, batch_size, precision,
+                                       decode=cache)
+    restored.restore()
+    new_ids = _continue(restored, prompts_ids, batch_size, cache, max_new_tokens,
+                        tokenizer_lib.eos_id(tokenizer), choose)
+  return [tokenizer.decode(ids) for ids in new_ids]
+
+
+def _continue(restored, prompts_ids, batch_size, cache, max_new_tokens, eos_id, choose):
+  """New ids per prompt, batch_size prompts at a time through `restored`."""
   start, extend = ((restored.start, restored.extend) if cache
                    else (restored.next_logits, restored.next_logits))
-  rngs = [np.random.default_rng([seed, index]) for index in range(len(prompts))]
-  completions = []
+  new_ids = []
   for first in range(0, len(prompts_ids), batch_size):
-    chunk_rngs = rngs[first:first + batch_size]
-    new_ids = generate(start, extend, prompts_ids[first:first + batch_size],
-                       model.n_ctx, max_new_tokens, tokenizer_lib.eos_id(tokenizer),
-                       lambda i, logits, r=chunk_rngs: choose_token(logits, temperature,
-                                                                    top_k, top_p, r[i]))
-    completions += [tokenizer.decode(ids) for ids in new_ids]
-  return completions
+    new_ids += generate(start, extend, prompts_ids[first:first + batch_size],
+                        restored.model.n_ctx, max_new_tokens, eos_id,
+                        lambda i, logits, first=first: choose(first + i, logits))
+  return new_ids

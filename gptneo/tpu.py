@@ -1,8 +1,9 @@
 """Training on TPUs without TPUEstimator: the SIMD mesh, infeed and a loop on the device.
 
-The pieces, each used by gptneo/train.py's TPU graph:
+The pieces, each used by gptneo/train_graph.py's SIMD graph:
 - `connect(spec)`: the TPU cluster resolver's master, `tf.tpu.initialize_system()`, and a
-  DeviceAssignment of one core per mesh position (mesh larger than the TPU: a one-line error).
+  DeviceAssignment of one core per mesh position (mesh larger than the TPU: a one-line error),
+  as a `TpuSystem` that runtime.started holds for the process.
 - `Infeed`: the host's tf.data iterator (the same saveable one the placement loop uses) gives
   each step's batch; the host cuts it into every core's slice of [batch, sequence] as the
   layout says and enqueues the slices; on the cores, `dequeue` turns them back into mtf
@@ -14,6 +15,7 @@ None of this has run on a real TPU; tests/test_tpu.py builds the whole graph ove
 8-core device assignment. docs/tpu.md has the commands.
 """
 import contextlib
+import dataclasses
 
 import numpy as np
 
@@ -41,8 +43,17 @@ def v1_control_flow():
       tf.enable_control_flow_v2()
 
 
+@dataclasses.dataclass(frozen=True)
+class TpuSystem:
+  """An initialized TPU, as `connect` leaves it: what sessions and lowering need of it."""
+  target: str  # the session target: the TPU's master ("" on a TPU VM)
+  cluster_def: object  # tf ClusterDef of the TPU's workers, or None
+  job: str  # the TPU workers' job name, None on a TPU VM
+  device_assignment: object  # tf.tpu.experimental.DeviceAssignment, one core per position
+
+
 def connect(spec):
-  """Resolves and initializes `spec.tpu`; sets spec.target, .device_assignment, .cluster_def."""
+  """Resolves and initializes `spec.tpu`; returns its TpuSystem."""
   try:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=spec.tpu)
     target, cluster = resolver.master(), resolver.cluster_spec()
@@ -50,19 +61,20 @@ def connect(spec):
     raise UserError(f"mesh.tpu = {spec.tpu!r} does not resolve to a TPU "
                     f"({str(error).splitlines()[0][:160]}); check the name and zone, or use "
                     f"'local' on a TPU VM") from None
-  spec.cluster_def = cluster.as_cluster_def() if cluster and cluster.jobs else None
-  spec.tpu_job = resolver.get_job_name() if target else None  # a TPU VM's own: no job
+  cluster_def = cluster.as_cluster_def() if cluster and cluster.jobs else None
+  job = resolver.get_job_name() if target else None  # a TPU VM's own: no job
+  config = spec.session_config()
+  if cluster_def:
+    config.cluster_def.CopyFrom(cluster_def)
   try:
-    with tf.Graph().as_default(), tf.Session(target, config=spec.session_config()) as session:
-      serialized = session.run(tf.tpu.initialize_system(job=spec.tpu_job))
+    with tf.Graph().as_default(), tf.Session(target, config=config) as session:
+      serialized = session.run(tf.tpu.initialize_system(job=job))
   except tf.errors.OpError as error:
     detail = _error_line(error)
     raise UserError(f"mesh.tpu = {spec.tpu!r}: no TPU to initialize ({detail}); run on a TPU "
                     f"VM with 'local' or name a TPU this machine reaches (docs/tpu.md)") from None
-  spec.target = target
-  spec.device_assignment = device_assignment(
-      spec, tf.tpu.experimental.Topology(serialized=serialized))
-  return spec
+  topology = tf.tpu.experimental.Topology(serialized=serialized)
+  return TpuSystem(target, cluster_def, job, device_assignment(spec, topology))
 
 
 def _error_line(error):
@@ -96,35 +108,40 @@ def synthetic_device_assignment(num_chips, cores_per_chip=2):
       synthetic_topology(num_chips, cores_per_chip), num_replicas=num_chips * cores_per_chip)
 
 
-def host_devices(spec):
-  """The CPU devices of the hosts whose cores the mesh uses, in mesh order, each once."""
-  hosts = [spec.device_assignment.host_device(replica=p) for p in range(spec.size)]
-  return list(dict.fromkeys(hosts))
+def synthetic_system(num_chips, cores_per_chip=2):
+  """A TpuSystem of `synthetic_device_assignment`: SIMD graphs build on it, never run."""
+  return TpuSystem("", None, None, synthetic_device_assignment(num_chips, cores_per_chip))
 
 
-def variable_placer(spec):
+def host_devices(rt):
+  """The CPU devices of the hosts whose cores runtime `rt`'s mesh uses, in order, each once."""
+  assignment = rt.tpu.device_assignment
+  return list(dict.fromkeys(assignment.host_device(replica=p) for p in range(rt.spec.size)))
+
+
+def variable_placer(rt):
   """Master weights on the TPU hosts' CPUs, balanced by size (as GPT-Neo placed them)."""
-  return mtf.utils.BalancedVariablePlacer(host_devices(spec))
+  return mtf.utils.BalancedVariablePlacer(host_devices(rt))
 
 
 class Infeed:
   """Feeds each step's [batch, n_ctx + 1] windows to the cores, sliced as the layout says.
 
   Args:
-    spec: a MeshSpec with implementation "simd" and a device assignment.
+    rt: a runtime.Runtime of a "simd" mesh, with its TpuSystem.
     next_batch: a function returning the host's next [batch, n_ctx + 1] int32 tensor.
     shape: the mtf.Shape of tokens and targets, [batch, sequence].
     loop_steps: int32 tf scalar, the batches one session.run enqueues.
   """
 
-  def __init__(self, spec, next_batch, shape, loop_steps):
-    self._impl, self._shape = spec.mesh_impl(), shape
+  def __init__(self, rt, next_batch, shape, loop_steps):
+    self._impl, self._shape = rt.mesh_impl(), shape
     self._devices = input_reader.ProcessDevices(self._impl)
     slice_shape = self._impl.slice_shape(shape)
     self._queue = tpu_feed.InfeedQueue(number_of_tuple_elements=2,
                                        tuple_types=[tf.int32, tf.int32],
                                        tuple_shapes=[slice_shape, slice_shape])
-    with tf.device(host_devices(spec)[0]):
+    with tf.device(host_devices(rt)[0]):
       self.enqueue = tf.while_loop(
           lambda i: i < loop_steps, lambda i: self._enqueue_one(next_batch(), i),
           [tf.constant(0)], parallel_iterations=1, name="infeed_loop")
@@ -151,11 +168,11 @@ class Infeed:
             mtf.import_laid_out_tensor(mtf_mesh, laid_out([targets]), self._shape, "targets"))
 
 
-def device_loop(spec, body, start, loop_steps):
+def device_loop(rt, body, start, loop_steps):
   """Runs `body` `loop_steps` times on every core, as one TPU program per session.run.
 
   Args:
-    spec: a MeshSpec with implementation "simd" and a device assignment.
+    rt: a runtime.Runtime of a "simd" mesh, with its TpuSystem.
     body: step (int64 tf scalar) -> (update op, [float scalars]); builds and lowers one step.
     start: int64 host scalar, the step the loop starts at.
     loop_steps: int32 host scalar, the steps this session.run takes.
@@ -182,12 +199,12 @@ def device_loop(spec, body, start, loop_steps):
                             parallel_iterations=1, name="train_loop")
     return [outputs[-1]]
 
-  metrics = tf.tpu.replicate(computation, inputs=[[start, loop_steps]] * spec.size,
-                             device_assignment=spec.device_assignment)[0][0]
+  metrics = tf.tpu.replicate(computation, inputs=[[start, loop_steps]] * rt.spec.size,
+                             device_assignment=rt.tpu.device_assignment)[0][0]
   mean = metrics[0] / tf.cast(loop_steps, tf.float32)
   return [mean] + [metrics[k] for k in range(1, count[0])]
 
 
-def shutdown_ops(spec):
+def shutdown_ops(system):
   """Run last on a TPU session: releases the TPU system."""
-  return [tf.tpu.shutdown_system(job=spec.tpu_job)] if spec.implementation == "simd" else []
+  return [tf.tpu.shutdown_system(job=system.job)]

@@ -5,6 +5,7 @@ import pytest
 from gptneo import gin_utils
 from gptneo import inference
 from gptneo import mesh as mesh_lib
+from gptneo import runtime
 from gptneo import sample as sample_lib
 from gptneo.compat import tf
 from gptneo.model import gpt as gpt_lib
@@ -31,7 +32,7 @@ def random_model(bindings, batch_size=3, mesh_shape="", layout="", precision="fl
   """A RestoredModel with decode ops over freshly initialized (seeded) weights."""
   gin_utils.parse(["models/tiny.gin"], SMALL + bindings)
   spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout)
-  restored = inference.RestoredModel(gpt_lib.GPT(), spec, model_dir=None,
+  restored = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(spec), model_dir=None,
                                      batch_size=batch_size, precision=precision, decode=True,
                                      chunk=chunk)
   with restored.graph.as_default():
@@ -88,7 +89,8 @@ def test_cache_split_over_devices_equals_one_device(neo_model_dir, mesh_shape, l
   parse_model_config(neo_model_dir, "runs/sample.gin")
 
   def restored(spec):
-    model = inference.RestoredModel(gpt_lib.GPT(), spec, neo_model_dir, 4, decode=True)
+    model = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(spec), neo_model_dir, 4,
+                                    decode=True)
     model.restore()
     return model
 
@@ -140,7 +142,8 @@ def test_greedy_decode_past_n_ctx_matches_the_reference(neo_model_dir):
   """80 new ids after a 20-id prompt: the window slides past the 64-id n_ctx, no EOS stop."""
   parse_model_config(neo_model_dir, "runs/sample.gin")
   model = gpt_lib.GPT()
-  restored = inference.RestoredModel(model, mesh_lib.mesh(), neo_model_dir, 2, decode=True)
+  restored = inference.RestoredModel(model, runtime.Runtime(mesh_lib.mesh()), neo_model_dir, 2,
+                                     decode=True)
   restored.restore()
   prompts = [list(range(3, 23)), [7]]
 

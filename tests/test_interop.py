@@ -15,6 +15,7 @@ from gptneo import gin_utils
 from gptneo import hf
 from gptneo import inference
 from gptneo import mesh as mesh_lib
+from gptneo import runtime
 from gptneo import sample as sample_lib
 from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
@@ -34,7 +35,8 @@ def hf_libraries():
 
 def our_logits(model_dir, ids):
   gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], ONE_DEVICE)
-  restored = inference.RestoredModel(gpt_lib.GPT(), mesh_lib.mesh(), model_dir, len(ids))
+  restored = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(mesh_lib.mesh()), model_dir,
+                                     len(ids))
   restored.restore()
   return restored.all_logits(np.asarray(ids, np.int32))
 

@@ -135,8 +135,8 @@ def test_accelerator_layout_fits_its_slice_and_gpt3_xl(layout_file):
   gin_utils.parse(["gpt3_xl.gin", f"layouts/{layout_file}"],
                   ['DATASET_DIR = "unused"', "mesh.tpu = 'local'"])
   if layout_file.startswith("gpu"):
-    spec = mesh_lib.MeshSpec(mesh_lib._parse_pairs(  # pylint: disable=protected-access
-        gin_utils.gin.query_parameter("mesh.mesh_shape"), "mesh_shape", int), [], [])
+    spec = mesh_lib.MeshSpec(mesh_lib.parse_mesh_shape(
+        gin_utils.gin.query_parameter("mesh.mesh_shape")), [], [])
     assert spec.size == 8
   else:
     spec = mesh_lib.mesh()
@@ -150,7 +150,7 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
   """The SIMD lowering of loss, gradients and an update, inside one TPU program of 8 cores."""
   spec = mesh_lib.mesh(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y",
                        implementation="simd", tpu="local")
-  spec.device_assignment = tpu.synthetic_device_assignment(num_chips=4)
+  assignment = tpu.synthetic_device_assignment(num_chips=4)
   graph = tf.Graph()
   with graph.as_default():
     mtf_graph, mtf_mesh, loss, grads = gpt_graph("bfloat16")
@@ -158,12 +158,12 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores():
                for v, g in zip(mtf_graph.trainable_variables, grads, strict=True)]
 
     def step():
-      lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+      lowering = runtime.lower(mtf_graph, mtf_mesh, spec, assignment)
       with tf.control_dependencies([lowering.lowered_operation(op) for op in updates]):
         return [tf.identity(lowering.export_to_tf_tensor(loss))]
 
     outputs = tf.tpu.replicate(step, inputs=[[]] * spec.size,
-                               device_assignment=spec.device_assignment)
+                               device_assignment=assignment)
   assert len(outputs) == 8  # one loss per core
   devices = {op.device for op in graph.get_operations()}
   assert {f"/task:0/device:TPU:{core}" for core in range(8)} <= devices

@@ -2,7 +2,8 @@
 few includes plus overrides, and compose into a real training graph.
 
 The graph is built by the same path `train` takes (gin injects every argument, then
-`train._validated_graph` checks and builds); the test stops it before any Session runs.
+`train.Settings.check` checks and `train_graph.build` builds); the test stops it before any
+Session runs.
 """
 import glob
 import os
@@ -14,6 +15,7 @@ import pytest
 
 from gptneo import gin_utils
 from gptneo import train as train_lib
+from gptneo import train_graph
 from gptneo.compat import tf
 from gptneo.data import prepare
 from gptneo.model import gpt as gpt_lib
@@ -94,14 +96,14 @@ class _GraphBuilt(Exception):
 
 def build_train_graph(monkeypatch, model_dir):
   """Calls the gin-configured `train` and returns (TrainGraph, model) it built."""
-  build = train_lib._validated_graph  # pylint: disable=protected-access
+  build = train_graph.build
   built = {}
 
-  def capture(model, *args):
-    built["graph"], built["model"] = build(model, *args), model
+  def capture(settings, *args):
+    built["graph"], built["model"] = build(settings, *args), settings.model
     raise _GraphBuilt
 
-  monkeypatch.setattr(train_lib, "_validated_graph", capture)
+  monkeypatch.setattr(train_graph, "build", capture)
   with pytest.raises(_GraphBuilt):
     train_lib.train(str(model_dir))
   return built["graph"], built["model"]

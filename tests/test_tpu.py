@@ -4,8 +4,10 @@ and bad TPU configs are one-line errors before the model dir is touched."""
 import pytest
 
 from gptneo import mesh as mesh_lib
+from gptneo import runtime
 from gptneo import tpu
 from gptneo import train as train_lib
+from gptneo import train_graph
 from gptneo.compat import tf
 from gptneo.model import gpt as gpt_lib
 from gptneo.optim import optimizers
@@ -17,17 +19,23 @@ BATCH = 8
 
 
 def simd_spec(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y"):
-  spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout, implementation="simd", tpu="local")
-  spec.device_assignment = tpu.synthetic_device_assignment(num_chips=4)
-  return spec
+  return mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout, implementation="simd", tpu="local")
+
+
+def settings(model, spec, dataset_dir, **knobs):
+  """The knobs both loops are built with here (eval_batches 0: the TPU loop has none)."""
+  return train_lib.settings(model=model, optimizer=optimizers.Adam(), mesh=spec,
+                            dataset_dir=dataset_dir, batch_size=BATCH, train_steps=100, seed=1,
+                            precision="bfloat16", microbatches_per_batch=2, clip_norm=1.0,
+                            eval_batches=0, keep_checkpoints=3, **knobs)
 
 
 @pytest.fixture(scope="module")
 def tpu_graph(small_dataset, tmp_path_factory):
   model = gpt_lib.GPT(**MODEL, z_loss=1e-4)  # an auxiliary loss, reported like the placement's
-  return train_lib.build_tpu_graph(
-      model, optimizers.Adam(), simd_spec(), small_dataset, BATCH, 100, 1, "bfloat16", 2, 1.0,
-      str(tmp_path_factory.mktemp("tpu_run")), 3, steps_per_loop=10)
+  rt = runtime.Runtime(simd_spec(), tpu=tpu.synthetic_system(num_chips=4))
+  return train_graph.build(settings(model, rt.spec, small_dataset, steps_per_loop=10),
+                           str(tmp_path_factory.mktemp("tpu_run")), rt)
 
 
 def op_types(graph):
@@ -64,9 +72,9 @@ def saved_names(graph):
 
 def test_checkpoint_holds_what_the_placement_loop_restores(tpu_graph, small_dataset, tmp_path):
   """Masters, optimizer slots, step and data position, by the placement graph's names."""
-  placement = train_lib.build_graph(
-      gpt_lib.GPT(**MODEL, z_loss=1e-4), optimizers.Adam(), mesh_lib.mesh(), small_dataset,
-      BATCH, 100, 1, "bfloat16", 2, 1.0, 0, str(tmp_path), 3)
+  spec = mesh_lib.mesh()
+  placement = train_graph.build(settings(gpt_lib.GPT(**MODEL, z_loss=1e-4), spec, small_dataset),
+                                str(tmp_path), runtime.Runtime(spec))
   names = saved_names(tpu_graph.graph)
   assert names == saved_names(placement.graph)
   assert {"global_step", "gpt/wte", "gpt/wte/adam_m"} <= names

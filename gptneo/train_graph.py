@@ -1,0 +1,229 @@
+"""The training graph: one step as an mtf graph, lowered onto a mesh, fed by tf.data.
+
+Two strategies behind one interface, `build(settings, model_dir, rt) -> TrainGraph`:
+- placement (CPU/GPU devices of this process): one step per session.run, and the validation
+  fetches the loop evaluates with;
+- simd (TPU cores): the same step (`mtf_step`, `lower_step`) built inside tpu.device_loop on
+  every core, up to `steps_per_loop` steps per session.run, batches through tpu.Infeed.
+Both read the same saveable iterator and save the same variables under the same names.
+"""
+import dataclasses
+
+from gptneo import evaluate as evaluate_lib
+from gptneo import runtime
+from gptneo import tpu
+from gptneo.compat import mtf, tf
+from gptneo.data import inputs
+from gptneo.model import gpt as gpt_lib
+from gptneo.model import ops
+from gptneo.optim import optimizers
+
+
+@dataclasses.dataclass
+class TrainGraph:
+  """What the loop runs: the step, its logged scalars, checkpoints, validation fetches."""
+  graph: tf.Graph
+  step: tf.Tensor
+  loss: tf.Tensor
+  learning_rate: tf.Tensor
+  grad_norm: tf.Tensor
+  train_op: tf.Operation
+  init_ops: list
+  checkpoints: runtime.Checkpoints
+  aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
+  eval_fetches: dict = None  # {"loss", "accuracy", "targets"} of one validation batch, or None
+  steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
+  loop_steps: tf.Tensor = None  # with a device loop: the placeholder of its step count
+  enqueue: tf.Operation = None  # with a device loop: feeds its batches (infeed)
+
+  @property
+  def eval_loss(self):
+    return self.eval_fetches["loss"] if self.eval_fetches else None
+
+  def run(self, session, steps=1):
+    """Takes `steps` steps; returns (loss, learning rate, gradient norm, auxiliary losses).
+
+    With a device loop the loss is the mean over its steps, the rest are of its last step.
+    """
+    fetches = [self.train_op, self.loss, self.learning_rate, self.grad_norm, self.aux_losses]
+    if self.loop_steps is None:
+      return session.run(fetches)[1:]
+    return session.run([self.enqueue] + fetches, {self.loop_steps: steps})[2:]
+
+
+def build(settings, model_dir, rt):
+  """The training graph of `settings` (train.Settings) on runtime `rt`'s mesh."""
+  return STRATEGIES[rt.spec.implementation](settings, model_dir, rt)
+
+
+def _import_batch(mtf_mesh, batch, dims):
+  """Splits [batch, n_ctx+1] windows into mtf inputs and next-token targets."""
+  shape = [dims.batch, dims.sequence]
+  tokens = mtf.import_tf_tensor(mtf_mesh, batch[:, :-1], shape, name="tokens")
+  targets = mtf.import_tf_tensor(mtf_mesh, batch[:, 1:], shape, name="targets")
+  return tokens, targets
+
+
+def _gradients(model, features, dims, dtype, dropout, microbatches):
+  """Mean losses and gradients, summed over microbatches when there are several.
+
+  "loss" is the training objective: cross-entropy plus the model's auxiliary losses (MoE
+  balancing, z-loss), which are also returned under their own names for the logs.
+  """
+  def loss_fn(f):
+    logits = model(f["tokens"], dtype, dropout)
+    losses = {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab), **model.aux_losses}
+    for aux in model.aux_losses.values():
+      losses["loss"] += aux
+    return losses
+
+  variables = features["tokens"].graph.trainable_variables
+  if microbatches == 1:
+    losses = loss_fn(features)
+    return losses, mtf.gradients([losses["loss"]], [v.outputs[0] for v in variables])
+  grads, outputs = mtf.serialize_training_step(features, loss_fn, dims.batch, microbatches)
+  return ({name: value / microbatches for name, value in outputs.items()},
+          [g / microbatches for g in grads])
+
+
+@dataclasses.dataclass
+class MtfStep:
+  """One training step as an mtf graph: losses, gradient norm, learning rate, update ops."""
+  losses: dict  # "loss" (the objective) and the auxiliary losses, mtf scalars
+  grad_norm: mtf.Tensor
+  learning_rate: tf.Tensor
+  update_ops: list
+
+
+def mtf_step(settings, features, step):
+  """Builds loss, gradients and the optimizer update of one step on `features`' mesh.
+
+  Shared by both strategies; `step` is the tf scalar of the step being taken (it drives the
+  schedule, Adam's bias correction and dropout).
+  """
+  s, mtf_mesh = settings, features["tokens"].mesh
+  dims = s.model.dims(s.batch_size)
+  dropout = ops.Dropout(is_training=True, seed=s.seed, step=step)
+  losses, grads = _gradients(s.model, features, dims, runtime.variable_dtype(s.precision),
+                             dropout, s.microbatches_per_batch)
+  norm = optimizers.global_norm(grads)
+  grads = optimizers.clip_by_global_norm(grads, norm, s.clip_norm)
+  learning_rate = optimizers.learning_rate_schedule(step, s.train_steps)
+  s.optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
+  s.optimizer.step = mtf.import_fully_replicated(
+      mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
+  update_ops = s.optimizer.apply_grads(grads, mtf_mesh.graph.trainable_variables)
+  return MtfStep(losses, norm, learning_rate, update_ops)
+
+
+@dataclasses.dataclass
+class LoweredStep:
+  """An MtfStep's tf side, on whichever mesh it was lowered."""
+  loss: tf.Tensor
+  grad_norm: tf.Tensor
+  aux_losses: dict
+  updates: tf.Operation  # runs after loss and norm have read this step's weights
+
+
+def lower_step(lowering, step):
+  """The tf tensors of an MtfStep; the update is ordered after the loss reads the weights."""
+  losses = dict(step.losses)
+  tf_loss = lowering.export_to_tf_tensor(losses.pop("loss"))
+  tf_norm = lowering.export_to_tf_tensor(step.grad_norm)
+  with tf.control_dependencies([tf_loss, tf_norm]):
+    updates = tf.group([lowering.lowered_operation(op) for op in step.update_ops])
+  return LoweredStep(tf_loss, tf_norm, {name: lowering.export_to_tf_tensor(value)
+                                        for name, value in losses.items()}, updates)
+
+
+def _train_iterator(settings):
+  s = settings
+  return tf.data.make_initializable_iterator(inputs.make_dataset(
+      s.dataset_dir, "train", s.batch_size, seed=s.seed, sampling=s.sampling))
+
+
+def _checkpoints(lowering, iterator, settings, model_dir):
+  """Mesh variables plus the data position, so a resumed run sees the same batches."""
+  saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
+  return runtime.Checkpoints(lowering, model_dir, settings.keep_checkpoints, [saveable])
+
+
+def build_placement(settings, model_dir, rt):
+  """The placement mesh's training graph: one step per session.run."""
+  s, graph = settings, tf.Graph()
+  with graph.as_default():
+    tf.set_random_seed(s.seed)
+    step = tf.train.get_or_create_global_step()
+    iterator = _train_iterator(s)
+    mtf_graph, mtf_mesh = runtime.new_mesh()
+    tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), s.model.dims(s.batch_size))
+    step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, step)
+    validation, eval_init = _validation(s, mtf_mesh)
+    lowering = rt.lower(mtf_graph, mtf_mesh)
+    lowered = lower_step(lowering, step_graph)
+    with tf.control_dependencies([lowered.updates]):
+      train_op = tf.assign_add(step, 1).op
+    eval_fetches = validation and {name: lowering.export_to_tf_tensor(value)
+                                   for name, value in validation.items()}
+    return TrainGraph(graph, step, lowered.loss, step_graph.learning_rate, lowered.grad_norm,
+                      train_op, [iterator.initializer] + eval_init,
+                      _checkpoints(lowering, iterator, s, model_dir), lowered.aux_losses,
+                      eval_fetches)
+
+
+def _validation(settings, mtf_mesh):
+  """Validation loss, accuracy and targets of one batch (dropout off), or None."""
+  s = settings
+  info = inputs.read_dataset_info(s.dataset_dir)
+  if not s.evaluates or info["splits"].get("validation", {}).get("windows", 0) < s.batch_size:
+    return None, []
+  iterator = tf.data.make_initializable_iterator(inputs.make_dataset(
+      s.dataset_dir, "validation", s.batch_size, shuffle=False, repeat=True))
+  dims = s.model.dims(s.batch_size)
+  tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
+  no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
+  logits = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
+  outputs = evaluate_lib.batch_outputs(logits, targets, dims.vocab)
+  return {**outputs, "targets": targets}, [iterator.initializer]
+
+
+def build_simd(settings, model_dir, rt):
+  """The SIMD (TPU) mesh's training graph: up to `steps_per_loop` steps per session.run.
+
+  The same step as build_placement (mtf_step, lower_step), built inside tpu.device_loop on
+  every core; batches come from the same saveable iterator through tpu.Infeed. Needs rt.tpu
+  (runtime.started, or tpu.synthetic_system to only build).
+  """
+  s, graph = settings, tf.Graph()
+  with graph.as_default(), tpu.v1_control_flow():
+    tf.set_random_seed(s.seed)
+    with tf.device(tpu.host_devices(rt)[0]):
+      step = tf.train.get_or_create_global_step()
+      iterator = _train_iterator(s)
+      loop_steps = tf.placeholder_with_default(1, [], "loop_steps")
+      start = tf.identity(step)
+    dims = s.model.dims(s.batch_size)
+    infeed = tpu.Infeed(rt, iterator.get_next, mtf.Shape([dims.batch, dims.sequence]),
+                        loop_steps)
+    built = {}
+
+    def body(current):
+      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt))
+      tokens, targets = infeed.dequeue(mtf_mesh)
+      step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, current)
+      built["lowering"] = rt.lower(mtf_graph, mtf_mesh)
+      lowered = lower_step(built["lowering"], step_graph)
+      built["aux"] = sorted(lowered.aux_losses)
+      return lowered.updates, [lowered.loss, step_graph.learning_rate, lowered.grad_norm,
+                               *[lowered.aux_losses[name] for name in built["aux"]]]
+
+    loss, learning_rate, norm, *aux = tpu.device_loop(rt, body, start, loop_steps)
+    with tf.control_dependencies([loss, learning_rate, norm, *aux]):
+      train_op = tf.assign_add(step, tf.cast(loop_steps, step.dtype)).op
+    return TrainGraph(graph, step, loss, learning_rate, norm, train_op, [iterator.initializer],
+                      _checkpoints(built["lowering"], iterator, s, model_dir),
+                      dict(zip(built["aux"], aux, strict=True)), steps_per_run=s.steps_per_loop,
+                      loop_steps=loop_steps, enqueue=infeed.enqueue)
+
+
+STRATEGIES = {"placement": build_placement, "simd": build_simd}
