@@ -1,5 +1,6 @@
 # `make demo` trains a tiny GPT on Python's stdlib and samples from it; `make test` runs the tests.
-# Every target installs what it needs into .venv first.
+# Every target installs what it needs into .venv first; the programs are .venv/bin/gptneo-*
+# (bin/* from the checkout run the same programs, in .venv).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,13 +21,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-interop.t
 data: $(DATA)/dataset.json
 
 $(DATA)/dataset.json: | install
-	$(BIN)/prepare_data --input=stdlib --output_dir=$(DATA) --n_ctx=256 --vocab_size=4096
+	$(BIN)/gptneo-prepare-data --input=stdlib --output_dir=$(DATA) --n_ctx=256 --vocab_size=4096
 
 train: install data
-	$(BIN)/train --gin_file=tiny.gin --model_dir=$(RUN)
+	$(BIN)/gptneo-train --gin_file=tiny.gin --model_dir=$(RUN)
 
 sample: install
-	$(BIN)/sample --model_dir=$(RUN) --prompt="def main(" --gin_param="sample.max_new_tokens = 120"
+	$(BIN)/gptneo-sample --model_dir=$(RUN) --prompt="def main(" --gin_param="sample.max_new_tokens = 120"
 
 demo: train sample
 

@@ -1,0 +1,80 @@
+"""The programs' names: installed as gptneo-* (no shell builtin among them), and bin/* run from
+a checkout by a python without our dependencies re-runs itself in the checkout's .venv."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from gptneo import programs
+from tests.conftest import REPO
+from tests.test_errors import assert_one_line_error
+
+VENV_PYTHON = REPO / ".venv" / "bin" / "python"
+
+
+def test_every_program_in_bin_has_its_command():
+  in_bin = sorted(p.name for p in (REPO / "bin").iterdir()
+                  if p.is_file() and not p.suffix and not p.name.startswith("_"))
+  assert list(programs.PROGRAMS) == in_bin
+  for program in in_bin:
+    assert callable(getattr(programs, programs.command(program).replace("-", "_")))
+  assert programs.command("import_hf") == "gptneo-import-hf"
+
+
+def test_installed_command_runs_and_names_itself():
+  command = pathlib.Path(sys.executable).parent / "gptneo-train"
+  assert command.is_file(), f"{command} is missing: run `make install`"
+  assert not (command.parent / "train").exists(), "a stale `train` script: run `make install`"
+  result = subprocess.run([str(command), "--helpshort"], capture_output=True, text=True,
+                          check=False, cwd=REPO)
+  assert result.returncode == 1, result.stderr[-2000:]  # absl's help exits 1
+  assert f"{command.name}:" in result.stdout and "--model_dir" in result.stdout
+  assert "bin/train:" not in result.stdout
+
+
+def test_installed_command_names_itself_in_errors(tmp_path):
+  command = pathlib.Path(sys.executable).parent / "gptneo-train"
+  result = subprocess.run([str(command), "--gin_file=missing.gin", f"--model_dir={tmp_path}"],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+  assert_one_line_error(result, "gptneo-train", "missing.gin")
+
+
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory):
+  """A python3 that can't import absl, gin or gptneo: a fresh venv without packages."""
+  folder = tmp_path_factory.mktemp("bare") / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+  python = folder / "bin" / "python"
+  probe = subprocess.run([str(python), "-c", "import absl"], capture_output=True, check=False)
+  assert probe.returncode, "the bare venv imports absl"
+  return python
+
+
+def _run(python, program_path, *args):
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  return subprocess.run([str(python), str(program_path), *args], capture_output=True,
+                        text=True, check=False, env=env, cwd=program_path.parent.parent)
+
+
+@pytest.mark.skipif(not VENV_PYTHON.exists(), reason="no .venv in the checkout")
+def test_bin_program_reruns_itself_in_the_checkouts_venv(bare_python):
+  result = _run(bare_python, REPO / "bin" / "eval", "--helpshort")
+  assert result.returncode == 1, result.stderr[-2000:]  # absl's help exits 1
+  assert "bin/eval:" in result.stdout and "--model_dir" in result.stdout
+
+
+def test_bin_program_without_a_venv_says_to_install(bare_python, tmp_path):
+  shutil.copytree(REPO / "bin", tmp_path / "checkout" / "bin")
+  result = _run(bare_python, tmp_path / "checkout" / "bin" / "eval", "--helpshort")
+  assert_one_line_error(result, "eval", "can't import absl", "make install")
+
+
+def test_bin_program_whose_venv_lacks_them_too_stops_instead_of_looping(bare_python, tmp_path):
+  checkout = tmp_path / "checkout"
+  shutil.copytree(REPO / "bin", checkout / "bin")
+  (checkout / ".venv").symlink_to(bare_python.parent.parent)
+  result = _run(bare_python, checkout / "bin" / "eval", "--helpshort")
+  assert_one_line_error(result, "eval", "neither can", "make install")
