@@ -1,5 +1,6 @@
 """The layout search: finds fitting layouts fast, agrees with brute force and with the lowered
 graph's allocations, and turns bad input into one-line errors."""
+import itertools
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import train as train_lib
+from gptneo import train_graph
 from gptneo.compat import mtf, tf
 from gptneo.layout_search import configured
 from gptneo.layout_search import cost_model
@@ -25,8 +27,9 @@ from tests.test_errors import assert_one_line_error
 from tests.test_train import logged_losses
 
 GIB = 2 ** 30
+ADAM = optimizers.Adam()
 XL = cost_model.Workload(n_layer=24, n_embd=2048, n_head=16, n_ctx=2048, n_vocab=50257,
-                         mlp=8192, batch=512)
+                         mlp=8192, batch=512).with_optimizer(ADAM)
 NEVER_SPLIT = {"sequence", "memory", "kv"}
 
 
@@ -44,10 +47,24 @@ def test_solver_finds_the_brute_force_optimum(shape):
   work = cost_model.Workload(**{**XL.__dict__, "microbatches": best.microbatches,
                                 "n_vocab": best.n_vocab, "recompute": best.recompute})
   fitting = [e for e in (cost_model.estimate(work, hardware, shape, layout)
-                         for layout in search.all_layouts(work, shape, splittable_of(best)))
+                         for layout in all_layouts(work, shape, splittable_of(best)))
              if e.memory_bytes <= hardware.device_memory]
   assert best.step_seconds == pytest.approx(min(e.step_seconds for e in fitting), rel=1e-6)
   assert best.memory_bytes <= hardware.device_memory
+
+
+def all_layouts(work, mesh_shape, splittable=cost_model.SPLITTABLE):
+  """Every valid layout of one mesh shape, by brute force: the check on the solver."""
+  sizes, dims = dict(mesh_shape), work.dim_sizes()
+  splittable = tuple(d for d in splittable if d in dims)
+  conflicting = set(cost_model.conflicts(work))
+  options = [[None] + [m for m in sizes if dims[d] % sizes[m] == 0]
+             for d in splittable]
+  for choice in itertools.product(*options):
+    layout = tuple((d, m) for d, m in zip(splittable, choice, strict=True) if m)
+    if not any((min(a, b), max(a, b)) in conflicting
+               for (a, ma), (b, mb) in itertools.combinations(layout, 2) if ma == mb):
+      yield layout
 
 
 def splittable_of(estimate):
@@ -66,7 +83,7 @@ def test_fewer_microbatches_never_fit_where_the_search_needed_more():
   fewer = cost_model.Workload(**{**XL.__dict__, "microbatches": best.microbatches // 2})
   assert all(cost_model.estimate(fewer, hardware, best.mesh_shape, layout).memory_bytes
              > hardware.device_memory
-             for layout in search.all_layouts(fewer, best.mesh_shape, splittable_of(best)))
+             for layout in all_layouts(fewer, best.mesh_shape, splittable_of(best)))
 
 
 def test_gpt3_13b_on_256_devices_fits_in_16gib_within_a_minute(tmp_path):
@@ -92,9 +109,10 @@ def _fits_without_fallback_dims(shape):
   """Brute force with the most microbatches (the least activation memory): does any fit?"""
   hardware = cost_model.Hardware(16 * GIB)
   for n_vocab in (50257, 50304):
-    work = cost_model.Workload(40, 5120, 40, 2048, n_vocab, 4 * 5120, 1024, microbatches=1024)
+    work = cost_model.Workload(40, 5120, 40, 2048, n_vocab, 4 * 5120, 1024,
+                               microbatches=1024).with_optimizer(ADAM)
     if any(cost_model.estimate(work, hardware, shape, layout).memory_bytes <= 16 * GIB
-           for layout in search.all_layouts(work, shape)):
+           for layout in all_layouts(work, shape)):
       return True
   return False
 
@@ -106,7 +124,7 @@ def test_gpt3_xl_on_8_devices_never_splits_sequence():
   assert {"batch", "heads"} & {tensor_dim for tensor_dim, _ in result.candidates[0].layout}
 
 
-B13 = cost_model.Workload(40, 5120, 40, 2048, 50257, 4 * 5120, 1024)
+B13 = cost_model.Workload(40, 5120, 40, 2048, 50257, 4 * 5120, 1024).with_optimizer(ADAM)
 
 
 @pytest.mark.parametrize("limit", [0.5, 2.0])
@@ -136,7 +154,7 @@ def test_search_recomputes_only_when_nothing_fits_without():
                                 "microbatches": search.microbatch_counts(B13.batch)[-1]})
   assert all(cost_model.estimate(kept, hardware, best.mesh_shape, layout).memory_bytes
              > hardware.device_memory
-             for layout in search.all_layouts(kept, best.mesh_shape, splittable_of(best)))
+             for layout in all_layouts(kept, best.mesh_shape, splittable_of(best)))
   fixed = search.search(B13, hardware, devices=256, time_limit=30, recompute=False)
   assert not any(c.recompute for c in fixed.candidates)
 
@@ -156,7 +174,8 @@ def test_a_layout_that_needs_recompute_turns_it_on(tmp_path):
 
 
 MOE = cost_model.Workload(n_layer=12, n_embd=768, n_head=12, n_ctx=2048, n_vocab=50304,
-                          mlp=3072, batch=256, num_experts=64, moe_layers=6)
+                          mlp=3072, batch=256, num_experts=64,
+                          moe_layers=6).with_optimizer(ADAM)
 
 
 def test_moe_workload_counts_the_models_parameters():
@@ -187,7 +206,7 @@ def test_solver_finds_the_brute_force_optimum_with_experts(shape):
                        recompute=False).candidates[0]
   work = cost_model.Workload(**{**MOE.__dict__, "microbatches": best.microbatches})
   fitting = [e for e in (cost_model.estimate(work, hardware, shape, layout)
-                         for layout in search.all_layouts(work, shape, splittable_of(best)))
+                         for layout in all_layouts(work, shape, splittable_of(best)))
              if e.memory_bytes <= hardware.device_memory]
   assert best.step_seconds == pytest.approx(min(e.step_seconds for e in fitting), rel=1e-6)
   assert any("experts" in dict(e.layout) for e in fitting)  # experts were in the running
@@ -197,14 +216,13 @@ def test_predicted_variable_memory_matches_the_lowered_graph(small_dataset, tmp_
   """Weight slices + Adam slots per device, summed from the placement mesh's slice variables."""
   model = gpt_lib.GPT(n_layer=2, n_embd=64, n_head=8, n_ctx=32, n_vocab=512)
   work = cost_model.Workload(model.n_layer, model.n_embd, model.n_head, model.n_ctx,
-                             model.n_vocab, 4 * model.n_embd, batch=8)
+                             model.n_vocab, 4 * model.n_embd, batch=8).with_optimizer(ADAM)
   for mesh_shape, layout in [("x:2,y:2", "batch:x,heads:y,mlp:y"),
                              ("x:4", "heads:x,mlp:x,vocab:x")]:
     spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout)
-    graph = train_lib.build_graph(model, optimizers.Adam(), spec, small_dataset, 8, 10, 1,
-                                  "float32", 1, 1.0, 0, str(tmp_path), 1)
+    graph = build_graph(model, spec, small_dataset, str(tmp_path))
     allocated = _slice_bytes_per_device(graph.graph, spec)
-    predicted = cost_model.variable_bytes(work, cost_model.splits(spec.shape, spec.layout))
+    predicted = variable_bytes(work, cost_model.splits(spec.shape, spec.layout))
     for device_bytes in allocated:
       assert device_bytes == pytest.approx(predicted, rel=0.10), (mesh_shape, layout)
 
@@ -215,16 +233,30 @@ def test_predicted_expert_memory_matches_the_lowered_graph(small_dataset, tmp_pa
                       moe=moe_lib.MoE(layers=[1], num_experts=8))
   work = cost_model.Workload(model.n_layer, model.n_embd, model.n_head, model.n_ctx,
                              model.n_vocab, 4 * model.n_embd, batch=8, num_experts=8,
-                             moe_layers=1)
+                             moe_layers=1).with_optimizer(ADAM)
   assert work.num_parameters() == model.num_parameters()
   for mesh_shape, layout in [("x:4", "experts:x"), ("x:2,y:2", "batch:x,experts:y,heads:y")]:
     spec = mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout)
-    graph = train_lib.build_graph(model, optimizers.Adam(), spec, small_dataset, 8, 10, 1,
-                                  "float32", 1, 1.0, 0, str(tmp_path / layout), 1)
+    graph = build_graph(model, spec, small_dataset, str(tmp_path / layout))
     allocated = _slice_bytes_per_device(graph.graph, spec)
-    predicted = cost_model.variable_bytes(work, cost_model.splits(spec.shape, spec.layout))
+    predicted = variable_bytes(work, cost_model.splits(spec.shape, spec.layout))
     for device_bytes in allocated:
       assert device_bytes == pytest.approx(predicted, rel=0.10), (mesh_shape, layout)
+
+
+def build_graph(model, spec, dataset_dir, model_dir):
+  """The placement training graph with Adam, batch 8 (no validation)."""
+  settings = train_lib.settings(model=model, optimizer=optimizers.Adam(), mesh=spec,
+                                dataset_dir=dataset_dir, batch_size=8, train_steps=10, seed=1,
+                                eval_batches=0, keep_checkpoints=1)
+  return train_graph.build(settings, model_dir, runtime.Runtime(spec))
+
+
+def variable_bytes(work, split):
+  """Per-device bytes of the variables mtf allocates: weight slices and optimizer slots."""
+  weights = [cost_model.Term("params", cost_model.BYTES * count, dims)
+             for count, dims in work.parameters()]
+  return sum(term.value(split) for term in weights + cost_model.optimizer_terms(work))
 
 
 def _slice_bytes_per_device(graph, spec):
@@ -257,6 +289,9 @@ BAD_SEARCHES = {
     "bad memory size": (["--gin_file=gpt3_xl.gin", "--devices=8", "--device_memory=lots"],
                         ["--device_memory='lots'", "16GiB"]),
     "no devices": (["--gin_file=gpt3_xl.gin"], ["--devices=None", "--mesh_shape"]),
+    "optimizer that can't say its state": (
+        ["--gin_file=gpt3_xl.gin", "--devices=8", "--gin_param=train.optimizer = @SgdOptimizer()",
+         "--gin_param=SgdOptimizer.learning_rate = 0.1"], ["@SgdOptimizer()", "slot_shapes"]),
 }
 
 
@@ -268,6 +303,25 @@ def test_bad_search_input(case, tmp_path):
   assert not (tmp_path / "out.gin").exists()
 
 
+def test_the_workload_costs_the_configured_optimizers_state():
+  def weights_state_and_gradients(*bindings):
+    gin_utils.parse(["gpt3_xl.gin"], ['DATASET_DIR = "unused"', *bindings])
+    work = configured.workload_from_gin()
+    return work, cost_model.estimate(work, cost_model.Hardware(1), (), ()).param_bytes
+  adam, adam_bytes = weights_state_and_gradients()
+  weights = cost_model.BYTES * adam.num_parameters()
+  assert adam.optimizer == "adam" and adam_bytes == pytest.approx(4 * weights)
+  adafactor, factored = weights_state_and_gradients("train.optimizer = @Adafactor()")
+  assert adafactor.optimizer == "adafactor"  # beta1 0: row and column means of the matrices
+  assert 2 * weights < factored < 2.01 * weights
+  _, whole = weights_state_and_gradients("train.optimizer = @Adafactor()",
+                                         "Adafactor.factored = False")
+  assert whole == pytest.approx(3 * weights)
+  _, both = weights_state_and_gradients("train.optimizer = @Adafactor()",
+                                        "Adafactor.factored = False", "Adafactor.beta1 = 0.9")
+  assert both == pytest.approx(4 * weights)
+
+
 def test_parse_bytes():
   assert configured.parse_bytes("16GiB") == 16 * GIB
   assert configured.parse_bytes("80GB") == 80e9
@@ -275,7 +329,7 @@ def test_parse_bytes():
 
 
 MTF_AUTO_SCRIPT = """
-from gptneo.layout_search import mtf_auto  # first: OR-Tools before TensorFlow
+from tests import mtf_auto  # first: OR-Tools before TensorFlow
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.model import gpt as gpt_lib, ops
@@ -304,7 +358,8 @@ def test_search_never_proposes_what_mtf_rejects():
   """Every pair of searchable dimensions some tensor of the real graph has is a conflict."""
   model = gpt_lib.GPT(n_layer=2, n_embd=64, n_head=8, n_ctx=32, n_vocab=512,
                       moe=moe_lib.MoE(layers=[1], num_experts=4))
-  work = cost_model.Workload(2, 64, 8, 32, 512, 256, batch=8, num_experts=4, moe_layers=1)
+  work = cost_model.Workload(2, 64, 8, 32, 512, 256, batch=8, num_experts=4,
+                             moe_layers=1).with_optimizer(ADAM)
   searchable = {d for tier in cost_model.TIERS for d in tier}
   with tf.Graph().as_default():
     mtf_graph, mtf_mesh = runtime.new_mesh()

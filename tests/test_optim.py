@@ -73,6 +73,26 @@ def test_adam_weight_decay_skips_norms_and_biases():
   np.testing.assert_allclose(result["bias"], np.ones([3]), rtol=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", [
+    optimizers.Adam(), optimizers.Adafactor(), optimizers.Adafactor(beta1=0.9),
+    optimizers.Adafactor(factored=False)], ids=["adam", "adafactor", "beta1", "unfactored"])
+def test_slot_shapes_are_the_slots_apply_grad_makes(optimizer):
+  """What the layout search costs as optimizer state is what the optimizer allocates."""
+  shapes = [(("rows", 256), ("cols", 512)), (("cols", 512),),
+            (("embd", 256), ("heads", 4), ("kv", 128)), (("embd", 256), ("heads", 4), ("kv", 8))]
+  with tf.Graph().as_default():
+    _, mesh = runtime.new_mesh()
+    optimizer.learning_rate, optimizer.step = mtf.constant(mesh, 0.1), mtf.constant(mesh, 1.0)
+    for index, shape in enumerate(shapes):
+      dims = [mtf.Dimension(name, size) for name, size in shape]
+      var = mtf.get_variable(mesh, f"w{index}", dims, initializer=tf.ones_initializer())
+      before = set(mesh.graph.all_variables)
+      optimizer.apply_grad(mtf.zeros_like(var), mesh.graph.trainable_variables[-1])
+      made = [v for v in mesh.graph.all_variables if v not in before]
+      assert sorted(tuple((d.name, d.size) for d in v.shape.dims) for v in made) == sorted(
+          optimizer.slot_shapes(shape)), shape
+
+
 def test_microbatches_give_the_full_batch_losses(tmp_path, small_dataset):
   train_in_process(tmp_path / "one", small_dataset, 4)
   train_in_process(tmp_path / "two", small_dataset, 4, "train.microbatches_per_batch = 2")

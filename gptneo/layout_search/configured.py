@@ -2,6 +2,7 @@
 
 Shared by bin/search_layout and bin/train --auto_layout / --auto_layout_and_mesh_shape.
 """
+import math
 import os
 import re
 
@@ -40,25 +41,41 @@ def _query(name, default):
 def workload_from_gin():
   """The model, batch and optimizer the parsed gin config would train (MoE included)."""
   model = gpt_lib.GPT()
-  optimizer = _query("train.optimizer", None)
-  optimizer_name = getattr(optimizer, "selector", "Adam").split(".")[-1].lower()
   moe = model.moe
-  return cost_model.Workload(
+  work = cost_model.Workload(
       n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head, n_ctx=model.n_ctx,
       n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
-      batch=_query("train.batch_size", 8), optimizer=optimizer_name
-      if optimizer_name in cost_model.OPTIMIZER_SLOTS else "adam",
-      recompute=model.recompute_grad, tie_embeddings=model.tie_embeddings,
-      num_experts=moe.num_experts if moe else 0, moe_layers=len(moe.layers) if moe else 0,
+      batch=_query("train.batch_size", 8), recompute=model.recompute_grad,
+      tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
+      moe_layers=len(moe.layers) if moe else 0,
       capacity_factor=moe.capacity_factor if moe else 1.25)
+  return work.with_optimizer(*configured_optimizer())
+
+
+def configured_optimizer():
+  """train.optimizer, built as train would get it, and its name.
+
+  Raises:
+    UserError: it is unset, or can't say what state it keeps (no `slot_shapes`), so its
+      memory can't be estimated.
+  """
+  reference = _query("train.optimizer", None)
+  build = getattr(reference, "scoped_configurable_fn", None)
+  if build is None:
+    raise UserError("train.optimizer is unset; include optimizers/adam.gin (or "
+                    "optimizers/adafactor.gin) or bind it, e.g. train.optimizer = @Adam()")
+  name = reference.selector.split(".")[-1]
+  optimizer = build()
+  if not callable(getattr(optimizer, "slot_shapes", None)):
+    raise UserError(f"train.optimizer = @{name}(): the layout search can't estimate its "
+                    f"state, it has no slot_shapes(shape); use Adam or Adafactor, or add one")
+  return optimizer, name.lower()
 
 
 def check_mesh_shape(mesh_shape, devices):
   """A fixed --mesh_shape must use exactly the devices there are."""
-  shape = tuple(mesh_lib._parse_pairs(mesh_shape, "mesh_shape", int))  # pylint: disable=protected-access
-  size = 1
-  for _, dim_size in shape:
-    size *= dim_size
+  shape = tuple(mesh_lib.parse_mesh_shape(mesh_shape))
+  size = math.prod(dim_size for _, dim_size in shape)
   if devices and size != devices:
     raise UserError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
                     f"make their product {devices} or drop --mesh_shape")
@@ -182,9 +199,7 @@ def auto_configure(search_mesh_shape, devices, device_memory, time_limit, recomp
   """
   mesh_shape = _query("mesh.mesh_shape", "")
   if not devices:
-    devices = 1
-    for _, size in check_mesh_shape(mesh_shape, None):
-      devices *= size
+    devices = math.prod(size for _, size in check_mesh_shape(mesh_shape, None))
   if not search_mesh_shape and not mesh_shape:
     raise UserError("--auto_layout keeps mesh.mesh_shape, which is unset; set it or use "
                     "--auto_layout_and_mesh_shape --devices=N")

@@ -8,6 +8,10 @@ solver and the printed estimate can't disagree about what a layout costs.
 Ring allreduce of N bytes over k devices moves 2N(k-1)/k per device; written as two terms,
 2N/prod(D) - 2N/(prod(D)*k), it stays in the same form.
 
+Optimizer state is what the configured optimizer says it keeps (`Workload.with_optimizer`
+asks its `slot_shapes`): Adam two copies of every weight, Adafactor with factored second
+moments a weight's row and column means, each a term with the dimensions its tensor keeps.
+
 A mixture of experts (`num_experts` top-1 experts in `moe_layers` blocks) replaces those
 blocks' MLP: expert weights divide by the `experts` split, each expert computes on its
 capacity_factor share of the tokens, and combining the experts' outputs reduces over it.
@@ -22,8 +26,7 @@ import math
 # pass of an embd-split GPT ('LazyAllreduceSum' object has no attribute 'tensor_list').
 TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv",), ("sequence",))
 SPLITTABLE = TIERS[0]
-BYTES = 4  # float32 activations, slices and gradients
-OPTIMIZER_SLOTS = {"adam": 2.0, "adafactor": 0.0, "sgd": 0.0}
+BYTES = 4  # float32 activations, slices, gradients and optimizer state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +50,40 @@ class Workload:
   mlp: int
   batch: int
   microbatches: int = 1
-  optimizer: str = "adam"
+  optimizer: str = ""  # its name, for the report
+  # ((weight dims, (slot dims, ...)), ...): the optimizer's state per weight; see with_optimizer.
+  optimizer_state: tuple = ()
   recompute: bool = False
   tie_embeddings: bool = True
   num_experts: int = 0  # > 0: `moe_layers` blocks have a mixture of this many expert MLPs
   moe_layers: int = 0
   capacity_factor: float = 1.25  # tokens an expert takes, relative to an even share
+
+  def __post_init__(self):  # the search's child process gets the state back as JSON lists
+    object.__setattr__(self, "optimizer_state", _tuples(self.optimizer_state))
+
+  def with_optimizer(self, optimizer, name=None):
+    """This workload trained with `optimizer`, which says what state it keeps per weight.
+
+    Args:
+      optimizer: has `slot_shapes(shape)`: for a weight of shape ((dim, size), ...), the
+        shapes of the slot variables it keeps, in the same form (see gptneo/optim).
+      name: for the report (default: the class name).
+    """
+    sizes, state = self.dim_sizes(), {}
+    for _, dims in self.parameters():
+      slots = optimizer.slot_shapes(tuple((d, sizes[d]) for d in dims))
+      state[dims] = tuple(tuple(d for d, _ in slot) for slot in slots)
+    return dataclasses.replace(self, optimizer=name or type(optimizer).__name__.lower(),
+                               optimizer_state=tuple(state.items()))
+
+  def slots(self, dims):
+    """The dims of each slot variable the optimizer keeps for a weight with `dims`."""
+    for weight_dims, slots in self.optimizer_state:
+      if weight_dims == dims:
+        return slots
+    raise ValueError(f"the workload has no optimizer state for weights {dims}: build it "
+                     f"with_optimizer(...)")
 
   def dim_sizes(self):
     sizes = {"batch": self.batch // self.microbatches, "heads": self.n_head, "mlp": self.mlp,
@@ -90,17 +121,24 @@ def terms(work):
           + _communication_terms(work))
 
 
+def _tuples(value):
+  return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
+
+
 def _parameter_terms(work):
-  """Slices, optimizer slots and gradients: (1 + slots + 1) float32 copies per weight."""
-  copies = 2 + OPTIMIZER_SLOTS[work.optimizer]
-  return [Term("params", copies * BYTES * count, dims) for count, dims in work.parameters()]
+  """Weight slices and their gradients (two float32 copies), and the optimizer's state."""
+  return ([Term("params", 2 * BYTES * count, dims) for count, dims in work.parameters()]
+          + optimizer_terms(work))
 
 
-def variable_bytes(work, split):
-  """Per-device bytes of the variables mtf allocates: weight slices and optimizer slots."""
-  copies = 1 + OPTIMIZER_SLOTS[work.optimizer]
-  return sum(Term("params", copies * BYTES * count, dims).value(split)
-             for count, dims in work.parameters())
+def optimizer_terms(work):
+  """Each slot variable of each weight: its share of the weight's elements, split by its dims."""
+  sizes, result = work.dim_sizes(), []
+  for count, dims in work.parameters():
+    for slot_dims in work.slots(dims):
+      share = math.prod(sizes[d] for d in slot_dims) / math.prod(sizes[d] for d in dims)
+      result.append(Term("params", BYTES * count * share, slot_dims))
+  return result
 
 
 def _activation_terms(work):

@@ -9,7 +9,6 @@ across shapes are re-evaluated exactly and ranked. The whole search, including s
 solver process when TensorFlow was loaded first, keeps to its time limit.
 """
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -23,14 +22,16 @@ SOLVER_SAFE_IN_PROCESS = not ("tensorflow" in sys.modules
                               and "ortools.sat.python.cp_model" not in sys.modules)
 from ortools.sat.python import cp_model  # noqa: E402  pylint: disable=g-import-not-at-top
 
+from gptneo.errors import UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from gptneo.layout_search import cost_model  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MESH_DIM_NAMES = ("x", "y", "z")
 PICOSECONDS = 1e12  # the solver's unit of time: integers, fine enough for a tiny model
 
 
-class NothingFits(ValueError):
-  """No mesh shape and layout fits the memory budget."""
+class NothingFits(UserError):
+  """No mesh shape and layout fits the memory budget (or none was found in time): the user
+  adds devices, memory or time, so the programs report it in one line."""
 
 
 def single_worker_solver(time_limit):
@@ -61,14 +62,6 @@ def mesh_shapes(devices, max_dims=3):
   extend(devices, [])
   named = [tuple(zip(MESH_DIM_NAMES, shape, strict=False)) for shape in sorted(shapes)]
   return named or [()]
-
-
-def parse_mesh_shape(text):
-  pairs = []
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    name, _, size = item.partition(":")
-    pairs.append((name.strip(), int(size)))
-  return tuple(pairs)
 
 
 @dataclasses.dataclass
@@ -290,20 +283,6 @@ def format_mesh(shape):
 
 def format_layout(layout):
   return ",".join(f"{tensor_dim}:{mesh_dim}" for tensor_dim, mesh_dim in layout)
-
-
-def all_layouts(work, mesh_shape, splittable=cost_model.SPLITTABLE):
-  """Every valid layout of one mesh shape, by brute force: the check on the solver."""
-  sizes, dims = dict(mesh_shape), work.dim_sizes()
-  splittable = tuple(d for d in splittable if d in dims)
-  conflicting = set(cost_model.conflicts(work))
-  options = [[None] + [m for m in sizes if dims[d] % sizes[m] == 0]
-             for d in splittable]
-  for choice in itertools.product(*options):
-    layout = tuple((d, m) for d, m in zip(splittable, choice, strict=True) if m)
-    if not any((min(a, b), max(a, b)) in conflicting
-               for (a, ma), (b, mb) in itertools.combinations(layout, 2) if ma == mb):
-      yield layout
 
 
 CHILD_GRACE = 10.0  # seconds past the limit before a child that hangs is killed

@@ -2,6 +2,8 @@
 
 Each optimizer is a gin configurable returning an `mtf.optimize.Optimizer`; the trainer gives
 it the learning rate and step as mtf scalars, so every update is part of the lowered graph.
+Each also says what state it keeps (`slot_shapes`): the layout search's memory estimate asks
+it, so a new optimizer is costed as what it is or refused, never as another one.
 """
 import math
 
@@ -65,6 +67,11 @@ class Adam(_ScheduledOptimizer):
   def __init__(self, beta1=0.9, beta2=0.95, epsilon=1e-8, weight_decay=0.1):
     self.beta1, self.beta2, self.epsilon, self.weight_decay = beta1, beta2, epsilon, weight_decay
 
+  def slot_shapes(self, shape):
+    """The slot variables apply_grad makes for a variable of `shape` ((dim name, size), ...):
+    the moments m and v, each of the variable's shape."""
+    return [tuple(shape), tuple(shape)]
+
   def apply_grad(self, grad, var):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
     value = var.value if var.value.dtype == var.master_dtype else mtf.cast(var.value,
@@ -103,6 +110,19 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
         decay_rate=decay_rate, beta1=beta1, clipping_threshold=clipping_threshold,
         factored=factored)
     self._fixed_decay_rate = decay_rate
+
+  def slot_shapes(self, shape):
+    """The slot variables apply_grad makes for a variable of `shape` ((dim name, size), ...).
+
+    mtf's rule: the second moment whole, or, factored over the two largest dims d0 and d1
+    (both at least min_dim_size_to_factor), its means without d0 and without d1; and the first
+    moment if beta1.
+    """
+    whole = mtf.Shape([mtf.Dimension(name, size) for name, size in shape])
+    factored = self._factored_dims(whole)
+    slots = [whole - factored[0], whole - factored[1]] if factored else [whole]
+    slots += [whole] if self._beta1 else []
+    return [tuple((d.name, d.size) for d in slot.dims) for slot in slots]
 
   def _decay_rate_default(self):
     return None  # mtf's default reads a global step of whatever graph exists at construction

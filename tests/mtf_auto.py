@@ -1,5 +1,8 @@
 """mtf.auto_mtf with a single-worker CP-SAT solver: the one place that patches it.
 
+Only the tests use it (nothing in gptneo calls mtf's own layout search), so it lives here; it
+shows mtf's solver runs next to TensorFlow once it has one worker, as gptneo's search does.
+
 mtf's LayoutOptimizer.solve() makes a bare `cp_model.CpSolver()`, whose default several
 search workers segfault inside CP-SAT in a process that has loaded TensorFlow. While a
 call below runs, the `cp_model` module as mtf's layout_optimizer sees it is a proxy whose
