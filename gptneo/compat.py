@@ -37,7 +37,8 @@ _install_conversion_registry_alias()
 # Graph mode and the tf.compat.v1 Saver are this project's choice; TF's reminders that they
 # are deprecated would bury our own logs.
 _deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-access
-tf.disable_eager_execution()  # graph mode; resource variables stay on
+# No tf.disable_eager_execution() here: importing gptneo leaves the user's process eager.
+# Our entry points switch to graph mode themselves (gin_utils.graph_mode).
 
 import mesh_tensorflow as mtf  # noqa: E402  pylint: disable=g-import-not-at-top
 

@@ -1,12 +1,29 @@
-"""Imports every module that registers gin configurables, so any gin file parses in any binary."""
-from gptneo import evaluate  # noqa: F401
-from gptneo import hf  # noqa: F401
-from gptneo import mesh  # noqa: F401
-from gptneo import sample  # noqa: F401
-from gptneo import train  # noqa: F401
-from gptneo.model import feedforward  # noqa: F401
-from gptneo.model import gpt  # noqa: F401
-from gptneo.model import moe  # noqa: F401
-from gptneo.model import ops  # noqa: F401
-from gptneo.model import positions  # noqa: F401
-from gptneo.optim import optimizers  # noqa: F401
+"""The one registration point: importing it registers every gin configurable of gptneo.
+
+Every binary imports it at the top, so any gin file parses in any of them; gin_utils, a leaf,
+never imports it. gin_reference derives the README's reference from what is listed here.
+"""
+# gin_utils first: it imports TensorFlow with TF's C++ start-up banner silenced.
+from gptneo import gin_utils  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
+from gptneo import evaluate  # pylint: disable=g-bad-import-order
+from gptneo import hf
+from gptneo import mesh
+from gptneo import sample
+from gptneo import train
+from gptneo.model import feedforward
+from gptneo.model import gpt
+from gptneo.model import moe
+from gptneo.model import ops
+from gptneo.model import positions
+from gptneo.optim import optimizers
+
+# Modules whose configurables have knobs, in the order the README's reference lists them.
+KNOBS = (train, gpt, positions, moe, optimizers, mesh, sample, evaluate, hf)
+
+# What a reference-valued knob accepts: everything one module registers, e.g. the
+# activations of ops for `GPT.activation = @gelu`; (title, knob, module).
+CHOICES = (
+    ("Activations", "GPT.activation", ops),
+    ("Feed-forwards", "GPT.feed_forward", feedforward),
+    ("Position encodings", "GPT.positions", positions),
+)

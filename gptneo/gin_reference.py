@@ -1,4 +1,5 @@
-"""The README's gin reference, made from the configurables' own signatures and docstrings.
+"""The README's gin reference: what gptneo.configurables registers, from the configurables'
+own signatures and docstrings.
 
   python -m gptneo.gin_reference            # print the reference
   python -m gptneo.gin_reference README.md  # rewrite the README's reference section
@@ -9,24 +10,15 @@ import sys
 
 import gin
 
-from gptneo import evaluate
-from gptneo import hf
-from gptneo import mesh
-from gptneo import sample
-from gptneo import train
-from gptneo.model import gpt
-from gptneo.model import moe
-from gptneo.model import positions
-from gptneo.optim import optimizers
+from gptneo import configurables
+from gptneo import gin_utils
 
-CONFIGURABLES = [train.train, gpt.GPT, positions.RotaryPositions, positions.AxialPositions,
-                 moe.MoE, optimizers.Adam, optimizers.Adafactor,
-                 optimizers.learning_rate_schedule, mesh.mesh, sample.sample,
-                 evaluate.evaluate, hf.export_hf]
-ACTIVATIONS = ["gelu", "gelu_tanh", "relu", "selu", "silu", "swish"]
-FEED_FORWARDS = ["mlp", "glu"]
-POSITIONS = ["LearnedPositions", "RotaryPositions", "AxialPositions", "NoPositions"]
 START, END = "<!-- gin-reference:start -->", "<!-- gin-reference:end -->"
+
+
+def _tables():
+  """The configurables with knobs, module by module in configurables.KNOBS order."""
+  return [c for module in configurables.KNOBS for c in gin_utils.registered(module)]
 
 
 def _arg_docs(obj):
@@ -44,35 +36,43 @@ def _arg_docs(obj):
   return docs
 
 
-def _rows(obj):
+def _rows(configurable):
+  """One table row per knob: parameters the caller passes (no default, or denylisted) skipped."""
+  obj = configurable.wrapped
   signature = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
   docs = _arg_docs(obj)
   for param in signature.parameters.values():
-    if param.name in ("self", "step", "total_steps", "name", "model_dir", "prompt", "prompts",
-                      "task", "task_file", "output_dir"):  # flags or call arguments
+    if param.default is param.empty or param.name in (configurable.denylist or ()):
       continue
     default = param.default
-    if default is gin.REQUIRED or default is param.empty:
+    if default is gin.REQUIRED:
       shown = "required"
     elif callable(default):
       shown = "@" + default.__name__
     else:
       shown = repr(default)
-    yield f"| `{obj.__name__}.{param.name}` | `{shown}` | {docs.get(param.name, '')} |"
+    yield f"| `{configurable.name}.{param.name}` | `{shown}` | {docs.get(param.name, '')} |"
+
+
+def _choice(configurable):
+  """How a gin file names a choice: @function, or @Class() for an instance."""
+  return f"`@{configurable.name}()`" if inspect.isclass(configurable.wrapped) else (
+      f"`@{configurable.name}`")
 
 
 def reference():
   lines = []
-  for obj in CONFIGURABLES:
-    summary = (inspect.getdoc(obj) or "").splitlines()[0]
-    lines += [f"### `{obj.__name__}`", "", summary, "", "| binding | default | meaning |",
-              "|---|---|---|", *_rows(obj), ""]
-  lines.append("Activations, for `GPT.activation`: " +
-               ", ".join(f"`@{a}`" for a in ACTIVATIONS) + ".")
-  lines += ["", "Feed-forwards, for `GPT.feed_forward`: " +
-            ", ".join(f"`@{f}`" for f in FEED_FORWARDS) + ". Position encodings, for "
-            "`GPT.positions`: " + ", ".join(f"`@{p}()`" for p in POSITIONS) + "."]
-  return "\n".join(lines)
+  for configurable in _tables():
+    rows = list(_rows(configurable))
+    if not rows:  # e.g. NoPositions: nothing to bind; it is listed among the choices
+      continue
+    summary = (inspect.getdoc(configurable.wrapped) or "").splitlines()[0]
+    lines += [f"### `{configurable.name}`", "", summary, "", "| binding | default | meaning |",
+              "|---|---|---|", *rows, ""]
+  for title, knob, module in configurables.CHOICES:
+    choices = ", ".join(map(_choice, gin_utils.registered(module)))
+    lines += [f"{title}, for `{knob}`: {choices}.", ""]
+  return "\n".join(lines[:-1])
 
 
 def with_reference(readme_text):

@@ -1,14 +1,20 @@
-"""The gin helper every binary shares: flags, search path, parsing, errors, operative config."""
+"""The gin helper every binary shares: flags, search path, parsing, errors, operative config.
+
+A leaf: of gptneo it imports only errors. What parse can bind is what is registered when it
+runs; binaries (and tests) import gptneo.configurables, the one registration point, first.
+"""
 import contextlib
-import logging as std_logging
+import io
 import os
 import pathlib
 import sys
+import tokenize
 import traceback
 
 from absl import app
 from absl import flags
 import gin
+from gin import config_parser
 
 from gptneo.errors import UserError
 
@@ -33,6 +39,7 @@ with _native_stderr_silenced():
   tensorflow.config.list_physical_devices()
 
 FLAGS = flags.FLAGS
+OUR_PACKAGE = "gptneo"
 
 
 def define_flags():
@@ -51,6 +58,59 @@ def shipped_gin_dir():
   raise UserError(f"no gin/ folder next to {package_dir}; reinstall with `make install`")
 
 
+def _registry():
+  """gin's registry of configurables: complete selector -> gin.config.Configurable.
+
+  gin 0.5 has no public way to list what is registered, so this one place reads its private
+  SelectorMap.
+  """
+  return gin.config._REGISTRY  # pylint: disable=protected-access
+
+
+def _is_ours(configurable):
+  return configurable.module.split(".")[0] == OUR_PACKAGE
+
+
+def registered(module=None):
+  """gptneo's configurables, in the order they were registered.
+
+  Args:
+    module: if given (e.g. gptneo.model.ops), only the configurables that module registers.
+
+  Returns:
+    gin's records of them (name, wrapped function or class, module, denylist, ...).
+  """
+  return [configurable for _, configurable in _registry().items() if _is_ours(configurable)
+          and (module is None or configurable.module == module.__name__)]
+
+
+def _our_configurable(selector):
+  """The one gptneo configurable `selector` (e.g. "GPT" or "gpt.GPT") names, else None."""
+  matches = _registry().get_all_matches(selector)
+  return matches[0] if len(matches) == 1 and _is_ours(matches[0]) else None
+
+
+@contextlib.contextmanager
+def _include_lookup(gin_dir):
+  """While gin parses, a relative `include` is looked up in gin_dir, then the working directory.
+
+  So the shipped presets' includes (`include 'runs/train.gin'`) find the shipped files wherever
+  the user stands. gin's own lookup tries the working directory first, then reads a path's
+  folder as a Python package on sys.path: a `runs/` or `data/` folder beside a script or
+  notebook is found as a namespace package without a file, and gin crashes on it.
+  """
+  # gin 0.5 can only append to its search path and readers, so they are swapped in place.
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  saved = prefixes[:], readers[:]
+  prefixes[:] = [str(gin_dir), ""]
+  readers[:] = [(open, os.path.isfile)]
+  try:
+    yield
+  finally:
+    prefixes[:], readers[:] = saved
+
+
 def _gin_error_message(error):
   """gin's errors span several lines (with the config's context); the first names the culprit."""
   text = str(error).strip().splitlines()
@@ -60,37 +120,145 @@ def _gin_error_message(error):
 def _find_gin_file(name, gin_dir):
   for candidate in (pathlib.Path(name), gin_dir / name):
     if candidate.is_file():
-      return str(candidate)
+      return str(candidate.resolve())  # absolute: gin opens it without a search of its own
   raise UserError(f"gin file {name!r} not found in the working directory or in {gin_dir}")
 
 
-def parse(gin_files, gin_params):
-  """Parses gin files and bindings, with the working directory then `gin/` as search path.
+class _Reference:
+  """@name or @name() as the model config check sees it: a name, resolved by no one."""
+
+  def __init__(self, name, evaluate):
+    self.name, self.evaluate = name, evaluate
+
+  def __str__(self):
+    return f"@{self.name}{'()' if self.evaluate else ''}"
+
+
+class _Macro:
+  """%name, a macro bound in the config or a constant a registered module defines."""
+
+  def __init__(self, name):
+    self.name = name
+
+
+class _RecordingDelegate(config_parser.ParserDelegate):
+  """Makes gin's parser hand references and macros back as names, importing nothing."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    return _Reference(scoped_configurable_name, evaluate)
+
+  def macro(self, macro_name):
+    return _Macro(macro_name)
+
+
+_LITERALS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _foreign_value(value):
+  """The first part of a parsed value that is not a literal, a macro or a reference to one of
+  our configurables, as gin text; None if there is none."""
+  if isinstance(value, _Reference):
+    return None if _our_configurable(value.name.rsplit("/", 1)[-1]) else str(value)
+  if isinstance(value, _LITERALS + (_Macro,)):
+    return None
+  if isinstance(value, dict):
+    value = [*value.keys(), *value.values()]
+  if isinstance(value, (list, tuple)):
+    return next(filter(None, map(_foreign_value, value)), None)
+  return repr(value)  # gin's parser makes nothing else; refused all the same
+
+
+def _refusal(statement):
+  """What in one parsed statement a model dir's config may not hold, as gin text; or None."""
+  if isinstance(statement, config_parser.ImportStatement):
+    return f"`{statement.format()}`"
+  if isinstance(statement, config_parser.IncludeStatement):
+    return f"`include {statement.filename!r}`"
+  selector = statement.selector
+  if isinstance(statement, config_parser.BlockDeclaration) or statement.arg_name:
+    if not _our_configurable(selector):
+      return f"a binding of {selector!r}, not a configurable of gptneo,"
+  if isinstance(statement, config_parser.BindingStatement):
+    foreign = _foreign_value(statement.value)
+    if foreign:
+      return f"the value {foreign}"
+  return None
+
+
+def check_model_config(path, text):
+  """Refuses in one line anything in a model dir's config but our own bindings.
+
+  A model dir can come from anyone (a gs:// bucket, a download). gin would import the modules
+  its `import` lines name, and with `from __gin__ import dynamic_registration` call any
+  installed function; an `include` reads any other file. Our runs write only bindings and
+  macros of literals, macros and references to our configurables (gin.operative_config_str),
+  so that is all a model dir's config may hold. It is read with gin's parser, which evaluates
+  only literals, before gin itself sees it.
 
   Args:
-    gin_files: file names or paths, e.g. ["tiny.gin"] or ["gin/tiny.gin"].
-    gin_params: bindings, e.g. ["gpt.n_layer = 2"].
+    path: the config's file name, for the messages.
+    text: its contents.
 
   Raises:
-    UserError: a file is missing, or a binding names an unknown configurable or parameter.
+    UserError: "<path>:<line>: <what> is not allowed in a model dir's config; ...".
   """
-  from gptneo import configurables  # noqa: F401  (registers every configurable)
+  source = io.StringIO(text)
+  source.name = path
+  try:
+    for statement in config_parser.ConfigParser(source, _RecordingDelegate()):
+      refused = _refusal(statement)
+      if refused:
+        raise UserError(f"{path}:{statement.location.line_num}: {refused} is not allowed in a "
+                        f"model dir's config; it may only bind gptneo's configurables to "
+                        f"literals, macros and @references to gptneo's configurables")
+  except SyntaxError as error:
+    raise UserError(f"{path}:{error.lineno}: gin syntax error: {error.msg}") from None
+  except tokenize.TokenError as error:
+    raise UserError(f"{path}: gin syntax error: {error.args[0]}") from None
+
+
+def _read_model_config(path):
+  """A model dir's config, checked, as a file-like object gin parses (named for its errors)."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as error:
+    raise UserError(f"can't read {path}: {error.strerror}") from None
+  check_model_config(path, text)
+  source = io.StringIO(text)  # gin parses the very text checked, not the file again
+  source.name = path
+  return source
+
+
+def parse(gin_files, gin_params, model_config=None):
+  """Parses gin files and bindings; binds only what is registered (gptneo.configurables).
+
+  Args:
+    gin_files: file names or paths, looked up in the working directory, then in `gin/`, e.g.
+      ["tiny.gin"] or ["gin/tiny.gin"]; an `include` in them is looked up in `gin/`, then in
+      the working directory.
+    gin_params: bindings, e.g. ["gpt.n_layer = 2"].
+    model_config: a model dir's operative_config.gin, parsed before gin_files once
+      check_model_config has found nothing but our own bindings in it.
+
+  Raises:
+    UserError: a file is missing, a model config holds more than bindings, or a binding
+      names an unknown configurable or parameter.
+  """
   gin.clear_config()
   gin_dir = shipped_gin_dir()
-  gin.add_config_file_search_path(str(gin_dir))  # for `include`s inside gin files
+  source = _read_model_config(model_config) if model_config else None
   paths = [_find_gin_file(name, gin_dir) for name in gin_files]
-  # gin logs an ERROR for every place an `include` is not, before it finds it in gin/.
-  previous = std_logging.root.manager.disable
-  std_logging.disable(std_logging.ERROR)
   try:
-    gin.parse_config_files_and_bindings(paths, gin_params, finalize_config=True)
+    with _include_lookup(gin_dir):
+      if source:
+        gin.parse_config(source)
+      gin.parse_config_files_and_bindings(paths, gin_params, finalize_config=True)
   except (ValueError, KeyError, IOError, SyntaxError) as error:
     message = _gin_error_message(error)
     if "gin.REQUIRED" in message:
       message += " Set it with --gin_param."
     raise UserError(f"gin: {message}") from None
-  finally:
-    std_logging.disable(previous)
 
 
 def parse_flags():
@@ -105,6 +273,16 @@ def write_run_files(model_dir):
     f.write(gin.operative_config_str())
   with gfile.GFile(os.path.join(model_dir, "command.txt"), "a") as f:
     f.write(" ".join(sys.argv) + "\n")
+
+
+def graph_mode():
+  """Switches this process to TF1 graph mode, as our entry points run: run() and the tests.
+
+  Importing gptneo leaves TensorFlow eager, for the user's own code. Our graphs are built
+  inside `with graph.as_default()`, but checkpoints are restored and saved (tf.train.Saver,
+  runtime.Checkpoints) outside it, which only graph mode allows.
+  """
+  tensorflow.compat.v1.disable_eager_execution()  # resource variables stay on
 
 
 BUG_REPORT = ("this is a bug in gptneo, not in your input: please report it with the "
@@ -125,4 +303,5 @@ def run(main):
       traceback.print_exc()
       print(f"{program}: internal error: {BUG_REPORT}", file=sys.stderr)
       sys.exit(1)
+  graph_mode()
   app.run(guarded_main)

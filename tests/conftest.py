@@ -9,6 +9,12 @@ import uuid
 import gin
 import pytest
 
+# The one registration point: tests parse gin configs in process, as the binaries do.
+import gptneo.configurables  # noqa: F401  pylint: disable=unused-import
+from gptneo import gin_utils
+
+gin_utils.graph_mode()  # the tests run our code as the binaries do (gin_utils.run)
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 N_CTX = 32
 VOCAB = 512
@@ -48,9 +54,16 @@ def small_dataset(tmp_path_factory):
   return str(folder)
 
 
-def run_binary(name, *args, check=False):
-  """Runs bin/<name> as a user would; returns the CompletedProcess (text)."""
-  env = dict(os.environ, PYTHONPATH=str(REPO))
+def run_binary(name, *args, check=False, pythonpath=()):
+  """Runs bin/<name> as a user would; returns the CompletedProcess (text).
+
+  Args:
+    name: the program in bin/.
+    *args: its command line.
+    check: raise AssertionError, with its stderr, if it fails.
+    pythonpath: folders to import from after the repo.
+  """
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, [REPO, *pythonpath])))
   result = subprocess.run([sys.executable, str(REPO / "bin" / name), *args], env=env,
                           capture_output=True, text=True, check=False, cwd=REPO)
   if check and result.returncode:
@@ -134,7 +147,6 @@ NEO_TEST_BINDINGS = [
 @pytest.fixture(scope="session")
 def neo_model_dir(tmp_path_factory):
   """A GPT-Neo-shaped model trained 30 steps on a 64-token dataset; returns its model dir."""
-  from gptneo import gin_utils  # pylint: disable=g-import-not-at-top
   from gptneo import train  # pylint: disable=g-import-not-at-top
   from gptneo.data import prepare  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("neo")

@@ -23,11 +23,13 @@ def gelu_tanh(x):
 
 @gin.register
 def relu(x):
+  """max(x, 0)."""
   return mtf.relu(x)
 
 
 @gin.register
 def selu(x):
+  """Scaled ELU (Klambauer et al. 2017): scale * (x if x > 0 else alpha * (exp(x) - 1))."""
   return mtf.cwise(tf_nn.selu, [x], name="selu")
 
 
