@@ -5,6 +5,8 @@ exception is a bug and keeps its traceback. Raise UserError only for what the us
 with a message that names the culprit and the fix.
 """
 
+EXIT_DIVERGED = 3  # bin/train: the loss went non-finite (a sweep marks the point diverged)
+
 
 class UserError(ValueError):
   """Bad input from the user (config, flags, data, files): one line on stderr, exit code 2."""
