@@ -26,6 +26,8 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
+from gptneo import gin_utils  # noqa: E402
 from gptneo import mesh as mesh_lib  # noqa: E402
 from gptneo import runtime  # noqa: E402
 from gptneo.compat import mtf, tf  # noqa: E402
@@ -148,4 +150,5 @@ def main():
 
 
 if __name__ == "__main__":
+  gin_utils.graph_mode()  # as every program runs (gin_utils.run)
   main()

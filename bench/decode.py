@@ -43,10 +43,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
 from gptneo import gin_utils  # noqa: E402
 from gptneo import hf  # noqa: E402
 from gptneo import inference  # noqa: E402
 from gptneo import mesh as mesh_lib  # noqa: E402
+from gptneo import runtime  # noqa: E402
 from gptneo import sample as sample_lib  # noqa: E402
 from gptneo.data import tokenizer as tokenizer_lib  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
@@ -78,13 +80,13 @@ def hf_model_dir(torch, transformers, name, folder):
 def ours(hf_path, folder, batch_size):
   """Our RestoredModel (decode ops) of the imported HF folder."""
   model_dir = os.path.join(folder, "ours")
-  gin_utils.parse([], ['mesh.mesh_shape = ""', 'mesh.layout = ""'])
+  gin_utils.parse(["layouts/single.gin"], [])
   hf.import_hf(hf_path, model_dir, mesh_lib.mesh())
-  gin_utils.parse([os.path.join(model_dir, "operative_config.gin")],
-                  ['mesh.mesh_shape = ""', 'mesh.layout = ""'])
+  gin_utils.parse(["layouts/single.gin"], [],
+                  model_config=os.path.join(model_dir, "operative_config.gin"))
   model = gpt_lib.GPT()
-  restored = inference.RestoredModel(model, mesh_lib.mesh(), model_dir, batch_size,
-                                     decode=True)
+  restored = inference.RestoredModel(model, runtime.Runtime(mesh_lib.mesh()), model_dir,
+                                     batch_size, decode=True)
   restored.restore()
   return model, restored
 
@@ -186,4 +188,5 @@ def main():
 
 
 if __name__ == "__main__":
+  gin_utils.graph_mode()  # as every program runs (gin_utils.run)
   main()

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tensorflow.compat.v1 as tf  # noqa: E402
 
+from gptneo import gin_utils  # noqa: E402
 from gptneo.data import inputs, prepare  # noqa: E402
 from timing import Runner, paired_ratio  # noqa: E402
 
@@ -85,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
+  gin_utils.graph_mode()  # as every program runs (gin_utils.run)
   main()

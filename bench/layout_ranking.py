@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
 from gptneo import gin_utils  # noqa: E402
 from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
@@ -137,4 +138,5 @@ def report(rows, min_ratio):
 
 
 if __name__ == "__main__":
+  gin_utils.graph_mode()  # as every program runs (gin_utils.run)
   main()

@@ -43,6 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info/warnings: no
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
 from gptneo import gin_utils  # noqa: E402
 from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
@@ -292,4 +293,5 @@ def main():
 
 
 if __name__ == "__main__":
+  gin_utils.graph_mode()  # as every program runs (gin_utils.run)
   main()
