@@ -2,7 +2,8 @@
 
 Binaries (gin_utils.run) report a UserError in one line on stderr, exit code 2; any other
 exception is a bug and keeps its traceback. Raise UserError only for what the user can change,
-with a message that names the culprit and the fix.
+with a message that names the culprit and the fix. A run that diverged (Diverged) is neither:
+one line, and its own exit code, EXIT_DIVERGED.
 """
 
 EXIT_DIVERGED = 3  # bin/train: the loss went non-finite (a sweep marks the point diverged)
@@ -10,3 +11,8 @@ EXIT_DIVERGED = 3  # bin/train: the loss went non-finite (a sweep marks the poin
 
 class UserError(ValueError):
   """Bad input from the user (config, flags, data, files): one line on stderr, exit code 2."""
+
+
+class Diverged(Exception):
+  """bin/train stopped on a NaN or infinite loss: one line naming the step and the last good
+  checkpoint on stderr, exit code EXIT_DIVERGED."""
