@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
+from gptneo import checkpoints
 from gptneo import inference
 from gptneo import runtime
 from gptneo.compat import tf
@@ -158,7 +159,7 @@ def write_tokenizer(model_dir, output_dir, n_ctx):
 
 @gin.configurable(denylist=["model_dir", "output_dir"])
 def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
-  """Writes the latest checkpoint of `model_dir` as an HF GPTNeoForCausalLM folder.
+  """Writes the newest intact checkpoint of `model_dir` as an HF GPTNeoForCausalLM folder.
 
   Args:
     model_dir: a trained model's folder (a flag).
@@ -173,7 +174,7 @@ def export_hf(model_dir, output_dir, model=gin.REQUIRED, dtype="float32"):
     raise UserError(f"export_hf.dtype = {dtype!r}; use one of {sorted(EXPORT_DTYPES)}")
   check_exportable(model)
   inference.check_model_dir(model_dir)
-  checkpoint = tf.train.latest_checkpoint(model_dir)
+  checkpoint = checkpoints.require(model_dir).path
   reader = tf.train.load_checkpoint(checkpoint)
   tensors = {}
   for ours, names, kind in weight_pairs(model.n_layer):

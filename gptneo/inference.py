@@ -8,8 +8,10 @@ of positions at a time, and `extend` then costs one position per new token.
 import dataclasses
 import os
 
+from absl import logging
 import numpy as np
 
+from gptneo import checkpoints as checkpoints_lib
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import tokenizer as tokenizer_lib
@@ -22,15 +24,22 @@ OPERATIVE_CONFIG = "operative_config.gin"
 
 
 def check_model_dir(model_dir):
-  """A model dir must hold an operative config and a checkpoint; returns the config path."""
+  """A model dir must hold an operative config and an intact checkpoint; returns the config
+  path. Checkpoints are verified newest first: one line says which is used if a newer one
+  is not intact."""
   config = os.path.join(model_dir, OPERATIVE_CONFIG)
   if not tf.io.gfile.exists(config):
     raise UserError(f"{config} not found; --model_dir must be a folder bin/train or "
                     f"bin/import_hf wrote")
-  if not tf.train.latest_checkpoint(model_dir):
-    raise UserError(f"model dir {model_dir!r} has no checkpoint; train one with "
-                    f"bin/train --model_dir={model_dir} first")
+  found = checkpoints_lib.require(model_dir)
+  line = checkpoints_lib.describe(found, "loading")
+  if (found.skipped or found.legacy) and line not in _told:
+    logging.warning("%s", line)
+    _told.add(line)
   return config
+
+
+_told = set()  # a binary checks its model dir more than once, and says so once
 
 
 def load_tokenizer(model_dir):
@@ -62,7 +71,7 @@ class RestoredModel:
       self.targets = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="targets")
       self.positions = tf.placeholder(tf.int32, [batch_size], name="positions")
       self._build(rt, precision, decode, min(chunk, model.n_ctx))
-      self.checkpoints = runtime.Checkpoints(self.lowering, model_dir)
+      self.checkpoints = checkpoints_lib.Checkpoints(self.lowering, model_dir)
       self._init_cache = tf.local_variables_initializer()
       self.session = rt.new_session(self.graph)
 
@@ -90,7 +99,7 @@ class RestoredModel:
     self._chunk, self._step = decoders or (None, None)
 
   def restore(self):
-    """Loads the latest checkpoint (and zeroes the cache); returns its path."""
+    """Loads the newest intact checkpoint (and zeroes the cache); returns its path."""
     self.session.run(self._init_cache)
     return self.checkpoints.restore(self.session)
 

@@ -1,6 +1,6 @@
-"""What every loop shares: precision, the mtf mesh, lowering, checkpoints of mesh variables,
-and the runtime of a mesh (`with started(spec) as rt:`): this process's server, TPU system,
-peers and session."""
+"""What every loop shares: precision, the mtf mesh, lowering, and the runtime of a mesh
+(`with started(spec) as rt:`): this process's server, TPU system, peers and session.
+Checkpoints of mesh variables are checkpoints.py's."""
 import contextlib
 import dataclasses
 import os
@@ -51,100 +51,6 @@ def tensor_shapes(mtf_graph):
   """(name, dimension names) of every tensor of an mtf graph."""
   return [(t.name, tuple(d.name for d in t.shape.dims))
           for op in mtf_graph.operations for t in op.outputs]
-
-
-class Checkpoints:
-  """Saves and restores mesh variables (their masters) plus any extra saveables.
-
-  mtf keeps one slice variable per device; checkpoints hold the full master copies, so a
-  checkpoint written on one mesh restores onto any other.
-  """
-
-  def __init__(self, lowering, model_dir, keep=5, extra_saveables=()):
-    self.model_dir = model_dir
-    self._to_masters = lowering.copy_slices_to_masters()
-    self._to_slices = lowering.copy_masters_to_slices()
-    self._variables = tf.global_variables()
-    # Relative paths in the `checkpoint` index: a model dir still resumes once moved,
-    # mirrored from gs:// into another machine's cache included.
-    self._saver = tf.train.Saver(self._variables + list(extra_saveables), max_to_keep=keep,
-                                 sharded=False, save_relative_paths=True)
-
-  def check(self, warm_start_from=None):
-    """Raises ValueError (one line) unless the checkpoint a run would start from fits."""
-    path = self.latest()
-    if path:
-      check_fits(path, self._variables, "checkpoint")
-    elif warm_start_from:
-      check_fits(tf.train.latest_checkpoint(warm_start_from), _weights(),
-                 "train.init_from checkpoint")
-
-  def latest(self):
-    return tf.train.latest_checkpoint(self.model_dir) if self.model_dir else None
-
-  def restore_or_initialize(self, session, init_ops=(), warm_start_from=None):
-    """Restores the latest checkpoint if any, else initializes; returns the restored path.
-
-    With no checkpoint of its own, the weights of `warm_start_from` (a model dir) replace the
-    fresh ones; optimizer state, step and data position start anew (fine-tuning).
-    """
-    session.run([tf.global_variables_initializer(), *init_ops])
-    path = self.latest()
-    if path:
-      self._restore(session, path)
-    elif warm_start_from:
-      _warm_start(session, warm_start_from)
-    session.run(self._to_slices)
-    return path
-
-  def _restore(self, session, path):
-    check_fits(path, self._variables, "checkpoint")
-    self._saver.restore(session, path)
-    # Without this the Saver forgets older checkpoints, and `keep` stops pruning after a resume.
-    state = tf.train.get_checkpoint_state(self.model_dir)
-    self._saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
-
-  def restore(self, session, path=None):
-    path = path or self.latest()
-    if not path:
-      raise UserError(f"model dir {self.model_dir!r} has no checkpoint; train one with "
-                      f"bin/train --model_dir={self.model_dir} first")
-    self._restore(session, path)
-    session.run(self._to_slices)
-    return path
-
-  def save(self, session, step):
-    session.run(self._to_masters)
-    return self._saver.save(session, os.path.join(self.model_dir, "model.ckpt"),
-                            global_step=step, write_meta_graph=False)
-
-
-def _warm_start(session, model_dir):
-  """Copies every trainable weight that `model_dir`'s latest checkpoint holds, same shape."""
-  source = tf.train.latest_checkpoint(model_dir)
-  check_fits(source, _weights(), "train.init_from checkpoint")
-  tf.train.Saver(_weights()).restore(session, source)
-
-
-def _weights():
-  """The trainable master variables (mtf's per-device slices are trainable but not global)."""
-  masters = set(tf.global_variables())
-  return [v for v in tf.trainable_variables() if v in masters]
-
-
-def check_fits(path, variables, what):
-  """One line naming the first of `variables` the checkpoint lacks or holds in another shape."""
-  stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-  for variable in variables:
-    name, shape = variable.op.name, variable.shape.as_list()
-    if stored.get(name) == shape:
-      continue
-    held = f"{name} of shape {stored[name]}" if name in stored else f"no {name}"
-    hint = "use the gin config that wrote it (its model dir's operative_config.gin)"
-    if name.endswith("/attn/qkv/w") and name.replace("/qkv/", "/q/") in stored:
-      hint = ("it predates the fused attn/qkv weight (gptneo before 2026-11-30): train or "
-              "import it again")
-    raise UserError(f"{what} {path} has {held}, the model needs {shape}; {hint}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ A mirrored prefix lives in `<cache_dir>/gcs/<bucket>/<prefix>`, with MANIFEST_NA
 recording the generation and size of every object it holds.
 """
 import contextlib
+import fnmatch
 import functools
 import json
 import os
@@ -26,10 +27,12 @@ SCHEME = "gs://"
 CACHE_DIR_ENV = "GPTNEO_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/gptneo"
 MANIFEST_NAME = ".gptneo-manifest.json"
-# Files that say the rest is all there: a prepared dataset's dataset.json, TF's `checkpoint`
-# index of a model dir. Moved after everything else, so a prefix (or mirror) holding one never
-# lacks what it names.
-COMPLETING_FILES = ("dataset.json", "checkpoint")
+LEASE_NAME = ".lease"  # the object naming a gs:// model dir's writer (Lease)
+# Files that say the rest is all there: a prepared dataset's dataset.json, a checkpoint's
+# manifest (checkpoints.py), TF's `checkpoint` index of a model dir. Moved after everything
+# else, in this order, so a prefix (or mirror) holding one never lacks what it names; deleted
+# before the rest, in the reverse order.
+COMPLETING_FILES = ("dataset.json", "*.manifest.json", "checkpoint")
 _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # The client's own policy, transient errors retried for up to 2 minutes; named once, so
 # every call here waits alike (and a test can wait less).
@@ -94,10 +97,12 @@ def _first_line(error):
 
 
 def _list_objects(bucket, prefix):
-  """Blobs under prefix/ (the whole bucket for ''), folder placeholders skipped."""
+  """Blobs under prefix/ (the whole bucket for ''), folder placeholders and the writer's
+  lease (never mirrored: it changes while the files don't) skipped."""
   folder_prefix = f"{prefix}/" if prefix else ""  # 'data/' must not match 'data2/...'.
   blobs = _client().list_blobs(bucket, prefix=folder_prefix, retry=_RETRY)
-  return [blob for blob in blobs if not blob.name.endswith("/")]
+  return [blob for blob in blobs
+          if not blob.name.endswith("/") and blob.name != folder_prefix + LEASE_NAME]
 
 
 def _relative_name(blob, prefix):
@@ -257,7 +262,7 @@ def upload_folder(local_dir, uri, overwrite=False):
   names = {_object_name(prefix, name) for name in files}
   with _gcs_errors(uri):
     bucket = _client().bucket(bucket_name)
-    completing = names & {_object_name(prefix, name) for name in COMPLETING_FILES}
+    completing = {_object_name(prefix, name) for name in files if _completion_rank(name)}
     _delete(bucket, [blob.name for blob in existing if blob.name in completing])
     _upload_files(bucket, local_dir, prefix, files, f"uploading {uri}", {}, leave=True)
     _delete(bucket, [blob.name for blob in existing if blob.name not in names])
@@ -276,7 +281,14 @@ def _local_files(local_dir):
 
 
 def _in_transfer_order(names):
-  return sorted(names, key=lambda name: (name in COMPLETING_FILES, name))
+  return sorted(names, key=lambda name: (_completion_rank(name), name))
+
+
+def _completion_rank(name):
+  """0 for data, else 1 + the index of the COMPLETING_FILES pattern the name matches."""
+  ranks = (rank for rank, pattern in enumerate(COMPLETING_FILES, 1)
+           if fnmatch.fnmatchcase(name, pattern))
+  return next(ranks, 0)
 
 
 def _object_name(prefix, name):
@@ -337,9 +349,10 @@ def _remote_as_last_synced(folder, uri):
 def sync_up(local_dir, uri):
   """Uploads what changed in a working copy since it was mirrored or last synced.
 
-  Checkpoint data first and TF's `checkpoint` index last (COMPLETING_FILES), so the remote
-  index never names a checkpoint that is not all there; then objects whose local file is gone (old
-  checkpoints the saver let go) are deleted remotely. A local uri: nothing to do.
+  Checkpoint data first, then their manifests, TF's `checkpoint` index last
+  (COMPLETING_FILES), so the remote never commits a checkpoint that is not all there; then
+  objects whose local file is gone (old checkpoints pruned) are deleted remotely, manifests
+  first. A local uri: nothing to do.
 
   Args:
     local_dir: the folder `working_copy(uri)` returned.
@@ -356,7 +369,7 @@ def sync_up(local_dir, uri):
     try:
       _upload_files(bucket, local_dir, prefix, _in_transfer_order(changed), f"syncing {uri}",
                     cached, leave=False)
-      _delete(bucket, [_object_name(prefix, name) for name in gone])
+      _delete(bucket, [_object_name(prefix, name) for name in reversed(_in_transfer_order(gone))])
       for name in gone:
         del cached[name]
     finally:  # What went up is recorded, also when a later upload failed.

@@ -9,6 +9,7 @@ Both read the same saveable iterator and save the same variables under the same 
 """
 import dataclasses
 
+from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
 from gptneo import runtime
 from gptneo import tpu
@@ -29,7 +30,7 @@ class TrainGraph:
   grad_norm: tf.Tensor
   train_op: tf.Operation
   init_ops: list
-  checkpoints: runtime.Checkpoints
+  checkpoints: checkpoints_lib.Checkpoints
   aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
   eval_fetches: dict = None  # {"loss", "accuracy", "targets"} of one validation batch, or None
   steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
@@ -145,7 +146,7 @@ def _train_iterator(settings):
 def _checkpoints(lowering, iterator, settings, model_dir):
   """Mesh variables plus the data position, so a resumed run sees the same batches."""
   saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
-  return runtime.Checkpoints(lowering, model_dir, settings.keep_checkpoints, [saveable])
+  return checkpoints_lib.Checkpoints(lowering, model_dir, settings.keep_checkpoints, [saveable])
 
 
 def build_placement(settings, model_dir, rt):
