@@ -17,6 +17,7 @@ import safetensors.numpy
 
 from gptneo import checkpoints
 from gptneo import inference
+from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
@@ -344,13 +345,13 @@ def _hf_weights(hf_dir):
   return weights
 
 
-def _import_tokenizer(hf_dir, model_dir):
+def _read_tokenizer(hf_dir):
   try:
     tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
   except ValueError as error:
     raise UserError(f"{hf_dir} has no usable tokenizer ({error})") from None
   tokenizer_lib.eos_id(tokenizer)
-  tokenizer.save(os.path.join(model_dir, inference.TOKENIZER_FILE))
+  return tokenizer
 
 
 def write_checkpoint(model, spec, model_dir, weights):
@@ -368,22 +369,31 @@ def write_checkpoint(model, spec, model_dir, weights):
     return restored.checkpoints.save(restored.session, 0)
 
 
-def import_hf(hf_dir, model_dir, spec):
+def import_hf(hf_dir, model_dir, spec, overwrite=False):
   """Writes model_dir: a checkpoint, model.gin (+ operative_config.gin) and tokenizer.json.
+
+  Everything is read and checked before anything is written. model_dir must be empty unless
+  `overwrite`: then the model it holds is deleted first (model_dir.MODEL_FILES).
 
   Returns:
     the checkpoint path.
   """
   bindings = gin_bindings(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
   hf_tensors = _hf_weights(hf_dir)
+  tokenizer = _read_tokenizer(hf_dir)
+  model_dir_lib.check_empty(model_dir, overwrite)
   with gin.unlock_config():
     gin.parse_config(bindings)
   model = gpt_lib.GPT()
   weights = {ours: _from_hf(kind, [hf_tensors[name] for name in names], model.n_head)
              for ours, names, kind in weight_pairs(model.n_layer)
              if all(name in hf_tensors for name in names)}
+  missing = [ours for ours, _, _ in weight_pairs(model.n_layer) if ours not in weights]
+  if missing:  # before anything is written; write_checkpoint checks again, on the graph
+    raise UserError(f"the HF weights lack {missing[:3]}; is the folder complete?")
   os.makedirs(model_dir, exist_ok=True)
-  _import_tokenizer(hf_dir, model_dir)
+  model_dir_lib.clear(model_dir)
+  tokenizer.save(os.path.join(model_dir, inference.TOKENIZER_FILE))
   checkpoint = write_checkpoint(model, spec, model_dir, weights)
   text = (f"# Imported from the HF GPT-Neo folder {hf_dir} by bin/import_hf.\n"
           + "\n".join(bindings) + "\n")

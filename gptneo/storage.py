@@ -105,6 +105,13 @@ def _list_objects(bucket, prefix):
           if not blob.name.endswith("/") and blob.name != folder_prefix + LEASE_NAME]
 
 
+def object_names(uri):
+  """The relative names of the objects under a gs:// prefix, sorted (the lease aside)."""
+  bucket, prefix = split_uri(uri)
+  with _gcs_errors(uri):
+    return sorted(_relative_name(blob, prefix) for blob in _list_objects(bucket, prefix))
+
+
 def _relative_name(blob, prefix):
   name = blob.name[len(prefix) + 1:] if prefix else blob.name
   if os.path.isabs(name) or ".." in name.split("/"):
