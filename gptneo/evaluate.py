@@ -82,16 +82,15 @@ def read_last_word_examples(path, tokenizer, n_ctx):
   space plus the last word; contexts longer than the model's window keep their end.
   """
   examples = []
-  with tf.io.gfile.GFile(path) as f:
-    for number, line in enumerate(f, start=1):
-      if line.strip():
-        context, word = _split_last_word(line, path, number)
-        word_ids = tokenizer.encode(" " + word).ids
-        if len(word_ids) > n_ctx:
-          raise UserError(f"{path} line {number}: the last word is {len(word_ids)} tokens, "
-                          f"more than GPT.n_ctx = {n_ctx}")
-        examples.append(((tokenizer.encode(context).ids + word_ids)[-(n_ctx + 1):],
-                         len(word_ids)))
+  for number, line in enumerate(jsonl.read_lines(path, "--task_file"), start=1):
+    if line.strip():
+      context, word = _split_last_word(line, path, number)
+      word_ids = tokenizer.encode(" " + word).ids
+      if len(word_ids) > n_ctx:
+        raise UserError(f"{path} line {number}: the last word is {len(word_ids)} tokens, "
+                        f"more than GPT.n_ctx = {n_ctx}")
+      examples.append(((tokenizer.encode(context).ids + word_ids)[-(n_ctx + 1):],
+                       len(word_ids)))
   if not examples:
     raise UserError(f"task file {path} has no examples; write one JSON object per line")
   return examples
@@ -125,6 +124,14 @@ def evaluate_last_word(restored, examples):
   return {"accuracy": correct / len(examples),
           "perplexity": math.exp(min(float(np.mean(word_nll)), 700.0)),
           "examples": len(examples)}
+
+
+def _check_batches(batch_size, max_batches):
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise UserError(f"evaluate.batch_size = {batch_size!r}; it must be a positive integer")
+  if not isinstance(max_batches, int) or max_batches < 0:
+    raise UserError(f"evaluate.max_batches = {max_batches!r}; it must be an integer >= 0 "
+                    f"(0: the whole split)")
 
 
 def _step_of(checkpoint_path):
@@ -166,6 +173,7 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
     raise UserError("task 'lambada' needs --task_file, a JSONL file of {\"text\": ...} lines")
   if task == "lm" and not dataset_dir:
     raise UserError("task 'lm' needs a dataset: set --dataset_dir")
+  _check_batches(batch_size, max_batches)
   inference.check_model_dir(model_dir)
   tokenizer = inference.load_tokenizer(model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)

@@ -16,7 +16,7 @@ from absl import flags
 import gin
 from gin import config_parser
 
-from gptneo.errors import UserError
+from gptneo.errors import EXIT_DIVERGED, Diverged, UserError
 
 
 @contextlib.contextmanager
@@ -291,7 +291,8 @@ BUG_REPORT = ("this is a bug in gptneo, not in your input: please report it with
 
 def run(main):
   """Like `absl.app.run`: bad input (UserError) ends in one line on stderr and exit code 2;
-  anything else is a bug, shown with its traceback, a line saying so, and exit code 1."""
+  a run that diverged (Diverged) in one line and EXIT_DIVERGED; anything else is a bug, shown
+  with its traceback, a line saying so, and exit code 1."""
   def guarded_main(argv):
     program = os.path.basename(sys.argv[0])
     try:
@@ -299,9 +300,49 @@ def run(main):
     except UserError as error:
       print(f"{program}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
       sys.exit(2)
+    except Diverged as error:  # not a bug, not bad input: the run's own outcome
+      print(f"{program}: diverged: {str(error).strip().splitlines()[0]}", file=sys.stderr)
+      sys.exit(EXIT_DIVERGED)
     except Exception:  # pylint: disable=broad-except
       traceback.print_exc()
       print(f"{program}: internal error: {BUG_REPORT}", file=sys.stderr)
       sys.exit(1)
   graph_mode()
-  app.run(guarded_main)
+  app.run(guarded_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, its errors (unknown flag, missing value) in our one line, exit 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    program = os.path.basename(argv[0])
+    print(f"{program}: error: {str(error).strip().splitlines()[0]} (see --helpshort)",
+          file=sys.stderr)
+    sys.exit(2)
+
+
+def check_output(path, flag="--output", overwrite=False, folder=False):
+  """Refuses to write the user's `path` where that would lose or can't make anything.
+
+  Args:
+    path: the file (or, with folder=True, the folder) a program is about to write.
+    flag: the flag that named it, for the message.
+    overwrite: whether replacing an existing file (a non-empty folder) was asked for.
+    folder: path is a folder to write files into.
+
+  Raises:
+    UserError: path is of the other kind, exists without overwrite, or its parent is a file.
+  """
+  parent = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f"{flag}={path}: {parent} is a file, not a folder; choose another path")
+  if os.path.isdir(path) != folder and os.path.exists(path):
+    kind = "a folder; name a file" if not folder else "a file; name a folder"
+    raise UserError(f"{flag}={path} is {kind}")
+  occupied = os.path.isdir(path) and os.listdir(path) if folder else os.path.exists(path)
+  if occupied and not overwrite:
+    raise UserError(f"{flag}={path} exists; pass --overwrite to replace it, or choose another "
+                    f"path")

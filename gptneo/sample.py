@@ -10,7 +10,6 @@ import numpy as np
 
 from gptneo import inference
 from gptneo import runtime
-from gptneo.compat import tf
 from gptneo.data import jsonl
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
@@ -21,8 +20,7 @@ def read_prompts(path):
 
   Blank lines are skipped; write {"prompt": ""} in a JSONL file to start a new document.
   """
-  with tf.io.gfile.GFile(path) as f:
-    lines = f.read().splitlines()
+  lines = jsonl.read_lines(path, "--prompt_file")
   if not path.endswith(".jsonl"):
     return [line for line in lines if line.strip()]
   prompts = []

@@ -108,3 +108,44 @@ def test_a_bug_keeps_its_traceback_says_it_is_a_bug_and_exits_1():
   assert "Traceback" in result.stderr and "ValueError: cannot reshape" in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("prog: internal error: this is a bug in gptneo"), last
+
+
+BAD_PROGRAM_INPUT = {  # program, its arguments ({model} the trained dir, {tmp} a scratch dir)
+    "missing prompt file": ("sample", ["--prompt_file={tmp}/missing.txt"],
+                            ["--prompt_file=", "missing.txt: not found"]),
+    "empty prompt file": ("sample", ["--prompt_file={tmp}/empty.txt"], ["empty.txt is empty"]),
+    "output an existing folder": ("sample", ["--output={tmp}/folder"],
+                                  ["--output=", "is a folder"]),
+    "output under a file": ("sample", ["--output={tmp}/file/x.jsonl"], ["is a file"]),
+    "output exists": ("sample", ["--output={tmp}/file"], ["exists", "--overwrite"]),
+    "sample batch size 0": ("sample", ["--gin_param=sample.batch_size = 0"],
+                            ["sample.batch_size = 0"]),
+    "missing task file": ("eval", ["--task=lambada", "--task_file={tmp}/missing.jsonl"],
+                          ["--task_file=", "not found"]),
+    "eval batch size 0": ("eval", ["--gin_param=evaluate.batch_size = 0"],
+                          ["evaluate.batch_size = 0"]),
+    "export over a file": ("export", ["--output={tmp}/file"], ["is a file; name a folder"]),
+    "export into a full folder": ("export", ["--output={tmp}/folder"], ["--overwrite"]),
+    "unknown flag": ("eval", ["--bogus_flag"], ["bogus_flag"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROGRAM_INPUT))
+def test_bad_program_input(case, trained_dir, tmp_path):
+  program, args, fragments = BAD_PROGRAM_INPUT[case]
+  (tmp_path / "empty.txt").write_text("\n\n")
+  (tmp_path / "file").write_text("keep me\n")
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "folder" / "kept.txt").write_text("keep me too\n")
+  before = snapshot(trained_dir), snapshot(tmp_path)
+  prompted = program == "sample" and not any(a.startswith("--prompt_file") for a in args)
+  prompt = ["--prompt=x"] if prompted else []
+  result = run_binary(program, f"--model_dir={trained_dir}", *prompt,
+                      *[arg.format(tmp=tmp_path) for arg in args])
+  assert_one_line_error(result, program, *fragments)
+  assert (snapshot(trained_dir), snapshot(tmp_path)) == before
+
+
+def test_a_missing_required_flag_names_it_last():
+  result = run_binary("eval")
+  assert_one_line_error(result, "eval", "--model_dir")
