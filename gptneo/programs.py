@@ -10,7 +10,8 @@ import pathlib
 import sys
 import types
 
-PROGRAMS = ("eval", "export", "import_hf", "prepare_data", "sample", "search_layout", "train")
+PROGRAMS = ("eval", "export", "import_hf", "prepare_data", "sample", "search_layout", "sweep",
+            "train")
 
 
 def command(program):
@@ -69,4 +70,5 @@ gptneo_import_hf = _entry_point("import_hf")
 gptneo_prepare_data = _entry_point("prepare_data")
 gptneo_sample = _entry_point("sample")
 gptneo_search_layout = _entry_point("search_layout")
+gptneo_sweep = _entry_point("sweep")
 gptneo_train = _entry_point("train")

@@ -1,0 +1,350 @@
+"""bin/sweep: expansion, validation before anything is created, running, resuming after a
+SIGKILL of the driver, divergence, the report, the cluster launchers and bad input."""
+import csv
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_TEST_BINDINGS, run_binary
+from gptneo.errors import UserError
+from gptneo.sweep import driver
+from gptneo.sweep import launch
+from gptneo.sweep import metrics
+from gptneo.sweep import report
+from gptneo.sweep import root as root_lib
+from gptneo.sweep import scaling
+from gptneo.sweep import spec as spec_lib
+from gptneo.sweep import sweep_file
+
+LR = "learning_rate_schedule.learning_rate"
+# 3 learning rates (the last diverges) x 2 widths; long enough that a kill lands mid-run.
+# Each evaluation reads the whole validation split (632 windows = 79 batches of 8): the
+# periodic evaluation reads on from where the last one stopped, and a resumed bin/train
+# starts that stream afresh, so only whole passes compare equal across a restart.
+RUN_BINDINGS = ["train.train_steps = 150", "train.steps_per_checkpoint = 50",
+                "train.eval_every_n_steps = 50", "train.eval_steps = 79"]
+AXES = [f"{LR} = [1e-3, 3e-3, 1e30]", "GPT.n_embd = [32, 64]"]
+DETERMINISTIC = ("point", "status", "steps", "train_loss", "val_loss_best", "val_loss_final",
+                 "bits_per_byte", "parameters", "best")
+
+
+def _flags(dataset, axes=AXES, extra=()):
+  params = [*TINY_TEST_BINDINGS, f'DATASET_DIR = "{dataset}"', *RUN_BINDINGS, *extra]
+  return (["--gin_file=tiny.gin"] + [f"--gin_param={p}" for p in params]
+          + [f"--axis={a}" for a in axes])
+
+
+def _spec(dataset, axes=AXES, extra=()):
+  params = [*TINY_TEST_BINDINGS, f'DATASET_DIR = "{dataset}"', *RUN_BINDINGS, *extra]
+  return sweep_file.spec_from(None, ["tiny.gin"], params, axes)
+
+
+def _csv(root):
+  with open(pathlib.Path(root) / report.RESULTS_CSV) as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(small_dataset, tmp_path_factory):
+  """The 6-point sweep run at --parallel=2 without interruption; returns its root."""
+  root = tmp_path_factory.mktemp("sweep") / "root"
+  run_binary("sweep", *_flags(small_dataset), f"--root={root}", "--parallel=2", check=True)
+  return root
+
+
+# ------------------------------------------------------------------ expansion and naming
+
+
+def test_grid_zip_random_seeds_expand_deterministically():
+  spec = sweep_file.spec_from(
+      None, ["tiny.gin"], ["train.train_steps = 10"],
+      [f"{LR} = [1e-3, 3e-3]", "GPT.n_embd, GPT.n_head = [32, 64, 128], [2, 4, 8]"],
+      ["Adam.beta2 = uniform(0.9, 0.99)", "GPT.init_std = log_uniform(1e-3, 1e-1)",
+       "GPT.activation = choice(@gelu, @relu)"], {"random_points": 4, "seeds": 2})
+  points = spec.expand()
+  assert len(points) == 2 * 3 * 4 * 2
+  assert len({p.name for p in points}) == len(points)
+  first = dict(points[0].values)
+  assert first[LR] == "0.001" and first["GPT.n_embd"] == "32" and first["GPT.n_head"] == "2"
+  assert first["train.seed"] == "1234" and dict(points[1].values)["train.seed"] == "1235"
+  pairs = {(dict(p.values)["GPT.n_embd"], dict(p.values)["GPT.n_head"]) for p in points}
+  assert pairs == {("32", "2"), ("64", "4"), ("128", "8")}  # zipped, never crossed
+  draws = {tuple(v for n, v in p.values if n.startswith(("Adam", "GPT.init", "GPT.act")))
+           for p in points}
+  assert len(draws) == 4
+  for beta2, std, activation in draws:
+    assert 0.9 <= float(beta2) <= 0.99 and 1e-3 <= float(std) <= 1e-1
+    assert float(std) == float(f"{float(std):.3g}") and activation in ("@gelu", "@relu")
+  assert points[0].name.startswith("lr=1e-3,n_embd=32,n_head=2,beta2=")
+  assert points[0].gin_params[-1] == "train.seed = 1234"
+  again = sweep_file.spec_from(None, ["tiny.gin"], ["train.train_steps = 10"], spec_axes(spec),
+                               spec_random(spec), {"random_points": 4, "seeds": 2})
+  assert [p.values for p in again.expand()] == [p.values for p in points]
+  other = spec_lib.Spec(**{**spec.__dict__, "random_seed": 1}).expand()
+  assert [p.values for p in other] != [p.values for p in points]
+
+
+def spec_axes(spec):
+  return [f"{', '.join(a.names)} = " + ", ".join(
+      "[" + ", ".join(v[i] for v in a.values) + "]" for i in range(len(a.names)))
+      for a in spec.axes]
+
+
+def spec_random(spec):
+  return [f"{k.name} = {k.distribution}({', '.join(k.args)})" for k in spec.random]
+
+
+def test_sweep_file_reads_like_gin(tmp_path):
+  path = tmp_path / "s.gin"
+  path.write_text("# a comment\ninclude 'tiny.gin'\ntrain.train_steps = 10  # fixed\n"
+                  "axis gin_file = ['models/tiny.gin', 'layouts/single.gin']\n"
+                  "axis GPT.n_embd, GPT.n_head = [32,   # two widths\n  64], [2, 4]\n"
+                  "random Adam.beta1 = uniform(0.8, 0.9)\nrandom_points 3\nrandom_seed 7\n"
+                  "seeds 2\n")
+  spec = sweep_file.spec_from(str(path))
+  assert spec.gin_files == ("tiny.gin",) and spec.gin_params == ("train.train_steps = 10",)
+  assert spec.axes[1].values == (("32", "2"), ("64", "4"))
+  assert (spec.random_points, spec.random_seed, spec.seeds) == (3, 7, 2)
+  points = spec.expand()
+  assert len(points) == 2 * 2 * 3 * 2
+  assert points[0].gin_files == ("tiny.gin", "models/tiny.gin")
+  assert points[0].name.startswith("file=tiny,n_embd=32,n_head=2,beta1=")
+
+
+def test_shipped_sweep_parses():
+  points = sweep_file.spec_from("tiny_lr.gin").expand()
+  assert len(points) >= 4 and all("lr=" in p.name for p in points)
+
+
+def test_names_get_a_hash_only_where_they_would_clash():
+  points = spec_lib.Spec(axes=(spec_lib.parse_axis("GPT.activation = ['a/b', 'a_b', 'c']"),)
+                         ).expand()
+  assert points[2].name == "activation=c"
+  assert points[0].name.startswith("activation=a_b,") and points[0].name != points[1].name
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("axis, message", [
+    ("GPT.n_embd = []", "the axis is empty"),
+    ("GPT.n_embd, GPT.n_head = [32, 64], [4]", "zipped lists have lengths [1, 2]"),
+    ("GPT.n_embd = 32", "give 1 list(s) of values"),
+    ("GPT.n_embd = [32, 32]", "a value is given twice"),
+])
+def test_bad_axes_are_refused(axis, message):
+  with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(")
+                     .replace(")", r"\)")):
+    sweep_file.spec_from(None, ["tiny.gin"], [], [axis])
+
+
+def test_unknown_binding_refused_before_anything_is_created(small_dataset, tmp_path):
+  root = tmp_path / "root"
+  result = run_binary("sweep", *_flags(small_dataset, [f"{LR} = [1e-3]", "GPT.n_embdd = [32]"]),
+                      f"--root={root}")
+  assert result.returncode == 2, result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert "point 0 (lr=1e-3,n_embdd=32)" in line and "n_embdd" in line
+  assert not root.exists()
+
+
+def test_one_bad_point_refused_before_anything_is_created(small_dataset, tmp_path):
+  root = tmp_path / "root"
+  with pytest.raises(UserError, match=r"point 1 \(n_head=5\): .*n_head"):
+    driver.run(_spec(small_dataset, ["GPT.n_head = [4, 5]"]), str(root), 1, 0, ["test"])
+  assert not root.exists()
+
+
+def test_parallel_larger_than_the_cores_is_refused(small_dataset, tmp_path):
+  cores = len(os.sched_getaffinity(0))
+  with pytest.raises(UserError, match=f"--parallel={cores + 1} but .* {cores} cores"):
+    driver.run(_spec(small_dataset), str(tmp_path / "root"), cores + 1, 0, ["test"])
+  assert not (tmp_path / "root").exists()
+
+
+def test_a_root_holding_another_sweep_is_refused_unless_updated(small_dataset, tmp_path):
+  root = str(tmp_path / "root")
+  driver.write_root(_spec(small_dataset), root, ["first"])
+  other = _spec(small_dataset, [f"{LR} = [1e-3, 3e-3]"])
+  with pytest.raises(UserError, match="holds a different sweep .*--update"):
+    driver.write_root(other, root, ["second"])
+  driver.write_root(_spec(small_dataset), root, ["same again"])  # the same sweep: resumes
+  driver.write_root(other, root, ["second"], update=True)
+  assert len(root_lib.Root(root).points()[0]) == 2
+
+
+def test_random_knobs_need_points():
+  with pytest.raises(UserError, match="random_points is 0"):
+    sweep_file.spec_from(None, [], [], [], ["Adam.beta1 = uniform(0.8, 0.9)"])
+  with pytest.raises(UserError, match="log_uniform takes two numbers low < high"):
+    sweep_file.spec_from(None, [], [], [], ["Adam.beta1 = log_uniform(0, 1)"],
+                         {"random_points": 2})
+
+
+# ------------------------------------------------------------------ running and the report
+
+
+def test_results_equal_each_runs_own_logs(finished_sweep):
+  table = _csv(finished_sweep)
+  assert len(table) == 6
+  for row in table:
+    run_dir = finished_sweep / row["point"]
+    train, evals = metrics.train(run_dir), metrics.validation(run_dir)
+    if row["status"] == "diverged":
+      continue
+    assert row["status"] == "done" and int(row["steps"]) == train[-1]["step"] == 150
+    assert float(row["train_loss"]) == train[-1]["loss"]
+    assert float(row["val_loss_final"]) == evals[-1]["loss"]
+    assert float(row["val_loss_best"]) == min(e["loss"] for e in evals)
+    assert float(row["bits_per_byte"]) == evals[-1]["bits_per_byte"]
+    assert [e["step"] for e in evals] == [50, 100, 150]
+  finals = [float(r["val_loss_final"]) for r in table if r["status"] == "done"]
+  assert finals == sorted(finals) and table[0]["best"] == "True"
+  assert sum(r["best"] == "True" for r in table) == 1
+  for name in ("results.md", "loss.png", "scaling.png", "sweep.json"):
+    assert (finished_sweep / name).stat().st_size > 0
+
+
+def test_a_diverging_point_is_diverged_and_the_others_finish(finished_sweep):
+  status = {r["point"]: r for r in _csv(finished_sweep)}
+  for width in (32, 64):
+    diverged = status[f"lr=1e30,n_embd={width}"]
+    assert diverged["status"] == "diverged"
+    train = metrics.train(finished_sweep / diverged["point"])
+    # bin/train stops before logging the non-finite step (exit code EXIT_DIVERGED); a NaN
+    # logged by a run that trained on would be the step named instead.
+    nan_step = metrics.first_non_finite(train)
+    assert int(diverged["steps"]) == (nan_step if nan_step else train[-1]["step"]) < 150
+  assert sum(r["status"] == "done" for r in status.values()) == 4
+
+
+def test_sweep_json_records_spec_points_commit_and_command(finished_sweep):
+  record = root_lib.read_json(finished_sweep / "sweep.json")
+  assert len(record["points"]) == 6 and record["spec"]["axes"][1]["names"] == ["GPT.n_embd"]
+  assert record["git_commit"] and "--parallel=2" in record["command"]
+  gin = (finished_sweep / "lr=3e-3,n_embd=64" / root_lib.POINT_GIN).read_text()
+  assert f"{LR} = 0.003" in gin and "GPT.n_embd = 64" in gin and "include 'tiny.gin'" in gin
+
+
+def _children_of_root(root):
+  found = []
+  for proc in pathlib.Path("/proc").glob("[0-9]*"):
+    try:
+      if str(root) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+        found.append(proc.name)
+    except OSError:
+      continue
+  return found
+
+
+def _kill_mid_point(process, root):
+  """SIGKILLs the driver once some point is between two checkpoints of its training."""
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    for run_dir in root.glob("lr=*"):
+      steps = [r["step"] for r in metrics.train(run_dir)]
+      if steps and 60 <= steps[-1] < 140:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return run_dir.name
+    time.sleep(0.02)
+  raise AssertionError("no point was caught mid-run")
+
+
+def test_sigkill_of_the_driver_then_restart_gives_the_same_table(
+    finished_sweep, small_dataset, tmp_path):
+  root = tmp_path / "root"
+  command = [sys.executable, str(REPO / "bin" / "sweep"), *_flags(small_dataset),
+             f"--root={root}", "--parallel=2"]
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  cut = _kill_mid_point(process, root)
+  time.sleep(1.0)
+  assert not _children_of_root(root), "a bin/train outlived its driver"
+  assert not (root / report.RESULTS_CSV).exists()
+  subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True)
+  state = root_lib.read_json(root / cut / root_lib.STATE_JSON)
+  assert [a["outcome"] for a in state["attempts"]] == ["interrupted", "done"]
+  assert "resumed from" in (root / cut / root_lib.TRAIN_LOG).read_text()
+  again, once = _csv(root), _csv(finished_sweep)
+  assert [{k: r[k] for k in DETERMINISTIC} for r in again] == [
+      {k: r[k] for k in DETERMINISTIC} for r in once]
+
+
+def test_a_finished_sweep_is_skipped_and_status_says_done(finished_sweep, small_dataset):
+  started = time.time()
+  result = run_binary("sweep", *_flags(small_dataset), f"--root={finished_sweep}",
+                      "--parallel=2", check=True)
+  assert "0 of 6 points to run" in result.stderr and time.time() - started < 60
+  status = run_binary("sweep", f"--root={finished_sweep}", "--status", check=True).stdout
+  assert "6 points: 4 done, 2 diverged; ETA 0:00:00" in status
+
+
+def test_hparams_summary_reads_in_tensorboard(finished_sweep):
+  from tensorboard.backend.event_processing import plugin_event_multiplexer  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import metadata  # pylint: disable=g-import-not-at-top
+  multiplexer = plugin_event_multiplexer.EventMultiplexer()
+  multiplexer.AddRunsFromDirectory(str(finished_sweep))
+  multiplexer.Reload()
+  content = multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+  experiment = metadata.parse_experiment_plugin_data(content["."][metadata.EXPERIMENT_TAG])
+  assert [h.name for h in experiment.hparam_infos] == ["lr", "n_embd", "parameters"]
+  assert {m.name.tag for m in experiment.metric_infos} == {"loss", "eval/loss",
+                                                           "eval/bits_per_byte"}
+  session = metadata.parse_session_start_info_plugin_data(
+      content["lr=3e-3,n_embd=64"][metadata.SESSION_START_INFO_TAG])
+  assert session.hparams["lr"].number_value == 0.003
+  assert session.hparams["n_embd"].number_value == 64
+  # The session's metrics are the run's own summaries, which bin/train wrote beside it.
+  assert {"loss", "eval/loss"} <= set(multiplexer.GetAccumulator("lr=3e-3,n_embd=64")
+                                      .Tags()["tensors"])
+
+
+# ------------------------------------------------------------------ clusters
+
+
+def test_printed_commands_run_as_they_are(small_dataset, tmp_path):
+  root = tmp_path / "root"
+  result = run_binary("sweep", *_flags(small_dataset, [f"{LR} = [3e-3]"],
+                                       ["train.train_steps = 3", "train.eval_every_n_steps = 3"]),
+                      f"--root={root}", "--print_commands", check=True)
+  (line,) = result.stdout.strip().splitlines()
+  subprocess.run(line, shell=True, check=True, capture_output=True, cwd=tmp_path,
+                 env=dict(os.environ, PYTHONPATH=str(REPO)))
+  (row,) = report.rows(report.open_root(str(root)))
+  assert row["status"] == "done" and row["steps"] == 3 and row["val_loss_final"] > 0
+
+
+def test_slurm_script_keys_each_point_by_its_index(small_dataset, tmp_path):
+  root, points, _ = driver.write_root(_spec(small_dataset), str(tmp_path / "root"), ["t"])
+  path = launch.write_slurm(root, points, ["--partition=cpu", "--time=1:00:00"], parallel=2)
+  text = path.read_text()
+  assert text.startswith("#!/bin/bash\n") and os.access(path, os.X_OK)
+  assert "#SBATCH --array=0,1,2,3,4,5%2\n" in text
+  assert "#SBATCH --partition=cpu\n#SBATCH --time=1:00:00\n" in text
+  commands = launch.commands(root, points).splitlines()
+  for point, command in zip(points, commands, strict=True):
+    assert f"  {point.index}) exec {command} ;;\n" in text
+    assert f"--model_dir={root.run_dir(point)}" in command
+  root.write_state(points[0], {"status": "done", "attempts": []})
+  assert "#SBATCH --array=1,2,3,4,5%2\n" in launch.slurm_script(root, points, (), 2)
+
+
+# ------------------------------------------------------------------ scaling
+
+
+def test_power_law_fit_recovers_its_parameters():
+  sizes = [1e4, 3e4, 1e5, 3e5, 1e6]
+  losses = [5.0 * n ** -0.3 + 1.5 for n in sizes]
+  a, alpha, c = scaling.fit(sizes, losses)
+  assert math.isclose(alpha, 0.3, rel_tol=0.05) and math.isclose(c, 1.5, abs_tol=0.05)
+  a, alpha, c = scaling.fit(sizes[:3], losses[:3])  # three sizes: no irreducible term
+  assert c == 0.0 and alpha > 0
+  assert scaling.fit(sizes[:1], losses[:1]) is None
