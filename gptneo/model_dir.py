@@ -1,10 +1,19 @@
 """What a model dir holds, and who may write it.
 
 `contents`, `check_empty` and `clear` say what a model dir (a folder or a gs:// prefix) holds
-and delete the model in one (bin/import_hf --overwrite).
+and delete the model in one (bin/import_hf --overwrite). `lock` makes this process its one
+writer: an OS file lock on the local folder (a gs:// dir's mirror), which the kernel releases
+when the process dies, plus, for gs://, a lease object in the bucket (storage.Lease), since
+machines share no kernel.
 """
+import contextlib
+import datetime
+import fcntl
 import fnmatch
+import json
 import os
+import socket
+import sys
 
 from gptneo import storage
 from gptneo.errors import UserError
@@ -42,3 +51,124 @@ def clear(model_dir):
   for name in contents(model_dir):
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILES):
       os.remove(os.path.join(model_dir, name))
+
+
+LOCK_NAME = ".lock"
+FORCE_HELP = (f"Take over a gs:// model dir whose lease another machine holds: only when you "
+              f"know the run there is dead (a lease goes stale by itself "
+              f"{storage.LEASE_SECONDS / 60:.0f} minutes after its run stopped renewing it). "
+              f"A local model dir that another process writes is always refused.")
+_held = {}  # real path of a locked folder -> its Writer: this process takes each once
+
+
+class Writer:
+  """This process's hold on a model dir (from `lock`); `release` it, or use it as a context.
+
+  A run that fails without releasing keeps it until the process ends (then the kernel frees
+  the lock; a gs:// lease goes stale, or a run of this machine takes it over).
+  """
+
+  def __init__(self, folder, fd, created, lease):
+    self.folder, self._fd, self._created, self.lease = folder, fd, created, lease
+
+  def release(self):
+    if self._fd is None:
+      return
+    if self.lease:
+      self.lease.release()
+    # Deleted while still locked: a process that opened it meanwhile sees it unlinked once it
+    # gets the lock, and locks a new one (_flock).
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(self.folder, LOCK_NAME))
+    os.close(self._fd)
+    self._fd = None
+    _held.pop(os.path.realpath(self.folder), None)
+    if self._created:  # made for this run, which wrote nothing into it
+      with contextlib.suppress(OSError):
+        os.rmdir(self.folder)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.release()
+
+
+def lock(model_dir, force=False):
+  """Makes this process the one writer of model_dir; refuses in one line one that another
+  process writes.
+
+  Args:
+    model_dir: a folder, or gs://bucket/prefix: its mirror is locked and its lease taken.
+    force: take over a gs:// lease another machine holds (a run there that died recently);
+      a local lock is held by a live process only and is never taken over.
+
+  Returns:
+    the Writer (the same one if this process holds it already).
+  """
+  remote = storage.is_remote(model_dir)
+  folder = storage.mirror_folder(model_dir) if remote else model_dir
+  if os.path.realpath(folder) in _held:
+    return _held[os.path.realpath(folder)]
+  created = not os.path.exists(folder)
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd = _flock(folder, model_dir)
+  except (FileExistsError, NotADirectoryError):
+    raise UserError(f"model dir {folder} is a file, or inside one; pass a folder as "
+                    f"--model_dir") from None
+  except OSError as error:
+    raise UserError(f"cannot write model dir {folder}: {error.strerror}; pass a --model_dir "
+                    f"you may write") from None
+  writer = Writer(folder, fd, created, None)
+  if remote:
+    try:
+      writer.lease = storage.Lease(model_dir, {**_me(), "mirror": folder}).acquire(force)
+    except BaseException:
+      writer.release()
+      raise
+  _held[os.path.realpath(folder)] = writer
+  return writer
+
+
+def _flock(folder, model_dir):
+  """An open descriptor of folder/.lock, locked; refuses in one line a lock held already."""
+  path = os.path.join(folder, LOCK_NAME)
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _holder(fd)
+      os.close(fd)
+      raise UserError(f"model dir {model_dir} is being written by {holder}; wait for it to "
+                      f"end, or use another --model_dir") from None
+    if _is_linked(fd, path):
+      break
+    os.close(fd)  # its holder released it meanwhile, and deleted it
+  os.ftruncate(fd, 0)
+  os.write(fd, json.dumps(_me()).encode())
+  return fd
+
+
+def _is_linked(fd, path):
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _me():
+  since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+  return {"program": os.path.basename(sys.argv[0]) or "python", "pid": os.getpid(),
+          "host": socket.gethostname(), "since": since}
+
+
+def _holder(fd):
+  """Who holds the lock, as its holder wrote it into the lock file."""
+  try:
+    record = json.loads(os.pread(fd, 4096, 0))
+    return (f"{record['program']} (pid {record['pid']} on {record['host']}, since "
+            f"{record['since']})")
+  except (OSError, ValueError, KeyError, TypeError):
+    return "another process"

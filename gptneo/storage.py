@@ -13,6 +13,8 @@ import fnmatch
 import functools
 import json
 import os
+import threading
+import time
 import uuid
 
 from google.api_core import exceptions as api_exceptions
@@ -145,7 +147,7 @@ def local_copy(uri, cache_dir=None, must_exist=True):
   """
   if not is_remote(uri):
     return uri
-  folder = _mirror_folder(uri, cache_dir)
+  folder = mirror_folder(uri, cache_dir)
   bucket, prefix = split_uri(uri)
   with _gcs_errors(uri):
     blobs = {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
@@ -160,7 +162,8 @@ def local_copy(uri, cache_dir=None, must_exist=True):
   return folder
 
 
-def _mirror_folder(uri, cache_dir=None):
+def mirror_folder(uri, cache_dir=None):
+  """The local folder that mirrors a gs:// prefix: `<cache_dir>/gcs/<bucket>/<prefix>`."""
   bucket, prefix = split_uri(uri)
   return os.path.normpath(os.path.join(cache_dir_of(cache_dir), "gcs", bucket, prefix))
 
@@ -335,7 +338,7 @@ def working_copy(model_dir, cache_dir=None):
     mirror's last sync: then uri wins and the mirror is brought back to it.
   """
   if is_remote(model_dir):
-    folder = _mirror_folder(model_dir, cache_dir)
+    folder = mirror_folder(model_dir, cache_dir)
     if _remote_as_last_synced(folder, model_dir):
       # A run here stopped between a checkpoint and its sync: its work is the newest.
       sync_up(folder, model_dir)
@@ -367,6 +370,8 @@ def sync_up(local_dir, uri):
   """
   if not is_remote(uri):
     return
+  if uri.rstrip("/") in _leases:  # a writer that lost its lease must not write on
+    _leases[uri.rstrip("/")].check()
   bucket_name, prefix = split_uri(uri)
   cached = _read_manifest(local_dir)
   changed = [name for name in _local_files(local_dir) if _changed(local_dir, name, cached)]
@@ -396,3 +401,146 @@ def _upload(bucket, folder, name, object_name):
   blob = bucket.blob(object_name)
   blob.upload_from_filename(path, retry=_RETRY)
   return {"generation": blob.generation, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+# --------------------------------------------------------------------------- the writer's lease
+
+LEASE_SECONDS = 300.0  # a lease not renewed for this long is stale
+_leases = {}  # gs:// model dir -> the Lease this process holds on it
+
+
+class Lease:
+  """This process's claim to write a gs:// prefix: the object `<prefix>/.lease` (LEASE_NAME),
+  naming its holder and when it renewed it last.
+
+  Every write of it is conditional on the generation its writer saw last (0: that there is
+  none), so of two runs claiming it at once, one fails. The holder renews it every seconds / 4
+  from a thread; one not renewed for `seconds` is stale and another run may take it over. A run
+  whose lease was taken over (--force) or could not be renewed in time finds out at its next
+  sync_up, which refuses in one line.
+
+  Args:
+    uri: the gs:// model dir.
+    holder: who claims it: {"program", "pid", "host", "since", "mirror"} (model_dir.lock).
+    seconds: when the lease goes stale (default LEASE_SECONDS).
+  """
+
+  def __init__(self, uri, holder, seconds=None):
+    self.uri, self.holder = uri.rstrip("/"), dict(holder)
+    self.seconds = seconds or LEASE_SECONDS
+    bucket, prefix = split_uri(uri)
+    # A client of its own: the renewing thread must not share the main thread's session.
+    self._blob = gcs.Client(project=None).bucket(bucket).blob(_object_name(prefix, LEASE_NAME))
+    self._generation, self.lost = None, None
+    self._stop, self._thread = threading.Event(), None
+
+  def acquire(self, force=False):
+    """Claims the lease, then renews it until `release`; refuses (one line) a lease another
+    live run holds, unless `force`. Returns self."""
+    with _gcs_errors(self.uri):
+      record, generation = self._read()
+      if record is not None and not force and not self._may_take(record):
+        raise UserError(self._held_by(record))
+      if not self._write(generation):
+        raise UserError(self._held_by(self._read()[0] or {}) + " (it claimed it just now)")
+    _leases[self.uri] = self
+    self._thread = threading.Thread(target=self._renew, name=f"lease {self.uri}", daemon=True)
+    self._thread.start()
+    return self
+
+  def check(self):
+    """Raises UserError (one line) once the lease is lost: this run must not write on."""
+    if self.lost:
+      raise UserError(f"{self.uri}: this run lost its lease ({self.lost}) and stops writing "
+                      f"there; its work since the last sync stays in {self.holder['mirror']}")
+
+  def release(self):
+    """Stops renewing and deletes the lease, unless another run holds it by now."""
+    self._stop.set()
+    if self._thread:
+      self._thread.join()
+    _leases.pop(self.uri, None)
+    if self.lost or self._generation is None:
+      return
+    # Failing to delete is harmless: the lease goes stale by itself.
+    with contextlib.suppress(api_exceptions.GoogleAPICallError, requests.RequestException):
+      self._blob.delete(if_generation_match=self._generation,
+                        retry=gcs_retry.DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+
+  def _read(self):
+    """(the lease's record, its generation); (None, 0) if there is none. A record that is not
+    a JSON object reads as {}, which names no holder and never goes stale."""
+    while True:
+      blob = self._blob.bucket.get_blob(self._blob.name, retry=_RETRY)
+      if blob is None:
+        return None, 0
+      try:
+        data = blob.download_as_bytes(if_generation_match=blob.generation, retry=_RETRY)
+      except (api_exceptions.PreconditionFailed, api_exceptions.NotFound):
+        continue  # renewed or released between the two requests: read it again
+      try:
+        record = json.loads(data)
+      except ValueError:
+        record = {}
+      return (record if isinstance(record, dict) else {}), blob.generation
+
+  def _write(self, generation):
+    """Writes our record if the lease is still at `generation`; False if another run wrote it."""
+    record = {**self.holder, "renewed": time.time(), "seconds": self.seconds,
+              "write": uuid.uuid4().hex}
+    try:
+      self._blob.upload_from_string(json.dumps(record), content_type="application/json",
+                                    if_generation_match=generation,
+                                    retry=gcs_retry.DEFAULT_RETRY_IF_GENERATION_SPECIFIED)
+      self._generation = self._blob.generation
+    except api_exceptions.PreconditionFailed:
+      # A retry of a write whose answer was lost fails so too: then the lease holds ours.
+      current, current_generation = self._read()
+      if not current or current.get("write") != record["write"]:
+        return False
+      self._generation = current_generation
+    return True
+
+  def _may_take(self, record):
+    """A stale lease, or one of an earlier run on this machine and mirror: holding the
+    mirror's lock (model_dir.lock), we know that run is gone."""
+    renewed, seconds = record.get("renewed"), record.get("seconds", self.seconds)
+    if _is_number(renewed) and _is_number(seconds) and time.time() - renewed > seconds:
+      return True
+    return [record.get(key) for key in ("host", "mirror")] == [self.holder["host"],
+                                                                self.holder["mirror"]]
+
+  def _held_by(self, record):
+    """Who holds the lease, and what to do about it."""
+    renewed, seconds = record.get("renewed"), record.get("seconds", self.seconds)
+    holder = _holder(record)
+    if not (_is_number(renewed) and _is_number(seconds)):
+      return (f"{self.uri} is leased by {holder}, its lease {LEASE_NAME} unreadable; if no run "
+              f"writes there, pass --force")
+    age = max(0.0, time.time() - renewed)
+    return (f"{self.uri} is being written by {holder}, its lease renewed {age:.0f}s ago; if "
+            f"that run is dead, wait {max(0.0, seconds - age):.0f}s for the lease to go stale, "
+            f"or pass --force")
+
+  def _renew(self):
+    """Renews every seconds / 4 until released; sets `lost` when it can't."""
+    last = time.monotonic()
+    while not self._stop.wait(self.seconds / 4):
+      try:
+        if not self._write(self._generation):
+          self.lost = f"{_holder(self._read()[0] or {})} took it over"
+          return
+        last = time.monotonic()
+      except Exception as error:  # pylint: disable=broad-except  (retried; lost in time)
+        if time.monotonic() - last > self.seconds:
+          self.lost = f"it could not be renewed for {self.seconds:.0f}s: {_first_line(error)}"
+          return
+
+
+def _holder(record):
+  return (f"{record.get('program', 'a run')} (pid {record.get('pid', '?')} on "
+          f"{record.get('host', 'an unknown host')})")
+
+
+def _is_number(value):
+  return type(value) in (int, float)

@@ -16,6 +16,7 @@ import numpy as np
 
 from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
+from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo import storage
 from gptneo import train_graph
@@ -139,7 +140,7 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
   return Settings(**locals())
 
 
-def train(model_dir, run_settings=None):
+def train(model_dir, run_settings=None, force=False):
   """Trains as `run_settings` say (default: the `train.*` bindings) in `model_dir`.
 
   Args:
@@ -147,6 +148,8 @@ def train(model_dir, run_settings=None):
       or gs://bucket/prefix, worked on in a local mirror ($GPTNEO_CACHE_DIR) and synced
       back after every checkpoint.
     run_settings: a Settings, or None for `settings()`.
+    force: take over the lease of a gs:// model dir that another machine holds
+      (model_dir.lock); a local model dir another process writes is always refused.
 
   Returns:
     dict with the final training loss and validation loss (None without a validation split
@@ -159,20 +162,22 @@ def train(model_dir, run_settings=None):
     if s.mesh.is_peer:
       rt.serve_until_released()
       return None
-    remote_dir, model_dir = model_dir, storage.working_copy(model_dir)
     init_from = _init_from(s.init_from)
+    writer = model_dir_lib.lock(model_dir, force)  # the one writer; the kernel frees it if we die
+    remote_dir, model_dir = model_dir, storage.working_copy(model_dir)
     graph = train_graph.build(s, model_dir, rt)
     with graph.graph.as_default():  # a resume that can't work fails before anything is written
       graph.checkpoints.check(init_from)
     gin_utils.write_run_files(model_dir)
     _copy_tokenizer(s.dataset_dir, model_dir)
     with rt.session(graph.graph) as session:
-      restored = graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
+      graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
       start = session.run(graph.step)
-      logging.info("%s at step %d", f"resumed from {restored}" if restored else "started", start)
+      logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
       loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir))
       loss, evaluation = loop.run(start)
   storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
+  writer.release()
   validation_loss = evaluation and evaluation["loss"]
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
