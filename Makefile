@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA := data/stdlib
 RUN := runs/tiny
 
-.PHONY: install demo data train sample test lint bench clean
+.PHONY: install demo data train sample test lint bench clean sweep sweep-report
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,18 @@ sample: install
 	$(BIN)/gptneo-sample --model_dir=$(RUN) --prompt="def main(" --gin_param="sample.max_new_tokens = 120"
 
 demo: train sample
+
+# A sweep file of gin/sweeps/ (make sweep SWEEP=gin/sweeps/tiny_lr.gin), run PARALLEL points at
+# once into ROOT; running it again resumes. make sweep-report ROOT=... rewrites the report.
+SWEEP ?= gin/sweeps/tiny_lr.gin
+ROOT ?= runs/sweeps/$(basename $(notdir $(SWEEP)))
+PARALLEL ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 1)
+
+sweep: install data
+	$(BIN)/gptneo-sweep --sweep=$(SWEEP) --root=$(ROOT) --parallel=$(PARALLEL)
+
+sweep-report: install
+	$(BIN)/gptneo-sweep --report --root=$(ROOT)
 
 test: install
 	$(BIN)/python -m pytest -q tests

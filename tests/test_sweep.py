@@ -1,6 +1,7 @@
 """bin/sweep: expansion, validation before anything is created, running, resuming after a
 SIGKILL of the driver, divergence, the report, the cluster launchers and bad input."""
 import csv
+import json
 import math
 import os
 import pathlib
@@ -10,6 +11,8 @@ import sys
 import time
 
 import pytest
+from tensorboard.backend.event_processing import plugin_event_multiplexer as events
+from tensorboard.plugins.hparams import metadata
 
 from conftest import REPO, TINY_TEST_BINDINGS, run_binary
 from gptneo.errors import UserError
@@ -288,9 +291,7 @@ def test_a_finished_sweep_is_skipped_and_status_says_done(finished_sweep, small_
 
 
 def test_hparams_summary_reads_in_tensorboard(finished_sweep):
-  from tensorboard.backend.event_processing import plugin_event_multiplexer  # pylint: disable=g-import-not-at-top
-  from tensorboard.plugins.hparams import metadata  # pylint: disable=g-import-not-at-top
-  multiplexer = plugin_event_multiplexer.EventMultiplexer()
+  multiplexer = events.EventMultiplexer()
   multiplexer.AddRunsFromDirectory(str(finished_sweep))
   multiplexer.Reload()
   content = multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME)
@@ -305,6 +306,42 @@ def test_hparams_summary_reads_in_tensorboard(finished_sweep):
   # The session's metrics are the run's own summaries, which bin/train wrote beside it.
   assert {"loss", "eval/loss"} <= set(multiplexer.GetAccumulator("lr=3e-3,n_embd=64")
                                       .Tags()["tensors"])
+
+
+def _fake_run(run_dir, losses, val_losses, repeat_from=None):
+  """Logs as bin/train writes them; a resume at `repeat_from` logs its steps again."""
+  lines = [{"step": i + 1, "loss": loss, "tokens_per_sec": 1000.0 + i}
+           for i, loss in enumerate(losses)]
+  if repeat_from:
+    lines += lines[repeat_from:]
+  (run_dir / metrics.TRAIN_METRICS).write_text("".join(f"{json.dumps(r)}\n" for r in lines))
+  evals = [{"step": 50 * (i + 1), "task": "lm", "split": "validation", "loss": v,
+            "bits_per_byte": v / 2} for i, v in enumerate(val_losses)]
+  (run_dir / metrics.EVAL_JSONL).write_text("".join(f"{json.dumps(r)}\n" for r in evals))
+
+
+def test_report_reads_last_line_per_step_and_sums_up_seeds(small_dataset, tmp_path):
+  spec = sweep_file.spec_from(None, ["tiny.gin"], [*TINY_TEST_BINDINGS, *RUN_BINDINGS,
+                                                   f'DATASET_DIR = "{small_dataset}"'],
+                              [f"{LR} = [1e-3, 3e-3]"], (), {"seeds": 2})
+  root, points, _ = driver.write_root(spec, str(tmp_path / "root"), ["t"])
+  for i, point in enumerate(points):
+    run_dir = root.run_dir(point)
+    _fake_run(run_dir, [6.0 - i * 0.1 - s / 100 for s in range(150)],
+              [5.0 - i * 0.1, 4.5 - i * 0.1, 4.0 - i * 0.1], repeat_from=100 if i else None)
+  with open(root.run_dir(points[0]) / metrics.TRAIN_METRICS, "a") as f:
+    f.write('{"step": 150, "loss": 4.')  # a line cut by a kill
+  markdown = report.write(root)
+  table = _csv(root.path)
+  assert [r["point"] for r in table] == [p.name for p in reversed(points)]
+  assert all(r["status"] == "done" and r["steps"] == "150" for r in table)
+  assert float(table[0]["train_loss"]) == 6.0 - 3 * 0.1 - 149 / 100
+  assert float(table[0]["val_loss_final"]) == 4.0 - 0.3 and table[0]["best"] == "True"
+  assert "Over seeds" in markdown and "| lr | seeds | mean | std |" in markdown
+  assert "| 3e-3 | 2 | 3.7500 | 0.0707 |" in markdown
+  assert (root.path / "loss.png").stat().st_size and not (root.path / "scaling.png").exists()
+  status = report.status(str(root.path))
+  assert "4 points: 4 done, 0 diverged; ETA 0:00:00" in status
 
 
 # ------------------------------------------------------------------ clusters

@@ -2,11 +2,12 @@
 import math
 
 import matplotlib
-matplotlib.use("Agg")  # headless: no display on a training machine
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib import pyplot as plt
+import numpy as np
 
-from gptneo.sweep import metrics  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from gptneo.sweep import metrics
+
+matplotlib.use("Agg")  # headless: a training machine has no display (pyplot draws on demand)
 
 LOSS_PNG, SCALING_PNG = "loss.png", "scaling.png"
 

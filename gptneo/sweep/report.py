@@ -16,6 +16,7 @@ from gptneo.sweep import metrics
 from gptneo.sweep import plots
 from gptneo.sweep import root as root_lib
 from gptneo.sweep import scaling
+from gptneo.sweep import spec as spec_lib
 
 RESULTS_CSV, RESULTS_MD = "results.csv", "results.md"
 COLUMNS = ("status", "steps", "train_loss", "val_loss_best", "val_loss_final",
@@ -69,17 +70,18 @@ def row(root, point, facts, driver_running=False):
 
 
 def _sort_key(r):
-  val, loss = r["val_loss_final"], r["train_loss"]
-  finite = _finite([val])
-  return (not finite, finite[0] if finite else 0.0, not _finite([loss]),
-          loss if _finite([loss]) else 0.0, r["index"])
+  """Points done first; then by final validation loss, then training loss."""
+  val, loss = _finite([r["val_loss_final"]]), _finite([r["train_loss"]])
+  return (r["status"] != "done", not val, val[0] if val else 0.0, not loss,
+          loss[0] if loss else 0.0, r["index"])
 
 
 def rows(root):
   """Every point's row, best first: by final validation loss, then training loss."""
   points, facts = root.points()
   running = root.driver_running()
-  table = sorted((row(root, p, f, running) for p, f in zip(points, facts, strict=True)), key=_sort_key)
+  table = [row(root, p, f, running) for p, f in zip(points, facts, strict=True)]
+  table.sort(key=_sort_key)
   for r in table:
     r["best"] = False
   if table and table[0]["status"] == "done":
@@ -123,9 +125,29 @@ def to_markdown(table, fit=None):
                                      "bits_per_byte")],
              _cell(r["tokens_per_s"], 0), _clock(r["wall_time_s"]), f"{r['parameters']:,}"]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += _over_seeds(table, keys)
   if fit:
     lines += ["", f"Scaling fit (best validation loss per model size): {fit.describe()}"]
   return "\n".join(lines) + "\n"
+
+
+def _over_seeds(table, keys):
+  """With a seed axis: the final validation loss of each point's seeds, mean and spread."""
+  if spec_lib.SEED_KEY not in keys:
+    return []
+  others = [k for k in keys if k != spec_lib.SEED_KEY]
+  groups = {}
+  for r in table:
+    if r["status"] == "done" and _finite([r["val_loss_final"]]):
+      groups.setdefault(tuple(r[k] for k in others), []).append(r["val_loss_final"])
+  lines = ["", "Over seeds (final validation loss of the points done):", "",
+           "| " + " | ".join([*others, "seeds", "mean", "std"]) + " |",
+           "|" + "---|" * (len(others) + 3)]
+  for values, losses in sorted(groups.items(), key=lambda g: statistics.mean(g[1])):
+    spread = statistics.stdev(losses) if len(losses) > 1 else math.nan
+    lines.append("| " + " | ".join([*values, str(len(losses)), _cell(statistics.mean(losses)),
+                                    _cell(spread)]) + " |")
+  return lines
 
 
 def _clock(seconds):
@@ -177,4 +199,5 @@ def _eta(table):
   per_step = sum(r["wall_time_s"] for r in done) / sum(r["train_steps"] for r in done)
   running = max(1, sum(r["status"] == "running" for r in table))
   seconds = left * per_step / running
-  return f"{_clock(seconds)} (done about {time.strftime('%H:%M', time.localtime(time.time() + seconds))})"
+  finish = time.strftime("%H:%M", time.localtime(time.time() + seconds))
+  return f"{_clock(seconds)} (done about {finish})"

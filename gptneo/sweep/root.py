@@ -99,7 +99,8 @@ class Root:
     write_json(self.path / SWEEP_JSON, {
         "spec": spec.to_json(), "git_commit": git_commit(), "command": command,
         "created": time.time(),
-        "points": [{**p.to_json(), "facts": dataclasses.asdict(f)} for p, f in zip(points, facts, strict=True)]})
+        "points": [{**p.to_json(), "facts": dataclasses.asdict(f)}
+                   for p, f in zip(points, facts, strict=True)]})
 
   def state(self, point):
     path = self.run_dir(point) / STATE_JSON

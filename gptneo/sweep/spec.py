@@ -28,6 +28,7 @@ from gptneo.errors import UserError
 
 GIN_FILE = "gin_file"  # the axis name that varies a base gin file instead of a binding
 SEED = "train.seed"
+SEED_KEY = "seed"  # its key in names and the report
 FIRST_SEED = 1234  # train.seed's default: a one-seed sweep is the unswept run
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform")
 # Short keys for the run dir names of the knobs swept most; any other knob is its last part.
@@ -227,7 +228,8 @@ class Point:
   @property
   def labels(self):
     """{short key: value as in the name}, e.g. {"lr": "3e-3", "n_embd": "256"}."""
-    return dict(zip(_keys([n for n, _ in self.values]), (label(v) for _, v in self.values), strict=True))
+    keys = _keys([n for n, _ in self.values])
+    return dict(zip(keys, (label(v) for _, v in self.values), strict=True))
 
   def to_json(self):
     return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -239,7 +241,8 @@ class Point:
 
 
 def _point(spec, axes, index, combo):
-  values = tuple(pair for axis, i in zip(axes, combo, strict=True) for pair in zip(axis.names, axis.values[i], strict=True))
+  values = tuple(pair for axis, i in zip(axes, combo, strict=True)
+                 for pair in zip(axis.names, axis.values[i], strict=True))
   files = [parse_value(v, GIN_FILE) for n, v in values if n == GIN_FILE]
   bindings = [f"{n} = {v}" for n, v in values if n != GIN_FILE]
   return Point(index, "", values, tuple(spec.gin_files) + tuple(files),
@@ -276,7 +279,7 @@ def label(text):
 
 
 def _number(x):
-  if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5):
+  if x != 0 and (abs(x) < 0.1 or abs(x) >= 1e5):
     mantissa, exponent = f"{x:.3e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
   return f"{x:.4g}"
