@@ -8,6 +8,8 @@ and evaluations.
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
 
 from absl import logging
@@ -23,7 +25,7 @@ from gptneo import train_graph
 from gptneo.compat import tf
 from gptneo.data import inputs
 from gptneo.data import tokenizer as tokenizer_lib
-from gptneo.errors import UserError
+from gptneo.errors import Diverged, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Settings:
   init_from: str
   steps_per_loop: int
   sampling: str
+  checkpoint_every_secs: float
+  on_nonfinite: str
+  max_nonfinite_steps: int
 
   @property
   def tokens_per_step(self):
@@ -63,6 +68,7 @@ class Settings:
 
   def check(self):
     """Raises UserError (one line) if the run can't work, before anything is built."""
+    check_ranges(self)
     check_dataset(self.model, inputs.read_dataset_info(self.dataset_dir), self.dataset_dir)
     if self.batch_size % self.microbatches_per_batch:
       raise UserError(f"train.microbatches_per_batch = {self.microbatches_per_batch} does not "
@@ -70,6 +76,46 @@ class Settings:
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps)
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def check_ranges(s):
+  """Every train.* number in its range, and the learning rate: one line naming the binding."""
+  for name in ("train_steps", "batch_size", "microbatches_per_batch", "steps_per_checkpoint",
+               "keep_checkpoints", "log_every_n_steps", "max_nonfinite_steps"):
+    _check_number(f"train.{name}", getattr(s, name), int, 1, "a positive integer")
+  for name in ("eval_batches", "eval_every_n_steps", "eval_steps"):
+    _check_number(f"train.{name}", getattr(s, name), int, 0, "0 or a positive integer")
+  for name in ("clip_norm", "checkpoint_every_secs"):
+    if getattr(s, name) is not None:
+      _check_number(f"train.{name}", getattr(s, name), (int, float), 0, "None or 0 (off), or a "
+                    "positive number")
+  if s.eval_every_n_steps and not s.eval_steps:
+    raise UserError(f"train.eval_steps = 0 but train.eval_every_n_steps = "
+                    f"{s.eval_every_n_steps}; evaluate on at least 1 batch, or set "
+                    f"train.eval_every_n_steps = 0")
+  if s.on_nonfinite not in NONFINITE_POLICIES:
+    raise UserError(f"train.on_nonfinite = {s.on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
+  _check_learning_rate()
+
+
+def _check_number(binding, value, types, least, fix):
+  # bool is an int to Python, never to a user who wrote True
+  if isinstance(value, bool) or not isinstance(value, types) or not value >= least:
+    raise UserError(f"{binding} = {value!r}; use {fix}")
+
+
+def _check_learning_rate():
+  """The schedule's peak rate if bound: negative would train uphill, without a word."""
+  try:
+    rate = gin.query_parameter("learning_rate_schedule.learning_rate")
+  except ValueError:  # not bound: the schedule's default
+    return
+  if isinstance(rate, (int, float)) and not isinstance(rate, bool) and not rate >= 0:
+    raise UserError(f"learning_rate_schedule.learning_rate = {rate!r}; use a positive number, "
+                    f"e.g. 6e-4")
 
 
 def check_dataset(model, info, dataset_dir):
@@ -101,7 +147,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
              microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
              keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
-             eval_steps=10, init_from=None, steps_per_loop=1, sampling="fixed"):
+             eval_steps=10, init_from=None, steps_per_loop=1, sampling="fixed",
+             checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -133,6 +180,15 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
       stored windows), "random_chunk" (at a random offset, so a token is not always at the
       same position) or "document" (starting after a window's first end of document).
       Evaluation always reads the stored windows.
+    checkpoint_every_secs: also save a checkpoint once this many seconds have passed since
+      the last one (None or 0: only every steps_per_checkpoint steps), so a preemption or
+      crash loses at most this much time.
+    on_nonfinite: a step whose loss or gradient norm is NaN or infinite never reaches a
+      checkpoint: "stop" ends the run at once, naming the step and the last good checkpoint
+      (bin/train exit code 3); "skip" leaves weights and optimizer state as they were, counts
+      the step (skipped_steps in train_metrics.jsonl) and trains on.
+    max_nonfinite_steps: with on_nonfinite = "skip", stop as "stop" does once this many steps
+      in a row were skipped.
 
   Returns:
     the Settings of these knobs, for `train`.
@@ -152,13 +208,14 @@ def train(model_dir, run_settings=None, force=False):
       (model_dir.lock); a local model dir another process writes is always refused.
 
   Returns:
-    dict with the final training loss and validation loss (None without a validation split
-    and on a TPU, which has no evaluation loop yet).
+    dict with the final training loss, validation loss (None without a validation split, on a
+    TPU, which has no evaluation loop yet, and when preempted) and "preempted": True if
+    SIGTERM or SIGINT stopped the run early, at a step boundary with a checkpoint.
   """
   s = run_settings or settings()
   if not s.mesh.is_peer:  # a peer only serves its devices: task 0 checks and drives
     s.check()
-  with runtime.started(s.mesh) as rt:
+  with runtime.started(s.mesh) as rt, Preemption(enabled=not s.mesh.is_peer) as preemption:
     if s.mesh.is_peer:
       rt.serve_until_released()
       return None
@@ -174,16 +231,29 @@ def train(model_dir, run_settings=None, force=False):
       graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
       start = session.run(graph.step)
       logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
-      loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir))
+      loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
+                  preemption)
       loss, evaluation = loop.run(start)
   storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
   writer.release()
+  if loop.preempted:
+    _log_preempted(loop.preempted, remote_dir)
+    return {"loss": loss, "validation_loss": None, "preempted": True}
   validation_loss = evaluation and evaluation["loss"]
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
   elif s.mesh.implementation == "simd" and s.eval_batches:
     logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
-  return {"loss": loss, "validation_loss": validation_loss}
+  return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
+
+
+def _log_preempted(preempted, remote_dir):
+  """The one line a preempted run ends on: where it stopped and where it resumes."""
+  signum, step, path = preempted
+  saved = (f"checkpoint {os.path.join(remote_dir, os.path.basename(path))} saved" if path else
+           "no checkpoint yet")
+  logging.warning("train: preempted (%s) at step %d; %s; run the same command to resume",
+                  signal.Signals(signum).name, step, saved)
 
 
 def _init_from(model_dir):
@@ -203,35 +273,115 @@ def _copy_tokenizer(dataset_dir, model_dir):
                    overwrite=True)
 
 
-class Loop:
-  """Steps from `start` to train_steps: logs, checkpoints and evaluations on their cadence."""
+class Preemption:
+  """While training: SIGTERM or SIGINT asks the loop to stop at its next step boundary.
 
-  def __init__(self, session, graph, settings, model_dir, after_checkpoint):
+  Clusters and TPU VMs preempt with SIGTERM and a grace period; Ctrl-C is SIGINT. The first
+  signal only sets `signal` (the loop then saves a checkpoint and returns); the handlers then
+  revert to the system's default, so a second signal ends the process at once, even inside a
+  long session.run (Python runs its own handlers only between bytecodes). The previous
+  handlers come back when the block ends.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self, enabled=True):
+    self.signal, self._enabled, self._previous = None, enabled, {}
+
+  def __enter__(self):
+    # Python lets only the main thread handle signals; elsewhere they keep their default.
+    if self._enabled and threading.current_thread() is threading.main_thread():
+      self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal = signum
+    for other in self.SIGNALS:
+      signal.signal(other, signal.SIG_DFL)
+    logging.warning("train: %s: stopping after this step with a checkpoint; a second signal "
+                    "stops at once, without one", signal.Signals(signum).name)
+
+
+class Loop:
+  """Steps from `start` to train_steps: logs, checkpoints and evaluations on their cadence.
+
+  Between session.runs it looks at `preemption`: once signalled, it saves a checkpoint and
+  stops (`preempted` then holds the signal, the step and the checkpoint).
+  """
+
+  def __init__(self, session, graph, settings, model_dir, after_checkpoint, preemption=None):
     self.session, self.graph, self.settings, self.model_dir = session, graph, settings, model_dir
     self.after_checkpoint = after_checkpoint
-    self.progress = None
+    self.preemption = preemption or Preemption(enabled=False)
+    self.nonfinite = NonFinite(settings.on_nonfinite, settings.max_nonfinite_steps)
+    self.progress, self.preempted, self.step, self.loss = None, None, None, None
 
   def run(self, start):
     """Returns (the last logged loss, the last evaluation's metrics or None)."""
-    s, graph = self.settings, self.graph
+    s = self.settings
+    drop_rerun_steps(self.model_dir, start)
     self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start)
-    loss, step, since_log, evaluation = None, start, [], None
-    while step < s.train_steps:
-      steps = steps_this_run(step, start, s.train_steps, graph.steps_per_run,
-                             (s.log_every_n_steps, s.steps_per_checkpoint, s.eval_every_n_steps))
-      step_loss, learning_rate, norm, aux_losses = graph.run(self.session, steps)
-      step += steps
-      since_log.extend([step_loss] * steps)  # a device loop reports its steps' mean loss
-      if step % s.log_every_n_steps == 0 or step in (start + 1, s.train_steps):
-        # One batch's loss is noisy; the mean since the last log shows the trend.
-        loss, since_log = float(np.mean(since_log)), []
-        self.progress.log(step, loss, learning_rate, norm, aux_losses)
-      if step % s.steps_per_checkpoint == 0 or step == s.train_steps:
-        logging.info("saved checkpoint %s", graph.checkpoints.save(self.session, step))
-        self.after_checkpoint()
-      if s.periodic_eval_at(step) and graph.eval_fetches:
-        evaluation = self.periodic_eval(step)
-    return loss, self.final_eval(step, evaluation)
+    self.step, self._start, self._since_log = int(start), int(start), []
+    self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
+    evaluation = None
+    while self.step < s.train_steps and not self.preemption.signal:
+      self.take_steps()
+      if self.checkpoint_due():
+        self.save()
+      if s.periodic_eval_at(self.step) and self.graph.eval_fetches:
+        evaluation = self.periodic_eval(self.step)
+    if self.preemption.signal:
+      self.preempted = (self.preemption.signal, self.step, self.stop_checkpoint())
+      return self.loss, None
+    return self.loss, self.final_eval(self.step, evaluation)
+
+  def take_steps(self):
+    """One session.run: a step, or a device loop's steps up to the next log or checkpoint."""
+    s = self.settings
+    steps = steps_this_run(self.step, self._start, s.train_steps, self.graph.steps_per_run,
+                           (s.log_every_n_steps, s.steps_per_checkpoint, s.eval_every_n_steps))
+    step_loss, *self._last_scalars = self.graph.run(self.session, steps)
+    self.step += steps
+    # Before anything of this step is logged or saved: a non-finite step stops or is skipped.
+    if self.nonfinite.check(self.step, steps, step_loss, self._last_scalars[1],
+                            self.graph.checkpoints):
+      self._since_log.extend([step_loss] * steps)  # a device loop reports its steps' mean loss
+    if self.step % s.log_every_n_steps == 0 or self.step in (self._start + 1, s.train_steps):
+      self.log()
+
+  def log(self):
+    # One batch's loss is noisy; the mean since the last log shows the trend.
+    self.loss = float(np.mean(self._since_log)) if self._since_log else float("nan")
+    learning_rate, norm, aux_losses = self._last_scalars
+    if self.settings.on_nonfinite == "skip":
+      aux_losses = {**aux_losses, "skipped_steps": self.nonfinite.skipped}
+    self.progress.log(self.step, self.loss, learning_rate, norm, aux_losses)
+    self._since_log = []
+
+  def checkpoint_due(self):
+    s, (_, saved_time) = self.settings, self._saved
+    return (self.step % s.steps_per_checkpoint == 0 or self.step == s.train_steps or
+            (bool(s.checkpoint_every_secs) and
+             time.monotonic() - saved_time >= s.checkpoint_every_secs))
+
+  def save(self):
+    path = self.graph.checkpoints.save(self.session, self.step)
+    logging.info("saved checkpoint %s", path)
+    self.after_checkpoint()
+    self._saved = (self.step, time.monotonic())
+    return path
+
+  def stop_checkpoint(self):
+    """Preempted: the steps since the last log are logged and saved; returns the checkpoint."""
+    if self._since_log:
+      self.log()
+    if self.step != self._saved[0]:
+      return self.save()
+    return self.graph.checkpoints.latest()  # no step since: the restored one, or None
 
   def periodic_eval(self, step):
     """Validation metrics to TensorBoard (eval/...) and to model_dir/eval.jsonl."""
@@ -258,6 +408,77 @@ class Loop:
         tokenizer_lib.load_tokenizer(os.path.join(self.model_dir, "tokenizer.json")))
     return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches, batches,
                                            byte_lengths)
+
+
+class NonFinite:
+  """What the loop does about a step whose loss or gradient norm is NaN or infinite.
+
+  "stop": raise Diverged before anything of that step is logged or saved. "skip": the graph
+  kept weights and optimizer state (train_graph.skip_unless_finite); count the step, and raise
+  once `most_in_a_row` steps in a row were skipped. A device loop (TPU) reports its steps' mean
+  loss: one non-finite step marks all of its steps.
+  """
+
+  def __init__(self, policy, most_in_a_row):
+    self.policy, self.most_in_a_row = policy, most_in_a_row
+    self.skipped, self.in_a_row = 0, 0  # since this run (re)started
+
+  def check(self, step, steps, loss, grad_norm, checkpoints):
+    """True if the `steps` up to `step` were finite; False if skipped; raises Diverged."""
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+      self.in_a_row = 0
+      return True
+    what, fix = f"loss {loss}, gradient norm {grad_norm}", " (or set train.on_nonfinite = 'skip')"
+    if self.policy == "skip":
+      self.skipped, self.in_a_row = self.skipped + steps, self.in_a_row + steps
+      if self.in_a_row < self.most_in_a_row:
+        logging.warning("step %d: %s: update skipped (%d in a row, %d in all)", step, what,
+                        self.in_a_row, self.skipped)
+        return False
+      what += f"; {self.in_a_row} in a row, train.max_nonfinite_steps = {self.most_in_a_row}"
+      fix = ""
+    latest = checkpoints.latest() or "none: nothing was saved yet"
+    raise Diverged(f"the loss went non-finite at step {step} ({what}); the last good "
+                   f"checkpoint is {latest}; lower learning_rate_schedule.learning_rate{fix} "
+                   f"and run again to resume from it")
+
+
+def drop_rerun_steps(model_dir, start):
+  """Takes out of the run's logs the lines of steps after `start`, which it is to take again.
+
+  A run resumed from the checkpoint of step `start` (after a crash, a kill, a fall-back to an
+  older checkpoint) logs the steps after it anew; the old lines would show a reader, the sweep
+  report and its plots, each of those steps twice. train_metrics.jsonl is all ours; of
+  eval.jsonl only training's periodic records (bin/eval's own carry "seconds").
+  """
+  _drop_lines_after(os.path.join(model_dir, "train_metrics.jsonl"), start, lambda record: True)
+  _drop_lines_after(os.path.join(model_dir, "eval.jsonl"), start,
+                    lambda record: record.get("task") == "lm" and "seconds" not in record)
+
+
+def _drop_lines_after(path, start, ours):
+  """Rewrites a JSONL file without `ours` lines of step > start, nor a line cut short by a
+  crash; atomically (a temporary file, os.replace), so a kill leaves the old or the new."""
+  temporary = f"{path}.tmp"
+  if os.path.exists(temporary):  # a kill in the middle of an earlier rewrite
+    os.remove(temporary)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line.rstrip("\n") + "\n" for line in lines if _kept(line, start, ours)]
+  if kept != lines:
+    with open(temporary, "w") as f:
+      f.writelines(kept)
+    os.replace(temporary, path)
+
+
+def _kept(line, start, ours):
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  return not (isinstance(record, dict) and ours(record) and record.get("step", 0) > start)
 
 
 def steps_this_run(step, start, train_steps, steps_per_run, every):

@@ -114,7 +114,46 @@ def mtf_step(settings, features, step):
   s.optimizer.step = mtf.import_fully_replicated(
       mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
   update_ops = s.optimizer.apply_grads(grads, mtf_mesh.graph.trainable_variables)
+  if s.on_nonfinite == "skip":
+    update_ops = skip_unless_finite(update_ops, [losses["loss"], norm])
   return MtfStep(losses, norm, learning_rate, update_ops)
+
+
+def skip_unless_finite(update_ops, scalars):
+  """The optimizer's assignments, leaving every variable as it was unless all of `scalars`
+  (mtf scalars: the loss, the gradient norm) are finite.
+
+  mtf has no conditional, and an Assign can't be changed once built: each is built anew on
+  its values, passed through exactly if finite and replaced by NaN if not, with an assign that
+  keeps the variable's own value wherever the new one is NaN or infinite (a select: NaN times
+  0 is NaN). The optimizer's Assigns leave the graph (as mtf's combine_assignments takes out
+  those it replaces), so no lowering, no TPU program among them, holds an unguarded one.
+  """
+  finite = mtf.slicewise(lambda *xs: tf.reduce_all([tf.math.is_finite(x) for x in xs]),
+                         [mtf.cast(x, tf.float32) for x in scalars], output_dtype=tf.bool,
+                         splittable_dims=[], name="finite_step")
+  guarded = []
+  for op in update_ops:
+    if op.assign_fn is not mtf.assign_slice:
+      raise ValueError(f"train.on_nonfinite = 'skip' can't guard {op.name}: it assigns with "
+                       f"{op.assign_fn.__name__}, not mtf.assign_slice")
+    values = [mtf.slicewise(_nan_unless, [finite, value], output_shape=value.shape,
+                            output_dtype=value.dtype, splittable_dims=value.shape.dims)
+              for value in op.inputs]
+    guarded.append(mtf.Assign(op.variables, values, _assign_finite))
+    op.graph.operations.remove(op)
+  return guarded
+
+
+def _nan_unless(finite, value):
+  return tf.where_v2(finite, value, tf.constant(float("nan"), value.dtype))
+
+
+def _assign_finite(variable, slice_variable, value):
+  """mtf.assign_slice, but the slice keeps its own value wherever `value` is not finite."""
+  value = tf.cast(value, variable.slice_dtype)
+  return tf.assign(slice_variable, tf.where_v2(tf.math.is_finite(value), value,
+                                               slice_variable))
 
 
 @dataclasses.dataclass
