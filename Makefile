@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA := data/stdlib
 RUN := runs/tiny
 
-.PHONY: install demo data train sample test lint bench clean sweep sweep-report
+.PHONY: install demo data train sample test faults lint bench clean sweep sweep-report
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ sweep-report: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The fault suite with a storm of 20 kills (CI runs 5); prints kills, checkpoints verified,
+# leftovers and the largest loss difference from an uninterrupted run.
+faults: install
+	FAULT_KILLS=20 $(BIN)/python -m pytest -q -s tests/test_faults.py
 
 lint: install
 	$(BIN)/ruff check gptneo bin tests bench
