@@ -2,6 +2,7 @@
 switching TensorFlow to graph mode, and gin_utils a leaf of the package."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ def run_python(code, cwd):
 PRINT_TRAIN_STEPS = """
 import gin
 import gptneo.configurables
+import shutil
 from gptneo import gin_utils
 gin_utils.parse(["tiny.gin"], [])
 print(gin.query_parameter("train.train_steps"))
@@ -87,12 +89,10 @@ print(sorted(name for name in sys.modules if name.startswith("gptneo")))
 
 # --- A model dir's config runs no code of its author's ---------------------------------------
 
-def fake_model_dir(folder, config):
-  """A model dir check_model_dir accepts (a config and a checkpoint index), config its text."""
-  folder.mkdir()
+def exploited_model_dir(folder, trained_dir, config):
+  """A copy of a real trained model dir (its checkpoints verify) whose config is `config`."""
+  shutil.copytree(trained_dir, folder)
   (folder / "operative_config.gin").write_text(config)
-  (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-1"\n')
-  (folder / "model.ckpt-1.index").write_bytes(b"")
   return folder
 
 
@@ -123,9 +123,10 @@ PROGRAMS = {
     (dynamic_registration_exploit, 1, "`from __gin__ import dynamic_registration`"),
     (import_exploit, 1, "`import evil_module`"),
 ])
-def test_a_model_dirs_config_runs_no_code(tmp_path, program, exploit, line, what):
+def test_a_model_dirs_config_runs_no_code(tmp_path, neo_model_dir, program, exploit, line,
+                                         what):
   marker = tmp_path / "marker"
-  model_dir = fake_model_dir(tmp_path / "model", exploit(marker))
+  model_dir = exploited_model_dir(tmp_path / "model", neo_model_dir, exploit(marker))
   args = [arg.format(tmp=tmp_path) for arg in PROGRAMS[program]]
   # tmp_path on the path: where evil_module would be imported from.
   result = run_binary(program, f"--model_dir={model_dir}", *args, pythonpath=[tmp_path])
