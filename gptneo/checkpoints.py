@@ -339,6 +339,8 @@ class Checkpoints:
     A model dir whose checkpoints are all damaged is refused: a run never starts over
     beside them.
     """
+    if not self.model_dir:  # a graph built without one restores nothing
+      return None
     self.found = newest(self.model_dir)
     if self.found.skipped and not self.found.path:
       raise _none_intact(self.model_dir, self.found)
