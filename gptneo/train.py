@@ -98,6 +98,9 @@ def check_ranges(s):
                     f"train.eval_every_n_steps = 0")
   if s.on_nonfinite not in NONFINITE_POLICIES:
     raise UserError(f"train.on_nonfinite = {s.on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
+  if s.sampling not in inputs.SAMPLINGS:  # inputs would say so too, once the graph is built
+    raise UserError(f"train.sampling = {s.sampling!r} is unknown; use one of "
+                    f"{list(inputs.SAMPLINGS)}")
   _check_learning_rate()
 
 
