@@ -5,11 +5,14 @@
 For each workload a 4-point sweep (2 learning rates x 2 widths) runs through bin/sweep into a
 fresh root, at --parallel=1 and then 2. The points' own time is the union of the intervals in
 which at least one point's bin/train ran (from sweep_state.json); the driver's overhead is its
-wall time minus that: its start-up and validation, the gaps between points, the report.
+wall time minus that: its start-up and validation, the gaps between points, the report. The
+driver's CPU is its own (bin/sweep logs it at the end), not its children's: what it costs
+whatever else runs on the machine.
 """
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import sysconfig
@@ -60,8 +63,9 @@ def run_sweep(root, dataset, bindings, width_axis, parallel):
              *[f"--gin_param={p}" for p in params], *[f"--axis={a}" for a in AXES],
              f"--axis={width_axis}", f"--root={root}", f"--parallel={parallel}"]
   start = time.time()
-  subprocess.run(command, check=True, capture_output=True, cwd=REPO)
+  result = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
   wall = time.time() - start
+  cpu = float(re.search(r"the driver itself used ([0-9.]+) s of CPU", result.stderr).group(1))
   spans = []
   for state in root.glob("*/sweep_state.json"):
     spans += [(a["start"], a["end"]) for a in json.loads(state.read_text())["attempts"]]
@@ -70,17 +74,17 @@ def run_sweep(root, dataset, bindings, width_axis, parallel):
   points = union_seconds(spans)
   return {"parallel": parallel, "wall_s": wall, "points_s": points, "overhead_s": wall - points,
           "before_first_s": first - start, "after_last_s": start + wall - last,
-          "point_mean_s": sum(e - s for s, e in spans) / len(spans)}
+          "point_mean_s": sum(e - s for s, e in spans) / len(spans), "driver_cpu_s": cpu}
 
 
 def main():
-  print(f"cores: {len(os.sched_getaffinity(0))}")
+  print(f"cores: {len(os.sched_getaffinity(0))}, load average before: {os.getloadavg()}")
   with tempfile.TemporaryDirectory() as tmp:
     datasets = {"small": small_dataset(pathlib.Path(tmp) / "small"),
                 "stdlib": REPO / "data" / "stdlib"}
     print("| workload | parallel | sweep wall | points' own | driver overhead | before the "
-          "first point | after the last | mean point | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "first point | after the last | driver CPU | mean point | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (data, bindings, width_axis) in WORKLOADS.items():
       results = [run_sweep(pathlib.Path(tmp) / f"{name}-{p}".replace(" ", "_"), datasets[data],
                            bindings, width_axis, p) for p in (1, 2)]
@@ -88,7 +92,8 @@ def main():
         speedup = results[0]["wall_s"] / r["wall_s"]
         print(f"| {name} | {r['parallel']} | {r['wall_s']:.1f} s | {r['points_s']:.1f} s | "
               f"{r['overhead_s']:.1f} s | {r['before_first_s']:.1f} s | "
-              f"{r['after_last_s']:.1f} s | {r['point_mean_s']:.1f} s | {speedup:.2f}x |",
+              f"{r['after_last_s']:.1f} s | {r['driver_cpu_s']:.1f} s | "
+              f"{r['point_mean_s']:.1f} s | {speedup:.2f}x |",
               flush=True)
 
 

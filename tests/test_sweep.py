@@ -125,6 +125,15 @@ def test_shipped_sweep_parses():
   assert len(points) >= 4 and all("lr=" in p.name for p in points)
 
 
+def test_two_gin_file_axes_get_two_keys():
+  axes = (spec_lib.parse_axis("gin_file = ['models/tiny.gin']"),
+          spec_lib.parse_axis("gin_file = ['layouts/single.gin', 'layouts/cpu2_data.gin']"))
+  points = spec_lib.Spec(axes=axes).expand()
+  assert [p.name for p in points] == ["gin_file=tiny,gin_file_2=single",
+                                      "gin_file=tiny,gin_file_2=cpu2_data"]
+  assert points[1].gin_files == ("models/tiny.gin", "layouts/cpu2_data.gin")
+
+
 def test_names_get_a_hash_only_where_they_would_clash():
   points = spec_lib.Spec(axes=(spec_lib.parse_axis("GPT.activation = ['a/b', 'a_b', 'c']"),)
                          ).expand()
@@ -253,6 +262,8 @@ def _kill_mid_point(process, root):
     for run_dir in root.glob("lr=*"):
       steps = [r["step"] for r in metrics.train(run_dir)]
       if steps and 60 <= steps[-1] < 140:
+        status = report.status(str(root))  # what --status prints while the sweep runs
+        assert " running" in status.splitlines()[0] and "ETA" in status
         process.send_signal(signal.SIGKILL)
         process.wait()
         return run_dir.name

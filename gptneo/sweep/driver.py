@@ -1,4 +1,6 @@
 """What bin/sweep does: validate every point, then run, print or write a launcher, report."""
+import resource
+
 from absl import logging
 
 from gptneo.errors import UserError
@@ -52,4 +54,8 @@ def run(spec, root_path, parallel, max_retries, command, update=False):
     root.create(spec, points, facts, command)
     counts = runner.Driver(root, points, facts, parallel, max_retries, logging.info).run()
   report_lib.write(root)
+  own = resource.getrusage(resource.RUSAGE_SELF)  # not the children: the driver's own cost
+  logging.info("%s; the report is in %s; the driver itself used %.1f s of CPU",
+               ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.path,
+               own.ru_utime + own.ru_stime)
   return counts

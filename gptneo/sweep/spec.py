@@ -265,7 +265,10 @@ def _keys(names):
     last = name.rsplit(".", 1)[-1].rsplit("/", 1)[-1]
     return SHORT_KEYS.get(last, last)
   shorts = [short(n) for n in names]
-  return [s if shorts.count(s) == 1 else n for s, n in zip(shorts, names, strict=True)]
+  keys = [s if shorts.count(s) == 1 else n for s, n in zip(shorts, names, strict=True)]
+  # Only gin_file may be swept twice (say, a model axis and a layout axis): number the others.
+  return [k if not keys[:i].count(k) else f"{k}_{keys[:i].count(k) + 1}"
+          for i, k in enumerate(keys)]
 
 
 def label(text):
