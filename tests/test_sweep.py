@@ -21,6 +21,7 @@ from gptneo.sweep import launch
 from gptneo.sweep import metrics
 from gptneo.sweep import report
 from gptneo.sweep import root as root_lib
+from gptneo.sweep import runner
 from gptneo.sweep import scaling
 from gptneo.sweep import spec as spec_lib
 from gptneo.sweep import sweep_file
@@ -242,6 +243,45 @@ def test_sweep_json_records_spec_points_commit_and_command(finished_sweep):
   assert record["git_commit"] and "--parallel=2" in record["command"]
   gin = (finished_sweep / "lr=3e-3,n_embd=64" / root_lib.POINT_GIN).read_text()
   assert f"{LR} = 0.003" in gin and "GPT.n_embd = 64" in gin and "include 'tiny.gin'" in gin
+
+
+# Stands in for bin/train: fails its first `fails` runs, then logs train_steps steps; notes
+# the cores it was given.
+FAKE_TRAIN = """
+import json, os, pathlib, sys
+run_dir, fails, steps = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+runs = len(list(run_dir.glob("ran-*")))
+(run_dir / f"ran-{runs}").write_text(json.dumps(sorted(os.sched_getaffinity(0))))
+if runs < fails:
+  sys.exit(1)
+with open(run_dir / "train_metrics.jsonl", "w") as f:
+  f.writelines(json.dumps({"step": i + 1, "loss": 1.0}) + "\\n" for i in range(steps))
+"""
+
+
+def _fake_driver(monkeypatch, root, points, facts, fails, parallel, max_retries):
+  monkeypatch.setattr(runner, "train_command", lambda point, run_dir: [
+      sys.executable, "-c", FAKE_TRAIN, str(run_dir), str(fails[point.index]), "150"])
+  return runner.Driver(root, points, facts, parallel, max_retries, lambda line: None,
+                       poll_seconds=0.05).run()
+
+
+def test_failed_points_are_retried_up_to_max_retries_over_restarts(
+    small_dataset, tmp_path, monkeypatch):
+  root, points, facts = driver.write_root(_spec(small_dataset), str(tmp_path / "root"), ["t"])
+  fails = [0, 1, 2, 0, 5, 0]
+  counts = _fake_driver(monkeypatch, root, points, facts, fails, 2, max_retries=1)
+  assert counts == {"done": 4, "failed": 2}
+  runs = [len(list(root.run_dir(p).glob("ran-*"))) for p in points]
+  assert runs == [1, 2, 2, 1, 2, 1]
+  counts = _fake_driver(monkeypatch, root, points, facts, fails, 2, max_retries=2)
+  assert counts == {"done": 5, "failed": 1}  # the restart retries the failed ones once more
+  assert [len(list(root.run_dir(p).glob("ran-*"))) for p in points] == [1, 2, 3, 1, 3, 1]
+  outcomes = [a["outcome"] for a in root.state(points[4])["attempts"]]
+  assert outcomes == ["failed", "failed", "failed"]
+  cores = {json.loads(f.read_text())[0] for p in points for f in root.run_dir(p).glob("ran-*")}
+  slots = runner.core_slots(2)
+  assert all(len(slot) == 1 for slot in slots) and cores == {s[0] for s in slots}
 
 
 def _children_of_root(root):
