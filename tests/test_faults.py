@@ -20,8 +20,13 @@ import numpy as np
 import pytest
 
 from gptneo import errors
+from gptneo import runtime
+from gptneo import tpu
 from gptneo import train as train_lib
+from gptneo import train_graph
 from gptneo.compat import tf
+from gptneo.model import gpt as gpt_lib
+from tests import test_tpu
 from tests.conftest import REPO, TINY_TEST_BINDINGS
 from tests.test_errors import assert_one_line_error, snapshot
 from tests.test_train import DROPOUT, train_in_process
@@ -390,3 +395,23 @@ def test_kill_storm_every_resume_equals_the_uninterrupted_run(tmp_path, small_da
   assert len(outcomes) == KILLS
   assert verified == total == STORM_STEPS
   assert not leftovers
+
+
+def test_skip_mode_on_the_tpu_loop_guards_every_update_and_leaves_none_unguarded(small_dataset,
+                                                                                  tmp_path):
+  """A TPU program runs every assignment it holds, fetched or not: skip mode must replace the
+  optimizer's, not add to them (test_tpu's 8-core graph, Adam, 2 microbatches)."""
+  assigns = {}
+  for policy in train_lib.NONFINITE_POLICIES:
+    rt = runtime.Runtime(test_tpu.simd_spec(), tpu=tpu.synthetic_system(num_chips=4))
+    built = train_graph.build(test_tpu.settings(
+        gpt_lib.GPT(**test_tpu.MODEL), rt.spec, small_dataset, steps_per_loop=10,
+        on_nonfinite=policy), str(tmp_path / policy), rt)
+    assigns[policy] = [op.inputs[1].op.type for op in built.graph.get_operations()
+                       if op.type == "AssignVariableOp"]
+    with built.graph.as_default():
+      masters = set(tf.global_variables())
+      weights = [v for v in tf.trainable_variables() if v in masters]
+  assert len(assigns["skip"]) == len(assigns["stop"])
+  assert assigns["skip"].count("SelectV2") == 3 * len(weights)  # each weight, Adam's m and v
+  assert "SelectV2" not in assigns["stop"]
