@@ -16,6 +16,7 @@ from absl import logging
 import gin
 import numpy as np
 
+from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
 from gptneo import gin_utils
 from gptneo import model_dir as model_dir_lib
@@ -223,24 +224,12 @@ def train(model_dir, run_settings=None, force=False):
       rt.serve_until_released()
       return None
     init_from = _init_from(s.init_from)
-    writer = model_dir_lib.lock(model_dir, force)  # the one writer; the kernel frees it if we die
-    remote_dir, model_dir = model_dir, storage.working_copy(model_dir)
-    graph = train_graph.build(s, model_dir, rt)
-    with graph.graph.as_default():  # a resume that can't work fails before anything is written
-      graph.checkpoints.check(init_from)
-    gin_utils.write_run_files(model_dir)
-    _copy_tokenizer(s.dataset_dir, model_dir)
-    with rt.session(graph.graph) as session:
-      graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
-      start = session.run(graph.step)
-      logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
-      loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
-                  preemption)
-      loss, evaluation = loop.run(start)
-  storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
-  writer.release()
-  if loop.preempted:
-    _log_preempted(loop.preempted, remote_dir)
+    # The one writer, however the run ends (the kernel frees the lock if the process dies); a
+    # refusal below leaves the model dir as it was: the lock goes with its file.
+    with model_dir_lib.lock(model_dir, force):
+      loss, evaluation, preempted = _train_in(s, model_dir, rt, preemption, init_from)
+  if preempted:
+    _log_preempted(preempted, model_dir)
     return {"loss": loss, "validation_loss": None, "preempted": True}
   validation_loss = evaluation and evaluation["loss"]
   if evaluation:
@@ -248,6 +237,29 @@ def train(model_dir, run_settings=None, force=False):
   elif s.mesh.implementation == "simd" and s.eval_batches:
     logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
+
+
+def _train_in(s, remote_dir, rt, preemption, init_from):
+  """The locked part of `train`: graph, run files, session, loop, the last sync.
+
+  Returns:
+    (the last logged loss, the final evaluation or None, Loop.preempted).
+  """
+  model_dir = storage.working_copy(remote_dir)
+  graph = train_graph.build(s, model_dir, rt)
+  with graph.graph.as_default():  # a resume that can't work fails before anything is written
+    graph.checkpoints.check(init_from)
+  gin_utils.write_run_files(model_dir)
+  _copy_tokenizer(s.dataset_dir, model_dir)
+  with rt.session(graph.graph) as session:
+    graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
+    start = session.run(graph.step)
+    logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
+    loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
+                preemption)
+    loss, evaluation = loop.run(start)
+  storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
+  return loss, evaluation, loop.preempted
 
 
 def _log_preempted(preempted, remote_dir):
@@ -264,9 +276,9 @@ def _init_from(model_dir):
   if not model_dir:
     return None
   local = storage.local_copy(model_dir)
-  if not tf.train.latest_checkpoint(local):
-    raise UserError(f"train.init_from = {local!r} has no checkpoint; point it at a model "
-                    f"dir that bin/train or bin/import_hf wrote")
+  if not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
+    raise UserError(f"train.init_from = {local!r} has no intact checkpoint; point it at a "
+                    f"model dir that bin/train or bin/import_hf wrote")
   return local
 
 
