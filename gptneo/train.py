@@ -175,7 +175,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     eval_batches: validation batches averaged for the loss printed at the end (0: none).
     eval_every_n_steps: every this many steps, write validation loss, perplexity, bits per
       byte and accuracy to TensorBoard (eval/...) and eval.jsonl (0: never).
-    eval_steps: validation batches per periodic evaluation (the stream cycles on).
+    eval_steps: validation batches per periodic evaluation: the split's first ones (cycling
+      if it is shorter), the same at every evaluation and after a resume.
     init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
@@ -418,9 +419,12 @@ class Loop:
     return {"step": int(step), **self.evaluate(self.settings.eval_batches)}
 
   def evaluate(self, batches):
-    """lm metrics over the next `batches` validation batches (the stream cycles on)."""
+    """lm metrics over the first `batches` validation batches (cycling if the split is
+    shorter): the same every time, so evaluations compare across steps, and a resumed run
+    (which does not checkpoint the validation stream) evaluates as an uninterrupted one."""
     byte_lengths = evaluate_lib.token_byte_lengths(
         tokenizer_lib.load_tokenizer(os.path.join(self.model_dir, "tokenizer.json")))
+    self.session.run(self.graph.eval_reset)
     return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches, batches,
                                            byte_lengths)
 

@@ -33,6 +33,7 @@ class TrainGraph:
   checkpoints: checkpoints_lib.Checkpoints
   aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
   eval_fetches: dict = None  # {"loss", "accuracy", "targets"} of one validation batch, or None
+  eval_reset: list = dataclasses.field(default_factory=list)  # rewinds the validation stream
   steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
   loop_steps: tf.Tensor = None  # with a device loop: the placeholder of its step count
   enqueue: tf.Operation = None  # with a device loop: feeds its batches (infeed)
@@ -208,7 +209,7 @@ def build_placement(settings, model_dir, rt):
     return TrainGraph(graph, step, lowered.loss, step_graph.learning_rate, lowered.grad_norm,
                       train_op, [iterator.initializer] + eval_init,
                       _checkpoints(lowering, iterator, s, model_dir), lowered.aux_losses,
-                      eval_fetches)
+                      eval_fetches, eval_reset=eval_init)
 
 
 def _validation(settings, mtf_mesh):

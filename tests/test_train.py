@@ -133,3 +133,21 @@ def test_init_from_without_checkpoint_is_refused(tmp_path, small_dataset):
   with pytest.raises(ValueError, match="has no checkpoint"):
     train_in_process(tmp_path / "run", small_dataset, 1, f'train.init_from = "{tmp_path}"')
   assert not (tmp_path / "run").exists()
+
+
+def test_periodic_evaluation_after_a_resume_equals_an_uninterrupted_run(tmp_path, small_dataset):
+  """Each evaluation reads the split's first batches: the validation stream, which no
+  checkpoint holds, can't make a resumed run evaluate other batches."""
+  periodic = ["train.eval_every_n_steps = 2", "train.eval_steps = 2", "train.eval_batches = 0",
+              "train.steps_per_checkpoint = 2"]
+  train_in_process(tmp_path / "whole", small_dataset, 6, *periodic)
+  train_in_process(tmp_path / "resumed", small_dataset, 4, *periodic)
+  train_in_process(tmp_path / "resumed", small_dataset, 6, *periodic)
+
+  def losses(run):
+    with open(tmp_path / run / "eval.jsonl") as f:
+      return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+  whole, resumed = losses("whole"), losses("resumed")
+  assert sorted(whole) == sorted(resumed) == [2, 4, 6]
+  assert resumed == pytest.approx(whole, abs=1e-6)
