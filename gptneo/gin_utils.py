@@ -280,7 +280,7 @@ def graph_mode():
 
   Importing gptneo leaves TensorFlow eager, for the user's own code. Our graphs are built
   inside `with graph.as_default()`, but checkpoints are restored and saved (tf.train.Saver,
-  runtime.Checkpoints) outside it, which only graph mode allows.
+  checkpoints.Checkpoints) outside it, which only graph mode allows.
   """
   tensorflow.compat.v1.disable_eager_execution()  # resource variables stay on
 
