@@ -13,6 +13,7 @@ import re
 import gin
 import ml_dtypes
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 from gptneo import checkpoints
@@ -340,9 +341,19 @@ def _hf_weights(hf_dir):
                     f"model with safe_serialization=True (.bin weights are not supported)")
   weights = {}
   for name in files:
-    tensors = safetensors.numpy.load_file(os.path.join(hf_dir, name))
+    tensors = _load_safetensors(os.path.join(hf_dir, name))
     weights.update({key: value.astype(np.float32) for key, value in tensors.items()})
   return weights
+
+
+def _load_safetensors(path):
+  """{name: array} of a safetensors file; a damaged one (truncated, not safetensors) is bad
+  input, named in one line."""
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError) as error:
+    raise UserError(f"{path} is not a readable safetensors file ({str(error)[:120]}); "
+                    f"save the model again with save_pretrained") from None
 
 
 def _read_tokenizer(hf_dir):

@@ -456,3 +456,12 @@ def test_train_on_a_gs_model_dir_another_machine_writes_is_refused_unless_forced
   run_binary("train", *args, "--force", check=True)
   assert {".lease", "model.ckpt-2.manifest.json"} & set(gcs.objects("runs/d")) == {
       "model.ckpt-2.manifest.json"}
+
+
+def test_import_of_a_truncated_safetensors_file_is_one_line_and_writes_nothing(tmp_path, hf_dir):
+  damaged = shutil.copytree(hf_dir, tmp_path / "hf")
+  weights = damaged / hf.WEIGHTS_FILE
+  weights.write_bytes(weights.read_bytes()[:1000])
+  result = run_binary("import_hf", f"--hf_dir={damaged}", f"--model_dir={tmp_path / 'run'}")
+  assert_one_line_error(result, "import_hf", f"{weights} is not a readable safetensors file")
+  assert not (tmp_path / "run").exists()
