@@ -114,6 +114,15 @@ def object_names(uri):
     return sorted(_relative_name(blob, prefix) for blob in _list_objects(bucket, prefix))
 
 
+def read_text(uri):
+  """The text of the one object at a gs:// URI, or None if there is none (no mirroring: for
+  a small file of a prefix whose other objects are big, e.g. a model dir's logs)."""
+  bucket, name = split_uri(uri)
+  with _gcs_errors(uri):
+    blob = _client().bucket(bucket).get_blob(name, retry=_RETRY)
+    return None if blob is None else blob.download_as_bytes(retry=_RETRY).decode()
+
+
 def _relative_name(blob, prefix):
   name = blob.name[len(prefix) + 1:] if prefix else blob.name
   if os.path.isabs(name) or ".." in name.split("/"):

@@ -425,6 +425,60 @@ def test_slurm_script_keys_each_point_by_its_index(small_dataset, tmp_path):
   assert "#SBATCH --array=1,2,3,4,5%2\n" in launch.slurm_script(root, points, (), 2)
 
 
+# ------------------------------------------------------------------ a gs:// root
+
+
+def test_a_gs_root_runs_into_the_bucket_and_resumes_from_a_fresh_cache(
+    small_dataset, gcs, tmp_path, monkeypatch):
+  uri = gcs.uri("sweeps/s")
+  flags = [*_flags(small_dataset, [f"{LR} = [1e-3, 3e-3]"],
+                   ["train.train_steps = 4", "train.steps_per_checkpoint = 2",
+                    "train.eval_every_n_steps = 4", "train.eval_steps = 1"]),
+           f"--root={uri}"]
+  run_binary("sweep", *flags, check=True)
+  objects = gcs.objects("sweeps/s")
+  table = list(csv.DictReader(objects[f"{root_lib.DRIVER_PREFIX}/results.csv"][1]
+                              .decode().splitlines()))
+  assert sorted(r["status"] for r in table) == ["done", "done"]
+  for row in table:  # the numbers are the bucket's own logs, and its checkpoints are there
+    lines = objects[f"{row['point']}/{metrics.TRAIN_METRICS}"][1].decode().splitlines()
+    last = json.loads(lines[-1])
+    assert int(row["steps"]) == last["step"] == 4 and float(row["train_loss"]) == last["loss"]
+    assert f"{row['point']}/checkpoint" in objects
+    assert f"{root_lib.DRIVER_PREFIX}/{row['point']}/{root_lib.STATE_JSON}" in objects
+  commands = run_binary("sweep", *flags, "--print_commands", check=True).stdout
+  assert commands.strip() == ""  # every point done
+  # Another machine: an empty cache. Nothing is run again, and the table is the same.
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "other_cache"))
+  again = run_binary("sweep", *flags, check=True)
+  assert "0 of 2 points to run" in again.stderr
+  rerun = gcs.objects("sweeps/s")
+  assert rerun[f"{root_lib.DRIVER_PREFIX}/results.csv"][1] == \
+      objects[f"{root_lib.DRIVER_PREFIX}/results.csv"][1]
+  for row in table:  # bin/train never ran: its logs and checkpoints are as they were
+    name = f"{row['point']}/{metrics.TRAIN_METRICS}"
+    assert rerun[name] == objects[name]
+
+
+def test_a_gs_root_prints_gs_model_dirs_and_resumes_an_unfinished_point(
+    small_dataset, gcs, tmp_path, monkeypatch):
+  uri = gcs.uri("sweeps/p")
+  flags = [*_flags(small_dataset, [f"{LR} = [3e-3]"],
+                   ["train.train_steps = 4", "train.steps_per_checkpoint = 2",
+                    "train.eval_every_n_steps = 0"]), f"--root={uri}"]
+  (line,) = run_binary("sweep", *flags, "--print_commands", check=True).stdout.splitlines()
+  assert f"--model_dir={uri}/lr=3e-3" in line
+  half = line.replace("train.train_steps = 4", "train.train_steps = 2")
+  subprocess.run(half, shell=True, check=True, capture_output=True, cwd=tmp_path,
+                 env=dict(os.environ, PYTHONPATH=str(REPO)))
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "other_cache"))
+  run_binary("sweep", *flags, check=True)
+  lines = gcs.objects("sweeps/p")[f"lr=3e-3/{metrics.TRAIN_METRICS}"][1].decode().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]  # resumed at step 2
+  (row,) = report.rows(report.open_root(uri))
+  assert row["status"] == "done" and row["steps"] == 4
+
+
 # ------------------------------------------------------------------ scaling
 
 

@@ -56,6 +56,6 @@ def run(spec, root_path, parallel, max_retries, command, update=False):
   report_lib.write(root)
   own = resource.getrusage(resource.RUSAGE_SELF)  # not the children: the driver's own cost
   logging.info("%s; the report is in %s; the driver itself used %.1f s of CPU",
-               ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.path,
+               ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.display,
                own.ru_utime + own.ru_stime)
   return counts

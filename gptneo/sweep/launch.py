@@ -12,7 +12,7 @@ SBATCH = "sweep.sbatch"
 
 
 def _line(root, point):
-  return shlex.join(runner.train_command(point, root.run_dir(point)))
+  return shlex.join(runner.train_command(point, root.model_dir(point)))
 
 
 def commands(root, points):
@@ -25,15 +25,15 @@ def slurm_script(root, points, sbatch_options=(), parallel=None):
   """An sbatch script whose array task i runs point i's bin/train (done points left out)."""
   todo = [p for p in points if root.state(p)["status"] not in root_lib.FINAL]
   if not todo:
-    raise UserError(f"every point of the sweep in {root.path} is done or diverged; nothing "
+    raise UserError(f"every point of the sweep in {root.display} is done or diverged; nothing "
                     f"to submit")
   throttle = f"%{parallel}" if parallel and parallel > 1 else ""
-  lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{root.path.name}",
+  lines = ["#!/bin/bash", f"#SBATCH --job-name=sweep-{root.name}",
            f"#SBATCH --array={','.join(str(p.index) for p in todo)}{throttle}",
            f"#SBATCH --output={root.path}/%a.slurm.out",
            *[f"#SBATCH {option}" for option in sbatch_options],
            "# Written by bin/sweep --launcher=slurm: submit with `sbatch " + SBATCH + "`;",
-           "# `bin/sweep --report --root=" + str(root.path) + "` reads the results.",
+           "# `bin/sweep --report --root=" + root.display + "` reads the results.",
            "set -euo pipefail", 'case "$SLURM_ARRAY_TASK_ID" in']
   lines += [f"  {p.index}) exec {_line(root, p)} ;;" for p in todo]
   lines += ['  *) echo "no point $SLURM_ARRAY_TASK_ID in this sweep" >&2; exit 2 ;;', "esac"]
@@ -44,4 +44,5 @@ def write_slurm(root, points, sbatch_options=(), parallel=None):
   path = root.path / SBATCH
   path.write_text(slurm_script(root, points, sbatch_options, parallel))
   path.chmod(0o755)
+  root.sync()
   return path

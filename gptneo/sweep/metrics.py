@@ -2,20 +2,31 @@
 
 A resumed run logs again the steps after its last checkpoint (with the same losses: resume is
 exact), so the last line of a step wins. A line cut short by a kill is skipped.
+A run is read from one or more places (a gs:// run: the bucket, then this machine's mirror),
+which the last line of a step merges the same way.
 """
 import json
 import math
 import pathlib
 
+from gptneo import storage
+
 TRAIN_METRICS = "train_metrics.jsonl"
 EVAL_JSONL = "eval.jsonl"
 
 
-def _records(path):
+def _text(run_dir, name):
+  """A log's text, from a local run dir or a gs:// one ('' if it has none yet)."""
+  if storage.is_remote(run_dir):
+    return storage.read_text(f"{str(run_dir).rstrip('/')}/{name}") or ""
   try:
-    text = pathlib.Path(path).read_text()
+    return (pathlib.Path(run_dir) / name).read_text()
   except FileNotFoundError:
-    return []
+    return ""
+
+
+def _records(run_dirs, name):
+  text = "\n".join(_text(run_dir, name) for run_dir in run_dirs)
   records = []
   for line in text.splitlines():
     try:
@@ -33,14 +44,14 @@ def _by_step(records):
   return [last[step] for step in sorted(last)]
 
 
-def train(run_dir):
-  """The training log lines, one per step, in step order."""
-  return _by_step(_records(pathlib.Path(run_dir) / TRAIN_METRICS))
+def train(*run_dirs):
+  """The training log lines, one per step, in step order; a later run dir wins a step."""
+  return _by_step(_records(run_dirs, TRAIN_METRICS))
 
 
-def validation(run_dir):
+def validation(*run_dirs):
   """The periodic evaluations on the validation split, one per step, in step order."""
-  records = [r for r in _records(pathlib.Path(run_dir) / EVAL_JSONL)
+  records = [r for r in _records(run_dirs, EVAL_JSONL)
              if r.get("task", "lm") == "lm" and r.get("split", "validation") == "validation"]
   return _by_step(records)
 

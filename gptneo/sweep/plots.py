@@ -36,12 +36,12 @@ def loss_curves(root, points, table, path):
   diverged = {n for n, s in status.items() if s == "diverged"}
   curves = {"train": [], "val": []}
   for color, name in zip(colors, order, strict=True):
-    run_dir = root.run_dir(by_name[name])
+    sources = root.log_sources(by_name[name])
     style = "--" if name in diverged else "-"
     label = name + (f" ({status[name]})" if status[name] != "done" else "")
     label += " (best)" if name == best else ""
-    for key, axes, records in (("train", left, metrics.train(run_dir)),
-                               ("val", right, metrics.validation(run_dir))):
+    for key, axes, records in (("train", left, metrics.train(*sources)),
+                               ("val", right, metrics.validation(*sources))):
       curve = _finite_curve(records)
       curves[key].append((name, curve))
       axes.plot(*curve, style, color=color, label=label, marker="." if key == "val" else None)
@@ -54,7 +54,7 @@ def loss_curves(root, points, table, path):
       axes.set_ylim(top=top)
   left.set_ylabel("loss (nats/token)")
   right.legend(fontsize=8, loc="upper right")
-  fig.suptitle(f"sweep {root.path.name}: {len(order)} points, best first in the legend")
+  fig.suptitle(f"sweep {root.name}: {len(order)} points, best first in the legend")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -52,8 +52,9 @@ def _finite(values):
 
 def row(root, point, facts, driver_running=False):
   """The point's results as a dict: its axis values, then COLUMNS."""
-  run_dir = root.run_dir(point)
-  records, evals, state = metrics.train(run_dir), metrics.validation(run_dir), root.state(point)
+  sources = root.log_sources(point)
+  records, evals = metrics.train(*sources), metrics.validation(*sources)
+  state = root.state(point)
   status = _status(state, records, facts.train_steps, driver_running)
   nan_step = metrics.first_non_finite(records)
   speeds = _finite(r.get("tokens_per_sec") for r in records)
@@ -170,6 +171,7 @@ def write(root):
   if fit:
     plots.scaling(fit, root.path / plots.SCALING_PNG)
   hparams.write(root, points, table)
+  root.sync()
   return markdown
 
 
@@ -180,7 +182,7 @@ def status(path):
   counts = {s: sum(r["status"] == s for r in table) for s in
             ("done", "running", "failed", "diverged", "pending", "unfinished", "interrupted")}
   summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in root_lib.FINAL)
-  lines = [f"{root.path}: {len(table)} points: {summary}; ETA {_eta(table)}"]
+  lines = [f"{root.display}: {len(table)} points: {summary}; ETA {_eta(table)}"]
   width = max(len(r["point"]) for r in table)
   lines += [f"  {r['point']:<{width}}  {r['status']:<11} {r['steps']}/{r['train_steps']}"
             for r in table]

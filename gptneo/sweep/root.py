@@ -4,6 +4,14 @@
   ROOT/<point name>/       bin/train's model dir, plus point.gin (what the point binds),
                            sweep_state.json (status, attempts) and train.log (its output)
 
+A gs:// root keeps the points' model dirs in the bucket (ROOT/<point name>, bin/train's own,
+so checkpoints land there and any machine resumes them) and the driver's files under
+ROOT/_sweep/ (DRIVER_PREFIX: sweep.json, the report, and per point its point.gin, state and
+log). Not at ROOT itself: a mirror of ROOT would hold every checkpoint and nest the points'
+own mirrors. The driver works in the mirror of ROOT/_sweep (storage.working_copy) and syncs
+it up whenever a point's status changes and after the report; a lease object there
+(storage.Lease) keeps one driver per sweep across machines.
+
 Every file is written whole (a temporary, then a rename), so a driver killed at any moment
 leaves each file as it was before or after.
 """
@@ -14,6 +22,7 @@ import fcntl
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import time
 
@@ -28,6 +37,7 @@ POINT_GIN = "point.gin"
 TRAIN_LOG = "train.log"
 LOCK = ".sweep.lock"
 FINAL = ("done", "diverged")  # a point in one of these is never run again
+DRIVER_PREFIX = "_sweep"  # a gs:// root's driver files: ROOT/_sweep/
 
 
 def write_json(path, value):
@@ -56,16 +66,50 @@ def git_commit():
 
 
 class Root:
-  """A sweep's root folder (local; gs:// is refused, see the README)."""
+  """A sweep's root: a local folder, or a gs:// prefix worked on in a local mirror.
+
+  Attributes:
+    path: the local folder of the driver's files (a gs:// root's mirror of ROOT/_sweep).
+    uri: the gs:// root without a trailing slash, or None for a local root.
+    display: the root as messages name it (the URI, or the absolute folder).
+    name: its last part.
+  """
 
   def __init__(self, path):
     if storage.is_remote(path):
-      raise UserError(f"--root={path}: a gs:// sweep root is not supported yet; use a local "
-                      f"folder (the points' runs may still read gs:// datasets)")
-    self.path = pathlib.Path(path).absolute()
+      self.uri = str(path).rstrip("/")
+      storage.split_uri(self.uri)  # refuses 'gs://' without a bucket
+      self.path = pathlib.Path(storage.working_copy(self._driver_uri()))
+    else:
+      self.uri, self.path = None, pathlib.Path(path).absolute()
+    self.display = self.uri or str(self.path)
+    self.name = pathlib.PurePosixPath(self.display).name  # the sweep's name in titles, jobs
+
+  def _driver_uri(self):
+    return f"{self.uri}/{DRIVER_PREFIX}"
 
   def run_dir(self, point):
+    """The local folder of the point's point.gin, state and log (a local root: its model dir)."""
     return self.path / point.name
+
+  def model_dir(self, point):
+    """The point's --model_dir: ROOT/<name>, a gs:// URI for a gs:// root."""
+    return f"{self.uri}/{point.name}" if self.uri else str(self.run_dir(point))
+
+  def live_dir(self, point):
+    """Where bin/train writes the point's logs on this machine (a gs:// run: its mirror)."""
+    model_dir = self.model_dir(point)
+    return storage.mirror_folder(model_dir) if self.uri else model_dir
+
+  def log_sources(self, point):
+    """Where the point's train_metrics.jsonl/eval.jsonl are read from, later ones winning a step:
+    for gs://, the bucket, then this machine's mirror (newer while a run goes on here)."""
+    return [self.model_dir(point), self.live_dir(point)] if self.uri else [self.live_dir(point)]
+
+  def sync(self):
+    """Sends the driver's files up to a gs:// root (a local root: nothing to do)."""
+    if self.uri:
+      storage.sync_up(str(self.path), self._driver_uri())
 
   def read(self):
     """sweep.json as a dict, or None if this root holds no sweep."""
@@ -76,7 +120,8 @@ class Root:
     """(points, facts) recorded in sweep.json."""
     record = self.read()
     if record is None:
-      raise UserError(f"--root={self.path} holds no sweep ({SWEEP_JSON}); start one there first")
+      raise UserError(f"--root={self.display} holds no sweep ({SWEEP_JSON}); start one there "
+                      f"first")
     return ([spec_lib.Point.from_json(p) for p in record["points"]],
             [validate.Facts(**p["facts"]) for p in record["points"]])
 
@@ -86,32 +131,40 @@ class Root:
     if old is None or update or old["spec"] == spec.to_json():
       return
     field = next(k for k, v in spec.to_json().items() if old["spec"].get(k) != v)
-    raise UserError(f"--root={self.path} holds a different sweep (its {field} differ); use "
+    raise UserError(f"--root={self.display} holds a different sweep (its {field} differ); use "
                     f"another --root, or --update to make it this sweep (points already run "
                     f"that it still has are kept)")
 
   def create(self, spec, points, facts, command):
     """Writes the run dirs (point.gin) and sweep.json; points already there keep their runs."""
     for point in points:
+      if self.uri and point.name == DRIVER_PREFIX:
+        raise UserError(f"point {point.index} is named {DRIVER_PREFIX!r}, the folder of a "
+                        f"gs:// root's own files; add an axis or use a local --root")
       run_dir = self.run_dir(point)
       run_dir.mkdir(parents=True, exist_ok=True)
-      (run_dir / POINT_GIN).write_text(point_gin(point, run_dir))
+      _write_text(run_dir / POINT_GIN, point_gin(point, self, run_dir))
     write_json(self.path / SWEEP_JSON, {
         "spec": spec.to_json(), "git_commit": git_commit(), "command": command,
         "created": time.time(),
         "points": [{**p.to_json(), "facts": dataclasses.asdict(f)}
                    for p, f in zip(points, facts, strict=True)]})
+    self.sync()
 
   def state(self, point):
     path = self.run_dir(point) / STATE_JSON
     return read_json(path) if path.is_file() else {"status": "pending", "attempts": []}
 
-  def write_state(self, point, state):
+  def write_state(self, point, state, sync=True):
+    """Writes the point's state; sync=False for a heartbeat (a status change syncs anyway)."""
     write_json(self.run_dir(point) / STATE_JSON, state)
+    if sync:
+      self.sync()
 
   @contextlib.contextmanager
   def lock(self):
-    """Held by the one driver running this sweep; the kernel frees it when that one dies."""
+    """Held by the one driver running this sweep; the kernel frees it when that one dies.
+    A gs:// root also takes the lease of ROOT/_sweep: machines share no kernel."""
     self.path.mkdir(parents=True, exist_ok=True)
     with open(self.path / LOCK, "a+") as f:
       try:
@@ -119,12 +172,26 @@ class Root:
       except OSError as error:
         if error.errno not in (errno.EAGAIN, errno.EACCES):
           raise
-        raise UserError(f"another bin/sweep is running the sweep in {self.path}; wait for it "
-                        f"(bin/sweep --status --root={self.path})") from None
+        raise UserError(f"another bin/sweep is running the sweep in {self.display}; wait for "
+                        f"it (bin/sweep --status --root={self.display})") from None
+      with self._lease():
+        yield
+
+  @contextlib.contextmanager
+  def _lease(self):
+    if not self.uri:
       yield
+      return
+    holder = {"program": "bin/sweep", "pid": os.getpid(), "host": socket.gethostname(),
+              "since": time.time(), "mirror": str(self.path)}
+    lease = storage.Lease(self._driver_uri(), holder).acquire()
+    try:
+      yield
+    finally:
+      lease.release()
 
   def driver_running(self):
-    """Whether a driver holds the lock now."""
+    """Whether a driver on this machine holds the lock now."""
     if not (self.path / LOCK).is_file():
       return False
     with open(self.path / LOCK, "a+") as f:
@@ -136,9 +203,16 @@ class Root:
       return False
 
 
-def point_gin(point, run_dir):
-  """The point as one gin file: `bin/train --gin_file=point.gin --model_dir=<run dir>`."""
-  lines = [f"# Point {point.index} of the sweep in {run_dir.parent}: {point.name}",
-           f"# bin/train --gin_file={run_dir / POINT_GIN} --model_dir={run_dir} reruns it.",
+def _write_text(path, text):
+  """Writes text unless the file holds it already: an unchanged file is not synced again."""
+  if not path.is_file() or path.read_text() != text:
+    path.write_text(text)
+
+
+def point_gin(point, root, run_dir):
+  """The point as one gin file: `bin/train --gin_file=point.gin --model_dir=<model dir>`."""
+  lines = [f"# Point {point.index} of the sweep in {root.display}: {point.name}",
+           f"# bin/train --gin_file={run_dir / POINT_GIN} --model_dir={root.model_dir(point)} "
+           f"reruns it.",
            *[f"include {f!r}" for f in point.gin_files], *point.gin_params]
   return "\n".join(lines) + "\n"

@@ -27,11 +27,11 @@ _HEARTBEAT_SECONDS = 10.0
 _WATCH_SECONDS = 2.0  # how often a running point's log is read for a non-finite loss
 
 
-def train_command(point, run_dir):
-  """The bin/train command line of a point (argv)."""
+def train_command(point, model_dir):
+  """The bin/train command line of a point (argv); model_dir may be a gs:// URI."""
   return [sys.executable, str(programs.bin_dir() / "train"),
           *[f"--gin_file={f}" for f in point.gin_files],
-          *[f"--gin_param={p}" for p in point.gin_params], f"--model_dir={run_dir}"]
+          *[f"--gin_param={p}" for p in point.gin_params], f"--model_dir={model_dir}"]
 
 
 def core_slots(parallel):
@@ -163,7 +163,7 @@ class Driver:
     env = dict(os.environ)
     if self.gpus[slot] is not None:
       env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
-    process = subprocess.Popen(train_command(point, run_dir), stdout=log,
+    process = subprocess.Popen(train_command(point, self.root.model_dir(point)), stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                preexec_fn=_child_setup(self.cores[slot]))
     self.running[slot] = _Attempt(point, self.facts[index], slot, process, now, log, now, now)
@@ -175,13 +175,14 @@ class Driver:
     exit_code = attempt.process.poll()
     if exit_code is None and now - attempt.watched >= _WATCH_SECONDS:
       attempt.watched = now
-      if metrics.first_non_finite(metrics.train(self.root.run_dir(attempt.point))) is not None:
+      if metrics.first_non_finite(metrics.train(self.root.live_dir(attempt.point))) is not None:
         attempt.process.kill()  # a NaN stays NaN: the rest of its steps are wasted
         exit_code = attempt.process.wait()
     if exit_code is None:
       if now - attempt.beat >= _HEARTBEAT_SECONDS:
         attempt.beat = now
-        self.root.write_state(attempt.point, {**self.root.state(attempt.point), "heartbeat": now})
+        self.root.write_state(attempt.point, {**self.root.state(attempt.point), "heartbeat": now},
+                              sync=False)  # a status change syncs; a beat every 10 s needn't
       return
     del self.running[slot]
     self._finish(attempt, exit_code, queue)
@@ -189,7 +190,7 @@ class Driver:
   def _finish(self, attempt, exit_code, queue):
     attempt.log.close()
     point, now = attempt.point, time.time()
-    records = metrics.train(self.root.run_dir(point))
+    records = metrics.train(self.root.live_dir(point))  # this machine just ran it
     result = outcome(exit_code, records, attempt.facts.train_steps)
     state = self.root.state(point)
     state["attempts"][-1].update(end=now, exit_code=exit_code, outcome=result)
