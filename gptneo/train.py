@@ -278,8 +278,8 @@ def _init_from(model_dir):
     return None
   local = storage.local_copy(model_dir)
   if not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
-    raise UserError(f"train.init_from = {local!r} has no intact checkpoint; point it at a "
-                    f"model dir that bin/train or bin/import_hf wrote")
+    raise UserError(f"train.init_from = {local!r} has no checkpoint (none intact); point it "
+                    f"at a model dir that bin/train or bin/import_hf wrote")
   return local
 
 
