@@ -474,7 +474,7 @@ def test_a_gs_root_prints_gs_model_dirs_and_resumes_an_unfinished_point(
   monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "other_cache"))
   run_binary("sweep", *flags, check=True)
   lines = gcs.objects("sweeps/p")[f"lr=3e-3/{metrics.TRAIN_METRICS}"][1].decode().splitlines()
-  assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]  # resumed at step 2
+  assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # resumed at step 2
   (row,) = report.rows(report.open_root(uri))
   assert row["status"] == "done" and row["steps"] == 4
 
