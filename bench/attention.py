@@ -33,6 +33,7 @@ from gptneo import runtime  # noqa: E402
 from gptneo.compat import mtf, tf  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
 from gptneo.model import ops  # noqa: E402
+from timing import cpu_line  # noqa: E402  (bench/ is sys.path[0])
 
 ROWS = {  # name -> GPT overrides
     "global": {},
@@ -143,6 +144,7 @@ def main():
     parser.add_argument(f"--{flag}", type=int, default=default)
   parser.add_argument("--row", choices=sorted(ROWS), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  print(cpu_line())
   if args.row:
     print(json.dumps(measure(args, ROWS[args.row])))
   else:

@@ -39,23 +39,13 @@ from gptneo import train as train_lib  # noqa: E402
 from gptneo import train_graph  # noqa: E402
 from gptneo.compat import tf  # noqa: E402
 from gptneo.data import prepare  # noqa: E402
-from timing import CpuMeter, wait_for_idle  # noqa: E402
+from timing import CpuMeter, cpu_line, wait_for_idle  # noqa: E402
 
 N_CTX = 2048  # gpt_neo_125m's
 _CORPUS = ("typing.py", "argparse.py", "inspect.py", "subprocess.py", "tarfile.py")
 
 
-def cpu_line():
-  """The CPU model and the instruction sets checksums and TF's kernels lean on."""
-  with open("/proc/cpuinfo") as f:
-    info = f.read()
-  model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                if line.startswith("model name")), "unknown CPU")
-  flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                    if line.startswith("flags")), []))
-  isa = [name for name in ("sse4_2", "pclmulqdq", "vpclmulqdq", "avx2", "avx512f", "sha_ni")
-         if name in flags]
-  return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa)}, zlib {zlib.ZLIB_RUNTIME_VERSION}"
+CHECKSUM_ISA = ("sse4_2", "pclmulqdq", "vpclmulqdq", "sha_ni")  # what CRC-32 leans on
 
 
 def build(dataset_dir, model_dir):
@@ -107,7 +97,8 @@ def main():
   args = parser.parse_args()
   gin_utils.graph_mode()
   tf.get_logger().setLevel("ERROR")
-  print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_line()}  "
+  print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
+        f"{cpu_line(CHECKSUM_ISA)}, zlib {zlib.ZLIB_RUNTIME_VERSION}  "
         f"TF {tf.__version__}  loadavg {' '.join(open('/proc/loadavg').read().split()[:3])}",
         flush=True)
   workdir = tempfile.mkdtemp(prefix="gptneo-ckpt-bench-", dir=args.dir)

@@ -52,7 +52,7 @@ from gptneo import runtime  # noqa: E402
 from gptneo import sample as sample_lib  # noqa: E402
 from gptneo.data import tokenizer as tokenizer_lib  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
-from timing import Runner, paired_ratio, wait_for_idle  # noqa: E402
+from timing import Runner, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
 
 CONFIGS = {  # transformers.GPTNeoConfig arguments
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=512,
@@ -171,6 +171,7 @@ def main():
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
+  print(cpu_line())
   print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  greedy, {args.new_tokens} new tokens after "
         f"{args.prompt_tokens}, batch {args.batch_size}, float32, tokens/s (median of "
         f"{args.rounds} rounds)", flush=True)

@@ -32,7 +32,7 @@ import tensorflow.compat.v1 as tf  # noqa: E402
 
 from gptneo import gin_utils  # noqa: E402
 from gptneo.data import inputs, prepare  # noqa: E402
-from timing import Runner, paired_ratio  # noqa: E402
+from timing import Runner, cpu_line, paired_ratio  # noqa: E402
 
 
 def prepare_halves(folder, n_ctx):
@@ -64,6 +64,7 @@ def main():
   parser.add_argument("--max_foreign", type=float, default=0.15)
   parser.add_argument("--idle_wait", type=float, default=20)
   args = parser.parse_args()
+  print(cpu_line())
   with tempfile.TemporaryDirectory() as folder:
     first, second = prepare_halves(folder, args.n_ctx)
     configs = {"fixed": (first, "fixed"), "random_chunk": (first, "random_chunk"),

@@ -37,6 +37,7 @@ from gptneo.layout_search import configured  # noqa: E402
 from gptneo.layout_search import cost_model  # noqa: E402
 from gptneo.optim import optimizers  # noqa: E402
 from train_throughput import prepare_data  # noqa: E402
+from timing import cpu_line  # noqa: E402  (bench/ is sys.path[0])
 
 MODEL = ["GPT.n_layer = 4", "GPT.n_embd = 512", "GPT.n_head = 8", "GPT.n_ctx = 256",
          "GPT.n_vocab = 4096", "train.batch_size = 8", "train.eval_batches = 0",
@@ -96,6 +97,7 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--min_ratio", type=float, default=1.5)
   args = parser.parse_args()
+  print(cpu_line())
   hardware = cost_model.Hardware(device_memory=2 ** 40, device_flops=matmul_flops(),
                                  link_bandwidth=copy_bandwidth())
   print(f"hardware: {hardware.device_flops / 1e9:.1f} GFLOP/s per device, "

@@ -18,6 +18,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from timing import cpu_line  # noqa: E402  (bench/ is sys.path[0])
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -78,6 +79,7 @@ def run_sweep(root, dataset, bindings, width_axis, parallel):
 
 
 def main():
+  print(cpu_line())
   print(f"cores: {len(os.sched_getaffinity(0))}, load average before: {os.getloadavg()}")
   with tempfile.TemporaryDirectory() as tmp:
     datasets = {"small": small_dataset(pathlib.Path(tmp) / "small"),

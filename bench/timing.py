@@ -81,3 +81,18 @@ def paired_ratio(ours, theirs):
                   if a[1] < ours.max_foreign and b[1] < theirs.max_foreign)
   ratios = ratios or sorted(a[0] / b[0] for a, b in zip(ours.rounds, theirs.rounds, strict=False))
   return ratios[len(ratios) // 2]
+
+
+def cpu_line(extra_flags=()):
+  """The CPU model and the instruction sets TF's and torch's kernels lean on: speed ratios
+  move between machines (AVX2-only EPYC vs AVX-512/AMX Intel), so every table says which."""
+  with open("/proc/cpuinfo") as f:
+    info = f.read().splitlines()
+  model = next((line.split(":", 1)[1].strip() for line in info
+                if line.startswith("model name")), "unknown CPU")
+  flags = set(next((line.split(":", 1)[1].split() for line in info
+                    if line.startswith("flags")), []))
+  isa = [name for name in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                           *extra_flags) if name in flags]
+  return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'baseline'}"
+

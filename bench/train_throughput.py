@@ -53,7 +53,7 @@ from gptneo.data import prepare  # noqa: E402
 
 import torch  # noqa: E402  (after TF: both load their own OpenMP/oneDNN; this order works)
 import torch_gpt  # noqa: E402
-from timing import Runner, paired_ratio, wait_for_idle  # noqa: E402
+from timing import Runner, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
 
 CORES = os.cpu_count()
 N_CTX = 256
@@ -223,6 +223,7 @@ def main():
   torch.set_num_threads(args.torch_threads)
   tf.get_logger().setLevel("ERROR")  # deprecation notices of the tf.compat.v1 API
   started = time.time()
+  print(cpu_line())
   print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  cores={CORES}  torch threads="
         f"{torch.get_num_threads()}  TF {tf.__version__}  torch {torch.__version__}  "
         f"TF threads inter={args.inter_op_threads or 'default'} "
