@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing import plugin_event_multiplexer as eve
 from tensorboard.plugins.hparams import metadata
 
 from conftest import REPO, TINY_TEST_BINDINGS, run_binary
+from gptneo import storage
 from gptneo.errors import UserError
 from gptneo.sweep import driver
 from gptneo.sweep import launch
@@ -490,3 +491,17 @@ def test_power_law_fit_recovers_its_parameters():
   a, alpha, c = scaling.fit(sizes[:3], losses[:3])  # three sizes: no irreducible term
   assert c == 0.0 and alpha > 0
   assert scaling.fit(sizes[:1], losses[:1]) is None
+
+
+def test_a_gs_root_another_machine_drives_is_refused_unless_force(gcs, tmp_path):
+  """A driver lease held by another machine (a driver that died there) blocks this one, in one
+  line, until --force takes it over."""
+  root = root_lib.Root(gcs.uri("sweeps/f"))
+  other = {"program": "bin/sweep", "pid": 1, "host": "another-machine", "since": time.time(),
+           "mirror": "/elsewhere"}
+  storage.Lease(root._driver_uri(), other).acquire()  # pylint: disable=protected-access
+  with pytest.raises(UserError, match="another-machine"):
+    with root.lock():
+      pass
+  with root.lock(force=True):
+    assert (root.path / root_lib.LOCK).is_file()

@@ -36,20 +36,20 @@ def prepare(spec, root_path, command, update=False):
   return root, points, facts
 
 
-def write_root(spec, root_path, command, update=False):
+def write_root(spec, root_path, command, update=False, force=False):
   """prepare, then the run dirs and sweep.json, for points another launcher runs."""
   root, points, facts = prepare(spec, root_path, command, update)
-  with root.lock():
+  with root.lock(force):
     root.check_same(spec, update)
     root.create(spec, points, facts, command)
   return root, points, facts
 
 
-def run(spec, root_path, parallel, max_retries, command, update=False):
+def run(spec, root_path, parallel, max_retries, command, update=False, force=False):
   """Runs (or resumes) the sweep, then writes its report; returns {status: count}."""
   runner.core_slots(parallel)  # a bad --parallel is refused before anything is created
   root, points, facts = prepare(spec, root_path, command, update)
-  with root.lock():
+  with root.lock(force):
     root.check_same(spec, update)  # another driver may have written it meanwhile
     root.create(spec, points, facts, command)
     counts = runner.Driver(root, points, facts, parallel, max_retries, logging.info).run()

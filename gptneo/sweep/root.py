@@ -162,9 +162,10 @@ class Root:
       self.sync()
 
   @contextlib.contextmanager
-  def lock(self):
+  def lock(self, force=False):
     """Held by the one driver running this sweep; the kernel frees it when that one dies.
-    A gs:// root also takes the lease of ROOT/_sweep: machines share no kernel."""
+    A gs:// root also takes the lease of ROOT/_sweep: machines share no kernel; `force`
+    takes over a lease another machine's driver left (one that crashed there)."""
     self.path.mkdir(parents=True, exist_ok=True)
     with open(self.path / LOCK, "a+") as f:
       try:
@@ -174,17 +175,17 @@ class Root:
           raise
         raise UserError(f"another bin/sweep is running the sweep in {self.display}; wait for "
                         f"it (bin/sweep --status --root={self.display})") from None
-      with self._lease():
+      with self._lease(force):
         yield
 
   @contextlib.contextmanager
-  def _lease(self):
+  def _lease(self, force):
     if not self.uri:
       yield
       return
     holder = {"program": "bin/sweep", "pid": os.getpid(), "host": socket.gethostname(),
               "since": time.time(), "mirror": str(self.path)}
-    lease = storage.Lease(self._driver_uri(), holder).acquire()
+    lease = storage.Lease(self._driver_uri(), holder).acquire(force)
     try:
       yield
     finally:
