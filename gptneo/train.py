@@ -6,6 +6,7 @@ TPU), the graph (train_graph.py), the run files, then the `Loop` of steps, logs,
 and evaluations.
 """
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -85,7 +86,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 def check_ranges(s):
   """Every train.* number in its range, and the learning rate: one line naming the binding."""
   for name in ("train_steps", "batch_size", "microbatches_per_batch", "steps_per_checkpoint",
-               "keep_checkpoints", "log_every_n_steps", "max_nonfinite_steps"):
+               "keep_checkpoints", "log_every_n_steps", "max_nonfinite_steps", "steps_per_loop"):
     _check_number(f"train.{name}", getattr(s, name), int, 1, "a positive integer")
   for name in ("eval_batches", "eval_every_n_steps", "eval_steps"):
     _check_number(f"train.{name}", getattr(s, name), int, 0, "0 or a positive integer")
@@ -136,8 +137,6 @@ def check_dataset(model, info, dataset_dir):
 
 def check_loop(spec, steps_per_loop, eval_every_n_steps):
   """Loops on the device exist on the TPU only, and have no periodic evaluation yet."""
-  if not isinstance(steps_per_loop, int) or steps_per_loop < 1:
-    raise UserError(f"train.steps_per_loop = {steps_per_loop!r}; use a positive integer")
   if spec.implementation != "simd" and steps_per_loop != 1:
     raise UserError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
@@ -422,11 +421,15 @@ class Loop:
     """lm metrics over the first `batches` validation batches (cycling if the split is
     shorter): the same every time, so evaluations compare across steps, and a resumed run
     (which does not checkpoint the validation stream) evaluates as an uninterrupted one."""
-    byte_lengths = evaluate_lib.token_byte_lengths(
-        tokenizer_lib.load_tokenizer(os.path.join(self.model_dir, "tokenizer.json")))
     self.session.run(self.graph.eval_reset)
     return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches, batches,
-                                           byte_lengths)
+                                           self._byte_lengths)
+
+  @functools.cached_property
+  def _byte_lengths(self):
+    """Bytes per token id, read once from the run's tokenizer (not at every evaluation)."""
+    return evaluate_lib.token_byte_lengths(
+        tokenizer_lib.load_tokenizer(os.path.join(self.model_dir, "tokenizer.json")))
 
 
 class NonFinite:
