@@ -37,7 +37,8 @@ setuptools.setup(
     packages=[*setuptools.find_packages(include=["gptneo", "gptneo.*"]), "gptneo.gin",
               "gptneo.bin"],
     package_dir={"gptneo.gin": "gin", "gptneo.bin": "bin"},
-    package_data={"gptneo.gin": ["*.gin", "*/*.gin"], "gptneo.bin": ["_venv.py", *_programs()]},
+    package_data={"gptneo.gin": ["*.gin", "*/*.gin"], "gptneo.bin": ["_venv.py", *_programs()],
+                  "gptneo.harness.tasks": ["*.yaml", "*.jsonl"]},  # the offline harness tasks
     entry_points={"console_scripts": _console_scripts()},
     install_requires=_requirements("requirements.txt"),
     extras_require={"dev": _dev_requirements()},

@@ -10,6 +10,7 @@ from gptneo import hf
 from gptneo import mesh
 from gptneo import sample
 from gptneo import train
+from gptneo.harness import run as harness_run
 from gptneo.model import feedforward
 from gptneo.model import gpt
 from gptneo.model import moe
@@ -18,7 +19,7 @@ from gptneo.model import positions
 from gptneo.optim import optimizers
 
 # Modules whose configurables have knobs, in the order the README's reference lists them.
-KNOBS = (train, gpt, positions, moe, optimizers, mesh, sample, evaluate, hf)
+KNOBS = (train, gpt, positions, moe, optimizers, mesh, sample, evaluate, harness_run, hf)
 
 # What a reference-valued knob accepts: everything one module registers, e.g. the
 # activations of ops for `GPT.activation = @gelu`; (title, knob, module).

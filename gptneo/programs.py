@@ -10,8 +10,8 @@ import pathlib
 import sys
 import types
 
-PROGRAMS = ("eval", "export", "import_hf", "prepare_data", "sample", "search_layout", "sweep",
-            "train")
+PROGRAMS = ("eval", "export", "import_hf", "lm_eval", "prepare_data", "sample", "search_layout",
+            "sweep", "train")
 
 
 def command(program):
@@ -67,6 +67,7 @@ def _entry_point(program):
 gptneo_eval = _entry_point("eval")
 gptneo_export = _entry_point("export")
 gptneo_import_hf = _entry_point("import_hf")
+gptneo_lm_eval = _entry_point("lm_eval")
 gptneo_prepare_data = _entry_point("prepare_data")
 gptneo_sample = _entry_point("sample")
 gptneo_search_layout = _entry_point("search_layout")

@@ -1,0 +1,129 @@
+"""Harness tasks on a model dir's latest checkpoint: bin/lm_eval, and train.harness_tasks.
+
+Each task's metrics become one line of model_dir/eval.jsonl ({"step", "task", "harness":
+true, metric: value, ...}) and TensorBoard scalars harness/<task>/<metric>.
+"""
+import logging
+import os
+import time
+
+import gin
+
+from gptneo import evaluate as evaluate_lib
+from gptneo import harness
+from gptneo import inference
+from gptneo import runtime
+from gptneo.compat import tf
+from gptneo.errors import UserError
+from gptneo.harness import specs as specs_lib
+
+
+def check_tasks(tasks, task_dirs=()):
+  """The lm-eval specs of task names (see specs.find); an empty list is an error."""
+  if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+    raise UserError(f"harness tasks {tasks!r}: name one or more, e.g. "
+                    f"--tasks=gptneo_lambada,gptneo_hellaswag")
+  return specs_lib.find(list(tasks), task_dirs)
+
+
+class Scorer:
+  """Scores the newest checkpoint of `model_dir` on the task specs, on runtime `rt`'s mesh;
+  the graph is built at the first call and restored at every call (training calls it at
+  each checkpoint it scores)."""
+
+  def __init__(self, model, rt, model_dir, specs, batch_size=8, precision="float32",
+               limit=None, max_gen_toks=256, bootstrap_iters=0):
+    self.model, self.rt, self.model_dir, self.specs = model, rt, model_dir, specs
+    self.batch_size, self.precision, self.limit = batch_size, precision, limit
+    self.max_gen_toks, self.bootstrap_iters = max_gen_toks, bootstrap_iters
+    self.restored = None
+
+  def __call__(self):
+    """One record per task, with the step of the checkpoint scored."""
+    if self.restored is None:
+      self.restored = inference.RestoredModel(self.model, self.rt, self.model_dir,
+                                              self.batch_size, self.precision, decode=True)
+    step = evaluate_lib._step_of(self.restored.restore())  # pylint: disable=protected-access
+    start = time.time()
+    results = self._simple_evaluate()
+    seconds = round(time.time() - start, 3)
+    return [{"step": step, "task": name, "harness": True, **metrics,
+             "examples": results["n-samples"][name]["effective"], "limit": self.limit,
+             "seconds": seconds} for name, metrics in _metrics(results).items()]
+
+  def _simple_evaluate(self):
+    evaluator = harness.import_lm_eval("lm_eval.evaluator")
+    from gptneo.harness import lm as lm_lib  # pylint: disable=g-import-not-at-top
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    manager = harness.import_lm_eval("lm_eval.tasks").TaskManager(
+        include_defaults=not all(isinstance(s, dict) for s in self.specs))
+    model = lm_lib.GptNeoLM(self.restored, inference.load_tokenizer(self.model_dir),
+                            self.max_gen_toks)
+    return evaluator.simple_evaluate(model=model, tasks=self.specs, limit=self.limit,
+                                     task_manager=manager, log_samples=False,
+                                     bootstrap_iters=self.bootstrap_iters, verbosity="WARNING")
+
+
+def _metrics(results):
+  """{task: {metric: value}} of lm-eval's results, the "none" filter's names bare."""
+  table = {}
+  for name, values in results["results"].items():
+    metrics = {}
+    for key, value in values.items():
+      metric, _, filter_name = key.partition(",")
+      if filter_name and isinstance(value, (int, float)):
+        metrics[metric if filter_name == "none" else key] = float(value)
+    table[name] = metrics
+  return table
+
+
+def scalars(records):
+  """TensorBoard tags harness/<task>/<metric> of the records' metrics (no stderr)."""
+  skip = {"step", "examples", "limit", "seconds"}
+  return {f"harness/{r['task']}/{k}": v for r in records for k, v in r.items()
+          if k not in skip and isinstance(v, float) and not k.endswith("_stderr")}
+
+
+def write(model_dir, records, logdir):
+  """Appends the records to model_dir/eval.jsonl and their scalars to TensorBoard in logdir."""
+  for record in records:
+    evaluate_lib.append_result(model_dir, record)
+  writer = tf.summary.FileWriter(logdir)
+  for record in records:
+    values = scalars([record])
+    writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=k, simple_value=v)
+                                         for k, v in values.items()]), record["step"])
+  writer.close()
+
+
+@gin.configurable("lm_eval", denylist=["model_dir", "tasks", "limit", "task_dirs"])
+def lm_eval(model_dir, tasks, limit=None, task_dirs=(), model=gin.REQUIRED,
+            mesh=gin.REQUIRED, batch_size=8, precision="float32", max_gen_toks=256,
+            bootstrap_iters=0):
+  """Scores the latest checkpoint in `model_dir` on lm-evaluation-harness tasks.
+
+  Args:
+    model_dir: a trained model's folder (a flag).
+    tasks: task names: ours (gptneo_lambada, gptneo_hellaswag, gptneo_wikitext), a task:
+      of a YAML in task_dirs, or lm-eval's own (which need the hub or its cache) (a flag).
+    limit: score only the first this many examples of each task (None: all) (a flag).
+    task_dirs: folders of the user's task YAML files, looked in after ours (a flag).
+    model: the model, as trained (read from the operative config).
+    mesh: the mesh to evaluate on.
+    batch_size: requests (windows of n_ctx tokens) per run of the graph.
+    precision: "float32" or "bfloat16" activations.
+    max_gen_toks: generate_until's default limit of new tokens (a task may set its own).
+    bootstrap_iters: lm-eval's bootstrap_iters: > 0 adds each metric's stderr (exact for
+      means, resampled this many times for perplexities); 0: no stderr.
+
+  Returns:
+    one record per task, also appended to model_dir/eval.jsonl and written to TensorBoard
+    in model_dir/eval (harness/<task>/<metric>).
+  """
+  specs = check_tasks(tasks, task_dirs)
+  inference.check_model_dir(model_dir)
+  with runtime.started(mesh) as rt:
+    records = Scorer(model, rt, model_dir, specs, batch_size, precision, limit, max_gen_toks,
+                     bootstrap_iters)()
+  write(model_dir, records, os.path.join(model_dir, "eval"))
+  return records

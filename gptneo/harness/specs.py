@@ -1,0 +1,100 @@
+"""Harness task names to task configs, looked for in order: our offline tasks (this package's
+tasks/ folder), the user's folders (--task_dir, train.harness_task_dirs), then lm-eval's own
+task names (which read their data from the HF hub, or its cache when offline).
+
+A task of ours is a YAML file lm-eval reads (`task: NAME`, `dataset_path: json`,
+`dataset_kwargs: {data_files: ...}`); a relative data file is found next to its YAML, so a
+folder of tasks works from anywhere. Every JSONL data file is checked line by line first.
+"""
+import json
+import os
+import pathlib
+
+from gptneo import harness
+from gptneo.errors import UserError
+
+TASK_DIR = pathlib.Path(__file__).resolve().parent / "tasks"
+
+
+def find(names, task_dirs=()):
+  """One lm-eval task spec per name: a config dict (ours, data files resolved and checked)
+  or the name itself (lm-eval's). Raises UserError for a name found nowhere."""
+  folders = [TASK_DIR, *map(pathlib.Path, task_dirs)]
+  for folder in folders[1:]:
+    if not folder.is_dir():
+      raise UserError(f"task folder {folder} is not a folder; --task_dir names a folder of "
+                      f"task YAML files")
+  ours = _index(folders)
+  missing = [name for name in names if name not in ours]
+  if missing and not _builtin(missing):
+    where = ", ".join(map(str, folders))
+    raise UserError(f"harness task {missing[0]!r} not found in {where} nor among lm-eval's "
+                    f"tasks; name a task: field of a YAML file there (e.g. gptneo_lambada)")
+  return [load(ours[name]) if name in ours else name for name in names]
+
+
+def _index(folders):
+  """{task name: YAML path}, earlier folders first (a user's task may not shadow ours)."""
+  index = {}
+  for folder in folders:
+    for path in sorted(folder.glob("*.y*ml")):
+      name = _task_name(path)
+      if name:
+        index.setdefault(name, path)
+  return index
+
+
+def _task_name(path):
+  for line in path.read_text(errors="replace").splitlines():
+    if line.startswith("task:"):
+      return line.split(":", 1)[1].strip().strip("'\"")
+  return None
+
+
+def _builtin(names):
+  """True if every one of names is a task, group or tag of lm-eval's own."""
+  manager = harness.import_lm_eval("lm_eval.tasks").TaskManager()
+  return all(name in manager.all_tasks for name in names)
+
+
+def load(path):
+  """The task config of YAML `path`, its relative data files made absolute and checked."""
+  yaml_loader = harness.import_lm_eval("lm_eval.tasks._yaml_loader")
+  try:
+    config = yaml_loader.load_yaml(path)
+  except Exception as error:  # yaml's errors, a missing include or !function
+    raise UserError(f"task file {path} does not load ({str(error).splitlines()[0]}); "
+                    f"fix the YAML") from None
+  kwargs = config.get("dataset_kwargs") or {}
+  if "data_files" in kwargs:
+    config["dataset_kwargs"] = {**kwargs, "data_files": _resolve(kwargs["data_files"], path)}
+  return config
+
+
+def _resolve(data_files, yaml_path):
+  """data_files (a path, list or {split: path or list}) relative to the YAML's folder."""
+  if isinstance(data_files, dict):
+    return {split: _resolve(files, yaml_path) for split, files in data_files.items()}
+  if isinstance(data_files, list):
+    return [_resolve(files, yaml_path) for files in data_files]
+  path = pathlib.Path(os.path.expanduser(data_files))
+  path = path if path.is_absolute() else yaml_path.parent / path
+  if not path.is_file():
+    raise UserError(f"task file {yaml_path}: data file {path} not found; data_files are "
+                    f"relative to the YAML's folder, or absolute")
+  if path.suffix == ".jsonl":
+    check_jsonl(path)
+  return str(path)
+
+
+def check_jsonl(path):
+  """Every non-blank line of JSON Lines file `path` must be a JSON object."""
+  lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+  for number, line in enumerate(lines, start=1):
+    try:
+      record = json.loads(line) if line.strip() else {}
+    except json.JSONDecodeError as error:
+      raise UserError(f"{path} line {number} is not JSON ({error.msg}); write one JSON "
+                      f"object per line") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{path} line {number} is not a JSON object; write one per line")
