@@ -98,6 +98,11 @@ class RestoredModel:
       decoder.lower(self.lowering)
     self._chunk, self._step = decoders or (None, None)
 
+  @property
+  def decodes(self):
+    """True if built with decode=True: `start` and `extend` run through the cache."""
+    return self._step is not None
+
   def restore(self):
     """Loads the newest intact checkpoint (and zeroes the cache); returns its path."""
     self.session.run(self._init_cache)

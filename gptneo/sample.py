@@ -5,6 +5,8 @@ and every new token then costs one position. Once a sequence outgrows n_ctx its 
 slides, positions shift, and every further token reruns the window, as without the cache.
 """
 
+import dataclasses
+
 import gin
 import numpy as np
 
@@ -46,8 +48,9 @@ def choose_token(logits, temperature, top_k, top_p, rng):
   return int(order[rng.choice(keep, p=probs)])
 
 
-def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
-  """New ids per prompt, all prompts stepped together; each stops at its EOS.
+def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose,
+             stopped=None):
+  """New ids per prompt, all prompts stepped together; each stops at its EOS (or `stopped`).
 
   Args:
     start: function(windows) -> [len, vocab] logits after each window.
@@ -58,6 +61,8 @@ def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
     max_new_tokens: at most this many new ids per prompt.
     eos_id: ends a sequence (not included in the output).
     choose: function(prompt index, logits) -> id.
+    stopped: function(a prompt's new ids) -> True when that prompt is done (a stop string
+      appeared); None: only EOS and max_new_tokens end a prompt.
   """
   sequences = [list(ids) for ids in prompts_ids]
   new_ids = [[] for _ in prompts_ids]
@@ -71,11 +76,82 @@ def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose):
       else:
         sequences[index].append(token)
         new_ids[index].append(token)
+        if stopped and stopped(new_ids[index]):
+          active.remove(index)
     if not active or not remaining:
       break
     slid = any(len(sequences[index]) > n_ctx for index in active)
     logits = (start if slid else extend)([ids[-n_ctx:] for ids in sequences])
   return new_ids
+
+
+@dataclasses.dataclass
+class Completion:
+  """One prompt's continuation, as `complete` and `sample` return it."""
+  text: str  # the new ids decoded, cut before the first stop string
+  ids: list  # the new ids (no EOS); with a stop string, up to the one that completed it
+  prompt_ids: list  # the ids the model was given ("" is [EOS])
+
+
+def greedy(index, logits):
+  """The `choose` of greedy decoding: the most likely id (the first, on a tie)."""
+  del index
+  return int(np.argmax(logits))
+
+
+def check_stop(stop):
+  """`stop` must be a list of non-empty strings (an empty list: no stop strings)."""
+  if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+    raise UserError(f"sample.stop = {stop!r}; it must be a list of strings, e.g. ['\\n\\n']")
+  if "" in stop:
+    raise UserError(f"sample.stop = {list(stop)!r} holds an empty string, which would stop "
+                    f"every prompt at once; remove it")
+
+
+def cut_at_stop(text, stop):
+  """`text` up to the earliest occurrence of any string of `stop` (all of it if none)."""
+  cuts = [text.find(s) for s in stop if s in text]
+  return text[:min(cuts)] if cuts else text
+
+
+def decodable_mask(tokenizer, n_vocab):
+  """None if the tokenizer decodes every id below n_vocab, else float32 [n_vocab]: 0 where
+  it does, -inf at the ids it has no token for (a vocabulary padded past the tokenizer's)."""
+  known = [i for i in tokenizer.get_vocab(with_added_tokens=True).values() if i < n_vocab]
+  if len(known) == n_vocab:
+    return None
+  mask = np.full([n_vocab], -np.inf, np.float32)
+  mask[known] = 0
+  return mask
+
+
+def complete(restored, tokenizer, prompts_ids, max_new_tokens, stop=(), choose=greedy):
+  """Continues each prompt through `restored`, restored.batch_size prompts at a time.
+
+  The one decoding loop behind bin/sample and lm-eval's generate_until. Ids the tokenizer
+  cannot decode (GPT.n_vocab above its vocabulary) are never chosen: their logits are -inf.
+
+  Args:
+    restored: an inference.RestoredModel, restored; built with decode=True it decodes
+      through the key/value cache, else it reruns the window for every token.
+    tokenizer: the model's tokenizer (decodes the completions, finds the stop strings).
+    prompts_ids: one list of ids per prompt, each at most n_ctx long.
+    max_new_tokens: at most this many new ids per prompt; EOS also ends a prompt.
+    stop: strings; a prompt ends once its decoded completion holds one, and its text is
+      cut before the earliest occurrence of any of them. Empty: no stop strings.
+    choose: function(prompt index, float logits [n_vocab]) -> id; greedy by default.
+
+  Returns:
+    one Completion per prompt.
+  """
+  check_stop(stop)
+  mask = decodable_mask(tokenizer, restored.model.n_vocab)
+  masked = choose if mask is None else lambda index, logits: choose(index, logits + mask)
+  stopped = (lambda ids: any(s in tokenizer.decode(ids) for s in stop)) if stop else None
+  new_ids = _continue(restored, prompts_ids, max_new_tokens,
+                      tokenizer_lib.eos_id(tokenizer), masked, stopped)
+  return [Completion(cut_at_stop(tokenizer.decode(ids), stop), ids, list(prompt))
+          for ids, prompt in zip(new_ids, prompts_ids, strict=True)]
 
 
 def _validate(max_new_tokens, temperature, top_k, top_p, batch_size):
@@ -115,8 +191,11 @@ def encode_prompts(tokenizer, prompts, n_ctx):
 @gin.configurable(denylist=["model_dir", "prompts"])
 def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_tokens=100,
            temperature=0.8, top_k=0, top_p=1.0, seed=0, batch_size=8, precision="float32",
-           cache=True):
+           cache=True, stop=()):
   """Continues each prompt with the latest checkpoint in `model_dir`.
+
+  Ids the tokenizer cannot decode (GPT.n_vocab padded above its vocabulary) are never
+  sampled: their logits are set to -inf before choosing.
 
   Args:
     model_dir: a trained model's folder (checkpoints, operative_config.gin, tokenizer.json).
@@ -135,11 +214,14 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
     precision: "float32" or "bfloat16" activations.
     cache: decode with the key/value cache (one position per new token); False reruns the
       whole window for every token (the reference the cache is tested against).
+    stop: strings that end a prompt's continuation once it holds one; the text is cut
+      before the earliest of them. [] (the default): none; an empty string is an error.
 
   Returns:
-    the decoded continuations (without the prompts), one per prompt.
+    one Completion per prompt: the continuation's text (without the prompt) and new ids.
   """
   _validate(max_new_tokens, temperature, top_k, top_p, batch_size)
+  check_stop(stop)
   inference.check_model_dir(model_dir)
   tokenizer = inference.load_tokenizer(model_dir)
   prompts_ids = encode_prompts(tokenizer, prompts, model.n_ctx)
@@ -153,18 +235,16 @@ def sample(model_dir, prompts, model=gin.REQUIRED, mesh=gin.REQUIRED, max_new_to
     restored = inference.RestoredModel(model, rt, model_dir, batch_size, precision,
                                        decode=cache)
     restored.restore()
-    new_ids = _continue(restored, prompts_ids, batch_size, cache, max_new_tokens,
-                        tokenizer_lib.eos_id(tokenizer), choose)
-  return [tokenizer.decode(ids) for ids in new_ids]
+    return complete(restored, tokenizer, prompts_ids, max_new_tokens, stop, choose)
 
 
-def _continue(restored, prompts_ids, batch_size, cache, max_new_tokens, eos_id, choose):
-  """New ids per prompt, batch_size prompts at a time through `restored`."""
-  start, extend = ((restored.start, restored.extend) if cache
+def _continue(restored, prompts_ids, max_new_tokens, eos_id, choose, stopped):
+  """New ids per prompt, restored.batch_size prompts at a time through `restored`."""
+  start, extend = ((restored.start, restored.extend) if restored.decodes
                    else (restored.next_logits, restored.next_logits))
-  new_ids = []
+  new_ids, batch_size = [], restored.batch_size
   for first in range(0, len(prompts_ids), batch_size):
     new_ids += generate(start, extend, prompts_ids[first:first + batch_size],
                         restored.model.n_ctx, max_new_tokens, eos_id,
-                        lambda i, logits, first=first: choose(first + i, logits))
+                        lambda i, logits, first=first: choose(first + i, logits), stopped)
   return new_ids

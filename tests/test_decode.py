@@ -154,3 +154,18 @@ def test_greedy_decode_past_n_ctx_matches_the_reference(neo_model_dir):
   cached = decode(restored.start, restored.extend)
   assert cached == decode(restored.next_logits, restored.next_logits)
   assert [len(ids) for ids in cached] == [80, 80]
+
+
+def test_greedy_with_a_stop_string_is_greedy_cut_at_its_first_occurrence(neo_model_dir):
+  tokenizer = inference.load_tokenizer(neo_model_dir)  # ids < VOCAB: bytes, varied text
+  restored = random_model([])
+  prompts = [[5], [9, 20, 31], [17, 4]]
+  full = sample_lib.complete(restored, tokenizer, prompts, 30)
+  stop = full[0].text[15:17]  # two characters from the middle of the first row
+  assert 0 < full[0].text.find(stop) and all(len(c.ids) == 30 for c in full)
+  stopped = sample_lib.complete(restored, tokenizer, prompts, 30, stop=[stop, "\x00never"])
+  for before, after in zip(full, stopped, strict=True):
+    assert after.text == sample_lib.cut_at_stop(before.text, [stop])
+    assert after.ids == before.ids[:len(after.ids)]
+  assert stopped[0].text == full[0].text[:full[0].text.find(stop)]
+  assert len(stopped[0].ids) < 30 and stop in tokenizer.decode(stopped[0].ids)

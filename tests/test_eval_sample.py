@@ -106,7 +106,7 @@ def test_batched_prompts_give_the_one_at_a_time_tokens(neo_model_dir, bindings):
   one_at_a_time = sampled(neo_model_dir, 1, *bindings)
   batched = sampled(neo_model_dir, 3, *bindings)
   assert batched == one_at_a_time
-  assert len(batched) == len(PROMPTS) and any(batched)
+  assert len(batched) == len(PROMPTS) and any(c.text for c in batched)
 
 
 def test_sample_writes_jsonl_from_a_prompt_file(tmp_path, neo_model_dir):
@@ -117,7 +117,68 @@ def test_sample_writes_jsonl_from_a_prompt_file(tmp_path, neo_model_dir):
              f"--output={output}", "--gin_param=sample.max_new_tokens = 8", check=True)
   records = [json.loads(line) for line in output.read_text().splitlines()]
   assert [r["prompt"] for r in records] == ["def ", "import"]
-  assert all(isinstance(r["completion"], str) for r in records)
+  tokenizer = inference.load_tokenizer(neo_model_dir)
+  for record in records:
+    assert record["prompt_ids"] == tokenizer.encode(record["prompt"]).ids
+    assert 0 < len(record["completion_ids"]) <= 8
+    assert tokenizer.decode(record["completion_ids"]) == record["completion"]
+
+
+def test_rows_that_stopped_are_no_longer_stepped():
+  calls = []
+
+  def next_logits(windows):  # every prompt counts up from its last id
+    calls.append([list(w) for w in windows])
+    return np.eye(10)[[(w[-1] + 1) % 10 for w in windows]]
+
+  new_ids = sample_lib.generate(next_logits, next_logits, [[1], [5]], n_ctx=8,
+                                max_new_tokens=6, eos_id=-1, choose=sample_lib.greedy,
+                                stopped=lambda ids: 7 in ids)
+  assert new_ids == [[2, 3, 4, 5, 6, 7], [6, 7]]
+  assert calls[3] == [[1, 2, 3, 4], [5, 6, 7]]  # the stopped row stays as it was
+  assert len(calls) == 6  # the batch ends when the last row ends
+
+
+@pytest.mark.parametrize("stop, problem", [
+    ('["ok", ""]', "holds an empty string"), ('"x"', "must be a list of strings")])
+def test_bad_stop_is_one_line(neo_model_dir, stop, problem):
+  result = run_binary("sample", f"--model_dir={neo_model_dir}", "--prompt=x",
+                      f"--gin_param=sample.stop = {stop}")
+  assert result.returncode == 2
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("sample: error: sample.stop = ") and problem in line
+
+
+class FakeRestored:
+  """A RestoredModel's decoding interface over given logits: the largest at `favourite`."""
+
+  def __init__(self, n_vocab, favourite, batch_size=2):
+    self.model = type("Model", (), {"n_vocab": n_vocab, "n_ctx": 16})()
+    self.batch_size, self.decodes, self.favourite = batch_size, False, favourite
+
+  def next_logits(self, windows):
+    logits = np.tile(np.linspace(0, 1, self.model.n_vocab, dtype=np.float32),
+                     [len(windows), 1])
+    logits[:, self.favourite] = 10.0
+    return logits
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_chosen(neo_model_dir):
+  tokenizer = inference.load_tokenizer(neo_model_dir)
+  size = tokenizer.get_vocab_size()
+  mask = sample_lib.decodable_mask(tokenizer, size + 64)
+  assert np.isinf(mask[size:]).all() and not mask[:size].any()
+  assert sample_lib.decodable_mask(tokenizer, size) is None
+  padded = FakeRestored(size + 64, favourite=size + 3)  # the model prefers an unknown id
+  completions = sample_lib.complete(padded, tokenizer, [[1], [2, 3], [4]], 5)
+  assert [c.ids for c in completions] == [[size - 1] * 5] * 3  # the best decodable one
+  rng = np.random.default_rng(0)
+  sampled_ids = sample_lib.complete(
+      padded, tokenizer, [[1]] * 4, 20,
+      choose=lambda i, logits: sample_lib.choose_token(logits, 5.0, 0, 1.0, rng))
+  assert max(i for c in sampled_ids for i in c.ids) < size
+  exact = FakeRestored(size, favourite=3)
+  assert sample_lib.complete(exact, tokenizer, [[1]], 2)[0].ids == [3, 3]
 
 
 def test_each_prompt_stops_at_its_own_eos():

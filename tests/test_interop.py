@@ -120,7 +120,7 @@ def _our_greedy(model_dir, prompt):
   gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/sample.gin"],
                   ONE_DEVICE + ["sample.temperature = 0", "sample.max_new_tokens = 32"])
   [completion] = sample_lib.sample(model_dir, [prompt])
-  return completion
+  return completion.text
 
 
 def test_bfloat16_export_loads_as_bfloat16(tmp_path, neo_model_dir, exported):
