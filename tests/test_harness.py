@@ -1,0 +1,219 @@
+"""lm-evaluation-harness: our native LM ("gptneo") against direct computations, bin/eval,
+bin/sample and lm-eval's own HF model on the exported weights; offline tasks; bad input."""
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from gptneo import evaluate as evaluate_lib
+from gptneo import gin_utils
+from gptneo import inference
+from gptneo import mesh as mesh_lib
+from gptneo import runtime
+from gptneo import sample as sample_lib
+from gptneo.data import prepare
+from gptneo.harness import run as harness_run
+from gptneo.harness import specs as specs_lib
+from gptneo.model import gpt as gpt_lib
+from tests.conftest import NEO_N_CTX, run_binary
+
+pytest.importorskip("lm_eval", reason="harness tests need lm-eval (pip install -r "
+                    "requirements-interop.txt)")
+from gptneo.harness import lm as lm_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from lm_eval.api.instance import Instance  # noqa: E402  pylint: disable=g-import-not-at-top
+
+ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
+LAMBADA = specs_lib.TASK_DIR / "gptneo_lambada.jsonl"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, neo_model_dir):
+  """A copy of the shared model (these tests append to its eval.jsonl)."""
+  copy = tmp_path_factory.mktemp("harness") / "run"
+  shutil.copytree(neo_model_dir, copy)
+  return str(copy)
+
+
+@pytest.fixture(scope="module")
+def native(model_dir):
+  """Our LM over the model, 4 windows per run, with the decoding cache."""
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], ONE_DEVICE)
+  restored = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(mesh_lib.mesh()),
+                                     model_dir, 4, decode=True)
+  restored.restore()
+  return lm_lib.GptNeoLM(restored, inference.load_tokenizer(model_dir), max_gen_toks=24)
+
+
+def requests(kind, args):
+  return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def log_softmax(logits):
+  logits = logits.astype(np.float64)
+  top = logits.max(-1, keepdims=True)
+  return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def direct_loglikelihood(lm, context_ids, continuation_ids):
+  """From all logits of the window: (context + continuation)'s last n_ctx + 1 ids, shifted."""
+  window = (context_ids + continuation_ids)[-(NEO_N_CTX + 1):]
+  logits = lm.restored.all_logits(lm.restored.pad([window[:-1]]))[0]
+  rows = range(len(window) - 1 - len(continuation_ids), len(window) - 1)
+  logprobs = log_softmax(logits)
+  total = sum(logprobs[r, window[r + 1]] for r in rows)
+  return total, all(int(np.argmax(logits[r])) == window[r + 1] for r in rows)
+
+
+def test_loglikelihood_equals_a_direct_computation_from_our_logits(native):
+  text = LAMBADA.read_text()
+  long_context = " ".join(json.loads(line)["text"] for line in text.splitlines()[:8])
+  pairs = [("def main(argv):", " return"), ("import", " os"), ("The value of", " self"),
+           (long_context, " the end of it"), ("x", " = 1\n"), ("for line in", " lines")]
+  tokenizer = native.tokenizer
+  assert len(tokenizer.encode(long_context).ids) > 2 * NEO_N_CTX  # left-truncated
+  got = native.loglikelihood(requests("loglikelihood", pairs))
+  for (context, continuation), (loglikelihood, greedy) in zip(pairs, got, strict=True):
+    context_ids = tokenizer.encode(context).ids
+    continuation_ids = tokenizer.encode(context + continuation).ids[len(context_ids):]
+    want, want_greedy = direct_loglikelihood(native, context_ids, continuation_ids)
+    assert loglikelihood == pytest.approx(want, abs=1e-4) and greedy == want_greedy
+  assert len({round(ll, 3) for ll, _ in got}) == len(pairs)  # results in request order
+
+
+def one_window_text(tokenizer, tokens):
+  """A stdlib docstring's longest prefix that encodes to `tokens` ids."""
+  source = " ".join(json.loads(line)["page"] for line in
+                    (specs_lib.TASK_DIR / "gptneo_wikitext.jsonl").read_text().splitlines())
+  for end in range(len(source), 0, -1):
+    if len(tokenizer.encode(source[:end]).ids) == tokens:
+      return source[:end]
+  raise AssertionError("no prefix of that many tokens")
+
+
+def test_loglikelihood_rolling_equals_bin_eval_token_loss(tmp_path, native, model_dir):
+  # A dataset of one window of n_ctx + 1 ids, [EOS, text..., EOS]: bin/eval scores it as
+  # lm-eval scores the rolling window of text + EOS (the first window starts after EOS).
+  text = one_window_text(native.tokenizer, NEO_N_CTX - 1)
+  (tmp_path / "doc.txt").write_text(text + " and more")
+  data = tmp_path / "data"
+  prepare.prepare_dataset([str(tmp_path / "doc.txt")], str(data), n_ctx=NEO_N_CTX,
+                          tokenizer_path=os.path.join(model_dir, "tokenizer.json"),
+                          validation_fraction=0)
+  eos = native.eot_token_id
+  window = np.asarray([eos, *native.tok_encode(text), eos])
+  assert prepare.write_windows(window, NEO_N_CTX + 1, 10**6, str(data), "train")[1] == 1
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/eval.gin"],
+                  ONE_DEVICE + ["evaluate.batch_size = 1", 'evaluate.split = "train"',
+                                f'evaluate.dataset_dir = "{data}"'])
+  metrics = evaluate_lib.evaluate(model_dir)
+  assert metrics["tokens"] == NEO_N_CTX
+  [rolling] = native.loglikelihood_rolling(requests("loglikelihood_rolling",
+                                                    [(text + "<|endoftext|>",)]))
+  assert -rolling / NEO_N_CTX == pytest.approx(metrics["loss"], abs=1e-5)
+  # Longer texts: disjoint windows of n_ctx, each scored once, as lm-eval's HF model does.
+  long_text = text * 3
+  [total] = native.loglikelihood_rolling(requests("loglikelihood_rolling", [(long_text,)]))
+  ids = native.tok_encode(long_text)
+  assert total < rolling and len(ids) > 2 * NEO_N_CTX
+
+
+def test_generate_until_with_a_stop_string_equals_bin_sample_greedy(native, model_dir):
+  prompts = ["def ", "import os\n", "class Foo(object):\n    def __init__(self):", "for x"]
+  free = native.generate_until(requests("generate_until", [(p, {"until": []}) for p in prompts]))
+  stop = [" ", "\n"]
+  assert any(s in text for s in stop for text in free)  # the stop strings do cut something
+  got = native.generate_until(requests("generate_until", [(p, {"until": stop})
+                                                          for p in prompts]))
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/sample.gin"],
+                  ONE_DEVICE + ["sample.temperature = 0", "sample.max_new_tokens = 24",
+                                f"sample.stop = {stop!r}"])
+  sampled = sample_lib.sample(model_dir, prompts)
+  assert got == [completion.text for completion in sampled]
+  assert [t.split(" ")[0].split("\n")[0] for t in free] == got
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, model_dir):
+  output = tmp_path_factory.mktemp("export") / "hf"
+  run_binary("export", "--format=hf", f"--model_dir={model_dir}", f"--output={output}",
+             check=True)
+  return str(output)
+
+
+def test_bin_eval_the_native_model_and_lm_eval_hf_agree_on_the_last_word_task(
+    model_dir, native, exported):
+  hf_module = pytest.importorskip("lm_eval.models.huggingface")
+  evaluator = pytest.importorskip("lm_eval.evaluator")
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/eval.gin"],
+                  ONE_DEVICE)
+  ours = evaluate_lib.evaluate(model_dir, "lambada", str(LAMBADA))
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/lm_eval.gin"],
+                  ONE_DEVICE)
+  [harness] = harness_run.lm_eval(model_dir, ["gptneo_lambada"])
+  hf = hf_module.HFLM(pretrained=exported, device="cpu", batch_size=8)
+  spec = specs_lib.load(specs_lib.TASK_DIR / "gptneo_lambada.yaml")
+  hf_result = evaluator.simple_evaluate(model=hf, tasks=[spec], bootstrap_iters=0,
+                                        log_samples=False)["results"]["gptneo_lambada"]
+  assert ours["examples"] == harness["examples"] == 40
+  assert ours["accuracy"] == harness["acc"] == hf_result["acc,none"]
+  for perplexity in (harness["perplexity"], hf_result["perplexity,none"]):
+    assert math.log(perplexity) == pytest.approx(math.log(ours["perplexity"]), abs=1e-4)
+  texts = [json.loads(line)["text"] for line in LAMBADA.read_text().splitlines()]
+  pairs = [(t.rpartition(" ")[0], " " + t.rpartition(" ")[2]) for t in texts]
+  for (a, greedy_a), (b, greedy_b) in zip(native.loglikelihood(requests("loglikelihood", pairs)),
+                                          hf.loglikelihood(requests("loglikelihood", pairs)),
+                                          strict=True):
+    assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+
+
+def test_bin_lm_eval_runs_offline_tasks_with_no_network(tmp_path, model_dir):
+  # Every socket connect outside this machine fails and is recorded; the proxies lead nowhere.
+  (tmp_path / "sitecustomize.py").write_text(
+      "import socket\n"
+      "_connect = socket.socket.connect\n"
+      "def connect(self, address):\n"
+      "  if self.family in (socket.AF_INET, socket.AF_INET6):\n"
+      f"    open({str(tmp_path / 'attempts')!r}, 'a').write(repr(address) + '\\n')\n"
+      "    raise OSError('no network in this test')\n"
+      "  return _connect(self, address)\n"
+      "socket.socket.connect = connect\n")
+  os.environ.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+  try:
+    result = run_binary("lm_eval", f"--model_dir={model_dir}", "--limit=5",
+                        "--tasks=gptneo_lambada,gptneo_hellaswag,gptneo_wikitext",
+                        pythonpath=[tmp_path], check=True)
+  finally:
+    del os.environ["HTTPS_PROXY"], os.environ["HTTP_PROXY"]
+  assert not (tmp_path / "attempts").exists()
+  records = [json.loads(line) for line in result.stdout.splitlines()]
+  assert [r["task"] for r in records] == ["gptneo_lambada", "gptneo_hellaswag",
+                                          "gptneo_wikitext"]
+  assert all(r["examples"] == 5 and r["step"] == 30 for r in records)
+  assert {"acc", "perplexity"} <= set(records[0]) and {"acc", "acc_norm"} <= set(records[1])
+  assert {"word_perplexity", "byte_perplexity", "bits_per_byte"} <= set(records[2])
+  with open(os.path.join(model_dir, "eval.jsonl")) as f:
+    assert [json.loads(line) for line in f.readlines()[-3:]] == records
+
+
+def test_unknown_task_is_one_line_naming_where_tasks_were_looked_for(model_dir):
+  result = run_binary("lm_eval", f"--model_dir={model_dir}", "--tasks=no_such_task")
+  assert result.returncode == 2
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("lm_eval: error: harness task 'no_such_task' not found in ")
+  assert str(specs_lib.TASK_DIR) in line and "lm-eval's tasks" in line
+
+
+def test_malformed_task_line_is_one_line_naming_the_file_and_line(tmp_path, model_dir):
+  shutil.copy(specs_lib.TASK_DIR / "gptneo_lambada.yaml", tmp_path / "mine.yaml")
+  yaml = (tmp_path / "mine.yaml").read_text().replace("task: gptneo_lambada", "task: mine")
+  (tmp_path / "mine.yaml").write_text(yaml)
+  (tmp_path / "gptneo_lambada.jsonl").write_text('{"text": "a b c"}\n{"text": "a b\n')
+  result = run_binary("lm_eval", f"--model_dir={model_dir}", "--tasks=mine",
+                      f"--task_dir={tmp_path}")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"lm_eval: error: {tmp_path / 'gptneo_lambada.jsonl'} line 2 is not JSON (Unterminated "
+      f"string starting at); write one JSON object per line")
