@@ -217,3 +217,30 @@ def test_malformed_task_line_is_one_line_naming_the_file_and_line(tmp_path, mode
   assert result.stderr.strip().splitlines()[-1] == (
       f"lm_eval: error: {tmp_path / 'gptneo_lambada.jsonl'} line 2 is not JSON (Unterminated "
       f"string starting at); write one JSON object per line")
+
+
+def test_training_scores_harness_tasks_into_eval_jsonl_and_tensorboard(tmp_path, small_dataset):
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  from tests.test_train import train_in_process  # pylint: disable=g-import-not-at-top
+  train_in_process(tmp_path / "run", small_dataset, 5, "train.eval_batches = 0",
+                   'train.harness_tasks = ["gptneo_lambada", "gptneo_wikitext"]',
+                   "train.harness_every_n_steps = 2", "train.harness_limit = 4",
+                   "train.steps_per_checkpoint = 100")
+  with open(tmp_path / "run" / "eval.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [(r["step"], r["task"]) for r in records] == [
+      (step, task) for step in (2, 4, 5) for task in ("gptneo_lambada", "gptneo_wikitext")]
+  assert all(r["harness"] and r["examples"] == 4 for r in records)
+  assert records[0]["perplexity"] != records[2]["perplexity"]  # each step's own checkpoint
+  events = [e for path in (tmp_path / "run").glob("events.out.tfevents.*")
+            for e in tf_train.summary_iterator(str(path))]
+  tags = {(e.step, v.tag) for e in events for v in e.summary.value}
+  assert {(2, "harness/gptneo_lambada/acc"), (4, "harness/gptneo_lambada/perplexity"),
+          (5, "harness/gptneo_wikitext/bits_per_byte")} <= tags
+
+
+def test_unknown_training_harness_task_is_refused_before_training(tmp_path, small_dataset):
+  from tests.test_train import train_in_process  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="harness task 'nope' not found in "):
+    train_in_process(tmp_path / "run", small_dataset, 5, 'train.harness_tasks = ["nope"]')
+  assert not (tmp_path / "run").exists()

@@ -1,4 +1,5 @@
-"""Harness tasks on a model dir's latest checkpoint: bin/lm_eval, and train.harness_tasks.
+"""Harness tasks on a model dir's latest checkpoint: bin/lm_eval, and train.harness_tasks
+(train.Loop scores them at checkpoints, in its own process and on its own mesh).
 
 Each task's metrics become one line of model_dir/eval.jsonl ({"step", "task", "harness":
 true, metric: value, ...}) and TensorBoard scalars harness/<task>/<metric>.
@@ -84,16 +85,50 @@ def scalars(records):
           if k not in skip and isinstance(v, float) and not k.endswith("_stderr")}
 
 
-def write(model_dir, records, logdir):
-  """Appends the records to model_dir/eval.jsonl and their scalars to TensorBoard in logdir."""
+def append(model_dir, records):
   for record in records:
     evaluate_lib.append_result(model_dir, record)
+
+
+def write(model_dir, records, logdir):
+  """Appends the records to model_dir/eval.jsonl and their scalars to TensorBoard in logdir."""
+  append(model_dir, records)
   writer = tf.summary.FileWriter(logdir)
   for record in records:
     values = scalars([record])
     writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=k, simple_value=v)
                                          for k, v in values.items()]), record["step"])
   writer.close()
+
+
+# --- During training: train.harness_tasks, train.harness_every_n_steps, train.harness_limit.
+
+def check_training(s):
+  """The train.harness_* knobs of Settings `s`, before anything is built."""
+  every, limit = s.harness_every_n_steps, s.harness_limit
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise UserError(f"train.harness_every_n_steps = {every!r}; use 0 (only the last step) or "
+                    f"a positive integer")
+  if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    raise UserError(f"train.harness_limit = {limit!r}; use None (every example) or a positive "
+                    f"integer")
+  if s.harness_tasks:
+    check_tasks(s.harness_tasks)
+
+
+def training_scorer(s, rt, model_dir):
+  """The Scorer of train.harness_tasks on the run's mesh (None without tasks): the graph of
+  one microbatch of rows, restored from each checkpoint the loop scores."""
+  if not s.harness_tasks:
+    return None
+  return Scorer(s.model, rt, model_dir, check_tasks(s.harness_tasks),
+                s.batch_size // s.microbatches_per_batch, s.precision, s.harness_limit)
+
+
+def due(s, step):
+  """Whether training scores the harness tasks after `step`."""
+  every = s.harness_every_n_steps
+  return bool(s.harness_tasks) and (step == s.train_steps or bool(every) and step % every == 0)
 
 
 @gin.configurable("lm_eval", denylist=["model_dir", "tasks", "limit", "task_dirs"])
