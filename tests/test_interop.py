@@ -1,13 +1,16 @@
-"""HF GPT-Neo interop: imported HF models and exported models of ours compute the same logits.
+"""HF interop: exported models of ours and imported HF models compute the same logits.
 
-The tests that run HF's model need torch and transformers (requirements-interop.txt); they
-skip without them. The refusals need neither.
+Every architecture we export (GPT-Neo, GPT-2, GPT-NeoX) is checked on random weights: HF's
+logits equal ours (< 1e-4, fp32), 32 greedy tokens are the same, and bin/import_hf reads the
+folder back into the same logits. The tests that run HF's model need torch and transformers
+(requirements-interop.txt); they skip without them. The refusals need neither.
 """
 import json
 import math
 import os
 import shutil
 
+import gin
 import numpy as np
 import pytest
 
@@ -17,9 +20,10 @@ from gptneo import inference
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import sample as sample_lib
+from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
-from tests.conftest import VOCAB, run_binary
+from tests.conftest import REPO, VOCAB, run_binary
 from tests.test_errors import assert_one_line_error
 
 ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
@@ -116,11 +120,11 @@ def _hf_greedy(hf_model, tokenizer, prompt):
   return out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
 
 
-def _our_greedy(model_dir, prompt):
+def _our_greedy(model_dir, prompt, ids=False):
   gin_utils.parse([os.path.join(model_dir, "operative_config.gin"), "runs/sample.gin"],
                   ONE_DEVICE + ["sample.temperature = 0", "sample.max_new_tokens = 32"])
   [completion] = sample_lib.sample(model_dir, [prompt])
-  return completion.text
+  return completion.ids if ids else completion.text
 
 
 def test_bfloat16_export_loads_as_bfloat16(tmp_path, neo_model_dir, exported):
@@ -142,27 +146,40 @@ def test_export_writes_gpt_neo_config(exported):
   assert config["window_size"] == 16 and config["activation_function"] == "gelu_new"
 
 
-def test_export_refuses_what_hf_gpt_neo_cannot_compute(tmp_path, neo_model_dir):
+@pytest.mark.parametrize("args, line", [
+    (["--gin_param=GPT.activation = @selu", "--gin_param=GPT.feed_forward = @glu"],
+     "HF GPT-Neo cannot express this model: GPT.activation = selu (HF GPT-Neo: ['gelu', "
+     "'gelu_tanh', 'relu', 'silu']); GPT.feed_forward = @glu (HF GPT-Neo: @mlp)"),
+    (["--architecture=gpt2"], "HF GPT-2 (--architecture=gpt2) cannot express this model: "
+     "GPT.attention_layers uses ['local'] (HF GPT-2: ['global'])"),
+    (["--architecture=gpt_neox"], "HF GPT-NeoX (--architecture=gpt_neox) cannot express this "
+     "model: GPT.positions = @LearnedPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
+     "HF GPT-NeoX: @RotaryPositions()); GPT.attention_layers uses ['local'] (HF GPT-NeoX: "
+     "['global'])"),
+    (["--gin_param=GPT.positions = @AxialPositions()"], "HF GPT-Neo cannot express this "
+     "model: GPT.positions = @AxialPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
+     "HF GPT-NeoX: @RotaryPositions())"),
+])
+def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model_dir, args,
+                                                            line):
   result = run_binary("export", f"--model_dir={neo_model_dir}", f"--output={tmp_path / 'x'}",
-                      "--gin_param=GPT.scale_attention = True",
-                      "--gin_param=GPT.activation = @selu")
-  assert result.returncode == 2 and not (tmp_path / "x").exists()
-  assert result.stderr.strip().splitlines()[-1] == (
-      "export: error: HF GPT-Neo cannot express this model: GPT.activation = selu (HF GPT-Neo: "
-      "['gelu', 'gelu_tanh', 'relu', 'silu']); GPT.scale_attention = True (GPT-Neo does not "
-      "scale q·k)")
+                      *args)
+  assert_one_line_error(result, "export")
+  assert result.stderr.strip().splitlines()[-1] == f"export: error: {line}"
+  assert not (tmp_path / "x").exists()
 
 
 def test_import_refuses_another_architecture(tmp_path):
-  (tmp_path / "gpt2").mkdir()
-  (tmp_path / "gpt2" / "config.json").write_text(json.dumps(
-      {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}))
-  result = run_binary("import_hf", f"--hf_dir={tmp_path / 'gpt2'}",
+  (tmp_path / "llama").mkdir()
+  (tmp_path / "llama" / "config.json").write_text(json.dumps(
+      {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}))
+  result = run_binary("import_hf", f"--hf_dir={tmp_path / 'llama'}",
                       f"--model_dir={tmp_path / 'ours'}")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      f"import_hf: error: {tmp_path / 'gpt2'} holds a 'gpt2' model (GPT2LMHeadModel); only HF "
-      f"GPT-Neo (model_type 'gpt_neo') can be imported")
+      f"import_hf: error: {tmp_path / 'llama'} holds a 'llama' model (LlamaForCausalLM); only "
+      f"HF GPT-Neo, HF GPT-2, HF GPT-NeoX (model_type 'gpt_neo', 'gpt2', 'gpt_neox') can be "
+      f"imported")
 
 
 def test_import_without_weights_is_one_line(tmp_path, exported):
@@ -256,4 +273,175 @@ def test_import_refuses_a_config_value_that_would_inject_gin(tmp_path):
   assert_one_line_error(result, "import_hf", (
       f"{hf_dir / 'config.json'}: layer_norm_epsilon = '1e-5\\nsample.temperature = 9.0' (a "
       f"JSON string), expected a positive number; fix config.json"))
+  assert not (tmp_path / "ours").exists() or not os.listdir(tmp_path / "ours")
+
+
+# --- Every architecture we export, on random weights: HF computes our logits and greedy
+# tokens, and bin/import_hf reads the folder back into the same logits.
+
+def random_model_dir(root, gin_files, bindings, tokenizer_file, std=0.2, seed=0):
+  """A model dir of random weights: its operative config from gin_files + bindings (and
+  GPT.n_vocab = VOCAB), step 0 drawn from N(0, std) (LayerNorm gains from N(1, std), so
+  biases and norms matter too), and `tokenizer_file`."""
+  model_dir = os.path.join(root, "ours")
+  os.makedirs(model_dir)
+  gin_utils.parse(gin_files, ONE_DEVICE + [f"GPT.n_vocab = {VOCAB}"] + bindings)
+  model = gpt_lib.GPT()
+  with open(os.path.join(model_dir, inference.OPERATIVE_CONFIG), "w") as f:
+    f.write(gin.operative_config_str())
+  shutil.copy(tokenizer_file, os.path.join(model_dir, inference.TOKENIZER_FILE))
+  restored = inference.RestoredModel(model, runtime.Runtime(mesh_lib.mesh()), model_dir, 1)
+  rng = np.random.default_rng(seed)
+  with restored.graph.as_default():
+    restored.checkpoints.restore_or_initialize(restored.session)
+    for variable in tf.global_variables():
+      mean = 1.0 if variable.op.name.endswith("/g") else 0.0
+      variable.load(rng.normal(mean, std, variable.shape.as_list()).astype(np.float32),
+                    restored.session)
+    restored.session.run(restored.lowering.copy_masters_to_slices())
+    restored.checkpoints.save(restored.session, 0)
+  return model_dir
+
+
+def export(model_dir, output, architecture="auto"):
+  """bin/export's code, in this process: the model dir as an HF folder at `output`."""
+  gin_utils.parse([os.path.join(model_dir, inference.OPERATIVE_CONFIG)],
+                  ONE_DEVICE + ["export_hf.model = @GPT()"])
+  hf.export_hf(model_dir, str(output), architecture)
+  return str(output)
+
+
+SMALL_GPT3 = ["GPT.n_layer = 2", "GPT.n_embd = 64", "GPT.n_head = 4", "GPT.n_ctx = 64",
+              'DATASET_DIR = "unused"']
+ROTARY = ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.25"]
+MIXED = ['GPT.attention_layers = [[["global", "local"], 2]]', "GPT.window_size = 64"]
+EXPORTS = {  # name: (gin files, bindings, --architecture, the HF class, greedy check)
+    "make demo's tiny.gin": (["tiny.gin"], [], "auto", "GPTNeoForCausalLM", True),
+    "tiny.gin as GPT-2": (["tiny.gin"], [], "gpt2", "GPT2LMHeadModel", True),
+    "gpt3_small.gin, small dims": (["gpt3_small.gin"], SMALL_GPT3, "auto", "GPTNeoForCausalLM",
+                                   False),
+    "gpt3_small.gin as GPT-2": (["gpt3_small.gin"], SMALL_GPT3, "gpt2", "GPT2LMHeadModel",
+                                True),
+    "global + local, scaled": (["tiny.gin"], MIXED, "auto", "GPTNeoForCausalLM", False),
+    "rotary": (["tiny.gin"], ROTARY, "auto", "GPTNeoXForCausalLM", True),
+    "rotary, untied": (["tiny.gin"], ROTARY + ["GPT.tie_embeddings = False"], "gpt_neox",
+                       "GPTNeoXForCausalLM", False),
+    "untied GPT-2": (["tiny.gin"], ["GPT.tie_embeddings = False"], "gpt2", "GPT2LMHeadModel",
+                     False),
+}
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_export_gives_our_logits_and_greedy_tokens_and_imports_back(tmp_path, small_dataset,
+                                                                    name):
+  _, transformers = hf_libraries()
+  gin_files, bindings, architecture, hf_class, greedy = EXPORTS[name]
+  ours = random_model_dir(tmp_path, gin_files, bindings,
+                          os.path.join(small_dataset, "tokenizer.json"))
+  output = export(ours, tmp_path / "hf", architecture)
+  hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(output,
+                                                                     output_loading_info=True)
+  assert type(hf_model).__name__ == hf_class
+  assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+  ids = random_ids(gpt_lib.GPT().n_ctx)
+  logits = our_logits(ours, ids)
+  assert np.abs(logits - hf_logits(hf_model.eval(), ids)).max() < 1e-4
+  if greedy:  # random weights (std 0.2) continue with varied tokens
+    hf_ids = _hf_greedy(hf_model, transformers.AutoTokenizer.from_pretrained(output), "def ")
+    assert len(set(hf_ids)) > 4 and _our_greedy(ours, "def ", ids=True) == hf_ids
+  gin_utils.parse(["layouts/single.gin"], [])  # bin/import_hf's code, in this process
+  hf.import_hf(output, str(tmp_path / "back"), mesh_lib.mesh())
+  assert np.abs(our_logits(str(tmp_path / "back"), ids) - logits).max() < 1e-4
+
+
+def test_make_demo_model_exports_with_bin_export(tmp_path, small_dataset):
+  """As a user after make demo: bin/export with no --architecture, then transformers."""
+  _, transformers = hf_libraries()
+  ours = random_model_dir(tmp_path, ["tiny.gin"], [],
+                          os.path.join(small_dataset, "tokenizer.json"), std=0.02)
+  run_binary("export", "--format=hf", f"--model_dir={ours}", f"--output={tmp_path / 'hf'}",
+             check=True)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+  with open(tmp_path / "hf" / "config.json") as f:
+    assert json.load(f)["architectures"] == ["GPTNeoForCausalLM"]
+  ids = random_ids(256)
+  assert np.abs(our_logits(ours, ids) - hf_logits(hf_model.eval(), ids)).max() < 1e-4
+
+
+def text_lines(count):
+  """`count` non-blank lines of our docs and README: text the tokenizer was not trained on."""
+  lines = []
+  for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+    lines += [line for line in path.read_text().splitlines() if line.strip()]
+  assert len(lines) >= count
+  return lines[:count]
+
+
+def test_exported_tokenizer_gives_our_ids(exported, neo_model_dir):
+  _, transformers = hf_libraries()
+  tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+  assert isinstance(tokenizer, transformers.PreTrainedTokenizerFast)
+  ours = inference.load_tokenizer(neo_model_dir)
+  lines = text_lines(300)
+  assert [tokenizer(line).input_ids for line in lines] == [ours.encode(line).ids
+                                                           for line in lines]
+  assert tokenizer("\n".join(lines)).input_ids == ours.encode("\n".join(lines)).ids
+
+
+def save_random_hf(tmp_path, exported, config, zero=()):
+  """A random HF model of `config` (std 0.2, biases and norms too; the weights named in
+  `zero` zeroed) saved in tmp_path/hf with the exported model's tokenizer."""
+  torch, transformers = hf_libraries()
+  torch.manual_seed(0)
+  hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+  with torch.no_grad():
+    for name, parameter in hf_model.named_parameters():
+      parameter.normal_(1.0 if "norm" in name or "ln" in name else 0.0, 0.2)
+      if any(name.endswith(z) for z in zero):
+        parameter.zero_()
+  hf_model.save_pretrained(tmp_path / "hf")
+  shutil.copy(os.path.join(exported, "tokenizer.json"), tmp_path / "hf")
+  return hf_model
+
+
+def hf_test_configs():
+  _, transformers = hf_libraries()
+  shape = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0}
+  return {
+      "gpt2": transformers.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **shape),
+      "gpt_neox": transformers.GPTNeoXConfig(
+          hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+          max_position_embeddings=64, use_parallel_residual=False, hidden_act="gelu_new",
+          rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                           "partial_rotary_factor": 0.5}, **shape)}
+
+
+@pytest.mark.parametrize("model_type, qkv_bias", [("gpt2", "attn.c_attn.bias"),
+                                                  ("gpt_neox", "query_key_value.bias")])
+def test_import_of_a_random_hf_model_gives_its_logits(tmp_path, exported, model_type,
+                                                      qkv_bias):
+  hf_model = save_random_hf(tmp_path, exported, hf_test_configs()[model_type], [qkv_bias])
+  run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}", f"--model_dir={tmp_path / 'ours'}",
+             check=True)
+  ids = random_ids(64)
+  difference = np.abs(our_logits(str(tmp_path / "ours"), ids) - hf_logits(hf_model, ids))
+  assert difference.max() < 1e-4
+
+
+@pytest.mark.parametrize("model_type, change, line", [
+    ("gpt2", {}, "transformer.h.0.attn.c_attn.bias is not zero, and our query/key/value "
+     "projection has no bias; this model cannot be imported exactly"),
+    ("gpt_neox", {"use_parallel_residual": True}, "config.json: use_parallel_residual = True (a "
+     "JSON boolean), expected false (ours adds attention, then the feed-forward); fix "
+     "config.json"),
+])
+def test_import_refuses_what_ours_cannot_compute(tmp_path, exported, model_type, change, line):
+  config = hf_test_configs()[model_type]
+  for key, value in change.items():
+    setattr(config, key, value)
+  save_random_hf(tmp_path, exported, config)
+  result = run_binary("import_hf", f"--hf_dir={tmp_path / 'hf'}",
+                      f"--model_dir={tmp_path / 'ours'}")
+  assert_one_line_error(result, "import_hf", line)
   assert not (tmp_path / "ours").exists() or not os.listdir(tmp_path / "ours")

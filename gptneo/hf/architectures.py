@@ -1,0 +1,444 @@
+"""The HF architectures we export to and import from: GPT-Neo, GPT-2 and GPT-NeoX.
+
+Each is one `Architecture`: a table of (our weight, HF weight(s), conversion) rows, what it
+cannot express (in our knobs' names), its config.json from our model and our bindings from
+its config.json. The conversions are shared: CONVERSIONS maps a kind to (ours -> HF arrays,
+HF arrays -> ours).
+
+Ours: qkv w [embd, 3, heads, kv] (no bias), out w [heads, kv, embd], dense w [in, out].
+HF nn.Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out], as ours.
+"""
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from gptneo.errors import UserError
+from gptneo.hf import fields
+from gptneo.hf.fields import Reference
+from gptneo.model import attention
+from gptneo.model import feedforward
+from gptneo.model import positions as positions_lib
+
+# Our activation (by function name) <-> HF's activation names (ACT2FN keys).
+ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+HF_ACTIVATIONS = {**{hf: ours for ours, hf in ACTIVATIONS.items()}, "swish": "silu"}
+LEARNED, ROTARY = positions_lib.LearnedPositions, positions_lib.RotaryPositions
+
+
+# --- Conversions: kind -> (to_hf(array) -> [HF arrays], from_hf([HF arrays], n_head, names)).
+
+def _zero_bias(bias, name):
+  """Our query/key/value projection has no bias: an HF one must be zero to import exactly."""
+  if np.any(bias):
+    raise UserError(f"{name} is not zero, and our query/key/value projection has no bias; "
+                    f"this model cannot be imported exactly")
+
+
+def _split_from(arrays, n_head, names):
+  return np.stack([a.T.reshape(a.shape[1], n_head, -1) for a in arrays], axis=1)
+
+
+def _conv1d_from(arrays, n_head, names):
+  weight, bias = arrays
+  _zero_bias(bias, names[1])
+  return weight.reshape(weight.shape[0], 3, n_head, -1)
+
+
+def _fused_from(arrays, n_head, names):  # GPT-NeoX: [heads, (q, k, v), kv] rows
+  weight, bias = arrays
+  _zero_bias(bias, names[1])
+  return np.moveaxis(weight.T.reshape(weight.shape[1], n_head, 3, -1), 2, 1)
+
+
+CONVERSIONS = {
+    "copy": (lambda a: [a], lambda arrays, n_head, names: arrays[0]),
+    "linear": (lambda a: [a.T], lambda arrays, n_head, names: arrays[0].T),
+    # [embd, 3, heads, kv] -> 3 Linear [heads * kv, embd] (GPT-Neo's q_proj, k_proj, v_proj)
+    "qkv": (lambda a: [part.reshape(a.shape[0], -1).T for part in np.moveaxis(a, 1, 0)],
+            _split_from),
+    # -> Conv1D [embd, 3 * heads * kv] and a zero bias (GPT-2's c_attn)
+    "qkv_conv1d": (lambda a: [a.reshape(a.shape[0], -1), np.zeros(a[0].size, a.dtype)],
+                   _conv1d_from),
+    # -> Linear [heads * 3 * kv, embd], per head q, k, v, and a zero bias (GPT-NeoX)
+    "qkv_fused": (lambda a: [np.moveaxis(a, 1, 2).reshape(a.shape[0], -1).T,
+                             np.zeros(a[0].size, a.dtype)], _fused_from),
+    # [heads, kv, embd] -> Linear [embd, heads * kv]
+    "out": (lambda a: [a.reshape(-1, a.shape[-1]).T],
+            lambda arrays, n_head, names: arrays[0].T.reshape(n_head, -1, arrays[0].shape[0])),
+    # -> Conv1D [heads * kv, embd]
+    "out_conv1d": (lambda a: [a.reshape(-1, a.shape[-1])],
+                   lambda arrays, n_head, names: arrays[0].reshape(n_head, -1,
+                                                                   arrays[0].shape[1])),
+}
+
+
+def _norm(ours, hf):
+  return [(f"{ours}/g", (f"{hf}.weight",), "copy"), (f"{ours}/b", (f"{hf}.bias",), "copy")]
+
+
+def _dense(ours, hf, kind):
+  return [(f"{ours}/w", (f"{hf}.weight",), kind), (f"{ours}/b", (f"{hf}.bias",), "copy")]
+
+
+GPT_NEO_LAYER = [
+    *_norm("ln_1", "ln_1"),
+    ("attn/qkv/w", tuple(f"attn.attention.{n}_proj.weight" for n in "qkv"), "qkv"),
+    *_dense("attn/out", "attn.attention.out_proj", "out"),
+    *_norm("ln_2", "ln_2"),
+    *_dense("mlp/fc", "mlp.c_fc", "linear"), *_dense("mlp/proj", "mlp.c_proj", "linear")]
+GPT2_LAYER = [
+    *_norm("ln_1", "ln_1"),
+    ("attn/qkv/w", ("attn.c_attn.weight", "attn.c_attn.bias"), "qkv_conv1d"),
+    *_dense("attn/out", "attn.c_proj", "out_conv1d"),
+    *_norm("ln_2", "ln_2"),
+    *_dense("mlp/fc", "mlp.c_fc", "copy"), *_dense("mlp/proj", "mlp.c_proj", "copy")]
+GPT_NEOX_LAYER = [
+    *_norm("ln_1", "input_layernorm"),
+    ("attn/qkv/w", ("attention.query_key_value.weight", "attention.query_key_value.bias"),
+     "qkv_fused"),
+    *_dense("attn/out", "attention.dense", "out"),
+    *_norm("ln_2", "post_attention_layernorm"),
+    *_dense("mlp/fc", "mlp.dense_h_to_4h", "linear"),
+    *_dense("mlp/proj", "mlp.dense_4h_to_h", "linear")]
+TRANSFORMER_TOP = [  # GPT-Neo's and GPT-2's
+    ("gpt/wte", ("transformer.wte.weight",), "copy"),
+    ("gpt/wpe", ("transformer.wpe.weight",), "copy"), *_norm("gpt/ln_f", "transformer.ln_f")]
+GPT_NEOX_TOP = [("gpt/wte", ("gpt_neox.embed_in.weight",), "copy"),
+                *_norm("gpt/ln_f", "gpt_neox.final_layer_norm")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """One HF architecture and how our model maps onto it.
+
+  Args:
+    name: its model_type and --architecture value.
+    title: how messages call it ("HF GPT-Neo").
+    hf_class: its transformers class (config.json's architectures).
+    top, layer: (our weight, HF weights, CONVERSIONS kind) rows, outside the blocks and
+      per block (names relative to gpt/h{i} and layer_prefix).
+    layer_prefix: the HF name prefix of block i, with {i}.
+    head: the HF name of an untied output projection (ours: gpt/lm_head/w).
+    problems: function(model) -> what it cannot express, one phrase per knob.
+    config: function(model) -> its config.json fields for `model` (shape and knobs).
+    values: function(config, path) -> {our binding: value} for an HF config.json.
+    hf_scale: function(model) -> the q·k scale HF applies to the exported model.
+    aliases: {other HF name: ours in `top`/`layer`} of weights other versions save.
+  """
+  name: str
+  title: str
+  hf_class: str
+  top: list
+  layer: list
+  layer_prefix: str
+  head: str
+  problems: Callable
+  config: Callable
+  values: Callable
+  hf_scale: Callable
+  aliases: dict = dataclasses.field(default_factory=dict)
+
+  def weight_pairs(self, n_layer, tied=True):
+    """(our name, HF names, kind) of every weight of an n_layer model."""
+    pairs = list(self.top)
+    if not tied:
+      pairs.append(("gpt/lm_head/w", (self.head,), "linear"))
+    for i in range(n_layer):
+      prefix = self.layer_prefix.format(i=i)
+      pairs += [(f"gpt/h{i}/{ours}", tuple(f"{prefix}.{n}" for n in names), kind)
+                for ours, names, kind in self.layer]
+    return pairs
+
+
+# --- What each architecture cannot express, in our knobs' names.
+
+def _name(function):
+  return getattr(function, "__name__", function)
+
+
+def _common_problems(model, title):
+  problems = []
+  if _name(model.activation) not in ACTIVATIONS:
+    problems.append(f"GPT.activation = {_name(model.activation)} ({title}: "
+                    f"{sorted(ACTIVATIONS)})")
+  if model.feed_forward is not feedforward.mlp:
+    problems.append(f"GPT.feed_forward = @{_name(model.feed_forward)} ({title}: @mlp)")
+  if model.moe is not None:
+    problems.append("GPT.moe is set (no HF architecture here has experts)")
+  return problems
+
+
+def _positions_problem(model, wanted):
+  if type(model.positions) is wanted:
+    return []
+  return [f"GPT.positions = @{type(model.positions).__name__}() (HF GPT-Neo and GPT-2: "
+          f"@LearnedPositions(), HF GPT-NeoX: @RotaryPositions())"]
+
+
+def _attention_problem(model, title, names):
+  """The layer types whose HF GPT-Neo name is not among `names`."""
+  bad = sorted({kind for kind in model.layer_types
+                if attention.lookup(kind).hf_name not in names})
+  return [f"GPT.attention_layers uses {bad} ({title}: {sorted(names)})"] if bad else []
+
+
+def hf_attention_names():
+  """HF GPT-Neo's attention type name -> ours, for the types it computes as we do."""
+  return {kind.hf_name: kind.name for kind in attention.ATTENTION_TYPES.values()
+          if kind.hf_name is not None}
+
+
+def _gpt_neo_problems(model):
+  title = "HF GPT-Neo"
+  return (_common_problems(model, title) + _positions_problem(model, LEARNED)
+          + _attention_problem(model, title, set(hf_attention_names())))
+
+
+def _gpt2_problems(model):
+  title = "HF GPT-2"
+  return (_common_problems(model, title) + _positions_problem(model, LEARNED)
+          + _attention_problem(model, title, {"global"}))
+
+
+def _gpt_neox_problems(model):
+  title = "HF GPT-NeoX"
+  return (_common_problems(model, title) + _positions_problem(model, ROTARY)
+          + _attention_problem(model, title, {"global"}))
+
+
+def our_scale(model):
+  """The q·k scale our model applies."""
+  return (model.n_embd // model.n_head) ** -0.5 if model.scale_attention else 1.0
+
+
+# --- config.json of each architecture for our model.
+
+def _attention_types(layer_types):
+  """HF GPT-Neo's [[types, count], ...] from one type per layer (runs of equal types merged)."""
+  runs = []
+  for kind in layer_types:
+    name = attention.lookup(kind).hf_name
+    if runs and runs[-1][0] == [name]:
+      runs[-1][1] += 1
+    else:
+      runs.append([[name], 1])
+  return runs
+
+
+def _gpt_neo_config(model):
+  return {"vocab_size": model.n_vocab, "max_position_embeddings": model.n_ctx,
+          "hidden_size": model.n_embd, "num_layers": model.n_layer, "num_heads": model.n_head,
+          "intermediate_size": model.n_embd * model.mlp_ratio,
+          "attention_types": _attention_types(model.layer_types),
+          "window_size": model.window_size,
+          "activation_function": ACTIVATIONS[model.activation.__name__],
+          "layer_norm_epsilon": model.layer_norm_epsilon, "initializer_range": model.init_std,
+          "embed_dropout": model.embed_dropout, "attention_dropout": model.attn_dropout,
+          "resid_dropout": model.res_dropout}
+
+
+def _gpt2_config(model):
+  return {"vocab_size": model.n_vocab, "n_positions": model.n_ctx, "n_embd": model.n_embd,
+          "n_layer": model.n_layer, "n_head": model.n_head,
+          "n_inner": model.n_embd * model.mlp_ratio,
+          "activation_function": ACTIVATIONS[model.activation.__name__],
+          "scale_attn_weights": model.scale_attention, "scale_attn_by_inverse_layer_idx": False,
+          "reorder_and_upcast_attn": False, "layer_norm_epsilon": model.layer_norm_epsilon,
+          "initializer_range": model.init_std, "embd_pdrop": model.embed_dropout,
+          "attn_pdrop": model.attn_dropout, "resid_pdrop": model.res_dropout}
+
+
+def _gpt_neox_config(model):
+  fraction, base = model.positions.fraction, model.positions.base
+  return {"vocab_size": model.n_vocab, "max_position_embeddings": model.n_ctx,
+          "hidden_size": model.n_embd, "num_hidden_layers": model.n_layer,
+          "num_attention_heads": model.n_head,
+          "intermediate_size": model.n_embd * model.mlp_ratio,
+          "hidden_act": ACTIVATIONS[model.activation.__name__],
+          "use_parallel_residual": False, "attention_bias": True,
+          # transformers 5 reads rope_parameters; 4.x reads rotary_pct and rotary_emb_base.
+          "rope_parameters": {"rope_type": "default", "rope_theta": base,
+                              "partial_rotary_factor": fraction},
+          "rotary_pct": fraction, "rotary_emb_base": base,
+          "layer_norm_eps": model.layer_norm_epsilon, "initializer_range": model.init_std,
+          "hidden_dropout": model.res_dropout, "attention_dropout": model.attn_dropout}
+
+
+# --- Our bindings from each architecture's config.json (every value type-checked).
+
+def _mlp_ratio(hidden, intermediate, path, key):
+  intermediate = intermediate or 4 * hidden
+  if intermediate % hidden:
+    raise UserError(f"{path}: {key} {intermediate} is not a multiple of the hidden size "
+                    f"{hidden}; GPT.mlp_ratio must be an integer")
+  return intermediate // hidden
+
+
+def _knobs(field, keys):
+  """{GPT.knob: value} for (knob, HF key, check, default) rows."""
+  return {f"GPT.{knob}": field(key, check, *default) for knob, key, check, *default in keys}
+
+
+_ACTIVATION = fields.one_of(HF_ACTIVATIONS)
+
+
+def _attention_types_check():
+  names = hf_attention_names()
+
+  def accepts(value):
+    return type(value) is list and all(
+        type(entry) is list and len(entry) == 2 and type(entry[0]) is list
+        and all(type(name) is str and name in names for name in entry[0])
+        and fields.is_int(entry[1]) and entry[1] > 0 for entry in value)
+  return accepts, (f'a list of [[type names], count] pairs such as [[["global", "local"], '
+                   f'6]], the names among {sorted(names)}')
+
+
+def _gpt_neo_values(config, path):
+  field = _field(config, path)
+  hidden = field("hidden_size", fields.POSITIVE_INT)
+  ratio = _mlp_ratio(hidden, field("intermediate_size", fields.OPTIONAL_POSITIVE_INT, None),
+                     path, "intermediate_size")
+  names = hf_attention_names()
+  runs = field("attention_types", _attention_types_check())
+  return {"GPT.n_layer": field("num_layers", fields.POSITIVE_INT), "GPT.n_embd": hidden,
+          **_knobs(field, [("n_head", "num_heads", fields.POSITIVE_INT),
+                           ("n_ctx", "max_position_embeddings", fields.POSITIVE_INT),
+                           ("n_vocab", "vocab_size", fields.POSITIVE_INT)]),
+          "GPT.mlp_ratio": ratio, "GPT.feed_forward": Reference("mlp"),
+          "GPT.activation": Reference(HF_ACTIVATIONS[field("activation_function",
+                                                           _ACTIVATION)]),
+          "GPT.attention_layers": [[[names[name] for name in types], count]
+                                   for types, count in runs],
+          "GPT.window_size": field("window_size", fields.POSITIVE_INT, 256),
+          "GPT.scale_attention": False, "GPT.positions": Reference("LearnedPositions()"),
+          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True),
+          **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
+                            1e-5),
+                           ("embed_dropout", "embed_dropout", fields.PROBABILITY, 0.0),
+                           ("attn_dropout", "attention_dropout", fields.PROBABILITY, 0.0),
+                           ("res_dropout", "resid_dropout", fields.PROBABILITY, 0.0),
+                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+
+
+def _gpt2_values(config, path):
+  field = _field(config, path)
+  field("scale_attn_by_inverse_layer_idx",
+        fields.equal_to(False, "ours scales q·k the same in every layer"), False)
+  field("add_cross_attention", fields.equal_to(False, "ours is a decoder only"), False)
+  hidden = field("n_embd", fields.POSITIVE_INT)
+  return {"GPT.n_layer": field("n_layer", fields.POSITIVE_INT), "GPT.n_embd": hidden,
+          **_knobs(field, [("n_head", "n_head", fields.POSITIVE_INT),
+                           ("n_ctx", "n_positions", fields.POSITIVE_INT),
+                           ("n_vocab", "vocab_size", fields.POSITIVE_INT)]),
+          "GPT.mlp_ratio": _mlp_ratio(hidden, field("n_inner", fields.OPTIONAL_POSITIVE_INT,
+                                                    None), path, "n_inner"),
+          "GPT.feed_forward": Reference("mlp"),
+          "GPT.activation": Reference(HF_ACTIVATIONS[field("activation_function", _ACTIVATION,
+                                                           "gelu_new")]),
+          "GPT.attention_layers": None,
+          "GPT.scale_attention": field("scale_attn_weights", fields.BOOL, True),
+          "GPT.positions": Reference("LearnedPositions()"),
+          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True),
+          **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
+                            1e-5),
+                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, 0.1),
+                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, 0.1),
+                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, 0.1),
+                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+
+
+def _rotary(config, path, field):
+  """(fraction, base) from rope_parameters (transformers 5) or rotary_pct/rotary_emb_base."""
+  rope = field("rope_parameters", fields.OBJECT, None)
+  if rope is None:
+    return (field("rotary_pct", fields.FRACTION, 0.25),
+            field("rotary_emb_base", fields.POSITIVE_REAL, 10000))
+  rope_field = _field(rope, f"{path} rope_parameters")
+  rope_field("rope_type", fields.equal_to("default", "ours is plain RoPE"), "default")
+  return (rope_field("partial_rotary_factor", fields.FRACTION, 0.25),
+          rope_field("rope_theta", fields.POSITIVE_REAL, 10000))
+
+
+def _gpt_neox_values(config, path):
+  field = _field(config, path)
+  field("use_parallel_residual",
+        fields.equal_to(False, "ours adds attention, then the feed-forward"), True)
+  field("attention_bias", fields.equal_to(True, "ours has an attention output bias"), True)
+  hidden = field("hidden_size", fields.POSITIVE_INT)
+  fraction, base = _rotary(config, path, field)
+  dropout = field("hidden_dropout", fields.PROBABILITY, 0.0)
+  return {"GPT.n_layer": field("num_hidden_layers", fields.POSITIVE_INT), "GPT.n_embd": hidden,
+          **_knobs(field, [("n_head", "num_attention_heads", fields.POSITIVE_INT),
+                           ("n_ctx", "max_position_embeddings", fields.POSITIVE_INT),
+                           ("n_vocab", "vocab_size", fields.POSITIVE_INT)]),
+          "GPT.mlp_ratio": _mlp_ratio(hidden, field("intermediate_size",
+                                                    fields.OPTIONAL_POSITIVE_INT, None),
+                                      path, "intermediate_size"),
+          "GPT.feed_forward": Reference("mlp"),
+          "GPT.activation": Reference(HF_ACTIVATIONS[field("hidden_act", _ACTIVATION,
+                                                           "gelu")]),
+          "GPT.attention_layers": None, "GPT.scale_attention": True,
+          "GPT.positions": Reference("RotaryPositions()"),
+          "RotaryPositions.fraction": float(fraction), "RotaryPositions.base": float(base),
+          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, False),
+          **_knobs(field, [("layer_norm_epsilon", "layer_norm_eps", fields.POSITIVE_REAL,
+                            1e-5),
+                           ("attn_dropout", "attention_dropout", fields.PROBABILITY, 0.0),
+                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)]),
+          "GPT.embed_dropout": dropout, "GPT.res_dropout": dropout}
+
+
+def _field(config, path):
+  return lambda key, check, default=fields.REQUIRED: fields.field(config, path, key, check,
+                                                                  default)
+
+
+GPT_NEO = Architecture(
+    "gpt_neo", "HF GPT-Neo", "GPTNeoForCausalLM", TRANSFORMER_TOP, GPT_NEO_LAYER, "transformer.h.{i}",
+    "lm_head.weight", _gpt_neo_problems, _gpt_neo_config, _gpt_neo_values,
+    hf_scale=lambda model: 1.0)
+GPT2 = Architecture(
+    "gpt2", "HF GPT-2", "GPT2LMHeadModel", TRANSFORMER_TOP, GPT2_LAYER, "transformer.h.{i}",
+    "lm_head.weight", _gpt2_problems, _gpt2_config, _gpt2_values, hf_scale=our_scale)
+GPT_NEOX = Architecture(
+    "gpt_neox", "HF GPT-NeoX", "GPTNeoXForCausalLM", GPT_NEOX_TOP, GPT_NEOX_LAYER,
+    "gpt_neox.layers.{i}", "embed_out.weight", _gpt_neox_problems, _gpt_neox_config,
+    _gpt_neox_values, hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,
+    aliases={"lm_head.weight": "embed_out.weight"})  # transformers 5 saves lm_head
+ARCHITECTURES = {arch.name: arch for arch in (GPT_NEO, GPT2, GPT_NEOX)}
+
+
+def choose(model, name="auto"):
+  """The Architecture to export `model` to: `name`, or for "auto" GPT-NeoX for rotary
+  positions, GPT-Neo otherwise; a one-line UserError if it cannot express the model."""
+  if name == "auto":
+    arch = GPT_NEOX if type(model.positions) is ROTARY else GPT_NEO
+    forced = ""
+  elif name in ARCHITECTURES:
+    arch, forced = ARCHITECTURES[name], f" (--architecture={name})"
+  else:
+    raise UserError(f"--architecture={name}; use auto or one of {sorted(ARCHITECTURES)}")
+  problems = arch.problems(model)
+  if problems:
+    raise UserError(f"{arch.title}{forced} cannot express this model: " + "; ".join(problems))
+  return arch
+
+
+def query_factor(arch, model):
+  """What the exported query weights are multiplied by so HF's q·k scale gives ours: exact,
+  as our query projection has no bias (1/sqrt(d_head) folded in for GPT-Neo)."""
+  return our_scale(model) / arch.hf_scale(model)
+
+
+def from_hf_config(config, path):
+  """The Architecture of an HF config.json's model_type; a one-line UserError if none."""
+  arch = ARCHITECTURES.get(config.get("model_type"))
+  if arch is None:
+    shown = ", ".join(map(str, config.get("architectures") or []))
+    raise UserError(f"{path} holds a {config.get('model_type')!r} model ({shown}); only "
+                    f"{', '.join(a.title for a in ARCHITECTURES.values())} (model_type "
+                    f"{', '.join(repr(a) for a in ARCHITECTURES)}) can be imported")
+  return arch
+
