@@ -14,7 +14,7 @@ import pytest
 import tensorflow.compat.v1 as tf
 from tokenizers import Tokenizer, models
 
-from gptneo.data import inputs, prepare
+from gptneo.data import inputs, prepare, workers
 from gptneo.data import tokenizer as tokenizer_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +62,17 @@ def read_windows(dataset_dir, split, files=None):
     return tf.io.parse_single_example(record, features)["tokens"]
   records = run_batches(lambda: tf.data.TFRecordDataset(files).map(parse))
   return np.stack(records)
+
+
+def split_paths(info, split):
+  """The paths of a split's documents (one file each), in stream order."""
+  paths = []
+  for source in info["sources"]:
+    with open(source["path"], encoding="utf-8") as f:
+      digest = workers.content_hash(f.read())
+    if prepare.split_of(digest, info["validation_fraction"], info["seed"]) == split:
+      paths.append(source["path"])
+  return paths
 
 
 def encode_stream(tokenizer, paths):
@@ -140,13 +151,15 @@ def test_dataset_json_describes_the_dataset(small_dataset, small_tokenizer):
   info = inputs.read_dataset_info(small_dataset)
   assert info["format"] == 1 and info["n_ctx"] == N_CTX and info["n_vocab"] == VOCAB_SIZE
   assert info["eos_id"] == tokenizer_lib.eos_id(small_tokenizer)
-  assert info["tokenizer"] == "tokenizer.json" and info["sources"] == len(SMALL_FILES)
+  assert info["tokenizer"] == "tokenizer.json" and info["documents"] == len(SMALL_FILES)
   assert info["tokens_per_shard"] == 3000 and info["seed"] == 1
+  assert sorted(source["path"] for source in info["sources"]) == sorted(SMALL_FILES)
   train, validation = info["splits"]["train"], info["splits"]["validation"]
-  assert len(validation["documents"]) == 2  # round(0.3 * 7)
-  assert sorted(train["documents"] + validation["documents"]) == sorted(SMALL_FILES)
+  assert train["documents"] == len(split_paths(info, "train")) > 0
+  assert validation["documents"] == len(split_paths(info, "validation")) > 0
+  assert train["documents"] + validation["documents"] == len(SMALL_FILES)
   assert len(train["files"]) > 1 and train["files"][0] == "train-00000.tfrecord"
-  assert sum(os.path.getsize(path) for path in train["documents"]) == train["bytes"]
+  assert sum(os.path.getsize(path) for path in split_paths(info, "train")) == train["bytes"]
   for split in (train, validation):
     assert split["windows"] == split["tokens"] // (N_CTX + 1)
     assert all(os.path.exists(os.path.join(small_dataset, name)) for name in split["files"])
@@ -163,7 +176,7 @@ def test_record_count_equals_windows(small_dataset):
 def test_train_windows_are_the_token_stream_with_eos_between_documents(small_dataset):
   info = inputs.read_dataset_info(small_dataset)
   tokenizer = tokenizer_lib.load_tokenizer(small_dataset)
-  documents = info["splits"]["train"]["documents"]
+  documents = split_paths(info, "train")
   stream = encode_stream(tokenizer, documents)
   windows = read_windows(small_dataset, "train").reshape(-1)
   np.testing.assert_array_equal(windows, stream[:len(windows)])
@@ -194,7 +207,7 @@ def test_overwrite_is_refused_and_leaves_existing_content_untouched(small_datase
   assert os.listdir(output_dir) == ["keep.txt"]
   assert (output_dir / "keep.txt").read_text() == "precious"
   prepare.prepare_dataset(SMALL_FILES[:2], str(output_dir), 16, vocab_size=300,
-                          overwrite=True)
+                          validation_fraction=0, overwrite=True)
   assert "keep.txt" not in os.listdir(output_dir)
   assert os.listdir(tmp_path) == ["existing"]  # No staging or retired folders left.
 
@@ -202,9 +215,12 @@ def test_overwrite_is_refused_and_leaves_existing_content_untouched(small_datase
 def test_failure_midway_leaves_no_output(tmp_path):
   (tmp_path / "big.txt").write_text("some words to tokenize. " * 200)
   (tmp_path / "tiny.txt").write_text("x")
-  paths = prepare.resolve_inputs([str(tmp_path)])
+  def split(text, seed):
+    return prepare.split_of(workers.content_hash(text), 0.5, seed)
   seed = next(s for s in range(100)
-              if prepare.split_documents(paths, 0.5, s)["validation"] == [paths[1]])
+              if split("x", s) == "validation" and split((tmp_path / "big.txt").read_text(),
+                                                         s) == "train")
+  paths = prepare.resolve_inputs([str(tmp_path)])
   with pytest.raises(ValueError, match="validation split has 2 tokens"):
     prepare.prepare_dataset(paths, str(tmp_path / "out"), 32, vocab_size=300,
                             validation_fraction=0.5, seed=seed)
@@ -437,10 +453,11 @@ def run_cli(*args):
 def test_cli_prepares_three_files(tmp_path):
   output_dir = tmp_path / "cli"
   result = run_cli(*[f"--input={path}" for path in SMALL_FILES[:3]],
-                   f"--output_dir={output_dir}", "--n_ctx=32", "--vocab_size=300")
+                   f"--output_dir={output_dir}", "--n_ctx=32", "--vocab_size=300",
+                   "--validation_fraction=0")
   assert result.returncode == 0, result.stderr
   assert "3 documents" in result.stdout and "vocab 300" in result.stdout
-  assert inputs.read_dataset_info(output_dir)["sources"] == 3
+  assert inputs.read_dataset_info(output_dir)["documents"] == 3
 
 
 def test_cli_missing_input_is_one_line_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Turns text files into a tokenized, windowed, sharded TFRecord dataset.
+"""Turns a corpus into a tokenized, windowed, sharded TFRecord dataset, streaming.
 
 Layout of a prepared dataset folder:
 
@@ -7,190 +7,76 @@ Layout of a prepared dataset folder:
   train-00000.tfrecord      tf.train.Examples, each one int64 feature "tokens" of n_ctx+1 ids
   validation-00000.tfrecord ...
 
-One file is one document. Every document is followed by EOS, the documents of a split are
-concatenated into one token stream, and that stream is cut into non-overlapping windows of
-n_ctx+1 tokens (inputs are window[:-1], targets window[1:]).
+The inputs (`sources.py`: text, JSONL(.gz/.zst), Parquet) are read in a fixed order (the
+files sorted, then shuffled by the seed; each file's documents in file order). Each document
+is fixed and filtered (`workers.Filters`) and goes to validation when its content hash, keyed
+by the seed, falls below validation_fraction, so the same text always lands in the same split
+(when no document does, the last one does: a tiny corpus still gets a validation split).
+Documents are tokenized in worker processes, each followed by EOS; each split's token stream
+is cut into non-overlapping windows of n_ctx+1 tokens (inputs window[:-1], targets
+window[1:]) and written shard by shard. Nothing holds the corpus: memory is a shard's tokens
+per split plus the batches in flight (and, with dedup, a 16-byte hash per distinct document).
+
+Work happens in `<output_dir>.partial`; after every shard its state (input position, counts,
+the unwritten tokens) is saved there, so a run killed at any moment and started again with
+the same arguments continues from the last shard and ends with the same bytes. The folder
+becomes output_dir, dataset.json included, only when everything is written.
 """
+import collections
 import functools
-import glob
+import hashlib
 import json
 import os
 import random
-import sysconfig
+import shutil
+import signal
 import tempfile
-import time
-import uuid
 
 import numpy as np
 import tensorflow.compat.v1 as tf
 import tqdm
 
 from gptneo import storage
+from gptneo.data import sources as sources_lib
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.data import workers as workers_lib
 from gptneo.errors import UserError
 
 FORMAT_VERSION = 1
 TOKEN_FEATURE = "tokens"
-STDLIB_SPEC = "stdlib"
-_ENCODE_BATCH_DOCUMENTS = 64  # Enough for encode_batch to use every core, small in memory.
-_SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")  # Third-party code, not stdlib.
-
-
-# --------------------------------------------------------------------------- inputs
+STDLIB_SPEC = sources_lib.STDLIB_SPEC
+SPLITS = ("train", "validation")
+TOKENIZER_SAMPLE_BYTES = 256_000_000
+_BATCH_BYTES = 1 << 20  # Text per worker batch: enough for encode_batch, small in memory.
+_STATE = ".prepare_state.npz"
+_DEDUP = ".dedup_hashes"
+_KILL_HOOK = "GPTNEO_PREPARE_KILL_AFTER_SHARDS"  # Tests: SIGKILL itself after shard k.
 
 
 def resolve_inputs(specs):
-  """Expands input specs into the text files they name.
-
-  Args:
-    specs: iterable of specs, each a file, a folder (every UTF-8 text file below it,
-      hidden entries skipped), a glob pattern, or 'stdlib' (the running Python's standard
-      library `.py` files, without site-packages/dist-packages).
-
-  Returns:
-    Sorted list of unique file paths.
-  """
-  if isinstance(specs, str):
-    specs = [specs]
-  paths = set()
-  for spec in specs:
-    matched = _resolve_spec(str(spec))
-    if not matched:
-      raise UserError(f"input '{spec}' matched no files; pass an existing file, folder, "
-                      f"glob or '{STDLIB_SPEC}'")
-    paths.update(matched)
-  if not paths:
-    raise UserError("no inputs given; pass an existing file, folder, glob "
-                    f"or '{STDLIB_SPEC}'")
-  return sorted(paths)
+  """The paths of the sources that input specs name; see `sources.resolve`."""
+  return [source.path for source in sources_lib.resolve(specs)]
 
 
-def _resolve_spec(spec):
-  """Returns the text files one spec names, raising if a named file is not text."""
-  if spec == STDLIB_SPEC:
-    return _stdlib_files()
-  if os.path.isfile(spec):
-    if not _is_utf8_text(spec):
-      raise UserError(f"input '{spec}' is not UTF-8 text; pass text files only")
-    return [os.path.normpath(spec)]
-  if os.path.isdir(spec):
-    return _text_files_under(spec)
-  matched = []
-  for path in glob.glob(spec, recursive=True):
-    if os.path.isdir(path):
-      matched.extend(_text_files_under(path))
-    elif os.path.isfile(path) and _is_utf8_text(path):
-      matched.append(os.path.normpath(path))
-  return matched
-
-
-def _stdlib_files():
-  root = sysconfig.get_paths()["stdlib"]
-  files = []
-  for directory, subdirs, names in os.walk(root):
-    subdirs[:] = [d for d in subdirs if d not in _SKIPPED_STDLIB_DIRS]
-    files.extend(os.path.join(directory, name) for name in names if name.endswith(".py"))
-  # A few test modules are deliberately Latin-1 or broken; they are not usable text.
-  return [path for path in files if _is_utf8_text(path)]
-
-
-def _text_files_under(folder):
-  files = []
-  for directory, subdirs, names in os.walk(folder):
-    # Hidden folders (.git, .venv, ...) hold tool state, not corpus text.
-    subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-    files.extend(os.path.join(directory, name) for name in names if not name.startswith("."))
-  return [os.path.normpath(path) for path in files
-          if os.path.isfile(path) and _is_utf8_text(path)]
-
-
-def _is_utf8_text(path):
-  with open(path, "rb") as f:
-    data = f.read()
-  if b"\0" in data:  # Valid UTF-8, but a NUL byte means a binary format.
-    return False
-  try:
-    data.decode("utf-8")
-  except UnicodeDecodeError:
-    return False
-  return True
-
-
-# --------------------------------------------------------------------------- splitting
-
-
-def split_documents(paths, validation_fraction, seed):
-  """Assigns whole documents to train/validation, deterministically for a seed.
-
-  Args:
-    paths: document paths.
-    validation_fraction: share of documents for validation, in [0, 1). Any positive value
-      yields at least one validation document when there are two or more documents.
-    seed: seeds both the assignment and the (shuffled) order of documents in each split.
-
-  Returns:
-    Dict split name -> list of paths in stream order; 'validation' only when non-empty.
-  """
-  if not 0 <= validation_fraction < 1:
-    raise UserError(f"validation_fraction={validation_fraction} is outside [0, 1); "
-                     "pass e.g. --validation_fraction=0.05, or 0 for no validation split")
-  order = list(paths)
-  # Shuffled stream order keeps neighbouring windows from being the same package.
+def stream_order(sources, seed):
+  """The sources in the order they are read: shuffled by seed, so neighbouring windows
+  are not all one package."""
+  order = list(sources)
   random.Random(seed).shuffle(order)
-  num_validation = 0
-  if validation_fraction > 0 and len(order) >= 2:
-    num_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
-  splits = {"train": order[num_validation:]}
-  if num_validation:
-    splits["validation"] = order[:num_validation]
-  return splits
+  return order
 
 
-# --------------------------------------------------------------------------- encoding
-
-
-def encode_documents(tokenizer, paths, description):
-  """Encodes documents into one token stream, each document followed by EOS.
+def split_of(digest, validation_fraction, seed):
+  """'validation' when the document's content hash (keyed by seed) is below the fraction.
 
   Args:
-    tokenizer: a `tokenizers.Tokenizer` with EOS_TOKEN.
-    paths: UTF-8 text files, in stream order.
-    description: label of the progress bar.
-
-  Returns:
-    (int32 numpy array of token ids, number of UTF-8 bytes of source text).
+    digest: `workers.content_hash` of the document's text.
+    validation_fraction: share of documents for validation, in [0, 1).
+    seed: another seed draws another split.
   """
-  eos = tokenizer_lib.eos_id(tokenizer)
-  pieces = []
-  num_bytes = 0
-  with tqdm.tqdm(total=len(paths), desc=description, unit="doc") as progress:
-    for start in range(0, len(paths), _ENCODE_BATCH_DOCUMENTS):
-      texts = [_read_text(path) for path in paths[start:start + _ENCODE_BATCH_DOCUMENTS]]
-      texts = [text for text in texts if text]  # An empty file would only add a stray EOS.
-      num_bytes += sum(len(text.encode("utf-8")) for text in texts)
-      for encoding in _encode_literally(tokenizer, texts):
-        pieces.append(np.asarray(encoding.ids, dtype=np.int32))
-        pieces.append(np.asarray([eos], dtype=np.int32))
-      progress.update(min(_ENCODE_BATCH_DOCUMENTS, len(paths) - start))
-  if not pieces:
-    return np.zeros([0], dtype=np.int32), num_bytes
-  return np.concatenate(pieces), num_bytes
-
-
-def _read_text(path):
-  with open(path, "rb") as f:
-    return f.read().decode("utf-8")
-
-
-def _encode_literally(tokenizer, texts):
-  """encode_batch, but a literal '<|endoftext|>' in a source stays text, not EOS."""
-  # Otherwise a file that merely mentions the token would forge a document boundary.
-  saved = tokenizer.encode_special_tokens
-  tokenizer.encode_special_tokens = True
-  try:
-    return tokenizer.encode_batch(texts, add_special_tokens=False)
-  finally:
-    tokenizer.encode_special_tokens = saved
+  keyed = hashlib.blake2b(digest, digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+  coin = int.from_bytes(keyed.digest(), "little") / 2**64
+  return "validation" if coin < validation_fraction else "train"
 
 
 # --------------------------------------------------------------------------- writing
@@ -209,18 +95,60 @@ def write_windows(tokens, window_length, tokens_per_shard, folder, split):
   Returns:
     (list of shard basenames, number of windows).
   """
-  num_windows = len(tokens) // window_length
-  windows = tokens[:num_windows * window_length].reshape(num_windows, window_length)
-  windows_per_shard = max(1, tokens_per_shard // window_length)
-  files = []
-  with tqdm.tqdm(total=num_windows, desc=f"writing {split}", unit="window") as progress:
-    for start in range(0, num_windows, windows_per_shard):
-      files.append(f"{split}-{len(files):05d}.tfrecord")
-      with tf.io.TFRecordWriter(os.path.join(folder, files[-1])) as writer:
-        for window in windows[start:start + windows_per_shard]:
-          writer.write(_window_example(window))
-      progress.update(min(windows_per_shard, num_windows - start))
-  return files, num_windows
+  writer = ShardWriter(folder, split, window_length, tokens_per_shard, _new_split_info())
+  writer.add(np.asarray(tokens, dtype=np.int32))
+  writer.finish()
+  return writer.info["files"], writer.info["windows"]
+
+
+def _new_split_info():
+  return {"files": [], "windows": 0, "tokens": 0, "bytes": 0, "documents": 0}
+
+
+class ShardWriter:
+  """One split's token stream, written as shards of whole windows as soon as one is full."""
+
+  def __init__(self, folder, split, window_length, tokens_per_shard, info, pending=None):
+    self.folder, self.split, self.info = folder, split, info
+    self.window_length = window_length
+    self.shard_tokens = max(1, tokens_per_shard // window_length) * window_length
+    self.pieces = [] if pending is None or not len(pending) else [pending]
+    self.pending_tokens = sum(len(piece) for piece in self.pieces)
+
+  def add(self, ids):
+    """Appends ids to the stream; returns the number of shards this completed."""
+    self.pieces.append(ids)
+    self.pending_tokens += len(ids)
+    written = 0
+    while self.pending_tokens >= self.shard_tokens:
+      stream = self.pending()
+      self._write(stream[:self.shard_tokens])
+      self.pieces, self.pending_tokens = [stream[self.shard_tokens:]], len(stream) - self.shard_tokens
+      written += 1
+    return written
+
+  def pending(self):
+    """The tokens not yet in a shard."""
+    return np.concatenate(self.pieces) if self.pieces else np.zeros([0], np.int32)
+
+  def finish(self):
+    """Writes the last, shorter shard of the windows left; the tail under a window is dropped."""
+    stream = self.pending()
+    whole = len(stream) // self.window_length * self.window_length
+    if whole:
+      self._write(stream[:whole])
+    self.pieces, self.pending_tokens = [], 0
+
+  def _write(self, tokens):
+    name = f"{self.split}-{len(self.info['files']):05d}.tfrecord"
+    temporary = os.path.join(self.folder, f".{name}.tmp")
+    windows = tokens.reshape(-1, self.window_length)
+    with tf.io.TFRecordWriter(temporary) as writer:
+      for window in windows:
+        writer.write(_window_example(window))
+    os.replace(temporary, os.path.join(self.folder, name))
+    self.info["files"].append(name)
+    self.info["windows"] += len(windows)
 
 
 def _window_example(window):
@@ -234,7 +162,7 @@ def _write_text(path, text):
     f.write(text)
 
 
-# --------------------------------------------------------------------------- atomic output
+# --------------------------------------------------------------------------- output folders
 
 
 def _check_output_dir(output_dir, overwrite):
@@ -251,13 +179,13 @@ def _check_output_dir(output_dir, overwrite):
 def _publish(staging_dir, output_dir, overwrite):
   """Moves the finished staging folder to output_dir, replacing the old one only now."""
   _check_output_dir(output_dir, overwrite)  # Another process may have written meanwhile.
-  if not tf.io.gfile.exists(output_dir):
-    tf.io.gfile.rename(staging_dir, output_dir)
-    return
-  retired_dir = f"{output_dir}.old-{uuid.uuid4().hex[:8]}"
-  tf.io.gfile.rename(output_dir, retired_dir)
-  tf.io.gfile.rename(staging_dir, output_dir)
-  tf.io.gfile.rmtree(retired_dir)
+  if os.path.exists(output_dir):
+    retired_dir = f"{output_dir}.old-{os.getpid()}"
+    os.rename(output_dir, retired_dir)
+    os.rename(staging_dir, output_dir)
+    shutil.rmtree(retired_dir)
+  else:
+    os.rename(staging_dir, output_dir)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -265,73 +193,111 @@ def _publish(staging_dir, output_dir, overwrite):
 
 def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=None,
                     validation_fraction=0.05, tokens_per_shard=1_000_000, seed=1234,
-                    overwrite=False):
-  """Tokenizes text files into a windowed TFRecord dataset in output_dir, atomically.
+                    overwrite=False, reading=None, filters=None, workers=1,
+                    tokenizer_sample_bytes=TOKENIZER_SAMPLE_BYTES):
+  """Tokenizes a corpus into a windowed TFRecord dataset in output_dir, atomically, resumably.
 
   dataset.json holds: format (1), n_ctx, n_vocab, eos_id, tokenizer ("tokenizer.json"),
-  sources (number of documents), tokens_per_shard, seed, seconds, and splits: for 'train'
-  and, when non-empty, 'validation': files (shard basenames), windows, tokens (in the
-  stream, incl. the dropped tail), bytes (UTF-8 bytes of source text, for bits-per-byte)
-  and documents (source paths in stream order).
+  documents (kept), tokens_per_shard, seed, validation_fraction, reading and filters (the
+  settings that chose the documents), dropped (documents dropped, by reason), inputs_hash
+  (of every input file's bytes), sources (per input file in stream order: path, format,
+  documents, tokens, bytes, dropped, blake2b of the file), and splits: for 'train' and
+  'validation': files (shard basenames), windows, tokens (in the stream, incl. the dropped
+  tail), bytes (UTF-8 bytes of the texts, for bits-per-byte) and documents.
 
   Args:
-    inputs: input specs, see `resolve_inputs`.
+    inputs: input specs, see `sources.resolve`.
     output_dir: folder to create, or a gs://bucket/prefix to upload to (prepared in a
       temporary folder first); must be absent or empty unless overwrite is True.
     n_ctx: context length; windows hold n_ctx + 1 tokens.
-    vocab_size: train a byte-level BPE of this size on the train documents (exclusive
-      with tokenizer_path).
+    vocab_size: train a byte-level BPE of this size on train documents (exclusive with
+      tokenizer_path).
     tokenizer_path: load this tokenizer instead, see `tokenizer.load_tokenizer`.
-    validation_fraction: share of documents held out for validation, in [0, 1).
+    validation_fraction: share of documents held out for validation, in [0, 1), each
+      drawn by its content hash; when none is drawn, the last document is (one document
+      and a positive fraction are refused).
     tokens_per_shard: approximate tokens per TFRecord file.
-    seed: seeds the train/validation assignment and document order.
+    seed: seeds the order of the input files and which documents are held out.
     overwrite: replace a non-empty output_dir, once the new dataset is complete.
+    reading: a `sources.Reading` (text field, document separator, bad lines); None: the
+      defaults.
+    filters: a `workers.Filters` (ftfy, min_chars, dedup, meta filter); None: keep all.
+    workers: processes tokenizing in parallel; the output is the same for any number.
+    tokenizer_sample_bytes: at most this much train text (UTF-8 bytes) trains the BPE,
+      shared among the input files by file size, each share read from the file's start.
 
   Returns:
     The dataset.json contents as a dict.
   """
-  started = time.time()
-  _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard)
+  plan = _Plan(inputs, n_ctx, vocab_size, tokenizer_path, validation_fraction,
+               tokens_per_shard, seed, reading or sources_lib.Reading(),
+               filters or workers_lib.Filters(), workers, tokenizer_sample_bytes)
   if storage.is_remote(output_dir):  # Before stripping: 'gs://' must not become 'gs:'.
-    return _prepare_and_upload(str(output_dir), overwrite, functools.partial(
-        prepare_dataset, inputs, n_ctx=n_ctx, vocab_size=vocab_size,
-        tokenizer_path=tokenizer_path, validation_fraction=validation_fraction,
-        tokens_per_shard=tokens_per_shard, seed=seed))
-  output_dir = str(output_dir).rstrip("/")
-  paths = resolve_inputs(inputs)
-  splits = split_documents(paths, validation_fraction, seed)
-  _check_output_dir(output_dir, overwrite)
-  if tokenizer_path is not None:
-    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
-  else:
-    # Held-out documents stay unseen by every learned part, the merges included.
-    tokenizer = tokenizer_lib.train_bpe(splits["train"], vocab_size)
-  staging_dir = f"{output_dir}.tmp-{uuid.uuid4().hex[:8]}"
-  tf.io.gfile.makedirs(staging_dir)
-  try:
-    info = _write_dataset(tokenizer, splits, staging_dir, n_ctx, tokens_per_shard)
-    info.update(sources=len(paths), tokens_per_shard=tokens_per_shard, seed=seed,
-                seconds=round(time.time() - started, 1))
-    _write_text(os.path.join(staging_dir, "dataset.json"), json.dumps(info, indent=2) + "\n")
-    _publish(staging_dir, output_dir, overwrite)
-  finally:
-    if tf.io.gfile.exists(staging_dir):
-      tf.io.gfile.rmtree(staging_dir)
-  return info
+    return _prepare_and_upload(str(output_dir), overwrite,
+                               functools.partial(_prepare_locally, plan))
+  return _prepare_locally(plan, str(output_dir).rstrip("/"), overwrite)
 
 
 def _prepare_and_upload(uri, overwrite, prepare_into):
-  """Prepares a dataset with prepare_into(output_dir=...) in a temporary folder, uploads it."""
+  """Prepares a dataset in a local folder named after uri (so a rerun resumes), uploads it."""
   # An occupied prefix is refused now, not after the (possibly long) tokenization.
   storage.check_upload_target(uri, overwrite)
-  with tempfile.TemporaryDirectory(prefix="gptneo-prepare-") as local_root:
-    local_dir = os.path.join(local_root, "dataset")
-    info = prepare_into(output_dir=local_dir)
-    storage.upload_folder(local_dir, uri, overwrite=overwrite)
+  key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+  local_root = os.path.join(tempfile.gettempdir(), f"gptneo-prepare-{key}")
+  local_dir = os.path.join(local_root, "dataset")
+  if os.path.exists(local_dir):  # a prepared, not uploaded, dataset: prepared again
+    shutil.rmtree(local_dir)
+  info = prepare_into(local_dir, False)
+  storage.upload_folder(local_dir, uri, overwrite=overwrite)
+  shutil.rmtree(local_root)
   return info
 
 
-def _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard):
+def _prepare_locally(plan, output_dir, overwrite):
+  _check_output_dir(output_dir, overwrite)
+  staging_dir = f"{output_dir}.partial"
+  try:
+    info = _Run(plan, staging_dir).run()
+    _publish(staging_dir, output_dir, overwrite)
+  except UserError:
+    shutil.rmtree(staging_dir, ignore_errors=True)  # Bad input: nothing half-written stays.
+    raise
+  return info
+
+
+class _Plan:
+  """The arguments of one prepare, checked; their fingerprint says when a rerun may resume."""
+
+  def __init__(self, inputs, n_ctx, vocab_size, tokenizer_path, validation_fraction,
+               tokens_per_shard, seed, reading, filters, workers, tokenizer_sample_bytes):
+    _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard, validation_fraction,
+                     workers, tokenizer_sample_bytes)
+    self.n_ctx, self.vocab_size, self.tokenizer_path = n_ctx, vocab_size, tokenizer_path
+    self.validation_fraction, self.tokens_per_shard = validation_fraction, tokens_per_shard
+    self.seed, self.reading, self.filters, self.workers = seed, reading, filters, workers
+    self.tokenizer_sample_bytes = tokenizer_sample_bytes
+    self.sources = stream_order(sources_lib.resolve(inputs), seed)
+    sources_lib.check(self.sources, reading)
+
+  def settings(self):
+    """What dataset.json records of how the documents were chosen."""
+    return {"validation_fraction": self.validation_fraction,
+            "reading": {"text_field": self.reading.text_field,
+                        "document_separator": self.reading.document_separator,
+                        "skip_bad_lines": self.reading.skip_bad_lines},
+            "filters": self.filters.as_dict()}
+
+  def fingerprint(self):
+    files = [(s.path, os.path.getsize(s.path), os.stat(s.path).st_mtime_ns)
+             for s in self.sources]
+    arguments = [FORMAT_VERSION, self.n_ctx, self.vocab_size, self.tokenizer_path,
+                 self.tokens_per_shard, self.seed, self.tokenizer_sample_bytes,
+                 self.settings(), files]
+    return hashlib.sha256(json.dumps(arguments).encode()).hexdigest()
+
+
+def _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard, validation_fraction,
+                     workers, tokenizer_sample_bytes):
   if (vocab_size is None) == (tokenizer_path is None):
     raise UserError("give exactly one of vocab_size (train a tokenizer) and tokenizer_path "
                     "(load one); pass --vocab_size or --tokenizer")
@@ -340,29 +306,332 @@ def _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard):
   if tokens_per_shard < 1:
     raise UserError(f"tokens_per_shard={tokens_per_shard} must be positive; "
                     "pass e.g. --tokens_per_shard=1000000")
+  if not 0 <= validation_fraction < 1:
+    raise UserError(f"validation_fraction={validation_fraction} is outside [0, 1); "
+                    "pass e.g. --validation_fraction=0.05, or 0 for no validation split")
+  if workers < 1:
+    raise UserError(f"workers={workers} must be at least 1; pass e.g. --workers=1, "
+                    "or leave it out for one per core")
+  if tokenizer_sample_bytes < 1:
+    raise UserError(f"tokenizer_sample_bytes={tokenizer_sample_bytes} must be positive; "
+                    "pass e.g. --tokenizer_sample_bytes=256000000")
 
 
-def _write_dataset(tokenizer, splits, folder, n_ctx, tokens_per_shard):
-  """Writes every split's shards and tokenizer.json; returns the dataset.json fields."""
-  window_length = n_ctx + 1
-  split_infos = {}
-  for split, paths in splits.items():
-    tokens, num_bytes = encode_documents(tokenizer, paths, f"tokenizing {split}")
-    if len(tokens) < window_length:
-      raise UserError(_too_few_tokens_message(split, len(tokens), n_ctx))
-    files, num_windows = write_windows(tokens, window_length, tokens_per_shard, folder, split)
-    split_infos[split] = {"files": files, "windows": num_windows, "tokens": int(len(tokens)),
-                          "bytes": num_bytes, "documents": paths}
-  _write_text(os.path.join(folder, "tokenizer.json"), tokenizer.to_str())
-  return {"format": FORMAT_VERSION, "n_ctx": n_ctx, "n_vocab": tokenizer.get_vocab_size(),
-          "eos_id": tokenizer_lib.eos_id(tokenizer), "tokenizer": "tokenizer.json",
-          "splits": split_infos}
+# --------------------------------------------------------------------------- one run
 
 
-def _too_few_tokens_message(split, num_tokens, n_ctx):
-  if split == "train":
-    return (f"corpus has {num_tokens} tokens, fewer than n_ctx+1={n_ctx + 1}; "
-            "add more input or lower --n_ctx")
-  return (f"validation split has {num_tokens} tokens, fewer than n_ctx+1={n_ctx + 1}; "
-          "raise --validation_fraction, add more input, lower --n_ctx "
-          "or pass --validation_fraction=0")
+class _Run:
+  """One prepare into staging_dir: resumes its saved state when the plan is the same."""
+
+  def __init__(self, plan, staging_dir):
+    self.plan, self.folder = plan, staging_dir
+    self.shards_written = 0
+
+  def run(self):
+    tokenizer, state, pending = self._start()
+    self.eos = tokenizer_lib.eos_id(tokenizer)
+    window_length = self.plan.n_ctx + 1
+    self.writers = {split: ShardWriter(self.folder, split, window_length,
+                                       self.plan.tokens_per_shard, state["splits"][split],
+                                       pending[split]) for split in SPLITS}
+    self.state = state
+    self.seen = _load_seen(self.folder, state["dedup_count"]) if self.plan.filters.dedup else None
+    with open(os.path.join(self.folder, _DEDUP), "ab") as self.dedup_file:
+      self._tokenize(tokenizer.to_str())
+    self._release("validation" if state["documents"] > 1 else "train")
+    for writer in self.writers.values():
+      writer.finish()
+    return self._finish(tokenizer)
+
+  def _start(self):
+    """(tokenizer, state, pending tokens per split): saved ones, or new ones."""
+    saved = _load_state(self.folder, self.plan.fingerprint())
+    if saved is not None:
+      state, pending, self.held = saved
+      tokenizer = tokenizer_lib.load_tokenizer(os.path.join(self.folder, "tokenizer.json"))
+      print(f"prepare_data: resuming {self.folder} after {_shard_count(state)} shards")
+      return tokenizer, state, pending
+    if os.path.exists(self.folder):
+      shutil.rmtree(self.folder)  # another prepare's leftovers
+    os.makedirs(self.folder)
+    tokenizer = self._tokenizer()
+    _write_text(os.path.join(self.folder, "tokenizer.json"), tokenizer.to_str())
+    state = _new_state(self.plan)
+    pending = {split: np.zeros([0], np.int32) for split in SPLITS}
+    self.held = np.zeros([0], np.int32)
+    _save_state(self.folder, state, pending, self.held)
+    return tokenizer, state, pending
+
+  def _tokenizer(self):
+    if self.plan.tokenizer_path is not None:
+      return tokenizer_lib.load_tokenizer(self.plan.tokenizer_path)
+    # Held-out documents stay unseen by every learned part, the merges included.
+    return tokenizer_lib.train_bpe_on(_train_sample(self.plan), self.plan.vocab_size)
+
+  def _tokenize(self, tokenizer_json):
+    plan, state = self.plan, self.state
+    total = sum(os.path.getsize(source.path) for source in plan.sources)
+    done = sum(os.path.getsize(s.path) for s in plan.sources[:state["position"][0]])
+    with tqdm.tqdm(total=total, initial=done, desc="preparing", unit="B", unit_scale=True,
+                   unit_divisor=1024, smoothing=0.1) as progress:
+      batches = _batches(plan, state["position"])
+      for items, results in workers_lib.map_ordered(batches, plan.workers, tokenizer_json,
+                                                     plan.filters):
+        results = iter(results)
+        for item in items:
+          self._consume(item, results)
+          progress.update(max(0, done + item.offset - progress.n))
+          done += os.path.getsize(plan.sources[item.source].path) if item.end else 0
+        progress.set_postfix(documents=f"{state['documents']:,}", refresh=False)
+
+  def _consume(self, item, results):
+    """Accounts for one record (or a source's end), in stream order; checkpoints on shards."""
+    state, stats = self.state, self.state["sources"][item.source]
+    if item.end:
+      stats["blake2b"] = _file_digest(self.plan.sources[item.source].path)
+      state["position"] = [item.source + 1, 0]
+      return
+    state["position"] = [item.source, state["position"][1] + 1]
+    reason = item.dropped
+    result = next(results) if reason is None else None
+    if result is not None:
+      reason = result.dropped or self._duplicate(result.digest)
+    if reason is not None:
+      stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
+      return
+    self._add(result, stats)
+
+  def _duplicate(self, digest):
+    if self.seen is None:
+      return None
+    if digest in self.seen:
+      return "duplicate"
+    self.seen.add(digest)
+    self.dedup_file.write(digest)
+    self.state["dedup_count"] += 1
+    return None
+
+  def _add(self, result, stats):
+    """Sends a kept document to its split. While no document went to validation, the
+    latest train document waits: at the end it is the validation split (of a tiny corpus)."""
+    split = split_of(result.digest, self.plan.validation_fraction, self.plan.seed)
+    ids = np.append(result.ids, np.int32(self.eos))
+    for counts in (stats, self.state):
+      counts["documents"] += 1
+    stats["tokens"] += len(ids)
+    stats["bytes"] += result.num_bytes
+    waiting = self.plan.validation_fraction > 0 and not self.state["splits"]["validation"]["documents"]
+    written = self._release()
+    if split == "train" and waiting:
+      self.held, self.state["held_bytes"] = ids, result.num_bytes
+    else:
+      written += self._write(split, ids, result.num_bytes)
+    if written:
+      self._checkpoint(written)
+
+  def _release(self, split="train"):
+    """Writes the waiting train document (into `split`); returns the shards completed."""
+    if self.state["held_bytes"] is None:
+      return 0
+    ids, num_bytes = self.held, self.state["held_bytes"]
+    self.held, self.state["held_bytes"] = np.zeros([0], np.int32), None
+    return self._write(split, ids, num_bytes)
+
+  def _write(self, split, ids, num_bytes):
+    info = self.state["splits"][split]
+    info["documents"] += 1
+    info["tokens"] += len(ids)
+    info["bytes"] += num_bytes
+    return self.writers[split].add(ids)
+
+  def _checkpoint(self, written):
+    self.shards_written += written
+    if os.environ.get(_KILL_HOOK) and self.shards_written >= int(os.environ[_KILL_HOOK]):
+      os.kill(os.getpid(), signal.SIGKILL)  # the shard is on disk, its state not yet
+    self.dedup_file.flush()
+    pending = {split: writer.pending() for split, writer in self.writers.items()}
+    _save_state(self.folder, self.state, pending, self.held)
+
+  def _finish(self, tokenizer):
+    state, plan = self.state, self.plan
+    splits = {split: state["splits"][split] for split in SPLITS if state["splits"][split]["documents"]}
+    window_length = plan.n_ctx + 1
+    train_tokens = state["splits"]["train"]["tokens"]
+    if train_tokens < window_length:
+      raise UserError(f"corpus has {train_tokens} tokens, fewer than "
+                      f"n_ctx+1={window_length}; add more input or lower --n_ctx")
+    if plan.validation_fraction > 0:
+      _check_validation(state, window_length, plan.validation_fraction)
+    for name in os.listdir(self.folder):  # the state, dedup hashes, any temporary file
+      if name.startswith("."):
+        os.remove(os.path.join(self.folder, name))
+    info = {"format": FORMAT_VERSION, "n_ctx": plan.n_ctx, "n_vocab": tokenizer.get_vocab_size(),
+            "eos_id": self.eos, "tokenizer": "tokenizer.json", "documents": state["documents"],
+            "tokens_per_shard": plan.tokens_per_shard, "seed": plan.seed, **plan.settings(),
+            "dropped": _total_dropped(state["sources"]),
+            "inputs_hash": _inputs_hash(state["sources"]), "sources": state["sources"],
+            "splits": splits}
+    _write_text(os.path.join(self.folder, "dataset.json"), json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _check_validation(state, window_length, fraction):
+  validation = state["splits"]["validation"]
+  if not validation["documents"]:
+    raise UserError(
+        f"validation_fraction={fraction} needs two or more documents, the corpus has "
+        f"{state['documents']}; split the text into documents (--document_separator), "
+        "add input, or pass --validation_fraction=0 for no validation split")
+  if validation["tokens"] < window_length:
+    raise UserError(f"validation split has {validation['tokens']} tokens, fewer than "
+                    f"n_ctx+1={window_length}; raise --validation_fraction, add more input, "
+                    "lower --n_ctx or pass --validation_fraction=0")
+
+
+def _total_dropped(source_stats):
+  total = collections.Counter()
+  for stats in source_stats:
+    total.update(stats["dropped"])
+  return dict(sorted(total.items()))
+
+
+def _inputs_hash(source_stats):
+  digests = [[stats["path"], stats["blake2b"]] for stats in source_stats]
+  return hashlib.blake2b(json.dumps(digests).encode(), digest_size=16).hexdigest()
+
+
+def _file_digest(path):
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def _shard_count(state):
+  return sum(len(state["splits"][split]["files"]) for split in SPLITS)
+
+
+def describe(info, dataset_dir):
+  """Lines for bin/prepare_data --stats: per split and per source counts, the settings that
+  chose the documents, the inputs' hash."""
+  lines = [f"{dataset_dir}: {info['documents']:,} documents, vocab {info['n_vocab']}, "
+           f"n_ctx {info['n_ctx']}, inputs_hash {info['inputs_hash']}"]
+  for split, split_info in info["splits"].items():
+    lines.append(f"  {split}: {split_info['documents']:,} documents, "
+                 f"{split_info['tokens']:,} tokens, {split_info['windows']:,} windows, "
+                 f"{len(split_info['files'])} files")
+  settings = ("validation_fraction", "reading", "filters", "dropped")
+  lines.append("  " + json.dumps({key: info[key] for key in settings}))
+  for source in info["sources"]:
+    dropped = "".join(f", dropped {n:,} {why}" for why, n in source["dropped"].items())
+    lines.append(f"  {source['path']} ({source['format']}): {source['documents']:,} "
+                 f"documents, {source['tokens']:,} tokens{dropped}")
+  return lines
+
+
+# --------------------------------------------------------------------------- reading
+
+
+_Item = collections.namedtuple("_Item", "source dropped offset end")
+
+
+def _batches(plan, position):
+  """Yields (items, texts) batches from `position` on: every record is an item (its text
+  in texts unless a meta filter or a bad line dropped it), every source's end one too."""
+  items, texts, size = [], [], 0
+  for index in range(position[0], len(plan.sources)):
+    skip = position[1] if index == position[0] else 0
+    for record in _records_from(plan, plan.sources[index], skip):
+      dropped = _meta_dropped(record, plan.filters)
+      items.append(_Item(index, dropped, record.offset, False))
+      if dropped is None:
+        texts.append(record.text)
+        size += len(record.text) if record.text is not None else 0
+      if size >= _BATCH_BYTES:
+        yield items, texts
+        items, texts, size = [], [], 0
+    items.append(_Item(index, None, os.path.getsize(plan.sources[index].path), True))
+  yield items, texts
+
+
+def _records_from(plan, source, skip):
+  columns = [name.split(".")[0] for name, _ in plan.filters.meta_filter]
+  records = sources_lib.records(source, plan.reading, columns)
+  for number, record in enumerate(records):
+    if number >= skip:
+      yield record
+
+
+def _meta_dropped(record, filters):
+  if record.text is None:
+    return "bad_line"
+  if record.fields is None:  # plain text: no meta to filter on
+    return None
+  for name, allowed in filters.meta_filter:
+    if str(sources_lib.field(record.fields, name)) not in allowed:
+      return "meta"
+  return None
+
+
+def _train_sample(plan):
+  """Train documents for the BPE: up to tokenizer_sample_bytes, shared by file size."""
+  total = sum(os.path.getsize(source.path) for source in plan.sources) or 1
+  for source in plan.sources:
+    budget = plan.tokenizer_sample_bytes * os.path.getsize(source.path) // total + 1
+    for record in _records_from(plan, source, 0):
+      if budget <= 0:
+        break
+      if _meta_dropped(record, plan.filters) is not None:
+        continue
+      text, _ = workers_lib.clean(record.text, plan.filters)
+      digest = text is not None and workers_lib.content_hash(text)
+      if text and split_of(digest, plan.validation_fraction, plan.seed) == "train":
+        budget -= len(text.encode("utf-8"))
+        yield text
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _new_state(plan):
+  return {"fingerprint": plan.fingerprint(), "position": [0, 0], "documents": 0,
+          "dedup_count": 0, "held_bytes": None, "splits": {split: _new_split_info() for split in SPLITS},
+          "sources": [{"path": s.path, "format": s.format, "documents": 0, "tokens": 0,
+                       "bytes": 0, "dropped": {}, "blake2b": None} for s in plan.sources]}
+
+
+def _save_state(folder, state, pending, held):
+  """Writes the state, the unwritten tokens and the waiting document in one file,
+  atomically (rename)."""
+  temporary = os.path.join(folder, _STATE + ".tmp.npz")
+  encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  np.savez(temporary, state=encoded, held=held, **pending)
+  os.replace(temporary, os.path.join(folder, _STATE))
+
+
+def _load_state(folder, fingerprint):
+  """(state, pending, held) saved for this fingerprint, or None."""
+  path = os.path.join(folder, _STATE)
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as saved:
+    state = json.loads(saved["state"].tobytes())
+    pending = {split: saved[split] for split in SPLITS}
+    held = saved["held"]
+  if state["fingerprint"] != fingerprint:
+    print(f"prepare_data: {folder} is another prepare's (other arguments or inputs); "
+          "starting over")
+    return None
+  for split in SPLITS:  # shards written after the state was saved are written again
+    for name in os.listdir(folder):
+      if name.startswith(f"{split}-") and name not in state["splits"][split]["files"]:
+        os.remove(os.path.join(folder, name))
+  return state, pending, held
+
+
+def _load_seen(folder, count):
+  """The dedup hashes saved with the state (later ones, of a killed run, cut off)."""
+  path = os.path.join(folder, _DEDUP)
+  with open(path, "ab") as f:
+    f.truncate(16 * count)
+  with open(path, "rb") as f:
+    data = f.read()
+  return {data[i:i + 16] for i in range(0, len(data), 16)}

@@ -28,10 +28,24 @@ def _byte_level_tokenizer(model):
 
 
 def train_bpe(paths, vocab_size):
-  """Trains a byte-level BPE tokenizer over text files, with EOS_TOKEN as its special token.
+  """Trains a byte-level BPE tokenizer over text files, each file one text; see train_bpe_on.
 
   Args:
     paths: UTF-8 text files to learn the merges from.
+    vocab_size: size of the final vocabulary, including the 256 byte symbols and EOS.
+  """
+  def texts():
+    for path in paths:
+      with open(path, encoding="utf-8") as f:
+        yield f.read()
+  return train_bpe_on(texts(), vocab_size)
+
+
+def train_bpe_on(texts, vocab_size):
+  """Trains a byte-level BPE tokenizer on texts, with EOS_TOKEN as its special token.
+
+  Args:
+    texts: iterable of documents (streamed: the trainer keeps word counts, not the texts).
     vocab_size: size of the final vocabulary, including the 256 byte symbols and EOS.
 
   Returns:
@@ -48,7 +62,7 @@ def train_bpe(paths, vocab_size):
       special_tokens=[EOS_TOKEN],
       # Seeding all 256 bytes guarantees any later text is encodable, even unseen bytes.
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tokenizer.train([str(path) for path in paths], trainer)
+  tokenizer.train_from_iterator(texts, trainer)
   return tokenizer
 
 
