@@ -244,3 +244,22 @@ def test_unknown_training_harness_task_is_refused_before_training(tmp_path, smal
   with pytest.raises(ValueError, match="harness task 'nope' not found in "):
     train_in_process(tmp_path / "run", small_dataset, 5, 'train.harness_tasks = ["nope"]')
   assert not (tmp_path / "run").exists()
+
+
+def scored(model_dir, spec, precision="float32"):
+  """gptneo_lambada's first 12 examples through a Scorer on mesh `spec`."""
+  task = specs_lib.find(["gptneo_lambada"])
+  [record] = harness_run.Scorer(gpt_lib.GPT(), runtime.Runtime(spec), model_dir, task, 4,
+                                precision, limit=12)()
+  return record
+
+
+def test_a_mesh_of_two_devices_and_bfloat16_score_as_one_device(model_dir):
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], ONE_DEVICE)
+  one = scored(model_dir, mesh_lib.mesh())
+  for mesh_shape, layout in (("x:2", "batch:x"), ("x:2", "heads:x,vocab:x")):
+    split = scored(model_dir, mesh_lib.mesh(mesh_shape=mesh_shape, layout=layout))
+    assert split["acc"] == one["acc"]
+    assert math.log(split["perplexity"]) == pytest.approx(math.log(one["perplexity"]), abs=1e-4)
+  bf16 = scored(model_dir, mesh_lib.mesh(), "bfloat16")
+  assert math.log(bf16["perplexity"]) == pytest.approx(math.log(one["perplexity"]), rel=0.02)
