@@ -155,6 +155,9 @@ def lm_eval(model_dir, tasks, limit=None, task_dirs=(), model=gin.REQUIRED,
     one record per task, also appended to model_dir/eval.jsonl and written to TensorBoard
     in model_dir/eval (harness/<task>/<metric>).
   """
+  for name, value in (("batch_size", batch_size), ("max_gen_toks", max_gen_toks)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise UserError(f"lm_eval.{name} = {value!r}; it must be a positive integer")
   specs = check_tasks(tasks, task_dirs)
   inference.check_model_dir(model_dir)
   with runtime.started(mesh) as rt:
