@@ -6,7 +6,10 @@ TensorFlow's gs:// filesystem, because the client can be pointed at an emulator
 tests run it.
 
 A mirrored prefix lives in `<cache_dir>/gcs/<bucket>/<prefix>`, with MANIFEST_NAME
-recording the generation and size of every object it holds.
+recording the generation and size of every object it holds. A dataset's shards are not
+mirrored for training: `gptneo.data.shard_cache` fetches them one by one into the same folder
+(list_blobs, download_blob) and evicts them. Many files move in parallel (transfer_manager's
+threads), one group of COMPLETING_FILES rank after the other.
 """
 import contextlib
 import fnmatch
@@ -21,6 +24,7 @@ from google.api_core import exceptions as api_exceptions
 from google.auth import exceptions as auth_exceptions
 from google.cloud import storage as gcs
 from google.cloud.storage import retry as gcs_retry
+from google.cloud.storage import transfer_manager
 import requests
 import tqdm
 from gptneo.errors import UserError
@@ -39,6 +43,7 @@ _EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 # The client's own policy, transient errors retried for up to 2 minutes; named once, so
 # every call here waits alike (and a test can wait less).
 _RETRY = gcs_retry.DEFAULT_RETRY
+TRANSFER_WORKERS = 8  # files uploaded or downloaded at once (transfer_manager threads)
 
 
 def is_remote(path):
@@ -114,6 +119,14 @@ def object_names(uri):
     return sorted(_relative_name(blob, prefix) for blob in _list_objects(bucket, prefix))
 
 
+def list_blobs(uri):
+  """{relative name: blob} of the objects under a gs:// prefix (the lease aside); each blob
+  carries the generation and size it was listed with."""
+  bucket, prefix = split_uri(uri)
+  with _gcs_errors(uri):
+    return {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
+
+
 def read_text(uri):
   """The text of the one object at a gs:// URI, or None if there is none (no mirroring: for
   a small file of a prefix whose other objects are big, e.g. a model dir's logs)."""
@@ -121,6 +134,13 @@ def read_text(uri):
   with _gcs_errors(uri):
     blob = _client().bucket(bucket).get_blob(name, retry=_RETRY)
     return None if blob is None else blob.download_as_bytes(retry=_RETRY).decode()
+
+
+def upload_file(path, uri):
+  """Uploads one local file as the object at a gs:// URI (no mirror involved)."""
+  bucket, name = split_uri(uri)
+  with _gcs_errors(uri):
+    _client().bucket(bucket).blob(name).upload_from_filename(path, retry=_RETRY)
 
 
 def _relative_name(blob, prefix):
@@ -139,7 +159,7 @@ def cache_dir_of(cache_dir=None):
   return os.path.expanduser(cache_dir or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
 
 
-def local_copy(uri, cache_dir=None, must_exist=True):
+def local_copy(uri, cache_dir=None, must_exist=True, only=None):
   """Mirrors every object under a gs:// prefix into the local cache; returns that folder.
 
   Objects the cache holds at the same generation and size are not downloaded again;
@@ -150,6 +170,9 @@ def local_copy(uri, cache_dir=None, must_exist=True):
     cache_dir: cache root; default $GPTNEO_CACHE_DIR, else ~/.cache/gptneo.
     must_exist: refuse a prefix that holds nothing (a dataset); False for a model dir a
       run is about to fill.
+    only: if given, a function of a relative name: download only the objects it is true
+      for (a dataset's small files; its shards come through shard_cache). The others are
+      left as they are, unless they vanished remotely.
 
   Returns:
     The local folder `<cache_dir>/gcs/<bucket>/<prefix>`.
@@ -163,10 +186,10 @@ def local_copy(uri, cache_dir=None, must_exist=True):
     if not blobs and must_exist:
       raise UserError(f"{uri.rstrip('/')} holds no files; check the path or run "
                       f"bin/prepare_data --output_dir={uri.rstrip('/')}")
-    cached = _read_manifest(folder)
+    cached = read_manifest(folder)
     _remove_vanished(folder, cached, blobs)
     missing = {name: blob for name, blob in blobs.items()
-               if not _is_cached(folder, name, blob, cached)}
+               if (only is None or only(name)) and not is_cached(folder, name, blob, cached)}
     _download(uri, folder, missing, cached)
   return folder
 
@@ -177,7 +200,7 @@ def mirror_folder(uri, cache_dir=None):
   return os.path.normpath(os.path.join(cache_dir_of(cache_dir), "gcs", bucket, prefix))
 
 
-def _read_manifest(folder):
+def read_manifest(folder):
   """{relative name: {"generation", "size"}} of what folder holds; {} when unreadable."""
   try:
     with open(os.path.join(folder, MANIFEST_NAME)) as f:
@@ -186,7 +209,8 @@ def _read_manifest(folder):
     return {}  # No mirror yet, or a damaged one: download everything again.
 
 
-def _write_manifest(folder, objects):
+def write_manifest(folder, objects):
+  """Records {relative name: {"generation", "size", "mtime_ns"}} as what folder holds."""
   _atomic_write(os.path.join(folder, MANIFEST_NAME),
                 lambda path: _write_json(path, {"objects": objects}))
 
@@ -196,7 +220,8 @@ def _write_json(path, value):
     json.dump(value, f, indent=1, sort_keys=True)
 
 
-def _is_cached(folder, name, blob, cached):
+def is_cached(folder, name, blob, cached):
+  """True if folder holds the object as listed (generation, size), unchanged since."""
   entry = cached.get(name) or {}
   path = os.path.join(folder, name)
   if (entry.get("generation"), entry.get("size")) != (blob.generation, blob.size):
@@ -213,33 +238,58 @@ def _remove_vanished(folder, cached, blobs):
 
 
 def _download(uri, folder, blobs, cached):
-  """Downloads blobs into folder, COMPLETING_FILES last, each recorded in the manifest once in
-  place."""
+  """Downloads blobs into folder, in parallel within each COMPLETING_FILES rank, the ranks
+  in order; each recorded in the manifest once in place."""
   os.makedirs(folder, exist_ok=True)
   try:
     if not blobs:
       return
     total = sum(blob.size for blob in blobs.values())
     with tqdm.tqdm(total=total, desc=f"downloading {uri}", unit="B", unit_scale=True) as bar:
-      for name in _in_transfer_order(blobs):
-        blob = blobs[name]
-        # As listed: downloading resets blob.generation from the response headers.
-        entry = {"generation": blob.generation, "size": blob.size}
-        cached.pop(name, None)  # Until the new version is in place, the old entry lies.
-        path = os.path.join(folder, name)
-        _atomic_write(path, functools.partial(blob.download_to_filename, retry=_RETRY))
-        cached[name] = {**entry, "mtime_ns": os.stat(path).st_mtime_ns}
-        bar.update(entry["size"])
+      for group in _transfer_groups(blobs):
+        _download_group(folder, {name: blobs[name] for name in group}, cached)
+        bar.update(sum(blobs[name].size for name in group))
   finally:  # Also after an interruption, so the next call resumes where this one stopped.
-    _write_manifest(folder, cached)
+    write_manifest(folder, cached)
+
+
+def _download_group(folder, blobs, cached):
+  """Downloads blobs at once (transfer_manager threads) to hidden names, then renames them."""
+  # As listed: downloading resets blob.generation from the response headers.
+  entries = {name: {"generation": blob.generation, "size": blob.size}
+             for name, blob in blobs.items()}
+  temporaries = {name: _temporary(os.path.join(folder, name)) for name in blobs}
+  try:
+    for name in blobs:
+      cached.pop(name, None)  # Until the new version is in place, the old entry lies.
+      os.makedirs(os.path.dirname(temporaries[name]), exist_ok=True)
+    transfer_manager.download_many(
+        [(blobs[name], temporaries[name]) for name in blobs], download_kwargs={"retry": _RETRY},
+        worker_type=transfer_manager.THREAD, max_workers=TRANSFER_WORKERS,
+        raise_exception=True)
+    for name, temporary in temporaries.items():
+      path = os.path.join(folder, name)
+      os.replace(temporary, path)
+      cached[name] = {**entries[name], "mtime_ns": os.stat(path).st_mtime_ns}
+  finally:
+    for temporary in temporaries.values():
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(temporary)
+
+
+def download_blob(blob, path):
+  """Downloads one listed object to path (through a hidden temporary name); returns its
+  manifest entry (see write_manifest)."""
+  entry = {"generation": blob.generation, "size": blob.size}
+  with _gcs_errors(f"{SCHEME}{blob.bucket.name}/{blob.name}"):
+    _atomic_write(path, functools.partial(blob.download_to_filename, retry=_RETRY))
+  return {**entry, "mtime_ns": os.stat(path).st_mtime_ns}
 
 
 def _atomic_write(path, write):
   """Calls write(temporary path) next to path, then renames it into place."""
-  directory, name = os.path.split(path)
-  os.makedirs(directory, exist_ok=True)
-  # A hidden temporary name: an interrupted write never looks like the finished file.
-  temporary = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  temporary = _temporary(path)
   try:
     write(temporary)
     os.replace(temporary, path)
@@ -247,6 +297,12 @@ def _atomic_write(path, write):
     with contextlib.suppress(FileNotFoundError):
       os.remove(temporary)
     raise
+
+
+def _temporary(path):
+  """A hidden name next to path: an interrupted write never looks like the finished file."""
+  directory, name = os.path.split(path)
+  return os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}.partial")
 
 
 # --------------------------------------------------------------------------- upload
@@ -303,6 +359,13 @@ def _in_transfer_order(names):
   return sorted(names, key=lambda name: (_completion_rank(name), name))
 
 
+def _transfer_groups(names):
+  """names in groups that may move at once: the data, then each COMPLETING_FILES rank."""
+  ordered = _in_transfer_order(names)
+  ranks = sorted({_completion_rank(name) for name in ordered})
+  return [[name for name in ordered if _completion_rank(name) == rank] for rank in ranks]
+
+
 def _completion_rank(name):
   """0 for data, else 1 + the index of the COMPLETING_FILES pattern the name matches."""
   ranks = (rank for rank, pattern in enumerate(COMPLETING_FILES, 1)
@@ -315,14 +378,16 @@ def _object_name(prefix, name):
 
 
 def _upload_files(bucket, local_dir, prefix, names, description, uploaded, leave):
-  """Uploads names (in that order) under prefix, recording each one's manifest entry in
-  `uploaded` as soon as it is up; a tqdm bar by bytes."""
+  """Uploads names under prefix, in parallel within each COMPLETING_FILES rank, the ranks in
+  order; records each group's manifest entries in `uploaded` once it is up; a tqdm bar by
+  bytes."""
   total = sum(os.path.getsize(os.path.join(local_dir, name)) for name in names)
   with tqdm.tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=not names,
                  leave=leave) as bar:
-    for name in names:
-      uploaded[name] = _upload(bucket, local_dir, name, _object_name(prefix, name))
-      bar.update(uploaded[name]["size"])
+    for group in _transfer_groups(names):
+      entries = _upload_group(bucket, local_dir, prefix, group)
+      uploaded.update(entries)
+      bar.update(sum(entry["size"] for entry in entries.values()))
 
 
 def _delete(bucket, names):
@@ -356,7 +421,7 @@ def working_copy(model_dir, cache_dir=None):
 
 def _remote_as_last_synced(folder, uri):
   """True if this mirror synced last and nobody wrote to uri since; then local changes win."""
-  cached = _read_manifest(folder)
+  cached = read_manifest(folder)
   bucket, prefix = split_uri(uri)
   with _gcs_errors(uri):
     remote = {_relative_name(blob, prefix): blob.generation
@@ -382,7 +447,7 @@ def sync_up(local_dir, uri):
   if uri.rstrip("/") in _leases:  # a writer that lost its lease must not write on
     _leases[uri.rstrip("/")].check()
   bucket_name, prefix = split_uri(uri)
-  cached = _read_manifest(local_dir)
+  cached = read_manifest(local_dir)
   changed = [name for name in _local_files(local_dir) if _changed(local_dir, name, cached)]
   gone = [name for name in cached if not os.path.isfile(os.path.join(local_dir, name))]
   with _gcs_errors(uri):
@@ -394,7 +459,7 @@ def sync_up(local_dir, uri):
       for name in gone:
         del cached[name]
     finally:  # What went up is recorded, also when a later upload failed.
-      _write_manifest(local_dir, cached)
+      write_manifest(local_dir, cached)
 
 
 def _changed(folder, name, cached):
@@ -403,13 +468,17 @@ def _changed(folder, name, cached):
   return (entry.get("size"), entry.get("mtime_ns")) != (stat.st_size, stat.st_mtime_ns)
 
 
-def _upload(bucket, folder, name, object_name):
-  """Uploads one file; returns its manifest entry (as of the bytes read)."""
-  path = os.path.join(folder, name)
-  stat = os.stat(path)
-  blob = bucket.blob(object_name)
-  blob.upload_from_filename(path, retry=_RETRY)
-  return {"generation": blob.generation, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def _upload_group(bucket, folder, prefix, names):
+  """Uploads files at once (transfer_manager threads); returns their manifest entries (as of
+  the bytes read)."""
+  stats = {name: os.stat(os.path.join(folder, name)) for name in names}
+  blobs = {name: bucket.blob(_object_name(prefix, name)) for name in names}
+  transfer_manager.upload_many(
+      [(os.path.join(folder, name), blobs[name]) for name in names],
+      upload_kwargs={"retry": _RETRY}, worker_type=transfer_manager.THREAD,
+      max_workers=TRANSFER_WORKERS, raise_exception=True)
+  return {name: {"generation": blobs[name].generation, "size": stats[name].st_size,
+                 "mtime_ns": stats[name].st_mtime_ns} for name in names}
 
 
 # --------------------------------------------------------------------------- the writer's lease
@@ -510,11 +579,21 @@ class Lease:
       self._generation = current_generation
     return True
 
+  def holder_alive(self):
+    """The record of whoever holds the lease now and renews it in time, else None (no lease,
+    or a stale one): a read that takes nothing, for `--status` from another machine."""
+    with _gcs_errors(self.uri):
+      record, _ = self._read()
+    return None if record is None or self._is_stale(record) else record
+
+  def _is_stale(self, record):
+    renewed, seconds = record.get("renewed"), record.get("seconds", self.seconds)
+    return _is_number(renewed) and _is_number(seconds) and time.time() - renewed > seconds
+
   def _may_take(self, record):
     """A stale lease, or one of an earlier run on this machine and mirror: holding the
     mirror's lock (model_dir.lock), we know that run is gone."""
-    renewed, seconds = record.get("renewed"), record.get("seconds", self.seconds)
-    if _is_number(renewed) and _is_number(seconds) and time.time() - renewed > seconds:
+    if self._is_stale(record):
       return True
     return [record.get(key) for key in ("host", "mirror")] == [self.holder["host"],
                                                                 self.holder["mirror"]]

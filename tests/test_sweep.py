@@ -18,6 +18,7 @@ from conftest import REPO, TINY_TEST_BINDINGS, run_binary
 from gptneo import storage
 from gptneo.errors import UserError
 from gptneo.sweep import driver
+from gptneo.sweep import hparams
 from gptneo.sweep import launch
 from gptneo.sweep import metrics
 from gptneo.sweep import report
@@ -26,12 +27,11 @@ from gptneo.sweep import runner
 from gptneo.sweep import scaling
 from gptneo.sweep import spec as spec_lib
 from gptneo.sweep import sweep_file
+from gptneo.sweep import validate
 
 LR = "learning_rate_schedule.learning_rate"
 # 3 learning rates (the last diverges) x 2 widths; long enough that a kill lands mid-run.
-# Each evaluation reads the whole validation split (632 windows = 79 batches of 8): the
-# periodic evaluation reads on from where the last one stopped, and a resumed bin/train
-# starts that stream afresh, so only whole passes compare equal across a restart.
+# Each evaluation reads the whole validation split (632 windows = 79 batches of 8).
 RUN_BINDINGS = ["train.train_steps = 150", "train.steps_per_checkpoint = 50",
                 "train.eval_every_n_steps = 50", "train.eval_steps = 79"]
 AXES = [f"{LR} = [1e-3, 3e-3, 1e30]", "GPT.n_embd = [32, 64]"]
@@ -191,6 +191,17 @@ def test_a_root_holding_another_sweep_is_refused_unless_updated(small_dataset, t
   driver.write_root(_spec(small_dataset), root, ["same again"])  # the same sweep: resumes
   driver.write_root(other, root, ["second"], update=True)
   assert len(root_lib.Root(root).points()[0]) == 2
+
+
+def test_gpu_points_get_disjoint_visible_gpus(monkeypatch):
+  """The split only (no GPU here): each slot's CUDA_VISIBLE_DEVICES, from the GPUs visible."""
+  def facts(device_type, devices):
+    return validate.Facts(10, 64, 1000, 100, 0, device_type, devices)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,4,5,6")
+  assert runner.gpu_slots(2, [facts("gpu", 2), facts("gpu", 1)]) == ["0,1", "4,5"]
+  assert runner.gpu_slots(2, [facts("cpu", 2)]) == [None, None]
+  with pytest.raises(UserError, match="need 6 GPUs but 5 are visible; lower --parallel"):
+    runner.gpu_slots(3, [facts("gpu", 2)])
 
 
 def test_random_knobs_need_points():
@@ -447,6 +458,7 @@ def test_a_gs_root_runs_into_the_bucket_and_resumes_from_a_fresh_cache(
     assert int(row["steps"]) == last["step"] == 4 and float(row["train_loss"]) == last["loss"]
     assert f"{row['point']}/checkpoint" in objects
     assert f"{root_lib.DRIVER_PREFIX}/{row['point']}/{root_lib.STATE_JSON}" in objects
+  _assert_hparams_in_the_bucket(objects, tmp_path / "tensorboard", [r["point"] for r in table])
   commands = run_binary("sweep", *flags, "--print_commands", check=True).stdout
   assert commands.strip() == ""  # every point done
   # Another machine: an empty cache. Nothing is run again, and the table is the same.
@@ -461,6 +473,45 @@ def test_a_gs_root_runs_into_the_bucket_and_resumes_from_a_fresh_cache(
     assert rerun[name] == objects[name]
 
 
+def _assert_hparams_in_the_bucket(objects, folder, point_names, metric_tags=("loss", "eval/loss")):
+  """`tensorboard --logdir=gs://ROOT` (here: the bucket's objects copied out) shows the sweep:
+  the experiment, and each point's session in the run holding the point's own metrics."""
+  for name, (_, data) in objects.items():
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+  multiplexer = events.EventMultiplexer()
+  multiplexer.AddRunsFromDirectory(str(folder))
+  multiplexer.Reload()
+  content = multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+  assert [run for run, tags in content.items() if metadata.EXPERIMENT_TAG in tags] == [
+      root_lib.DRIVER_PREFIX]
+  sessions = {run for run, tags in content.items() if metadata.SESSION_START_INFO_TAG in tags}
+  assert sessions == set(point_names)
+  for name in point_names:
+    assert set(metric_tags) <= set(multiplexer.GetAccumulator(name).Tags()["tensors"])
+
+
+def test_status_from_another_machine_tells_a_live_remote_driver_from_a_dead_one(
+    small_dataset, gcs, tmp_path, monkeypatch):
+  """A point `running` in the bucket: running while the driver's lease (another machine's) is
+  renewed, interrupted once that driver is gone."""
+  uri = gcs.uri("sweeps/r")
+  run_binary("sweep", *_flags(small_dataset, [f"{LR} = [3e-3]"]), f"--root={uri}",
+             "--print_commands", check=True)
+  root = root_lib.Root(uri)
+  (point,), _ = root.points()
+  root.write_state(point, {"status": "running", "attempts": [{"start": time.time()}]})
+  driver_lease = storage.Lease(root._driver_uri(),  # pylint: disable=protected-access
+                               {"program": "bin/sweep", "pid": 1, "host": "another-machine",
+                                "since": time.time(), "mirror": "/elsewhere"}).acquire()
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "third_machine"))
+  status = run_binary("sweep", f"--root={uri}", "--status", check=True).stdout
+  assert "1 points: 0 done, 1 running, 0 diverged" in status
+  driver_lease.release()
+  status = run_binary("sweep", f"--root={uri}", "--status", check=True).stdout
+  assert "1 interrupted" in status and "1 running" not in status
+
+
 def test_a_gs_root_prints_gs_model_dirs_and_resumes_an_unfinished_point(
     small_dataset, gcs, tmp_path, monkeypatch):
   uri = gcs.uri("sweeps/p")
@@ -472,12 +523,21 @@ def test_a_gs_root_prints_gs_model_dirs_and_resumes_an_unfinished_point(
   half = line.replace("train.train_steps = 4", "train.train_steps = 2")
   subprocess.run(half, shell=True, check=True, capture_output=True, cwd=tmp_path,
                  env=dict(os.environ, PYTHONPATH=str(REPO)))
+  session = f"lr=3e-3/{hparams.EVENTS_FILE}"
+  run_binary("sweep", "--report", f"--root={uri}", check=True)
+  assert session not in gcs.objects("sweeps/p")  # unfinished: the bucket is the run's alone
   monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "other_cache"))
   run_binary("sweep", *flags, check=True)
   lines = gcs.objects("sweeps/p")[f"lr=3e-3/{metrics.TRAIN_METRICS}"][1].decode().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # resumed at step 2
   (row,) = report.rows(report.open_root(uri))
   assert row["status"] == "done" and row["steps"] == 4
+  _assert_hparams_in_the_bucket(gcs.objects("sweeps/p"), tmp_path / "tb", ["lr=3e-3"], ["loss"])
+  # A point run by another launcher has no session; the report gives it one once it is done.
+  gcs.bucket.blob(f"sweeps/p/{session}").delete()
+  run_binary("sweep", "--report", f"--root={uri}", check=True)
+  _assert_hparams_in_the_bucket(gcs.objects("sweeps/p"), tmp_path / "tensorboard", ["lr=3e-3"],
+                                ["loss"])  # no evaluations
 
 
 # ------------------------------------------------------------------ scaling

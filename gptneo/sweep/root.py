@@ -192,7 +192,18 @@ class Root:
       lease.release()
 
   def driver_running(self):
-    """Whether a driver on this machine holds the lock now."""
+    """Whether a driver holds this sweep now: the lock on this machine, or for a gs:// root
+    a live lease of ROOT/_sweep, which a driver on another machine renews while it runs."""
+    if self._lock_held():
+      return True
+    if not self.uri:
+      return False
+    record = storage.Lease(self._driver_uri(), {}).holder_alive()
+    # A lease of this machine's mirror, its lock free: a driver here that died.
+    return record is not None and [record.get("host"), record.get("mirror")] != [
+        socket.gethostname(), str(self.path)]
+
+  def _lock_held(self):
     if not (self.path / LOCK).is_file():
       return False
     with open(self.path / LOCK, "a+") as f:

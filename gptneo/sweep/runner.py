@@ -19,6 +19,7 @@ import time
 from gptneo import errors
 from gptneo import programs
 from gptneo.errors import UserError
+from gptneo.sweep import hparams
 from gptneo.sweep import metrics
 from gptneo.sweep import root as root_lib
 
@@ -160,6 +161,7 @@ class Driver:
     log = open(run_dir / root_lib.TRAIN_LOG, "a")
     log.write(f"--- bin/sweep: attempt {len(state['attempts'])}, cores {self.cores[slot]}\n")
     log.flush()
+    hparams.write_session(self.root.live_dir(point), point, self.facts[index].parameters)
     env = dict(os.environ)
     if self.gpus[slot] is not None:
       env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot]
