@@ -185,7 +185,10 @@ def _train_iterator(settings):
 
 def _checkpoints(lowering, iterator, settings, model_dir):
   """Mesh variables plus the data position, so a resumed run sees the same batches."""
-  saveable = tf.data.experimental.make_saveable_from_iterator(iterator)
+  # The one external state a pipeline has is shard_cache's fetching of gs:// shards, which
+  # a restored iterator does again for the shard it was reading.
+  saveable = tf.data.experimental.make_saveable_from_iterator(
+      iterator, external_state_policy="ignore")
   return checkpoints_lib.Checkpoints(lowering, model_dir, settings.keep_checkpoints, [saveable])
 
 

@@ -89,7 +89,8 @@ def test_interrupted_download_leaves_no_complete_looking_file(gcs, dataset, monk
   uri = gcs.uri("small")
   storage.upload_folder(dataset, uri)
   folder = os.path.join(storage.cache_dir_of(), "gcs", gcs.bucket.name, "small")
-  real_download = gcs_lib.Blob.download_to_filename
+  # What transfer_manager.download_many calls for each (blob, filename) pair.
+  real_download = gcs_lib.Blob._handle_filename_and_download  # pylint: disable=protected-access
 
   def half_then_interrupted(blob, filename, *args, **kwargs):
     if blob.name.endswith("dataset.json"):
@@ -99,7 +100,7 @@ def test_interrupted_download_leaves_no_complete_looking_file(gcs, dataset, monk
     return real_download(blob, filename, *args, **kwargs)
 
   with monkeypatch.context() as patch:
-    patch.setattr(gcs_lib.Blob, "download_to_filename", half_then_interrupted)
+    patch.setattr(gcs_lib.Blob, "_handle_filename_and_download", half_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
       storage.local_copy(uri)
   assert not os.path.exists(os.path.join(folder, "dataset.json"))

@@ -1,8 +1,8 @@
 """tf.data pipelines over datasets written by `gptneo.data.prepare`.
 
 A dataset spec (`train.dataset_dir`, `evaluate.dataset_dir`) is a prepared folder, a gs://
-URI of one (mirrored into a local cache by `gptneo.storage`), or a dict {folder or URI:
-weight} mixing several prepared with the same tokenizer and n_ctx.
+URI of one (its shards read through the bounded local cache of `gptneo.data.shard_cache`),
+or a dict {folder or URI: weight} mixing several prepared with the same tokenizer and n_ctx.
 
 Every op used here has saveable iterator state, so the trainer can store the iterator in
 its checkpoint (`tf.data.experimental.make_saveable_from_iterator`) and a resumed run sees
@@ -16,6 +16,7 @@ import tensorflow.compat.v1 as tf
 
 from gptneo import storage
 from gptneo.data import prepare
+from gptneo.data import shard_cache
 from gptneo.errors import UserError
 
 _REQUIRED_FIELDS = ("format", "n_ctx", "n_vocab", "eos_id", "tokenizer", "splits")
@@ -50,8 +51,8 @@ def components(dataset_dir):
 
 @functools.lru_cache(maxsize=None)
 def _local_folder(spec):
-  # One mirror per process: a training run reads the dataset's info several times.
-  return storage.local_copy(spec)
+  # Once per process: a training run reads the dataset's info several times.
+  return shard_cache.local_folder(spec) if storage.is_remote(spec) else spec
 
 
 def read_dataset_info(dataset_dir):
@@ -178,11 +179,12 @@ def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=Tr
 
 def _records(files, seed, shuffle, repeat, shuffle_buffer, pairs):
   """Serialized windows of one dataset's files (with pairs: each with its successor)."""
+  files = shard_cache.names(files)  # a gs:// dataset's shards by URI
   dataset = tf.data.Dataset.from_tensor_slices(files)
   if shuffle:
     dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   # flat_map reads one file after the other: a fixed record order, unlike parallel reads.
-  dataset = dataset.flat_map(_successive if pairs else tf.data.TFRecordDataset)
+  dataset = shard_cache.flat_map(dataset, files, _successive if pairs else tf.data.TFRecordDataset)
   if shuffle:
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   return dataset.repeat() if repeat else dataset
