@@ -56,6 +56,13 @@ class MeshSpec:
   def size(self):
     return math.prod(size for _, size in self.shape)
 
+  @property
+  def device_type(self):
+    """"tpu" (simd), "gpu" or "cpu": what the mesh positions are."""
+    if self.implementation == "simd":
+      return "tpu"
+    return "gpu" if any("/gpu:" in d for d in self.devices) else "cpu"
+
   def validate(self, dim_sizes=None, tensor_shapes=()):
     """Raises ValueError if the layout can't apply to tensor dimensions `dim_sizes`.
 

@@ -40,7 +40,7 @@ def check(point):
   model, mesh = settings.model, settings.mesh
   return Facts(settings.train_steps, settings.tokens_per_step, work.num_parameters(),
                (model.n_vocab + model.n_ctx) * model.n_embd, settings.eval_every_n_steps,
-               "gpu" if any("gpu" in d for d in mesh.devices) else "cpu", len(mesh.devices))
+               mesh.device_type, len(mesh.devices))
 
 
 def check_all(points):

@@ -1,0 +1,166 @@
+"""Model FLOPs per token, the devices' peak, and MFU: what a training log line reports.
+
+MFU (model FLOPs utilization, PaLM's appendix B) = tokens/s x training FLOPs per token / the
+peak FLOP/s of the devices. Training FLOPs are 3 x the forward's (backward: twice the
+forward), 2 per multiply-add, counted from the model as it computes: every weight matrix a
+token goes through, the output projection, and per attention layer the keys each query is
+scored against (all n_ctx for a global layer, masked ones included since the kernel computes
+them; 2 x window_size for a local one; d_head-wide running sums for a linear one). A
+recomputed forward (GPT.recompute_grad) is not model FLOPs and is not counted.
+
+The peak: `train.peak_flops`, a number (FLOP/s per device) or a device name of PEAK_FLOPS.
+Unset, a CPU mesh uses this machine's fp32 matmul rate, measured once (a second) and cached
+per machine; a GPU is looked up by its name; a TPU must be named (its runtime does not say
+which chip it is).
+"""
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+from gptneo.errors import UserError
+from gptneo.model import attention
+from gptneo.model import feedforward
+
+# Dense bf16 FLOP/s per chip (TPU) or GPU, without sparsity.
+PEAK_FLOPS = {
+    "tpu_v2": 45e12,   # cloud.google.com/tpu/docs/v2: 45 TFLOP/s per chip
+    "tpu_v3": 123e12,  # cloud.google.com/tpu/docs/v3: 123 TFLOP/s per chip
+    "tpu_v4": 275e12,  # cloud.google.com/tpu/docs/v4: 275 TFLOP/s per chip
+    "tpu_v5e": 197e12,  # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s per chip
+    "a100": 312e12,    # NVIDIA A100 datasheet: 312 TFLOP/s bf16 tensor core, dense
+    "h100": 989e12,    # NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 tensor core, dense
+}
+_GPU_NAMES = {"A100": "a100", "H100": "h100"}  # a substring of TF's device name -> its kind
+RATE_CACHE = "matmul_rate.json"
+
+
+def attended_keys(layer_type, n_ctx, window_size, d_head):
+  """How many keys one query of a layer is scored against (the width of its q.k and p.v)."""
+  kind = attention.lookup(layer_type)
+  if kind.decode == "linear":
+    return d_head  # the [kv, kv] running sum stands in for the keys
+  if kind.windowed and window_size < n_ctx:
+    return 2 * window_size  # a block of queries sees its own block and the one before
+  return n_ctx
+
+
+def forward_flops_per_token(model):
+  """The forward pass's FLOPs (2 per multiply-add) for one token of a full context."""
+  e, m, d_head = model.n_embd, model.mlp_ratio * model.n_embd, model.n_embd // model.n_head
+  ff_matrices = feedforward.INPUT_PROJECTIONS[model.feed_forward.__name__] + 1
+  moe_layers = set(model.moe.layers) if model.moe is not None else set()
+  total = 2 * e * model.n_vocab  # the output projection
+  for layer, layer_type in enumerate(model.layer_types):
+    total += 2 * 4 * e * e  # q, k, v and out
+    total += 2 * 2 * e * attended_keys(layer_type, model.n_ctx, model.window_size, d_head)
+    if layer in moe_layers:  # the router, then one expert's MLP (top-1)
+      total += 2 * e * model.moe.num_experts + 2 * 2 * e * m
+    else:
+      total += 2 * ff_matrices * e * m
+  return total
+
+
+def training_flops_per_token(model):
+  return 3 * forward_flops_per_token(model)
+
+
+def peak_flops(spec, setting=None, cache_dir=None):
+  """The mesh's peak FLOP/s, or None if unknown (MFU is then not reported).
+
+  Args:
+    spec: the MeshSpec trained on.
+    setting: train.peak_flops: None, a number (per device) or a key of PEAK_FLOPS.
+    cache_dir: where the measured CPU rate is cached (default: storage's cache root).
+  """
+  if isinstance(setting, str):
+    if setting not in PEAK_FLOPS:
+      raise UserError(f"train.peak_flops = {setting!r} is no device we know; use a number "
+                      f"(FLOP/s per device) or one of {sorted(PEAK_FLOPS)}")
+    return PEAK_FLOPS[setting] * spec.size
+  if setting is not None:
+    if not isinstance(setting, (int, float)) or setting <= 0:
+      raise UserError(f"train.peak_flops = {setting!r}; it must be a positive FLOP/s per "
+                      f"device, a device name of {sorted(PEAK_FLOPS)}, or None")
+    return float(setting) * spec.size
+  if spec.device_type == "cpu":  # the mesh's CPU devices share this machine's cores
+    return cpu_matmul_rate(cache_dir)
+  if spec.device_type == "gpu":
+    kind = _gpu_kind()
+    return PEAK_FLOPS[kind] * spec.size if kind else None
+  return None
+
+
+def _gpu_kind():
+  from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
+  for device in tf.config.list_physical_devices("GPU"):
+    name = tf.config.experimental.get_device_details(device).get("device_name", "")
+    for part, kind in _GPU_NAMES.items():
+      if part in name:
+        return kind
+  return None
+
+
+def machine_key():
+  """What a measured rate is valid for: the CPU model, the cores we may use, TF's version."""
+  from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
+  model = platform.processor() or "cpu"
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f
+                    if line.startswith("model name")), model)
+  except OSError:
+    pass
+  return f"{model}|{len(os.sched_getaffinity(0))} cores|tf {tf.__version__}"
+
+
+def cpu_matmul_rate(cache_dir=None):
+  """This machine's fp32 matmul FLOP/s in TF on the cores we may use; measured once, cached."""
+  from gptneo import storage  # pylint: disable=g-import-not-at-top
+  path = os.path.join(storage.cache_dir_of(cache_dir), RATE_CACHE)
+  key, rates = machine_key(), {}
+  try:
+    with open(path) as f:
+      rates = json.load(f)
+  except (OSError, ValueError):
+    pass
+  if not isinstance(rates, dict) or not isinstance(rates.get(key), (int, float)):
+    rates = rates if isinstance(rates, dict) else {}
+    rates[key] = measure_matmul_rate()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.partial"
+    with open(temporary, "w") as f:
+      json.dump(rates, f, indent=1)
+    os.replace(temporary, path)
+  return float(rates[key])
+
+
+def measure_matmul_rate(n=1024, seconds=1.0):
+  """fp32 FLOP/s of an n x n matmul in a TF graph, best of the repeats that fit in `seconds`."""
+  from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  graph = tf.Graph()
+  with graph.as_default():
+    a = tf.constant(rng.standard_normal((n, n), dtype=np.float32))
+    b = tf.Variable(rng.standard_normal((n, n), dtype=np.float32))
+    product = tf.reduce_sum(tf.matmul(a, b)[:1, :1])  # a scalar out: no copy measured
+    with tf.compat.v1.Session(graph=graph) as session:
+      session.run(b.initializer)
+      session.run(product)
+      best, deadline = float("inf"), time.perf_counter() + seconds
+      while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        session.run(product)
+        best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+def utilization(tokens_per_sec, flops_per_token, peak):
+  """{"tflops": achieved TFLOP/s, "mfu": the share of peak} (mfu left out if peak is None)."""
+  achieved = tokens_per_sec * flops_per_token
+  values = {"tflops": achieved / 1e12}
+  if peak:
+    values["mfu"] = achieved / peak
+  return values

@@ -1,0 +1,85 @@
+"""FLOPs per token against hand counts; the peak from train.peak_flops, a GPU's name or this
+CPU's measured (and cached) matmul rate."""
+import json
+
+import pytest
+
+from gptneo import flops
+from gptneo import mesh as mesh_lib
+from gptneo.errors import UserError
+from gptneo.model import feedforward
+from gptneo.model import gpt
+from gptneo.model import moe as moe_lib
+
+E, HEADS, T, V, W = 64, 4, 128, 1000, 32  # embd, heads, n_ctx, vocab, window
+HEAD_OUT = 2 * E * V  # the output projection, per token
+QKVO = 2 * 4 * E * E  # q, k, v and out projections
+MLP = 2 * 2 * E * 4 * E  # fc and proj
+
+
+def _model(layers, **kwargs):
+  return gpt.GPT(n_layer=len(layers), n_embd=E, n_head=HEADS, n_ctx=T, n_vocab=V,
+                 attention_layers=layers, window_size=W, **kwargs)
+
+
+@pytest.mark.parametrize("layers, attention_flops", [
+    (["global", "global"], 2 * (2 * 2 * E * T)),  # q.k and p.v over all n_ctx keys
+    (["local", "local"], 2 * (2 * 2 * E * 2 * W)),  # its block and the one before
+    (["global", "local", "linear"],
+     2 * 2 * E * T + 2 * 2 * E * 2 * W + 2 * 2 * E * (E // HEADS)),
+])
+def test_flops_per_token_match_a_hand_count(layers, attention_flops):
+  model = _model(layers)
+  forward = HEAD_OUT + len(layers) * (QKVO + MLP) + attention_flops
+  assert flops.forward_flops_per_token(model) == forward
+  assert flops.training_flops_per_token(model) == 3 * forward
+
+
+def test_a_window_as_long_as_the_context_counts_as_global():
+  assert (flops.forward_flops_per_token(gpt.GPT(n_layer=1, n_embd=E, n_head=HEADS, n_ctx=W,
+                                                n_vocab=V, attention_layers=["local"],
+                                                window_size=W))
+          == 2 * E * V + QKVO + MLP + 2 * 2 * E * W)
+
+
+def test_glu_and_moe_count_the_matrices_a_token_goes_through():
+  glu = _model(["global"], feed_forward=feedforward.glu)
+  assert flops.forward_flops_per_token(glu) == HEAD_OUT + QKVO + MLP * 3 // 2 + 4 * E * T
+  moe = _model(["global", "global"], moe=moe_lib.MoE(layers=[1], num_experts=4))
+  dense = HEAD_OUT + 2 * (QKVO + 4 * E * T) + MLP
+  assert flops.forward_flops_per_token(moe) == dense + 2 * E * 4 + MLP  # router + one expert
+
+
+def _spec(devices, implementation="placement"):
+  return mesh_lib.MeshSpec([("x", len(devices))], [], devices, implementation)
+
+
+def test_peak_from_the_setting_a_device_name_or_none():
+  assert flops.peak_flops(_spec(["/gpu:0", "/gpu:1"]), 1e12) == 2e12
+  assert flops.peak_flops(_spec(["/cpu:0"] * 8, "simd"), "tpu_v4") == 8 * 275e12
+  assert flops.peak_flops(_spec(["/cpu:0"] * 8, "simd")) is None  # a TPU must be named
+  with pytest.raises(UserError, match=r"train.peak_flops = 'tpu_v9' is no device we know"):
+    flops.peak_flops(_spec(["/cpu:0"]), "tpu_v9")
+  with pytest.raises(UserError, match="must be a positive FLOP/s per device"):
+    flops.peak_flops(_spec(["/cpu:0"]), -1.0)
+
+
+def test_a_cpu_mesh_measures_this_machine_once_and_caches_it(tmp_path, monkeypatch):
+  measured = []
+  monkeypatch.setattr(flops, "measure_matmul_rate", lambda: measured.append(1) or 5e10)
+  spec = _spec(["/cpu:0", "/cpu:1"])  # two CPU devices share the same cores: one machine
+  assert flops.peak_flops(spec, cache_dir=str(tmp_path)) == 5e10
+  assert flops.peak_flops(spec, cache_dir=str(tmp_path)) == 5e10
+  assert len(measured) == 1
+  cached = json.loads((tmp_path / flops.RATE_CACHE).read_text())
+  assert cached == {flops.machine_key(): 5e10}
+
+
+def test_the_measured_matmul_rate_is_plausible():
+  rate = flops.measure_matmul_rate(n=256, seconds=0.2)
+  assert 1e8 < rate < 1e14  # between a slow core and far more than any CPU
+
+
+def test_utilization():
+  assert flops.utilization(1000.0, 6e6, 1.2e10) == {"tflops": 0.006, "mfu": 0.5}
+  assert flops.utilization(1000.0, 6e6, None) == {"tflops": 0.006}
