@@ -156,9 +156,10 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
 
   Args:
     model: the model, e.g. @GPT().
-    dataset_dir: a folder written by bin/prepare_data, a gs:// URI of one (mirrored into
-      $GPTNEO_CACHE_DIR, default ~/.cache/gptneo), or a mixture {folder or URI: weight}
-      of datasets prepared with one tokenizer and n_ctx, drawn at random by weight.
+    dataset_dir: a folder written by bin/prepare_data, a gs:// URI of one (its shards
+      fetched into $GPTNEO_CACHE_DIR as they are read, at most $GPTNEO_CACHE_MAX_BYTES of
+      them), or a mixture {folder or URI: weight} of datasets prepared with one tokenizer
+      and n_ctx, drawn at random by weight.
     train_steps: the step to stop at (counting steps of earlier runs in model_dir).
     batch_size: sequences per step (all microbatches together).
     optimizer: e.g. @Adam() or @Adafactor().
