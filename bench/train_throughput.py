@@ -21,10 +21,11 @@ One small dataset (n_ctx 256, BPE vocab 4096, 14 stdlib modules) is prepared wit
     and, as ours/torch, the median ratio of back-to-back round pairs (the VM's speed drifts
     by ~10% over minutes, which pairing cancels).
   * the fp32 matmul rate (1024x1024 @ 1024x1024, best of 20) of numpy, torch and TF, and
-    MFU = tokens/s * FLOPs/token / matmul rate, with FLOPs/token = 6N + 12*L*T*E
-    (N = GPT.num_parameters(): all trainable parameters, the tied embedding counted once,
-    position embeddings included; T = n_ctx, E = n_embd, L = n_layer). The denominator is the
-    best fp32 matmul rate measured in this run (the largest of the three).
+    MFU = tokens/s * FLOPs/token / matmul rate, with FLOPs/token the model's training FLOPs
+    as bin/train's log counts them (gptneo.flops: 6 per weight a token meets, the output
+    projection included, position embeddings not; 12 * n_ctx * n_embd per global layer).
+    The denominator is the best fp32 matmul rate measured in this run (the largest of the
+    three).
 """
 import argparse
 import dataclasses
@@ -44,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
+from gptneo import flops  # noqa: E402
 from gptneo import gin_utils  # noqa: E402
 from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
@@ -84,10 +86,6 @@ CONFIGS = {
 }
 
 
-def flops_per_token(n_params, cfg):
-  return 6 * n_params + 12 * cfg.n_layer * cfg.n_ctx * cfg.n_embd
-
-
 # --------------------------------------------------------------------------- matmul rate
 
 
@@ -103,14 +101,14 @@ def _best_seconds(fn, repeats):
 
 def matmul_rates(n=1024, repeats=20):
   """fp32 FLOP/s of an n x n @ n x n matmul, best of `repeats`, in numpy, torch and TF."""
-  flops = 2.0 * n ** 3
+  per_matmul = 2.0 * n ** 3
   rng = np.random.default_rng(0)
   a = rng.standard_normal((n, n), dtype=np.float32)
   b = rng.standard_normal((n, n), dtype=np.float32)
-  rates = {"numpy": flops / _best_seconds(lambda: a @ b, repeats)}
+  rates = {"numpy": per_matmul / _best_seconds(lambda: a @ b, repeats)}
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
   with torch.no_grad():
-    rates["torch"] = flops / _best_seconds(lambda: torch.mm(ta, tb), repeats)
+    rates["torch"] = per_matmul / _best_seconds(lambda: torch.mm(ta, tb), repeats)
   graph = tf.Graph()
   with graph.as_default():
     va = tf.Variable(a)
@@ -119,7 +117,7 @@ def matmul_rates(n=1024, repeats=20):
     product = tf.reduce_sum(tf.matmul(va, vb)[:1, :1])
     with tf.Session(graph=graph) as session:
       session.run(tf.global_variables_initializer())
-      rates["tf"] = flops / _best_seconds(lambda: session.run(product), repeats)
+      rates["tf"] = per_matmul / _best_seconds(lambda: session.run(product), repeats)
   return rates
 
 
@@ -155,6 +153,7 @@ class Ours:
         cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.n_vocab), "gin config mismatch"
     assert settings.batch_size == cfg.batch_size, (settings.batch_size, cfg.batch_size)
     self.params = model.num_parameters()
+    self.flops_per_token = flops.training_flops_per_token(model)
     settings.check()
     rt = runtime.Runtime(settings.mesh)
     self.graph = train_graph.build(settings, model_dir, rt)
@@ -268,7 +267,7 @@ def main():
       ours.session.close()
       (ours_tps, ours_foreign), (torch_tps, torch_foreign) = (runners["ours"].median(),
                                                               runners["torch"].median())
-      per_token = flops_per_token(ours.params, cfg)
+      per_token = ours.flops_per_token
       rows.append((name, ours.params, ours_tps, torch_tps,
                    paired_ratio(runners["ours"], runners["torch"]), ours_tps * per_token / peak,
                    torch_tps * per_token / peak, max(ours_foreign, torch_foreign)))
@@ -285,7 +284,8 @@ def main():
     print(f"| {name} | {params / 1e6:.2f}M | {ours:.0f} | {theirs:.0f} | {ratio:.2f} | "
           f"{mfu_ours:.1%} | {mfu_torch:.1%} | {foreign:.2f} |")
   print(f"\nmatmul rate (MFU denominator): {peak / 1e9:.1f} GFLOP/s; FLOPs/token = "
-        f"6N + 12*L*T*E, N = all trainable params; tok/s = median undisturbed round; "
+        f"gptneo.flops.training_flops_per_token (as bin/train logs MFU); "
+        f"tok/s = median undisturbed round; "
         f"ours/torch = median of back-to-back round pairs; foreign load = cores other "
         f"processes used in those rounds; total {time.time() - started:.0f} s")
   if any(row[-1] > 0.2 for row in rows):
