@@ -1,7 +1,7 @@
 """A global + local GPT-Neo gives HuggingFace's GPTNeoForCausalLM logits.
 
 Needs `torch` and `transformers`; skipped without them. The weights are mapped here by hand,
-independently of gptneo/hf.py: HF's Linear weights are [out, in], ours [in, ...named out
+independently of gptneo/hf/: HF's Linear weights are [out, in], ours [in, ...named out
 dims], with q, k and v stacked in one [embd, 3, heads, kv] weight.
 """
 import numpy as np

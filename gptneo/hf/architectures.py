@@ -396,17 +396,21 @@ def _field(config, path):
 
 
 GPT_NEO = Architecture(
-    "gpt_neo", "HF GPT-Neo", "GPTNeoForCausalLM", TRANSFORMER_TOP, GPT_NEO_LAYER, "transformer.h.{i}",
-    "lm_head.weight", _gpt_neo_problems, _gpt_neo_config, _gpt_neo_values,
-    hf_scale=lambda model: 1.0)
+    name="gpt_neo", title="HF GPT-Neo", hf_class="GPTNeoForCausalLM", top=TRANSFORMER_TOP,
+    layer=GPT_NEO_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
+    problems=_gpt_neo_problems, config=_gpt_neo_config, values=_gpt_neo_values,
+    hf_scale=lambda model: 1.0)  # GPT-Neo does not scale q·k: ours is folded into q
 GPT2 = Architecture(
-    "gpt2", "HF GPT-2", "GPT2LMHeadModel", TRANSFORMER_TOP, GPT2_LAYER, "transformer.h.{i}",
-    "lm_head.weight", _gpt2_problems, _gpt2_config, _gpt2_values, hf_scale=our_scale)
+    name="gpt2", title="HF GPT-2", hf_class="GPT2LMHeadModel", top=TRANSFORMER_TOP,
+    layer=GPT2_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
+    problems=_gpt2_problems, config=_gpt2_config, values=_gpt2_values,
+    hf_scale=our_scale)  # scale_attn_weights = GPT.scale_attention
 GPT_NEOX = Architecture(
-    "gpt_neox", "HF GPT-NeoX", "GPTNeoXForCausalLM", GPT_NEOX_TOP, GPT_NEOX_LAYER,
-    "gpt_neox.layers.{i}", "embed_out.weight", _gpt_neox_problems, _gpt_neox_config,
-    _gpt_neox_values, hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,
-    aliases={"lm_head.weight": "embed_out.weight"})  # transformers 5 saves lm_head
+    name="gpt_neox", title="HF GPT-NeoX", hf_class="GPTNeoXForCausalLM", top=GPT_NEOX_TOP,
+    layer=GPT_NEOX_LAYER, layer_prefix="gpt_neox.layers.{i}", head="embed_out.weight",
+    problems=_gpt_neox_problems, config=_gpt_neox_config, values=_gpt_neox_values,
+    hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,  # always scaled
+    aliases={"lm_head.weight": "embed_out.weight"})  # what transformers 5 saves
 ARCHITECTURES = {arch.name: arch for arch in (GPT_NEO, GPT2, GPT_NEOX)}
 
 
