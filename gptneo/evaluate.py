@@ -41,14 +41,35 @@ def lm_metrics(total_nll, tokens, correct, num_bytes):
           "accuracy": correct / tokens, "tokens": int(tokens), "bytes": int(num_bytes)}
 
 
+class LmTotals:
+  """Sums over the real tokens of evaluation batches, for `lm_metrics`: the one way bin/eval
+  and training's evaluations count. Rows of weight 0 (a last batch's padding) count nothing."""
+
+  def __init__(self, byte_lengths):
+    self.byte_lengths = byte_lengths
+    self.nll, self.tokens, self.correct, self.bytes = 0.0, 0, 0, 0
+
+  def add(self, token_nll, argmax, targets, weights):
+    """One batch: [batch, n_ctx] NLLs, greedy ids and targets, [batch] row weights (0 or 1)."""
+    real = np.asarray(weights) > 0
+    targets = targets[real]
+    self.nll += float(token_nll[real].astype(np.float64).sum())
+    self.tokens += targets.size
+    self.correct += int((argmax[real] == targets).sum())
+    self.bytes += int(self.byte_lengths[targets].sum())
+
+  def metrics(self):
+    return lm_metrics(self.nll, self.tokens, self.correct, self.bytes)
+
+
 def _windows(dataset_dir, split, batch_size, max_batches):
-  """Batches [batch, n_ctx + 1] of the split, in stored order, one pass."""
+  """(windows [batch, n_ctx + 1], weights [batch]) of inputs.evaluation_batches, one pass."""
   graph = tf.Graph()
   with graph.as_default():
-    batches = inputs.make_dataset(dataset_dir, split, batch_size, shuffle=False, repeat=False)
+    batches = inputs.evaluation_batches(dataset_dir, split, batch_size, max_batches)
     next_batch = tf.data.make_one_shot_iterator(batches).get_next()
   with tf.Session(graph=graph) as session:
-    for _ in range(max_batches or np.iinfo(np.int64).max):
+    while True:
       try:
         yield session.run(next_batch)
       except tf.errors.OutOfRangeError:
@@ -56,23 +77,21 @@ def _windows(dataset_dir, split, batch_size, max_batches):
 
 
 def evaluate_split(restored, dataset_dir, split, max_batches, byte_lengths):
-  """Language-model metrics of `restored` over a dataset split."""
+  """Language-model metrics of `restored` over a dataset split (its first max_batches
+  batches; 0: all of it), every window once, the last partial batch included."""
   info = inputs.read_dataset_info(dataset_dir)
   if info["n_ctx"] != restored.model.n_ctx:
     raise UserError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but the model's "
                     f"GPT.n_ctx = {restored.model.n_ctx}; prepare it with "
                     f"--n_ctx={restored.model.n_ctx}")
-  total_nll, tokens, correct, num_bytes = 0.0, 0, 0, 0
-  for batch in _windows(dataset_dir, split, restored.batch_size, max_batches):
-    out = restored.score(batch[:, :-1], batch[:, 1:])
-    total_nll += float(out.token_nll.astype(np.float64).sum())
-    tokens += out.token_nll.size
-    correct += int((out.argmax == batch[:, 1:]).sum())
-    num_bytes += int(byte_lengths[batch[:, 1:]].sum())
-  if not tokens:
-    raise UserError(f"split {split!r} of {dataset_dir!r} has no full batch of "
-                    f"{restored.batch_size} windows; lower evaluate.batch_size")
-  return lm_metrics(total_nll, tokens, correct, num_bytes)
+  totals = LmTotals(byte_lengths)
+  for windows, weights in _windows(dataset_dir, split, restored.batch_size, max_batches):
+    out = restored.score(windows[:, :-1], windows[:, 1:])
+    totals.add(out.token_nll, out.argmax, windows[:, 1:], weights)
+  if not totals.tokens:
+    raise UserError(f"split {split!r} of {dataset_dir!r} has no windows; prepare the dataset "
+                    f"with a validation split or pass another --dataset_dir")
+  return totals.metrics()
 
 
 def read_last_word_examples(path, tokenizer, n_ctx):
@@ -161,7 +180,9 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
       the training dataset (DATASET_DIR of the operative config).
     split: for "lm", the dataset split to evaluate.
     batch_size: windows per batch.
-    max_batches: for "lm", stop after this many batches (0: the whole split).
+    max_batches: for "lm", only the split's first max_batches * batch_size windows (0: the
+      whole split). Every window counts once, the last partial batch included: with the
+      same windows, training's evaluations (train.eval_steps) report the same numbers.
     precision: "float32" or "bfloat16" activations.
 
   Returns:
@@ -197,20 +218,18 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
 # --- Periodic evaluation inside the training graph (train.eval_every_n_steps).
 
 def batch_outputs(logits, targets, vocab_dim):
-  """mtf scalars of one validation batch for the trainer: mean NLL and next-token accuracy."""
-  nll = ops.softmax_cross_entropy(logits, targets, vocab_dim)
-  hits = mtf.cast(mtf.equal(mtf.argmax(logits, vocab_dim), targets), tf.float32)
-  return {"loss": mtf.reduce_mean(nll), "accuracy": mtf.reduce_mean(hits)}
+  """mtf tensors of one validation batch for the trainer: per-token NLL and greedy ids."""
+  return {"token_nll": ops.softmax_cross_entropy(logits, targets, vocab_dim),
+          "argmax": mtf.argmax(logits, vocab_dim)}
 
 
-def metrics_of_batches(session, fetches, steps, byte_lengths):
-  """lm_metrics over `steps` runs of fetches {"loss", "accuracy", "targets"} (tf tensors)."""
-  total_nll, tokens, correct, num_bytes = 0.0, 0, 0.0, 0
-  for _ in range(steps):
-    batch = session.run(fetches)
-    count = batch["targets"].size
-    total_nll += float(batch["loss"]) * count
-    correct += float(batch["accuracy"]) * count
-    tokens += count
-    num_bytes += int(byte_lengths[batch["targets"]].sum())
-  return lm_metrics(total_nll, tokens, correct, num_bytes)
+def metrics_of_batches(session, fetches, byte_lengths):
+  """lm_metrics over the batches of fetches {"token_nll", "argmax", "targets", "weights"}
+  (tf tensors over an evaluation_batches iterator), until the iterator ends."""
+  totals = LmTotals(byte_lengths)
+  while True:
+    try:
+      batch = session.run(fetches)
+    except tf.errors.OutOfRangeError:
+      return totals.metrics()
+    totals.add(batch["token_nll"], batch["argmax"], batch["targets"], batch["weights"])

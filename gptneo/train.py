@@ -46,7 +46,7 @@ class Settings:
   steps_per_checkpoint: int
   keep_checkpoints: int
   log_every_n_steps: int
-  eval_batches: int
+  eval_batches: object  # int or None
   eval_every_n_steps: int
   eval_steps: int
   init_from: str
@@ -63,7 +63,14 @@ class Settings:
   @property
   def evaluates(self):
     """Whether the run evaluates at all: at the end (eval_batches) or periodically."""
-    return bool(self.eval_batches or (self.eval_steps if self.eval_every_n_steps else 0))
+    return bool(self.eval_every_n_steps) or self.eval_batches != 0
+
+  @property
+  def final_eval_batches(self):
+    """Batches of the end-of-run evaluation (0: the whole split), or None for none."""
+    if self.eval_batches == 0:
+      return None
+    return self.eval_steps if self.eval_batches is None else self.eval_batches
 
   def periodic_eval_at(self, step):
     return bool(self.eval_every_n_steps) and step % self.eval_every_n_steps == 0
@@ -88,16 +95,15 @@ def check_ranges(s):
   for name in ("train_steps", "batch_size", "microbatches_per_batch", "steps_per_checkpoint",
                "keep_checkpoints", "log_every_n_steps", "max_nonfinite_steps", "steps_per_loop"):
     _check_number(f"train.{name}", getattr(s, name), int, 1, "a positive integer")
-  for name in ("eval_batches", "eval_every_n_steps", "eval_steps"):
+  for name in ("eval_every_n_steps", "eval_steps"):
     _check_number(f"train.{name}", getattr(s, name), int, 0, "0 or a positive integer")
+  if s.eval_batches is not None:
+    _check_number("train.eval_batches", s.eval_batches, int, 0,
+                  "None (as train.eval_steps), or 0 or a positive integer")
   for name in ("clip_norm", "checkpoint_every_secs"):
     if getattr(s, name) is not None:
       _check_number(f"train.{name}", getattr(s, name), (int, float), 0, "None or 0 (off), or a "
                     "positive number")
-  if s.eval_every_n_steps and not s.eval_steps:
-    raise UserError(f"train.eval_steps = 0 but train.eval_every_n_steps = "
-                    f"{s.eval_every_n_steps}; evaluate on at least 1 batch, or set "
-                    f"train.eval_every_n_steps = 0")
   if s.on_nonfinite not in NONFINITE_POLICIES:
     raise UserError(f"train.on_nonfinite = {s.on_nonfinite!r}; use one of {NONFINITE_POLICIES}")
   if s.sampling not in inputs.SAMPLINGS:  # inputs would say so too, once the graph is built
@@ -149,8 +155,8 @@ def check_loop(spec, steps_per_loop, eval_every_n_steps):
 def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUIRED,
              batch_size=8, optimizer=gin.REQUIRED, mesh=gin.REQUIRED, precision="float32",
              microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
-             keep_checkpoints=5, log_every_n_steps=10, eval_batches=10, eval_every_n_steps=0,
-             eval_steps=10, init_from=None, steps_per_loop=1, sampling="fixed",
+             keep_checkpoints=5, log_every_n_steps=10, eval_batches=None, eval_every_n_steps=0,
+             eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
              checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
@@ -172,11 +178,15 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     keep_checkpoints: how many recent checkpoints to keep.
     log_every_n_steps: log and write summaries every this many steps; the loss logged is
       the mean over the steps since the previous log.
-    eval_batches: validation batches averaged for the loss printed at the end (0: none).
+    eval_batches: the end-of-run evaluation (its loss is printed and returned): None scores
+      what the periodic one does (train.eval_steps); 0: none; n: the first n batches.
     eval_every_n_steps: every this many steps, write validation loss, perplexity, bits per
       byte and accuracy to TensorBoard (eval/...) and eval.jsonl (0: never).
-    eval_steps: validation batches per periodic evaluation: the split's first ones (cycling
-      if it is shorter), the same at every evaluation and after a resume.
+    eval_steps: what validation is: the validation split's first eval_steps * batch_size
+      windows (0, the default: the whole split), in stored order, each window once, a last
+      partial batch padded with rows that count nothing; the same at every evaluation and
+      after a resume. bin/eval scores the same windows (evaluate.max_batches, 0: the whole
+      split) and reports the same numbers.
     init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
@@ -235,7 +245,7 @@ def train(model_dir, run_settings=None, force=False):
   validation_loss = evaluation and evaluation["loss"]
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
-  elif s.mesh.implementation == "simd" and s.eval_batches:
+  elif s.mesh.implementation == "simd" and s.eval_batches != 0:
     logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
 
@@ -411,19 +421,21 @@ class Loop:
     return record
 
   def final_eval(self, step, last_periodic):
-    """The last periodic evaluation if it was at this step, else eval_batches batches."""
-    if last_periodic and last_periodic["step"] == step:
-      return last_periodic
-    if not self.graph.eval_fetches or not self.settings.eval_batches:
+    """The last periodic evaluation if it was at this step and scored the same batches, else
+    train.eval_batches' (as many as eval_steps unless set)."""
+    batches = self.settings.final_eval_batches
+    if not self.graph.eval_fetches or batches is None:
       return None
-    return {"step": int(step), **self.evaluate(self.settings.eval_batches)}
+    if last_periodic and last_periodic["step"] == step and batches == self.settings.eval_steps:
+      return last_periodic
+    return {"step": int(step), **self.evaluate(batches)}
 
   def evaluate(self, batches):
-    """lm metrics over the first `batches` validation batches (cycling if the split is
-    shorter): the same every time, so evaluations compare across steps, and a resumed run
-    (which does not checkpoint the validation stream) evaluates as an uninterrupted one."""
-    self.session.run(self.graph.eval_reset)
-    return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches, batches,
+    """lm metrics over the validation split's first `batches` batches (0: all of it), each
+    window once: the same every time, so evaluations compare across steps, a resumed run
+    evaluates as an uninterrupted one, and bin/eval on the checkpoint agrees."""
+    self.session.run(self.graph.eval_reset, {self.graph.eval_limit: batches})
+    return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches,
                                            self._byte_lengths)
 
   @functools.cached_property

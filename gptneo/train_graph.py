@@ -32,15 +32,18 @@ class TrainGraph:
   init_ops: list
   checkpoints: checkpoints_lib.Checkpoints
   aux_losses: dict = dataclasses.field(default_factory=dict)  # name -> tf scalar, logged
-  eval_fetches: dict = None  # {"loss", "accuracy", "targets"} of one validation batch, or None
-  eval_reset: list = dataclasses.field(default_factory=list)  # rewinds the validation stream
+  # {"token_nll", "argmax", "targets", "weights"} of one validation batch, or None
+  eval_fetches: dict = None
+  eval_reset: list = dataclasses.field(default_factory=list)  # restarts the validation pass
+  eval_limit: tf.Tensor = None  # fed to eval_reset: the pass's batches (0: the whole split)
   steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
   loop_steps: tf.Tensor = None  # with a device loop: the placeholder of its step count
   enqueue: tf.Operation = None  # with a device loop: feeds its batches (infeed)
 
   @property
   def eval_loss(self):
-    return self.eval_fetches["loss"] if self.eval_fetches else None
+    """The per-token validation NLL [batch, n_ctx] of one batch, or None."""
+    return self.eval_fetches["token_nll"] if self.eval_fetches else None
 
   def run(self, session, steps=1):
     """Takes `steps` steps; returns (loss, learning rate, gradient norm, auxiliary losses).
@@ -202,33 +205,47 @@ def build_placement(settings, model_dir, rt):
     mtf_graph, mtf_mesh = runtime.new_mesh()
     tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), s.model.dims(s.batch_size))
     step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, step)
-    validation, eval_init = _validation(s, mtf_mesh)
+    validation = _validation(s, mtf_mesh)
     lowering = rt.lower(mtf_graph, mtf_mesh)
     lowered = lower_step(lowering, step_graph)
     with tf.control_dependencies([lowered.updates]):
       train_op = tf.assign_add(step, 1).op
-    eval_fetches = validation and {name: lowering.export_to_tf_tensor(value)
-                                   for name, value in validation.items()}
-    return TrainGraph(graph, step, lowered.loss, step_graph.learning_rate, lowered.grad_norm,
-                      train_op, [iterator.initializer] + eval_init,
-                      _checkpoints(lowering, iterator, s, model_dir), lowered.aux_losses,
-                      eval_fetches, eval_reset=eval_init)
+    graph_parts = TrainGraph(graph, step, lowered.loss, step_graph.learning_rate,
+                             lowered.grad_norm, train_op, [iterator.initializer],
+                             _checkpoints(lowering, iterator, s, model_dir), lowered.aux_losses)
+    if validation:
+      graph_parts.eval_fetches = {**validation.tf_fetches, **{
+          name: lowering.export_to_tf_tensor(value) for name, value in validation.mtf.items()}}
+      graph_parts.eval_reset, graph_parts.eval_limit = [validation.reset], validation.limit
+    return graph_parts
+
+
+@dataclasses.dataclass
+class _Validation:
+  """The validation pass of the training graph: inputs.evaluation_batches through the model."""
+  mtf: dict  # "token_nll", "argmax": mtf tensors of one batch
+  tf_fetches: dict  # "targets", "weights": the batch's tf tensors
+  reset: tf.Operation  # starts the pass again, limit fed
+  limit: tf.Tensor  # the pass's batches (0: the whole split)
 
 
 def _validation(settings, mtf_mesh):
-  """Validation loss, accuracy and targets of one batch (dropout off), or None."""
+  """One validation batch's per-token NLL and greedy ids (dropout off), or None."""
   s = settings
   info = inputs.read_dataset_info(s.dataset_dir)
-  if not s.evaluates or info["splits"].get("validation", {}).get("windows", 0) < s.batch_size:
-    return None, []
-  iterator = tf.data.make_initializable_iterator(inputs.make_dataset(
-      s.dataset_dir, "validation", s.batch_size, shuffle=False, repeat=True))
+  if not s.evaluates or not info["splits"].get("validation", {}).get("windows", 0):
+    return None
+  limit = tf.placeholder_with_default(tf.constant(0, tf.int64), [], "eval_limit")
+  iterator = tf.data.make_initializable_iterator(inputs.evaluation_batches(
+      s.dataset_dir, "validation", s.batch_size, limit))
+  windows, weights = iterator.get_next()
   dims = s.model.dims(s.batch_size)
-  tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), dims)
+  tokens, targets = _import_batch(mtf_mesh, windows, dims)
   no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
   logits = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
-  outputs = evaluate_lib.batch_outputs(logits, targets, dims.vocab)
-  return {**outputs, "targets": targets}, [iterator.initializer]
+  return _Validation(evaluate_lib.batch_outputs(logits, targets, dims.vocab),
+                     {"targets": windows[:, 1:], "weights": weights}, iterator.initializer,
+                     limit)
 
 
 def build_simd(settings, model_dir, rt):

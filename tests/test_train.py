@@ -151,3 +151,29 @@ def test_periodic_evaluation_after_a_resume_equals_an_uninterrupted_run(tmp_path
   whole, resumed = losses("whole"), losses("resumed")
   assert sorted(whole) == sorted(resumed) == [2, 4, 6]
   assert resumed == pytest.approx(whole, abs=1e-6)
+
+
+def test_validation_is_one_number_periodic_end_of_run_and_bin_eval(tmp_path, small_dataset):
+  """The whole split (not a multiple of batch sizes 6 and 5), every window once: the periodic
+  evaluation, the end-of-run one (computed on its own in a second run without periodic
+  evaluations, same weights) and bin/eval agree on one checkpoint, to 1e-6 relative (float32
+  per-token losses of batches of other shapes, summed in float64)."""
+  one = ["train.batch_size = 6", "train.eval_batches = None", "train.steps_per_checkpoint = 4"]
+  train_in_process(tmp_path / "periodic", small_dataset, 4, *one, "train.eval_every_n_steps = 4")
+  end_of_run = train_in_process(tmp_path / "final", small_dataset, 4, *one)
+  assert logged_losses(tmp_path / "final") == logged_losses(tmp_path / "periodic")
+  with open(tmp_path / "periodic" / "eval.jsonl") as f:
+    [periodic] = map(json.loads, f)
+  assert not (tmp_path / "final" / "eval.jsonl").exists()
+  with open(os.path.join(small_dataset, "dataset.json")) as f:
+    windows = json.load(f)["splits"]["validation"]["windows"]
+  assert windows % 6 and windows % 5
+  assert periodic["step"] == 4 and periodic["tokens"] == windows * 32
+  evals = [json.loads(run_binary("eval", f"--model_dir={tmp_path / 'periodic'}",
+                                 f"--gin_param=evaluate.batch_size = {size}", check=True).stdout)
+           for size in (5, 6)]
+  for record in evals:
+    assert record["tokens"] == periodic["tokens"] and record["bytes"] == periodic["bytes"]
+    for name in ("loss", "bits_per_byte", "accuracy"):
+      assert record[name] == pytest.approx(periodic[name], rel=1e-6, abs=0)
+  assert end_of_run["validation_loss"] == pytest.approx(periodic["loss"], rel=1e-6, abs=0)

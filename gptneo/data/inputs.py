@@ -177,6 +177,43 @@ def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=Tr
   return tf.data.Dataset.zip((batches, draws)).map(chunk).prefetch(2)
 
 
+def evaluation_batches(dataset_dir, split, batch_size, max_batches=0):
+  """Validation as bin/eval and training's evaluations both read it: one pass over the split
+  in stored order (a mixture's parts one after another), every window once.
+
+  Args:
+    dataset_dir: a dataset spec (see `components`).
+    split: the split to read, e.g. 'validation'.
+    batch_size: rows per batch; the last batch is padded with rows of zeros.
+    max_batches: only the first max_batches * batch_size windows (0: the whole split); an
+      int, or an int tensor (e.g. a placeholder fed to the iterator's initializer).
+
+  Returns:
+    A `tf.data.Dataset` of (windows int32 [batch_size, n_ctx + 1], weights float32
+    [batch_size]): weight 1 for a window of the split, 0 for a padding row.
+  """
+  parts = components(dataset_dir)
+  info = _merged_info(parts)
+  _split_info(info, split, dataset_dir)
+  streams = [_records([os.path.join(folder, name) for name in part["splits"][split]["files"]],
+                      0, False, False, 0, False) for _, folder, _, part in parts]
+  records = _mix(streams, [weight for _, _, weight, _ in parts], 0, repeat=False)
+  limit = tf.cast(max_batches, tf.int64)  # may be a tensor: fed when an iterator starts
+  records = records.take(tf.where(limit > 0, limit * batch_size, -1))
+  parse = _window_parser(info["n_ctx"] + 1, None)
+
+  def padded(serialized):
+    windows = parse(serialized)
+    real = tf.shape(windows)[0]
+    weights = tf.pad(tf.ones([real], tf.float32), [[0, batch_size - real]])
+    windows = tf.pad(windows, [[0, batch_size - real], [0, 0]])
+    windows.set_shape([batch_size, info["n_ctx"] + 1])
+    weights.set_shape([batch_size])
+    return windows, weights
+
+  return records.batch(batch_size).map(padded).prefetch(2)
+
+
 def _records(files, seed, shuffle, repeat, shuffle_buffer, pairs):
   """Serialized windows of one dataset's files (with pairs: each with its successor)."""
   files = shard_cache.names(files)  # a gs:// dataset's shards by URI
