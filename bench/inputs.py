@@ -45,7 +45,8 @@ def prepare_halves(folder, n_ctx):
   """Two datasets of the stdlib's .py files (alternate files each), one tokenizer."""
   files = prepare.resolve_inputs([sysconfig.get_paths()["stdlib"] + "/*.py"])
   first, second = os.path.join(folder, "first"), os.path.join(folder, "second")
-  prepare.prepare_dataset(files[0::2], first, n_ctx, vocab_size=4096)
+  # Shards of 64k tokens: enough of them for gs:// limit to evict.
+  prepare.prepare_dataset(files[0::2], first, n_ctx, vocab_size=4096, tokens_per_shard=65536)
   prepare.prepare_dataset(files[1::2], second, n_ctx,
                           tokenizer_path=os.path.join(first, "tokenizer.json"))
   return first, second

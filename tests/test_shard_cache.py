@@ -5,6 +5,7 @@ Against the storage emulator (the `gcs` fixture of conftest.py).
 import contextlib
 import json
 import os
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ from gptneo.data import inputs
 from gptneo.data import prepare
 from gptneo.data import shard_cache
 from gptneo.errors import UserError
-from tests.conftest import N_CTX, TINY_TEST_BINDINGS, VOCAB, stdlib_files
+from tests.conftest import N_CTX, TINY_TEST_BINDINGS, VOCAB, run_binary, stdlib_files
 
 SHARD_BYTES = 1000
 
@@ -178,3 +179,19 @@ def test_a_limit_smaller_than_a_shard_or_than_the_shards_read_at_once_is_one_lin
                                       "read at once .*: set it to at least 2000"):
     cache.stream(list(paths.values()))
   del first
+
+
+def test_bin_train_refuses_a_limit_smaller_than_a_shard_in_one_line(gcs, sharded_dataset,
+                                                                    tmp_path, monkeypatch):
+  uri = gcs.uri("sharded")
+  storage.upload_folder(sharded_dataset, uri)
+  monkeypatch.setenv(shard_cache.MAX_BYTES_ENV, "1K")
+  params = TINY_TEST_BINDINGS + [f"DATASET_DIR = {uri!r}", "train.train_steps = 2"]
+  result = run_binary("train", "--gin_file=tiny.gin", f"--model_dir={tmp_path / 'run'}",
+                      *(f"--gin_param={p}" for p in params))
+  assert result.returncode == 2, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(rf"train: error: GPTNEO_CACHE_MAX_BYTES=1024 is smaller than shard "
+                      rf"\S+\.tfrecord of {uri} \(\d+ bytes\); set it to at least two shards "
+                      r"\(training and validation read one each\): \d+", line), line
+  assert not os.path.exists(tmp_path / "run" / "checkpoint")
