@@ -67,7 +67,7 @@ def generate(start, extend, prompts_ids, n_ctx, max_new_tokens, eos_id, choose,
   sequences = [list(ids) for ids in prompts_ids]
   new_ids = [[] for _ in prompts_ids]
   active = set(range(len(prompts_ids)))
-  logits = start(sequences) if max_new_tokens else None
+  logits = start([ids[-n_ctx:] for ids in sequences]) if max_new_tokens else None
   for remaining in range(max_new_tokens - 1, -1, -1):
     for index in sorted(active):
       token = choose(index, logits[index])
@@ -135,7 +135,8 @@ def complete(restored, tokenizer, prompts_ids, max_new_tokens, stop=(), choose=g
     restored: an inference.RestoredModel, restored; built with decode=True it decodes
       through the key/value cache, else it reruns the window for every token.
     tokenizer: the model's tokenizer (decodes the completions, finds the stop strings).
-    prompts_ids: one list of ids per prompt, each at most n_ctx long.
+    prompts_ids: one list of ids per prompt; a longer one than n_ctx is read from its last
+      n_ctx ids (left-truncated, as lm-eval's HF model does).
     max_new_tokens: at most this many new ids per prompt; EOS also ends a prompt.
     stop: strings; a prompt ends once its decoded completion holds one, and its text is
       cut before the earliest occurrence of any of them. Empty: no stop strings.

@@ -155,6 +155,34 @@ def test_rows_that_stopped_are_no_longer_stepped():
   assert len(calls) == 6  # the batch ends when the last row ends
 
 
+def test_a_prompt_longer_than_n_ctx_is_read_from_its_last_ids():
+  seen = []
+
+  def next_logits(windows):
+    seen.append([list(w) for w in windows])
+    return np.eye(10)[[(w[-1] + 1) % 10 for w in windows]]
+
+  restored = FakeRestored(10, favourite=0, n_ctx=4)
+  restored.next_logits = next_logits
+  [completion] = sample_lib.complete(restored, Tokenizer10(), [[1, 2, 3, 4, 5, 6]], 2)
+  assert seen == [[[3, 4, 5, 6]], [[4, 5, 6, 7]]] and completion.ids == [7, 8]
+  assert completion.prompt_ids == [1, 2, 3, 4, 5, 6]
+
+
+class Tokenizer10:
+  """A tokenizer of ids 0-9 (0 is EOS), each decoding to its digit."""
+
+  def get_vocab(self, with_added_tokens=True):
+    del with_added_tokens
+    return {"<|endoftext|>": 0, **{str(i): i for i in range(1, 10)}}
+
+  def token_to_id(self, token):
+    return self.get_vocab().get(token)
+
+  def decode(self, ids):
+    return "".join(map(str, ids))
+
+
 @pytest.mark.parametrize("stop, problem", [
     ('["ok", ""]', "holds an empty string"), ('"x"', "must be a list of strings")])
 def test_bad_stop_is_one_line(neo_model_dir, stop, problem):
@@ -168,8 +196,8 @@ def test_bad_stop_is_one_line(neo_model_dir, stop, problem):
 class FakeRestored:
   """A RestoredModel's decoding interface over given logits: the largest at `favourite`."""
 
-  def __init__(self, n_vocab, favourite, batch_size=2):
-    self.model = type("Model", (), {"n_vocab": n_vocab, "n_ctx": 16})()
+  def __init__(self, n_vocab, favourite, batch_size=2, n_ctx=16):
+    self.model = type("Model", (), {"n_vocab": n_vocab, "n_ctx": n_ctx})()
     self.batch_size, self.decodes, self.favourite = batch_size, False, favourite
 
   def next_logits(self, windows):
