@@ -315,7 +315,7 @@ SMALL_GPT3 = ["GPT.n_layer = 2", "GPT.n_embd = 64", "GPT.n_head = 4", "GPT.n_ctx
               'DATASET_DIR = "unused"']
 ROTARY = ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.25"]
 MIXED = ['GPT.attention_layers = [[["global", "local"], 2]]', "GPT.window_size = 64"]
-EXPORTS = {  # name: (gin files, bindings, --architecture, the HF class, greedy check)
+EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy check[, std])
     "make demo's tiny.gin": (["tiny.gin"], [], "auto", "GPTNeoForCausalLM", True),
     "tiny.gin as GPT-2": (["tiny.gin"], [], "gpt2", "GPT2LMHeadModel", True),
     "gpt3_small.gin, small dims": (["gpt3_small.gin"], SMALL_GPT3, "auto", "GPTNeoForCausalLM",
@@ -328,6 +328,10 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, the HF class, greedy 
                        "GPTNeoXForCausalLM", False),
     "untied GPT-2": (["tiny.gin"], ["GPT.tie_embeddings = False"], "gpt2", "GPT2LMHeadModel",
                      False),
+    # GPT-NeoX always scales q·k: sqrt(d_head) is folded into the queries. Unscaled scores of
+    # std-0.2 weights saturate the softmax, where fp32 rounding alone moves logits by 1e-3.
+    "rotary, unscaled": (["tiny.gin"], ROTARY + ["GPT.scale_attention = False"], "auto",
+                         "GPTNeoXForCausalLM", False, 0.05),
 }
 
 
@@ -335,9 +339,9 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, the HF class, greedy 
 def test_export_gives_our_logits_and_greedy_tokens_and_imports_back(tmp_path, small_dataset,
                                                                     name):
   _, transformers = hf_libraries()
-  gin_files, bindings, architecture, hf_class, greedy = EXPORTS[name]
+  gin_files, bindings, architecture, hf_class, greedy, *std = EXPORTS[name]
   ours = random_model_dir(tmp_path, gin_files, bindings,
-                          os.path.join(small_dataset, "tokenizer.json"))
+                          os.path.join(small_dataset, "tokenizer.json"), *std)
   output = export(ours, tmp_path / "hf", architecture)
   hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(output,
                                                                      output_loading_info=True)
