@@ -23,8 +23,8 @@ from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
 from gptneo.hf import architectures
 from gptneo.hf import fields
-from gptneo.hf.architectures import ACTIVATIONS, ARCHITECTURES, GPT_NEO  # noqa: F401
-from gptneo.hf.fields import Reference, gin_literal  # noqa: F401
+from gptneo.hf.architectures import ARCHITECTURES, GPT_NEO  # noqa: F401  (bin/export)
+from gptneo.hf.fields import gin_literal
 from gptneo.model import gpt as gpt_lib
 
 WEIGHTS_FILE = "model.safetensors"
