@@ -42,13 +42,13 @@ def test_evaluation_batches_hold_each_window_once_the_last_batch_padded(small_da
                                                                        max_batches):
   from gptneo.data import inputs  # pylint: disable=g-import-not-at-top
   stored = np.concatenate([w for w, _ in evaluate_lib._windows(small_dataset, "validation", 1, 0)])
-  batches = list(evaluate_lib._windows(small_dataset, "validation", 5, max_batches))
+  batches = list(evaluate_lib._windows(small_dataset, "validation", 7, max_batches))
   windows = np.concatenate([w for w, _ in batches])
   weights = np.concatenate([w for _, w in batches])
-  count = min(len(stored), 5 * max_batches) if max_batches else len(stored)
+  count = min(len(stored), 7 * max_batches) if max_batches else len(stored)
   assert len(stored) == inputs.read_dataset_info(small_dataset)["splits"]["validation"][
-      "windows"] and len(stored) % 5
-  assert len(batches) == -(-count // 5) and weights.sum() == count
+      "windows"] and len(stored) % 7
+  assert len(batches) == -(-count // 7) and weights.sum() == count
   np.testing.assert_array_equal(windows[:count], stored[:count])
   assert not windows[count:].any() and not weights[count:].any()
 
