@@ -130,6 +130,24 @@ def test_the_least_recently_used_shard_no_pipeline_reads_is_evicted(four_shards)
   assert cache.downloads == 4 and cache.high_water == 2 * SHARD_BYTES
 
 
+def test_processes_sharing_a_cache_folder_never_evict_a_shard_the_other_reads(four_shards):
+  first, paths = four_shards(None)  # as two processes: each its own books, one folder
+  reading = first.stream(list(paths.values()))
+  first.ensure(reading, paths["a"])
+  second, _ = four_shards(2 * SHARD_BYTES)  # takes a on as cached
+  stream = second.stream(list(paths.values()))
+  second.ensure(stream, paths["b"])
+  second.ensure(stream, paths["c"])  # a is least recently used, but the first one reads it
+  assert on_disk(paths) == ["a", "c"]
+  first.ensure(reading, paths["d"])
+  second.ensure(stream, paths["b"])  # now a goes
+  assert on_disk(paths) == ["b", "c", "d"]
+  downloads = first.downloads
+  with open(first.ensure(reading, paths["a"]), "rb") as f:  # gone under it: fetched again
+    assert f.read() == b"a" * SHARD_BYTES
+  assert first.downloads == downloads + 1
+
+
 def test_a_restarted_cache_keeps_what_it_downloaded_and_fetches_only_the_rest(four_shards, gcs):
   cache, paths = four_shards(None)
   stream = cache.stream(list(paths.values()))

@@ -18,6 +18,7 @@ validation: two), checked when the pipeline is built.
 """
 import collections
 import contextlib
+import fcntl
 import fnmatch
 import gc
 import os
@@ -159,8 +160,7 @@ class ShardCache:
       self._present[shard] = blob.size
       return
     manifest.pop(name, None)
-    with contextlib.suppress(FileNotFoundError):  # an older version of the object
-      os.remove(path)
+    _remove_unless_read(path)  # an older version of the object
 
   def stream(self, shards):
     """A new pipeline's stream over shards (URIs); refuses a limit that cannot hold a shard
@@ -190,21 +190,31 @@ class ShardCache:
     waiting for it; returns its local path."""
     with self._lock:
       self._ahead[path] = max(0, self._ahead[path] - 1)
+      stream.release()
       stream.current = path  # unpins the shard it read before
-      while path not in self._present:
-        if path in self._loading or not self._reserve(path, spare_ahead=False):
-          if not self._loading:
-            raise UserError(f"{MAX_BYTES_ENV}={self.max_bytes} cannot hold {path} besides "
-                            "the shards being read; raise it")
-          self._lock.wait()
-          continue
-        self._lock.release()
-        try:
-          self._download(path)
-        finally:
-          self._lock.acquire()
+      while True:
+        self._fetch(path)
+        if stream.hold(self._blobs[path][0]):
+          break
+        self._present.pop(path)  # another process on this machine evicted it: again
       self._present.move_to_end(path)
       return self._blobs[path][0]
+
+  def _fetch(self, path):
+    """Downloads path unless present, waiting for room or for another download of it (the
+    lock held, but released while downloading)."""
+    while path not in self._present:
+      if path in self._loading or not self._reserve(path, spare_ahead=False):
+        if not self._loading:
+          raise UserError(f"{MAX_BYTES_ENV}={self.max_bytes} cannot hold {path} besides "
+                          "the shards being read; raise it")
+        self._lock.wait()
+        continue
+      self._lock.release()
+      try:
+        self._download(path)
+      finally:
+        self._lock.acquire()
 
   def _reserve(self, path, spare_ahead):
     """Makes room for path and counts it as loading; False if there is no room."""
@@ -232,13 +242,14 @@ class ShardCache:
       if excess <= 0:
         break
       excess -= self._evict(path)
-    return True
+    return excess <= 0
 
   def _evict(self, shard):
+    """Removes a shard unless a process on this machine reads it; returns the bytes freed."""
     path, folder, name, _ = self._blobs[shard]
+    if not _remove_unless_read(path):
+      return 0
     size = self._present.pop(shard)
-    with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
-      os.remove(path)
     self._manifests[folder].pop(name, None)
     storage.write_manifest(folder, self._manifests[folder])
     return size
@@ -285,11 +296,56 @@ class ShardCache:
       logging.warning("prefetching %s failed: %s", path, error)
 
 
+def _remove_unless_read(path):
+  """Deletes path unless a reader holds its shared lock (`_Stream.hold`); True if it is gone."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:  # removed meanwhile (by hand, or another process)
+    return True
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return False
+  else:
+    os.remove(path)
+    return True
+  finally:
+    os.close(fd)
+
+
 class _Stream:
-  """One input pipeline's reading of cached shards: the shard it reads is pinned."""
+  """One input pipeline's reading of cached shards: the shard it reads is pinned, in this
+  process by `current`, for other processes sharing the cache folder by a shared flock."""
 
   def __init__(self, cache, largest):
-    self.cache, self.largest, self.current = cache, largest, None
+    self.cache, self.largest, self.current, self._fd = cache, largest, None, None
+
+  def hold(self, local):
+    """Takes the shared lock of the file at local (releasing the one held); False if it is
+    gone or was replaced meanwhile."""
+    self.release()
+    try:
+      fd = os.open(local, os.O_RDONLY)
+    except FileNotFoundError:
+      return False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+      same = os.stat(local).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:
+      os.close(fd)
+      return False
+    self._fd = fd
+    return True
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self):
+    self.release()
 
   def announce(self, path):
     self.cache.announce(path)
