@@ -24,6 +24,7 @@ from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo import storage
 from gptneo import train_graph
+from gptneo.harness import run as harness_run
 from gptneo.compat import tf
 from gptneo.data import inputs
 from gptneo.data import tokenizer as tokenizer_lib
@@ -55,6 +56,9 @@ class Settings:
   checkpoint_every_secs: float
   on_nonfinite: str
   max_nonfinite_steps: int
+  harness_tasks: object  # a list of names
+  harness_every_n_steps: int
+  harness_limit: object  # int or None
 
   @property
   def tokens_per_step(self):
@@ -85,6 +89,7 @@ class Settings:
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps)
+    harness_run.check_training(self)
 
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -157,7 +162,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              microbatches_per_batch=1, clip_norm=1.0, seed=1234, steps_per_checkpoint=500,
              keep_checkpoints=5, log_every_n_steps=10, eval_batches=None, eval_every_n_steps=0,
              eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
-             checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10):
+             checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10,
+             harness_tasks=(), harness_every_n_steps=0, harness_limit=None):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -204,6 +210,12 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
       the step (skipped_steps in train_metrics.jsonl) and trains on.
     max_nonfinite_steps: with on_nonfinite = "skip", stop as "stop" does once this many steps
       in a row were skipped.
+    harness_tasks: lm-evaluation-harness task names (as bin/lm_eval --tasks) scored on the
+      checkpoint every harness_every_n_steps steps, into eval.jsonl and TensorBoard
+      (harness/<task>/<metric>); [] (the default): none.
+    harness_every_n_steps: with harness_tasks, score them every this many steps (a
+      checkpoint is saved at those steps) and at the last step; 0: at the last step only.
+    harness_limit: with harness_tasks, each task's first this many examples (None: all).
 
   Returns:
     the Settings of these knobs, for `train`.
@@ -267,7 +279,7 @@ def _train_in(s, remote_dir, rt, preemption, init_from):
     start = session.run(graph.step)
     logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
     loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
-                preemption)
+                preemption, harness=harness_run.training_scorer(s, rt, model_dir))
     loss, evaluation = loop.run(start)
   storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
   return loss, evaluation, loop.preempted
@@ -339,10 +351,12 @@ class Loop:
   stops (`preempted` then holds the signal, the step and the checkpoint).
   """
 
-  def __init__(self, session, graph, settings, model_dir, after_checkpoint, preemption=None):
+  def __init__(self, session, graph, settings, model_dir, after_checkpoint, preemption=None,
+               harness=None):
     self.session, self.graph, self.settings, self.model_dir = session, graph, settings, model_dir
     self.after_checkpoint = after_checkpoint
     self.preemption = preemption or Preemption(enabled=False)
+    self.harness = harness  # harness_run.Scorer of train.harness_tasks, or None
     self.nonfinite = NonFinite(settings.on_nonfinite, settings.max_nonfinite_steps)
     self.progress, self.preempted, self.step, self.loss = None, None, None, None
 
@@ -360,6 +374,8 @@ class Loop:
         self.save()
       if s.periodic_eval_at(self.step) and self.graph.eval_fetches:
         evaluation = self.periodic_eval(self.step)
+      if self.harness and harness_run.due(s, self.step):
+        self.harness_eval()
     if self.preemption.signal:
       self.preempted = (self.preemption.signal, self.step, self.stop_checkpoint())
       return self.loss, None
@@ -419,6 +435,15 @@ class Loop:
     logging.info("step %d  validation loss %.4f  bits/byte %.4f  accuracy %.4f", step,
                  metrics["loss"], metrics["bits_per_byte"], metrics["accuracy"])
     return record
+
+  def harness_eval(self):
+    """train.harness_tasks on this step's checkpoint (saved now if it wasn't), to eval.jsonl and
+    TensorBoard (harness/<task>/<metric>)."""
+    if self._saved[0] != self.step:
+      self.save()
+    records = self.harness()
+    harness_run.append(self.model_dir, records)
+    self.progress.scalars(self.step, harness_run.scalars(records))
 
   def final_eval(self, step, last_periodic):
     """The last periodic evaluation if it was at this step and scored the same batches, else
