@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/inputs.py
+	$(BIN)/python bench/prepare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
