@@ -87,7 +87,8 @@ def one_window_text(tokenizer, tokens):
   """A stdlib docstring's longest prefix that encodes to `tokens` ids."""
   source = " ".join(json.loads(line)["page"] for line in
                     (specs_lib.TASK_DIR / "gptneo_wikitext.jsonl").read_text().splitlines())
-  for end in range(len(source), 0, -1):
+  assert len(tokenizer.encode(source[:tokens * 8]).ids) > tokens
+  for end in range(tokens * 8, 0, -1):
     if len(tokenizer.encode(source[:end]).ids) == tokens:
       return source[:end]
   raise AssertionError("no prefix of that many tokens")
@@ -169,7 +170,7 @@ def test_bin_eval_the_native_model_and_lm_eval_hf_agree_on_the_last_word_task(
     assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
 
 
-def test_bin_lm_eval_runs_offline_tasks_with_no_network(tmp_path, model_dir):
+def test_bin_lm_eval_runs_offline_tasks_with_no_network(tmp_path, model_dir, monkeypatch):
   # Every socket connect outside this machine fails and is recorded; the proxies lead nowhere.
   (tmp_path / "sitecustomize.py").write_text(
       "import socket\n"
@@ -180,13 +181,11 @@ def test_bin_lm_eval_runs_offline_tasks_with_no_network(tmp_path, model_dir):
       "    raise OSError('no network in this test')\n"
       "  return _connect(self, address)\n"
       "socket.socket.connect = connect\n")
-  os.environ.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
-  try:
-    result = run_binary("lm_eval", f"--model_dir={model_dir}", "--limit=5",
-                        "--tasks=gptneo_lambada,gptneo_hellaswag,gptneo_wikitext",
-                        pythonpath=[tmp_path], check=True)
-  finally:
-    del os.environ["HTTPS_PROXY"], os.environ["HTTP_PROXY"]
+  for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+    monkeypatch.setenv(name, "http://127.0.0.1:9")  # a port nothing listens on
+  result = run_binary("lm_eval", f"--model_dir={model_dir}", "--limit=5",
+                      "--tasks=gptneo_lambada,gptneo_hellaswag,gptneo_wikitext",
+                      pythonpath=[tmp_path], check=True)
   assert not (tmp_path / "attempts").exists()
   records = [json.loads(line) for line in result.stdout.splitlines()]
   assert [r["task"] for r in records] == ["gptneo_lambada", "gptneo_hellaswag",
