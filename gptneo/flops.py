@@ -9,7 +9,7 @@ them; 2 x window_size for a local one; d_head-wide running sums for a linear one
 recomputed forward (GPT.recompute_grad) is not model FLOPs and is not counted.
 
 The peak: `train.peak_flops`, a number (FLOP/s per device) or a device name of PEAK_FLOPS.
-Unset, a CPU mesh uses this machine's fp32 matmul rate, measured once (a second) and cached
+Unset, a CPU mesh uses this machine's fp32 matmul rate, measured once (half a second) and cached
 per machine; a GPU is looked up by its name; a TPU must be named (its runtime does not say
 which chip it is).
 """
@@ -75,15 +75,10 @@ def peak_flops(spec, setting=None, cache_dir=None):
     setting: train.peak_flops: None, a number (per device) or a key of PEAK_FLOPS.
     cache_dir: where the measured CPU rate is cached (default: storage's cache root).
   """
+  check_peak_setting(setting)
   if isinstance(setting, str):
-    if setting not in PEAK_FLOPS:
-      raise UserError(f"train.peak_flops = {setting!r} is no device we know; use a number "
-                      f"(FLOP/s per device) or one of {sorted(PEAK_FLOPS)}")
     return PEAK_FLOPS[setting] * spec.size
   if setting is not None:
-    if not isinstance(setting, (int, float)) or setting <= 0:
-      raise UserError(f"train.peak_flops = {setting!r}; it must be a positive FLOP/s per "
-                      f"device, a device name of {sorted(PEAK_FLOPS)}, or None")
     return float(setting) * spec.size
   if spec.device_type == "cpu":  # the mesh's CPU devices share this machine's cores
     return cpu_matmul_rate(cache_dir)
@@ -91,6 +86,17 @@ def peak_flops(spec, setting=None, cache_dir=None):
     kind = _gpu_kind()
     return PEAK_FLOPS[kind] * spec.size if kind else None
   return None
+
+
+def check_peak_setting(setting):
+  """A one-line UserError unless train.peak_flops is None, a positive number or a device."""
+  if isinstance(setting, str) and setting not in PEAK_FLOPS:
+    raise UserError(f"train.peak_flops = {setting!r} is no device we know; use a number "
+                    f"(FLOP/s per device) or one of {sorted(PEAK_FLOPS)}")
+  if setting is not None and not isinstance(setting, str) and (
+      isinstance(setting, bool) or not isinstance(setting, (int, float)) or setting <= 0):
+    raise UserError(f"train.peak_flops = {setting!r}; it must be a positive FLOP/s per "
+                    f"device, a device name of {sorted(PEAK_FLOPS)}, or None")
 
 
 def _gpu_kind():
@@ -137,7 +143,7 @@ def cpu_matmul_rate(cache_dir=None):
   return float(rates[key])
 
 
-def measure_matmul_rate(n=1024, seconds=1.0):
+def measure_matmul_rate(n=1024, seconds=0.5):
   """fp32 FLOP/s of an n x n matmul in a TF graph, best of the repeats that fit in `seconds`."""
   from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ import numpy as np
 
 from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
+from gptneo import flops
 from gptneo import gin_utils
 from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
@@ -59,6 +60,7 @@ class Settings:
   harness_tasks: object  # a list of names
   harness_every_n_steps: int
   harness_limit: object  # int or None
+  peak_flops: object  # None, FLOP/s per device, or a device name of flops.PEAK_FLOPS
 
   @property
   def tokens_per_step(self):
@@ -114,6 +116,7 @@ def check_ranges(s):
   if s.sampling not in inputs.SAMPLINGS:  # inputs would say so too, once the graph is built
     raise UserError(f"train.sampling = {s.sampling!r} is unknown; use one of "
                     f"{list(inputs.SAMPLINGS)}")
+  flops.check_peak_setting(s.peak_flops)
   _check_learning_rate()
 
 
@@ -163,7 +166,7 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              keep_checkpoints=5, log_every_n_steps=10, eval_batches=None, eval_every_n_steps=0,
              eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
              checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10,
-             harness_tasks=(), harness_every_n_steps=0, harness_limit=None):
+             harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -216,6 +219,11 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     harness_every_n_steps: with harness_tasks, score them every this many steps (a
       checkpoint is saved at those steps) and at the last step; 0: at the last step only.
     harness_limit: with harness_tasks, each task's first this many examples (None: all).
+    peak_flops: the denominator of the MFU every log line and TensorBoard (mfu, tflops)
+      report: FLOP/s per device, or a device of gptneo/flops.py's PEAK_FLOPS ("tpu_v3",
+      "tpu_v4", "a100", "h100", ...: dense bf16 from the vendors' datasheets). None: on CPU,
+      this machine's fp32 matmul rate (measured once, cached per machine); a GPU by its
+      name; a TPU must be named, else MFU is left out.
 
   Returns:
     the Settings of these knobs, for `train`.
@@ -364,7 +372,9 @@ class Loop:
     """Returns (the last logged loss, the last evaluation's metrics or None)."""
     s = self.settings
     drop_rerun_steps(self.model_dir, start)
-    self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start)
+    self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start,
+                             flops.training_flops_per_token(s.model),
+                             flops.peak_flops(s.mesh, s.peak_flops))
     self.step, self._start, self._since_log = int(start), int(start), []
     self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
     evaluation = None
@@ -548,12 +558,15 @@ def steps_this_run(step, start, train_steps, steps_per_run, every):
 
 
 class Progress:
-  """Logs step, loss, learning rate, tokens/s, elapsed and ETA; writes TensorBoard summaries."""
+  """Logs step, loss, learning rate, tokens/s, MFU, elapsed and ETA; writes TensorBoard
+  summaries."""
 
-  def __init__(self, model_dir, train_steps, tokens_per_step, first_step):
+  def __init__(self, model_dir, train_steps, tokens_per_step, first_step, flops_per_token,
+               peak_flops):
     self._writer = tf.summary.FileWriter(model_dir)
     self._metrics = open(os.path.join(model_dir, "train_metrics.jsonl"), "a")
     self._train_steps, self._tokens_per_step = train_steps, tokens_per_step
+    self._flops_per_token, self._peak_flops = flops_per_token, peak_flops
     self._start, self._first_step = time.time(), first_step
     self._last_time, self._last_step = self._start, first_step
 
@@ -563,11 +576,14 @@ class Progress:
                                                                             1e-9)
     done = step - self._first_step
     eta = (now - self._start) / max(done, 1) * (self._train_steps - step)
-    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  elapsed %s  ETA %s", step,
-                 self._train_steps, loss, learning_rate, tokens_per_sec,
+    use = flops.utilization(tokens_per_sec, self._flops_per_token, self._peak_flops)
+    mfu = f"MFU {use['mfu']:.1%} ({use['tflops']:.3g} TFLOP/s)" if "mfu" in use else (
+        f"{use['tflops']:.3g} TFLOP/s")
+    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  %s  elapsed %s  ETA %s", step,
+                 self._train_steps, loss, learning_rate, tokens_per_sec, mfu,
                  _clock(now - self._start), _clock(eta))
     values = {"loss": float(loss), "learning_rate": float(learning_rate),
-              "tokens_per_sec": tokens_per_sec, "grad_norm": float(grad_norm),
+              "tokens_per_sec": tokens_per_sec, **use, "grad_norm": float(grad_norm),
               **{name: float(value) for name, value in (aux_losses or {}).items()}}
     self.scalars(step, values)
     self._metrics.write(json.dumps({"step": int(step), **values}) + "\n")

@@ -5,11 +5,15 @@ import json
 import pytest
 
 from gptneo import flops
+from gptneo import gin_utils
+from gptneo import train as train_lib
 from gptneo import mesh as mesh_lib
+from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.model import feedforward
 from gptneo.model import gpt
 from gptneo.model import moe as moe_lib
+from tests.conftest import TINY_TEST_BINDINGS
 
 E, HEADS, T, V, W = 64, 4, 128, 1000, 32  # embd, heads, n_ctx, vocab, window
 HEAD_OUT = 2 * E * V  # the output projection, per token
@@ -83,3 +87,30 @@ def test_the_measured_matmul_rate_is_plausible():
 def test_utilization():
   assert flops.utilization(1000.0, 6e6, 1.2e10) == {"tflops": 0.006, "mfu": 0.5}
   assert flops.utilization(1000.0, 6e6, None) == {"tflops": 0.006}
+
+
+def _train(model_dir, dataset, *bindings):
+  gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [
+      f"DATASET_DIR = {dataset!r}", "train.train_steps = 3", "train.eval_batches = 0",
+      *bindings])
+  return train_lib.train(str(model_dir))
+
+
+def test_every_training_log_line_reports_mfu_and_tflops(tmp_path, small_dataset):
+  _train(tmp_path / "run", small_dataset, "train.peak_flops = 2e9")
+  per_token = flops.training_flops_per_token(train_lib.settings().model)
+  records = [json.loads(line) for line in (tmp_path / "run" / "train_metrics.jsonl").open()]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for r in records:
+    assert r["tflops"] == pytest.approx(r["tokens_per_sec"] * per_token / 1e12)
+    assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * per_token / 2e9)
+  tags = {value.tag for path in (tmp_path / "run").glob("events.out.tfevents.*")
+          for event in tf.compat.v1.train.summary_iterator(str(path))
+          for value in event.summary.value}
+  assert {"mfu", "tflops", "tokens_per_sec"} <= tags
+
+
+def test_an_unknown_peak_is_refused_before_anything_is_written(tmp_path, small_dataset):
+  with pytest.raises(UserError, match="train.peak_flops = 'tpu_v9' is no device we know"):
+    _train(tmp_path / "run", small_dataset, 'train.peak_flops = "tpu_v9"')
+  assert not (tmp_path / "run").exists()
