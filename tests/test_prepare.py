@@ -194,6 +194,23 @@ def test_filters_min_chars_dedup_and_ftfy(tmp_path, tokenizer_path):
   assert_splits_equal(str(tmp_path / "out"), expected_streams(tokenizer_path, kept, 0.2))
 
 
+def test_the_bpe_trains_on_at_most_tokenizer_sample_bytes_of_train_text(tmp_path):
+  for name, texts in (("a", TEXTS[:40]), ("b", TEXTS[40:80])):
+    with open(tmp_path / f"{name}.jsonl", "w") as f:
+      f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+  info = prepare.prepare_dataset([str(tmp_path)], str(tmp_path / "out"), N_CTX,
+                                 vocab_size=300, validation_fraction=0.3,
+                                 tokenizer_sample_bytes=1)
+  first_train = []  # a budget of 1 byte: each file's first train document
+  for source in info["sources"]:
+    texts = [json.loads(line)["text"] for line in open(source["path"])]
+    first_train.append(next(t for t in texts if prepare.split_of(
+        workers.content_hash(t), 0.3, 1234) == "train"))
+  expected = tokenizer_lib.train_bpe_on(first_train, 300)
+  assert open(tmp_path / "out" / "tokenizer.json").read() == expected.to_str()
+  assert tokenizer_lib.train_bpe_on(TEXTS[:80], 300).to_str() != expected.to_str()
+
+
 # --------------------------------------------------------------------------- bad lines
 
 
