@@ -9,9 +9,9 @@ them; 2 x window_size for a local one; d_head-wide running sums for a linear one
 recomputed forward (GPT.recompute_grad) is not model FLOPs and is not counted.
 
 The peak: `train.peak_flops`, a number (FLOP/s per device) or a device name of PEAK_FLOPS.
-Unset, a CPU mesh uses this machine's fp32 matmul rate, measured once (half a second) and cached
-per machine; a GPU is looked up by its name; a TPU must be named (its runtime does not say
-which chip it is).
+Unset, a CPU mesh uses this machine's fp32 matmul rate (half a second to measure; the first
+few runs measure it and the best is cached per machine); a GPU is looked up by its name; a
+TPU must be named (its runtime does not say which chip it is).
 """
 import json
 import os
@@ -35,6 +35,7 @@ PEAK_FLOPS = {
 }
 _GPU_NAMES = {"A100": "a100", "H100": "h100"}  # a substring of TF's device name -> its kind
 RATE_CACHE = "matmul_rate.json"
+MEASUREMENTS = 3  # runs that measure the CPU's rate before the cached best is trusted
 
 
 def attended_keys(layer_type, n_ctx, window_size, d_head):
@@ -123,7 +124,11 @@ def machine_key():
 
 
 def cpu_matmul_rate(cache_dir=None):
-  """This machine's fp32 matmul FLOP/s in TF on the cores we may use; measured once, cached."""
+  """This machine's fp32 matmul FLOP/s in TF on the cores we may use, cached per machine.
+
+  A neighbour busy during a measurement lowers it, so the first MEASUREMENTS runs each
+  measure again and the cache keeps the best; later runs only read it.
+  """
   from gptneo import storage  # pylint: disable=g-import-not-at-top
   path = os.path.join(storage.cache_dir_of(cache_dir), RATE_CACHE)
   key, rates = machine_key(), {}
@@ -132,15 +137,20 @@ def cpu_matmul_rate(cache_dir=None):
       rates = json.load(f)
   except (OSError, ValueError):
     pass
-  if not isinstance(rates, dict) or not isinstance(rates.get(key), (int, float)):
-    rates = rates if isinstance(rates, dict) else {}
-    rates[key] = measure_matmul_rate()
+  rates = rates if isinstance(rates, dict) else {}
+  entry = rates.get(key)
+  if not (isinstance(entry, dict) and isinstance(entry.get("rate"), (int, float))
+          and isinstance(entry.get("samples"), int)):
+    entry = {"rate": 0.0, "samples": 0}
+  if entry["samples"] < MEASUREMENTS:
+    entry = {"rate": max(entry["rate"], measure_matmul_rate()), "samples": entry["samples"] + 1}
+    rates[key] = entry
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.partial"
     with open(temporary, "w") as f:
       json.dump(rates, f, indent=1)
     os.replace(temporary, path)
-  return float(rates[key])
+  return float(entry["rate"])
 
 
 def measure_matmul_rate(n=1024, seconds=0.5):

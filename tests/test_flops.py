@@ -68,15 +68,14 @@ def test_peak_from_the_setting_a_device_name_or_none():
     flops.peak_flops(_spec(["/cpu:0"]), -1.0)
 
 
-def test_a_cpu_mesh_measures_this_machine_once_and_caches_it(tmp_path, monkeypatch):
-  measured = []
-  monkeypatch.setattr(flops, "measure_matmul_rate", lambda: measured.append(1) or 5e10)
+def test_a_cpu_mesh_measures_this_machine_a_few_times_and_keeps_the_best(tmp_path, monkeypatch):
+  measured = iter([4e10, 6e10, 5e10])  # a neighbour was busy during the first measurement
+  monkeypatch.setattr(flops, "measure_matmul_rate", lambda: next(measured))
   spec = _spec(["/cpu:0", "/cpu:1"])  # two CPU devices share the same cores: one machine
-  assert flops.peak_flops(spec, cache_dir=str(tmp_path)) == 5e10
-  assert flops.peak_flops(spec, cache_dir=str(tmp_path)) == 5e10
-  assert len(measured) == 1
+  rates = [flops.peak_flops(spec, cache_dir=str(tmp_path)) for _ in range(5)]
+  assert rates == [4e10, 6e10, 6e10, 6e10, 6e10]  # three measurements, then the cache only
   cached = json.loads((tmp_path / flops.RATE_CACHE).read_text())
-  assert cached == {flops.machine_key(): 5e10}
+  assert cached == {flops.machine_key(): {"rate": 6e10, "samples": flops.MEASUREMENTS}}
 
 
 def test_the_measured_matmul_rate_is_plausible():
