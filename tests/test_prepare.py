@@ -357,3 +357,10 @@ def test_sigkill_at_any_moment_then_rerun_equals_uninterrupted(corpus, tmp_path)
   assert info["inputs_hash"] in lines[0]
   assert sum(f"({s['format']}): {s['documents']:,} documents" in stdout
              for s in info["sources"]) == 4
+
+
+def test_stats_of_a_dataset_prepared_before_sources_were_recorded_is_one_line():
+  old = {"format": 1, "n_ctx": 16, "n_vocab": 300, "sources": 3, "splits": {}}
+  with pytest.raises(ValueError, match="'d' was prepared before datasets recorded their "
+                                       r"sources; prepare it again \(--overwrite\)"):
+    prepare.describe(old, "d")

@@ -512,6 +512,9 @@ def _shard_count(state):
 def describe(info, dataset_dir):
   """Lines for bin/prepare_data --stats: per split and per source counts, the settings that
   chose the documents, the inputs' hash."""
+  if "inputs_hash" not in info:
+    raise UserError(f"dataset '{dataset_dir}' was prepared before datasets recorded their "
+                    "sources; prepare it again (--overwrite) to see them")
   lines = [f"{dataset_dir}: {info['documents']:,} documents, vocab {info['n_vocab']}, "
            f"n_ctx {info['n_ctx']}, inputs_hash {info['inputs_hash']}"]
   for split, split_info in info["splits"].items():
