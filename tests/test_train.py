@@ -34,7 +34,8 @@ def test_loss_falls_and_validation_loss_is_reported(tmp_path, small_dataset):
   result = train_in_process(tmp_path / "run", small_dataset, 60)
   losses = logged_losses(tmp_path / "run")
   assert sorted(losses) == list(range(1, 61))
-  assert np.mean([losses[s] for s in range(56, 61)]) < losses[1] - 1.0
+  # 6.24 -> 5.34 on the small dataset as ad790fe splits it (per document, by content hash)
+  assert np.mean([losses[s] for s in range(56, 61)]) < losses[1] - 0.75
   assert result["validation_loss"] is not None and result["validation_loss"] < losses[1]
   for name in ("operative_config.gin", "command.txt", "tokenizer.json", "checkpoint"):
     assert (tmp_path / "run" / name).exists(), name
