@@ -23,7 +23,6 @@ the same arguments continues from the last shard and ends with the same bytes. T
 becomes output_dir, dataset.json included, only when everything is written.
 """
 import collections
-import functools
 import hashlib
 import json
 import os
@@ -233,21 +232,23 @@ def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=N
                tokens_per_shard, seed, reading or sources_lib.Reading(),
                filters or workers_lib.Filters(), workers, tokenizer_sample_bytes)
   if storage.is_remote(output_dir):  # Before stripping: 'gs://' must not become 'gs:'.
-    return _prepare_and_upload(str(output_dir), overwrite,
-                               functools.partial(_prepare_locally, plan))
+    return _prepare_and_upload(str(output_dir), overwrite, plan)
   return _prepare_locally(plan, str(output_dir).rstrip("/"), overwrite)
 
 
-def _prepare_and_upload(uri, overwrite, prepare_into):
-  """Prepares a dataset in a local folder named after uri (so a rerun resumes), uploads it."""
+def _prepare_and_upload(uri, overwrite, plan):
+  """Prepares a dataset in a local folder named after uri and the plan (so a rerun resumes
+  the prepare, or only the upload), then uploads it."""
   # An occupied prefix is refused now, not after the (possibly long) tokenization.
   storage.check_upload_target(uri, overwrite)
-  key = hashlib.sha256(uri.encode()).hexdigest()[:12]
+  key = hashlib.sha256(f"{uri} {plan.fingerprint()}".encode()).hexdigest()[:12]
   local_root = os.path.join(tempfile.gettempdir(), f"gptneo-prepare-{key}")
   local_dir = os.path.join(local_root, "dataset")
-  if os.path.exists(local_dir):  # a prepared, not uploaded, dataset: prepared again
-    shutil.rmtree(local_dir)
-  info = prepare_into(local_dir, False)
+  if os.path.exists(os.path.join(local_dir, "dataset.json")):  # prepared, upload interrupted
+    with open(os.path.join(local_dir, "dataset.json")) as f:
+      info = json.load(f)
+  else:
+    info = _prepare_locally(plan, local_dir, True)
   storage.upload_folder(local_dir, uri, overwrite=overwrite)
   shutil.rmtree(local_root)
   return info
