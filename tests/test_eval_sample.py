@@ -183,6 +183,12 @@ class Tokenizer10:
     return "".join(map(str, ids))
 
 
+def test_an_empty_stop_list_stops_nothing_and_the_earliest_stop_cuts():
+  sample_lib.check_stop([])
+  assert sample_lib.cut_at_stop("a\n\nb", []) == "a\n\nb"
+  assert sample_lib.cut_at_stop("ab--cd--", ["cd", "--"]) == "ab"
+
+
 @pytest.mark.parametrize("stop, problem", [
     ('["ok", ""]', "holds an empty string"), ('"x"', "must be a list of strings")])
 def test_bad_stop_is_one_line(neo_model_dir, stop, problem):
