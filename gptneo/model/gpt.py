@@ -132,6 +132,13 @@ class GPT:
                 vocab=mtf.Dimension("vocab", self.n_vocab),
                 experts=self.moe.experts_dim() if self.moe else None)
 
+  def window_fits(self, length):
+    """Whether a window of `length` tokens from position 0 can run (without a cache): at most
+    n_ctx, and with local layers at most window_size or a multiple of it (its blocks)."""
+    windowed = any(attention.lookup(kind).windowed for kind in self.layer_types)
+    blocks = length <= self.window_size or length % self.window_size == 0
+    return 1 <= length <= self.n_ctx and (blocks or not windowed)
+
   def num_parameters(self):
     """Trainable parameters, counted analytically (the embedding counted once if tied)."""
     e, m = self.n_embd, self.n_embd * self.mlp_ratio
@@ -148,7 +155,9 @@ class GPT:
     """Logits for every position; sets `aux_losses` for the training loss.
 
     Args:
-      tokens: int32 mtf.Tensor [batch, sequence].
+      tokens: int32 mtf.Tensor [batch, sequence]: sequence = n_ctx in training; inference
+        may run a shorter window (positions 0 .. sequence - 1, see window_fits), whose
+        logits are those of the first `sequence` positions of an n_ctx window.
       dtype: an mtf.VariableDType (float32, or bfloat16 activations over float32 weights).
       dropout: an ops.Dropout (disabled outside training).
       cache: None, or a cache.DecodeCache to decode with: each row's new tokens sit at
@@ -158,12 +167,16 @@ class GPT:
       float32 mtf.Tensor [batch, sequence, vocab] ([batch, 1, vocab] with a cache).
     """
     dims = self.dims(*tokens.shape.to_integer_list, memory_length=self.n_ctx if cache else None)
+    if not cache and not self.window_fits(dims.sequence.size):
+      raise ValueError(f"a window of {dims.sequence.size} tokens does not fit this model; "
+                       f"see GPT.window_fits")
     positions = cache.positions if cache else None  # None: 0 .. sequence - 1
     moe_losses = []
     with tf.variable_scope(self.name):
       wte = mtf.get_variable(tokens.mesh, "wte", [dims.vocab, dims.embd], dtype=dtype,
                              initializer=tf.random_normal_initializer(stddev=self.init_std))
-      wpe = self.positions.embed(tokens.mesh, dims, dtype, self.init_std, positions)
+      wpe = self.positions.embed(tokens.mesh, dims, self.n_ctx, dtype, self.init_std,
+                                 positions)
       x = ops.embedding_lookup(wte, tokens, dims.vocab)
       x = x + wpe if wpe is not None else x
       x = dropout(x, self.embed_dropout)

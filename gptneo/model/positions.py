@@ -2,8 +2,10 @@
 
 Each encoding may add an embedding to the token embeddings (`embed`) and may rotate the
 queries and keys of every attention layer (`rotate`); the GPT calls both. Both take the
-positions of the tokens: None for a whole window (0 .. sequence - 1, training), or an int32
-tensor [batch, sequence] when decoding continues each row at its own position.
+positions of the tokens: None for a window from position 0 (0 .. sequence - 1: training, and
+inference on windows shorter than n_ctx), or an int32 tensor [batch, sequence] when decoding
+continues each row at its own position. The tables always hold n_ctx rows (the checkpoint's
+shape); a shorter window uses their first `sequence` rows.
 """
 import math
 
@@ -24,9 +26,9 @@ class _Positions:
     del n_ctx, n_embd
     return 0
 
-  def embed(self, mesh, dims, dtype, std, positions=None):
+  def embed(self, mesh, dims, n_ctx, dtype, std, positions=None):
     """An embedding [sequence, embd] ([batch, sequence, embd] at `positions`) or None."""
-    del mesh, dims, dtype, std, positions
+    del mesh, dims, n_ctx, dtype, std, positions
     return None
 
   def rotate(self, x, dims, positions=None):
@@ -35,15 +37,16 @@ class _Positions:
     return x
 
 
-def _table_rows(dims):
-  """The position tables' first dimension: n_ctx rows (the memory), named `sequence`."""
-  return mtf.Dimension(dims.sequence.name, dims.memory.size)
+def _table_rows(dims, n_ctx):
+  """The position tables' first dimension: n_ctx rows, named `sequence`."""
+  return mtf.Dimension(dims.sequence.name, n_ctx)
 
 
 def _rows_at(table, dims, positions):
-  """The rows of a [sequence, embd] table at `positions`, or the whole table if None."""
+  """The rows of an [n_ctx, embd] table at `positions`, or its first `sequence` rows if None."""
   if positions is None:
-    return table
+    short = table.shape.get_dim_by_name(dims.sequence.name).size > dims.sequence.size
+    return mtf.slice(table, 0, dims.sequence.size, dims.sequence.name) if short else table
   table = mtf.rename_dimension(table, dims.sequence.name, dims.memory.name)
   return ops.embedding_lookup(table, positions, dims.memory)
 
@@ -55,8 +58,8 @@ class LearnedPositions(_Positions):
   def num_parameters(self, n_ctx, n_embd):
     return n_ctx * n_embd
 
-  def embed(self, mesh, dims, dtype, std, positions=None):
-    table = mtf.get_variable(mesh, "wpe", [_table_rows(dims), dims.embd], dtype=dtype,
+  def embed(self, mesh, dims, n_ctx, dtype, std, positions=None):
+    table = mtf.get_variable(mesh, "wpe", [_table_rows(dims, n_ctx), dims.embd], dtype=dtype,
                              initializer=tf.random_normal_initializer(stddev=std / 2))
     return _rows_at(table, dims, positions)
 
@@ -151,11 +154,11 @@ class AxialPositions(_Positions):
   def num_parameters(self, n_ctx, n_embd):
     return sum(self.factors(n_ctx)) * n_embd
 
-  def embed(self, mesh, dims, dtype, std, positions=None):
+  def embed(self, mesh, dims, n_ctx, dtype, std, positions=None):
     rows, columns = (mtf.Dimension(f"axial_{i}", size)
-                     for i, size in enumerate(self.factors(dims.memory.size)))
+                     for i, size in enumerate(self.factors(n_ctx)))
     tables = [mtf.get_variable(mesh, f"wpe_axial_{i}", [axis, dims.embd], dtype=dtype,
                                initializer=tf.random_normal_initializer(stddev=std / 2))
               for i, axis in enumerate((rows, columns))]
     grid = mtf.add(tables[0], tables[1], output_shape=[rows, columns, dims.embd]) * 0.5
-    return _rows_at(mtf.reshape(grid, [_table_rows(dims), dims.embd]), dims, positions)
+    return _rows_at(mtf.reshape(grid, [_table_rows(dims, n_ctx), dims.embd]), dims, positions)
