@@ -60,15 +60,19 @@ class RestoredModel:
   Windows shorter than n_ctx are right-padded: attention is causal, so padding never changes
   the outputs at real positions. With decode=True, `start` and `extend` decode through the
   key/value cache: prompts run in chunks of `chunk` tokens, then one token per step.
+  With sequence_length < n_ctx (one GPT.window_fits), the windows, arrays and outputs of
+  `pad`, `score`, `next_logits` and `all_logits` are that long instead of n_ctx: the first
+  positions of an n_ctx window, for less work (the weights are those of the checkpoint).
   """
 
   def __init__(self, model, rt, model_dir, batch_size, precision="float32", decode=False,
-               chunk=64):
+               chunk=64, sequence_length=None):
     self.model, self.batch_size = model, batch_size
+    self.length = sequence_length or model.n_ctx
     self.graph = tf.Graph()
     with self.graph.as_default():
-      self.tokens = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="tokens")
-      self.targets = tf.placeholder(tf.int32, [batch_size, model.n_ctx], name="targets")
+      self.tokens = tf.placeholder(tf.int32, [batch_size, self.length], name="tokens")
+      self.targets = tf.placeholder(tf.int32, [batch_size, self.length], name="targets")
       self.positions = tf.placeholder(tf.int32, [batch_size], name="positions")
       self._build(rt, precision, decode, min(chunk, model.n_ctx))
       self.checkpoints = checkpoints_lib.Checkpoints(self.lowering, model_dir)
@@ -77,7 +81,7 @@ class RestoredModel:
 
   def _build(self, rt, precision, decode, chunk):
     mtf_graph, mtf_mesh = runtime.new_mesh()
-    dims = self.model.dims(self.batch_size)
+    dims = self.model.dims(self.batch_size, self.length)
     shape = [dims.batch, dims.sequence]
     tokens = mtf.import_tf_tensor(mtf_mesh, self.tokens, shape)
     targets = mtf.import_tf_tensor(mtf_mesh, self.targets, shape)
@@ -109,8 +113,8 @@ class RestoredModel:
     return self.checkpoints.restore(self.session)
 
   def pad(self, windows):
-    """[len <= batch_size] lists of ids (each <= n_ctx) -> [batch_size, n_ctx] int32."""
-    batch = np.zeros([self.batch_size, self.model.n_ctx], np.int32)
+    """[len <= batch_size] lists of ids (each <= length) -> [batch_size, length] int32."""
+    batch = np.zeros([self.batch_size, self.length], np.int32)
     for row, window in enumerate(windows):
       batch[row, :len(window)] = window
     return batch
