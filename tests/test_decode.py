@@ -157,15 +157,17 @@ def test_greedy_decode_past_n_ctx_matches_the_reference(neo_model_dir):
 
 
 def test_greedy_with_a_stop_string_is_greedy_cut_at_its_first_occurrence(neo_model_dir):
-  tokenizer = inference.load_tokenizer(neo_model_dir)  # ids < VOCAB: bytes, varied text
+  tokenizer = inference.load_tokenizer(neo_model_dir)  # ids < VOCAB: bytes
   restored = random_model([])
-  prompts = [[5], [9, 20, 31], [17, 4]]
+  prompts = [[5], [9, 20, 31], [17, 4], [40], [2, 33], [25, 11, 7]]
   full = sample_lib.complete(restored, tokenizer, prompts, 30)
-  text = full[0].text  # a stop string: the first two characters that appear there first
-  stop = next(text[k:k + 2] for k in range(1, len(text) - 2) if text.find(text[k:k + 2]) == k)
+  # The stop string: a character that first appears after the start of some row's text.
+  row, stop = next((row, c.text[k]) for row, c in enumerate(full)
+                   for k in range(1, len(c.text) - 1) if c.text.find(c.text[k]) == k)
   stopped = sample_lib.complete(restored, tokenizer, prompts, 30, stop=[stop, "\x00never"])
   for before, after in zip(full, stopped, strict=True):
     assert after.text == sample_lib.cut_at_stop(before.text, [stop])
     assert after.ids == before.ids[:len(after.ids)]
-  assert stopped[0].text == full[0].text[:full[0].text.find(stop)]
-  assert len(stopped[0].ids) < 30 and stop in tokenizer.decode(stopped[0].ids)
+  assert stopped[row].text == full[row].text[:full[row].text.find(stop)]
+  assert len(stopped[row].ids) < len(full[row].ids)
+  assert stop in tokenizer.decode(stopped[row].ids)
