@@ -11,8 +11,9 @@ False so any export works) trained --steps steps on the stdlib corpus (data/stdl
 `make data`), exported with bin/export --format=hf. Both sides score the same lm-eval
 Instances of our offline tasks (gptneo_lambada: 40 loglikelihood requests, gptneo_hellaswag:
 160, gptneo_wikitext: 40 documents, rolling) with batch --batch_size, float32, on the CPU:
-ours through GptNeoLM.loglikelihood / loglikelihood_rolling (one RestoredModel, built and
-restored outside the timing), HF through lm_eval.models.huggingface.HFLM(device="cpu"),
+ours through GptNeoLM.loglikelihood / loglikelihood_rolling (a RestoredModel of n_ctx and
+--length_buckets of shorter windows, lm.Windows, built and restored before the timing by the
+agreement check; --length_buckets=0 is one graph of n_ctx, as before), HF through lm_eval.models.huggingface.HFLM(device="cpu"),
 torch.set_num_threads(--threads). Rounds alternate between the sides with bench/timing.py's
 guard against a busy neighbour; requests/s is the median undisturbed round, ours/HF the
 median ratio of back-to-back pairs. Also printed: the largest difference of log-likelihoods.
@@ -56,14 +57,16 @@ def trained_and_exported(folder, steps):
   return model_dir, os.path.join(folder, "hf")
 
 
-def native_lm(model_dir, batch_size):
+def native_lm(model_dir, batch_size, length_buckets):
   from gptneo.harness import lm as lm_lib  # pylint: disable=g-import-not-at-top
   gin_utils.parse(["layouts/single.gin"], [],
                   model_config=os.path.join(model_dir, "operative_config.gin"))
-  restored = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(mesh_lib.mesh()),
-                                     model_dir, batch_size)
-  restored.restore()
-  return lm_lib.GptNeoLM(restored, inference.load_tokenizer(model_dir))
+  model, rt = gpt_lib.GPT(), runtime.Runtime(mesh_lib.mesh())
+  def restored(length=None):
+    return inference.RestoredModel(model, rt, model_dir, batch_size, sequence_length=length)
+  windows = lm_lib.Windows(restored(), restored, lm_lib.bucket_lengths(model, length_buckets))
+  windows.restore()
+  return lm_lib.GptNeoLM(windows.full, inference.load_tokenizer(model_dir), windows=windows)
 
 
 def task_requests(name):
@@ -103,6 +106,8 @@ def main():
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side and task")
   parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--length_buckets", type=int, default=3,
+                      help="our shorter window lengths (lm_eval.length_buckets)")
   parser.add_argument("--max_foreign", type=float, default=0.15,
                       help="a round counts as undisturbed if other processes used fewer cores")
   parser.add_argument("--idle_wait", type=float, default=20,
@@ -115,13 +120,14 @@ def main():
   folder = tempfile.mkdtemp(prefix="harness_throughput_")
   try:
     model_dir, hf_dir = trained_and_exported(folder, args.steps)
-    ours = native_lm(model_dir, args.batch_size)
+    ours = native_lm(model_dir, args.batch_size, args.length_buckets)
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(args.threads)
     hf_module = harness.import_lm_eval("lm_eval.models.huggingface")
     hf = hf_module.HFLM(pretrained=hf_dir, device="cpu", batch_size=args.batch_size)
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}  models/tiny.gin ({args.steps} steps), "
-          f"batch {args.batch_size}, float32, requests/s (median of {args.rounds} rounds)",
+          f"batch {args.batch_size}, float32, length_buckets {args.length_buckets}, HF threads "
+          f"{args.threads}, requests/s (median of {args.rounds} rounds)",
           flush=True)
     wait_for_idle(args.max_foreign, args.idle_wait)
     print("| task | requests | ours (gptneo) | lm-eval hf | ours/HF | largest log-likelihood "

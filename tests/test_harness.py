@@ -83,6 +83,26 @@ def test_loglikelihood_equals_a_direct_computation_from_our_logits(native):
   assert len({round(ll, 3) for ll, _ in got}) == len(pairs)  # results in request order
 
 
+def test_short_requests_run_on_shorter_windows_with_the_same_results(native, model_dir):
+  gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], ONE_DEVICE)
+  rt = runtime.Runtime(mesh_lib.mesh())
+  lengths = lm_lib.bucket_lengths(native.restored.model, 3)
+  windows = lm_lib.Windows(native.restored, lambda n: inference.RestoredModel(
+      gpt_lib.GPT(), rt, model_dir, 4, sequence_length=n), lengths)
+  bucketed = lm_lib.GptNeoLM(native.restored, native.tokenizer, 24, windows)
+  texts = [json.loads(line)["text"] for line in LAMBADA.read_text().splitlines()]
+  pairs = [(t.rpartition(" ")[0][-chars:], " " + t.rpartition(" ")[2])
+           for t, chars in zip(texts, [8, 30, 60, 100, 200, 400, 1000, 10**4] * 5, strict=True)]
+  got = bucketed.loglikelihood(requests("loglikelihood", pairs))
+  want = native.loglikelihood(requests("loglikelihood", pairs))
+  assert lengths == [NEO_N_CTX // 2, NEO_N_CTX // 4] and sorted(windows.built) == lengths[::-1]
+  for (a, greedy_a), (b, greedy_b) in zip(got, want, strict=True):
+    assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+  rolling = requests("loglikelihood_rolling", [(t[:n],) for t, n in zip(texts[:3], (20, 90, 900), strict=True)])
+  np.testing.assert_allclose(bucketed.loglikelihood_rolling(rolling),
+                             native.loglikelihood_rolling(rolling), atol=1e-4)
+
+
 def one_window_text(tokenizer, tokens):
   """A stdlib docstring's longest prefix that encodes to `tokens` ids."""
   source = " ".join(json.loads(line)["page"] for line in

@@ -3,7 +3,8 @@
 Requests are scored as lm-eval's HF model (`--model hf`) scores them, so numbers compare:
 - loglikelihood: context and continuation encoded together and split (TemplateLM), the
   window (context + continuation)[-(n_ctx + 1):][:-1] (left-truncated to n_ctx), longest
-  first, `batch_size` windows per run of the graph;
+  first, `batch_size` windows per run of the graph; a batch runs on the shortest of a few
+  window lengths (`Windows`) that holds its longest window, as HF pads to its longest;
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of n_ctx, the first after EOS;
 - generate_until: the context's last n_ctx - max_gen_toks ids, greedy (or sampled at the
   request's temperature) through sample.complete, cut at the request's `until` strings.
@@ -22,13 +23,53 @@ lm_utils = harness.import_lm_eval("lm_eval.utils")
 model_utils = harness.import_lm_eval("lm_eval.models.utils")
 
 
+MIN_BUCKET = 16  # no window length shorter than this: the graph's overhead would dominate
+
+
+def bucket_lengths(model, count):
+  """Up to `count` window lengths below n_ctx: n_ctx / 2, n_ctx / 4, ... (at least MIN_BUCKET
+  and each one GPT.window_fits, i.e. cut into whole local-attention blocks)."""
+  halvings = (model.n_ctx >> k for k in range(1, count + 1) if model.n_ctx % (1 << k) == 0)
+  return [n for n in halvings if n >= MIN_BUCKET and model.window_fits(n)]
+
+
+class Windows:
+  """RestoredModels of one checkpoint for windows of a few lengths: `full` (n_ctx, restored by
+  the caller) and, for each of `lengths`, `build(length)`'s, built and restored on first use
+  and kept: each holds its own copy of the weights."""
+
+  def __init__(self, full, build=None, lengths=()):
+    self.full, self.build, self.lengths = full, build, sorted(lengths)
+    self.built, self.path = {}, None
+
+  def restore(self):
+    """Restores the newest intact checkpoint into every model built so far; returns its path."""
+    self.path = self.full.restore()
+    for restored in self.built.values():
+      restored.checkpoints.restore(restored.session, self.path)
+    return self.path
+
+  def holding(self, length):
+    """The model of the shortest windows that hold `length` ids."""
+    fits = [n for n in self.lengths if n >= length]
+    if not fits:
+      return self.full
+    if fits[0] not in self.built:
+      restored = self.build(fits[0])
+      restored.checkpoints.restore(restored.session, self.path)
+      self.built[fits[0]] = restored
+    return self.built[fits[0]]
+
+
 @registry.register_model("gptneo")
 class GptNeoLM(api_model.TemplateLM):
-  """lm-eval's LM for `restored` (an inference.RestoredModel, restored) and its tokenizer."""
+  """lm-eval's LM for `restored` (an inference.RestoredModel, restored) and its tokenizer;
+  `windows` (a Windows over `restored`, restored) adds shorter windows for short requests."""
 
-  def __init__(self, restored, tokenizer, max_gen_toks=256):
+  def __init__(self, restored, tokenizer, max_gen_toks=256, windows=None):
     super().__init__()
     self.restored, self.tokenizer, self.max_gen_toks = restored, tokenizer, max_gen_toks
+    self.windows = windows or Windows(restored)
     self.n_ctx = restored.model.n_ctx
 
   @property
@@ -64,8 +105,9 @@ class GptNeoLM(api_model.TemplateLM):
         raise UserError(f"a harness request's continuation is {len(continuation)} tokens; it "
                         f"must be 1 to GPT.n_ctx = {self.n_ctx}")
       windows.append((context + continuation)[-(self.n_ctx + 1):])
-    targets = self.restored.pad([w[1:] for w in windows])
-    out = self.restored.score(self.restored.pad([w[:-1] for w in windows]), targets)
+    restored = self.windows.holding(max(len(w) - 1 for w in windows))
+    targets = restored.pad([w[1:] for w in windows])
+    out = restored.score(restored.pad([w[:-1] for w in windows]), targets)
     results = []
     for row, (window, (_, continuation)) in enumerate(zip(windows, pairs, strict=True)):
       span = slice(len(window) - 1 - len(continuation), len(window) - 1)
