@@ -205,8 +205,13 @@ class ShardCache:
   def _fetch(self, path):
     """Downloads path unless present, waiting for room or for another download of it (the
     lock held, but released while downloading)."""
+    collected = False
     while path not in self._present:
       if path in self._loading or not self._reserve(path, spare_ahead=False):
+        if not self._loading and not collected:
+          gc.collect()  # pipelines of graphs gone may still pin (and lock) a shard
+          collected = True
+          continue
         if not self._loading:
           raise UserError(f"{MAX_BYTES_ENV}={self.max_bytes} cannot hold {path} besides "
                           "the shards being read; raise it")
