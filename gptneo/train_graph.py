@@ -137,6 +137,8 @@ def skip_unless_finite(update_ops, scalars):
                          [mtf.cast(x, tf.float32) for x in scalars], output_dtype=tf.bool,
                          splittable_dims=[], name="finite_step")
   guarded = []
+  # A fused optimizer update (optimizers.FusedAdamUpdate) is guarded as its plain Assigns.
+  update_ops = [a for op in update_ops for a in (op.assigns() if hasattr(op, "assigns") else [op])]
   for op in update_ops:
     if op.assign_fn is not mtf.assign_slice:
       raise ValueError(f"train.on_nonfinite = 'skip' can't guard {op.name}: it assigns with "

@@ -56,13 +56,14 @@ def test_clip_by_global_norm():
   np.testing.assert_allclose(result["a"] + result["b"], [0.6, 0.8], rtol=1e-5)
 
 
-def test_adam_weight_decay_skips_norms_and_biases():
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_weight_decay_skips_norms_and_biases(fused):
   def build(mesh):
     rows, cols = mtf.Dimension("rows", 2), mtf.Dimension("cols", 3)
     matrix = mtf.get_variable(mesh, "w", [rows, cols], initializer=tf.ones_initializer())
     bias = mtf.get_variable(mesh, "b", [cols], initializer=tf.ones_initializer())
     variables = mesh.graph.trainable_variables
-    adam = optimizers.Adam(weight_decay=0.5)
+    adam = optimizers.Adam(weight_decay=0.5, fused=fused)
     adam.learning_rate = mtf.constant(mesh, 0.1)
     adam.step = mtf.constant(mesh, 1.0)
     zero_grads = [mtf.zeros_like(v.outputs[0]) for v in variables]
