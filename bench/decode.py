@@ -52,7 +52,7 @@ from gptneo import runtime  # noqa: E402
 from gptneo import sample as sample_lib  # noqa: E402
 from gptneo.data import tokenizer as tokenizer_lib  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
-from timing import Runner, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
+from timing import Runner, add_round_flags, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
 
 CONFIGS = {  # transformers.GPTNeoConfig arguments
     "small": dict(hidden_size=256, num_layers=4, num_heads=4, max_position_embeddings=512,
@@ -162,11 +162,7 @@ def main():
   parser.add_argument("--uncached_tokens", type=int, default=8)
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side")
   parser.add_argument("--threads", type=int, default=2)
-  parser.add_argument("--max_foreign", type=float, default=0.15,
-                      help="a round counts as undisturbed if other processes used fewer cores")
-  parser.add_argument("--idle_wait", type=float, default=20,
-                      help="seconds to wait, before each round, for other processes to idle")
-  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
+  add_round_flags(parser)
   args = parser.parse_args()
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

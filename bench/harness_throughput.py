@@ -40,7 +40,7 @@ from gptneo import runtime  # noqa: E402
 from gptneo import train  # noqa: E402
 from gptneo.harness import specs as specs_lib  # noqa: E402
 from gptneo.model import gpt as gpt_lib  # noqa: E402
-from timing import Runner, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
+from timing import Runner, add_round_flags, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
 
 TASKS = ("gptneo_lambada", "gptneo_hellaswag", "gptneo_wikitext")
 
@@ -108,11 +108,7 @@ def main():
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--length_buckets", type=int, default=3,
                       help="our shorter window lengths (lm_eval.length_buckets)")
-  parser.add_argument("--max_foreign", type=float, default=0.15,
-                      help="a round counts as undisturbed if other processes used fewer cores")
-  parser.add_argument("--idle_wait", type=float, default=20,
-                      help="seconds to wait, before each round, for other processes to idle")
-  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
+  add_round_flags(parser)
   args = parser.parse_args()
   print(cpu_line())
   gin_utils.graph_mode()

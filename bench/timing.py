@@ -96,3 +96,12 @@ def cpu_line(extra_flags=()):
                            *extra_flags) if name in flags]
   return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'baseline'}"
 
+
+def add_round_flags(parser):
+  """The flags of every bench that times rounds with a Runner: when a round counts as
+  undisturbed, how long to wait for idle cores, and how often to redo a disturbed round."""
+  parser.add_argument("--max_foreign", type=float, default=0.15,
+                      help="a round counts as undisturbed if other processes used fewer cores")
+  parser.add_argument("--idle_wait", type=float, default=20,
+                      help="seconds to wait, before each round, for other processes to idle")
+  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")

@@ -55,7 +55,7 @@ from gptneo.data import prepare  # noqa: E402
 
 import torch  # noqa: E402  (after TF: both load their own OpenMP/oneDNN; this order works)
 import torch_gpt  # noqa: E402
-from timing import Runner, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
+from timing import Runner, add_round_flags, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
 
 CORES = os.cpu_count()
 N_CTX = 256
@@ -211,11 +211,7 @@ def main():
   parser.add_argument("--torch_threads", type=int, default=CORES)
   parser.add_argument("--inter_op_threads", type=int, default=0, help="TF; 0 = TF's default")
   parser.add_argument("--intra_op_threads", type=int, default=0, help="TF; 0 = TF's default")
-  parser.add_argument("--max_foreign", type=float, default=0.15,
-                      help="a round counts as undisturbed if other processes used fewer cores")
-  parser.add_argument("--idle_wait", type=float, default=20,
-                      help="seconds to wait, before each round, for other processes to idle")
-  parser.add_argument("--retries", type=int, default=2, help="redo a disturbed round this often")
+  add_round_flags(parser)
   parser.add_argument("--data_dir", default=None, help="reuse/keep the prepared dataset here")
   args = parser.parse_args()
 

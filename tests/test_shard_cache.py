@@ -3,20 +3,18 @@
 Against the storage emulator (the `gcs` fixture of conftest.py).
 """
 import contextlib
-import json
 import os
 import re
 
 import pytest
 
-from gptneo import gin_utils
 from gptneo import storage
-from gptneo import train as train_lib
 from gptneo.data import inputs
 from gptneo.data import prepare
 from gptneo.data import shard_cache
 from gptneo.errors import UserError
 from tests.conftest import N_CTX, TINY_TEST_BINDINGS, VOCAB, run_binary, stdlib_files
+from tests.test_train import logged_losses, train_in_process
 
 SHARD_BYTES = 1000
 
@@ -36,16 +34,9 @@ def shard_sizes(folder):
 
 
 def train_losses(model_dir, dataset, steps):
-  gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [
-      f"DATASET_DIR = {dataset!r}", f"train.train_steps = {steps}",
-      "train.steps_per_checkpoint = 4", "train.eval_every_n_steps = 4"])
-  train_lib.train(str(model_dir))
-  losses = {}
-  with open(os.path.join(model_dir, "train_metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      losses[record["step"]] = record["loss"]
-  return losses
+  train_in_process(model_dir, dataset, steps, "train.steps_per_checkpoint = 4",
+                   "train.eval_every_n_steps = 4")
+  return logged_losses(model_dir)
 
 
 def bytes_on_disk(folder):
