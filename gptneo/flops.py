@@ -145,12 +145,13 @@ def cpu_matmul_rate(cache_dir=None):
   if entry["samples"] < MEASUREMENTS:
     entry = {"rate": max(entry["rate"], measure_matmul_rate()), "samples": entry["samples"] + 1}
     rates[key] = entry
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.partial"
-    with open(temporary, "w") as f:
-      json.dump(rates, f, indent=1)
-    os.replace(temporary, path)
+    storage.atomic_write(path, lambda temporary: _write_json(temporary, rates))
   return float(entry["rate"])
+
+
+def _write_json(path, value):
+  with open(path, "w") as f:
+    json.dump(value, f, indent=1)
 
 
 def measure_matmul_rate(n=1024, seconds=0.5):

@@ -211,7 +211,7 @@ def read_manifest(folder):
 
 def write_manifest(folder, objects):
   """Records {relative name: {"generation", "size", "mtime_ns"}} as what folder holds."""
-  _atomic_write(os.path.join(folder, MANIFEST_NAME),
+  atomic_write(os.path.join(folder, MANIFEST_NAME),
                 lambda path: _write_json(path, {"objects": objects}))
 
 
@@ -282,11 +282,11 @@ def download_blob(blob, path):
   manifest entry (see write_manifest)."""
   entry = {"generation": blob.generation, "size": blob.size}
   with _gcs_errors(f"{SCHEME}{blob.bucket.name}/{blob.name}"):
-    _atomic_write(path, functools.partial(blob.download_to_filename, retry=_RETRY))
+    atomic_write(path, functools.partial(blob.download_to_filename, retry=_RETRY))
   return {**entry, "mtime_ns": os.stat(path).st_mtime_ns}
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
   """Calls write(temporary path) next to path, then renames it into place."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   temporary = _temporary(path)

@@ -140,12 +140,13 @@ class ShardWriter:
 
   def _write(self, tokens):
     name = f"{self.split}-{len(self.info['files']):05d}.tfrecord"
-    temporary = os.path.join(self.folder, f".{name}.tmp")
     windows = tokens.reshape(-1, self.window_length)
-    with tf.io.TFRecordWriter(temporary) as writer:
-      for window in windows:
-        writer.write(_window_example(window))
-    os.replace(temporary, os.path.join(self.folder, name))
+
+    def write(temporary):
+      with tf.io.TFRecordWriter(temporary) as writer:
+        for window in windows:
+          writer.write(_window_example(window))
+    storage.atomic_write(os.path.join(self.folder, name), write)
     self.info["files"].append(name)
     self.info["windows"] += len(windows)
 
@@ -605,10 +606,12 @@ def _new_state(plan):
 def _save_state(folder, state, pending, held):
   """Writes the state, the unwritten tokens and the waiting document in one file,
   atomically (rename)."""
-  temporary = os.path.join(folder, _STATE + ".tmp.npz")
   encoded = np.frombuffer(json.dumps(state).encode(), np.uint8)
-  np.savez(temporary, state=encoded, held=held, **pending)
-  os.replace(temporary, os.path.join(folder, _STATE))
+
+  def write(temporary):
+    with open(temporary, "wb") as f:  # a file object: savez would append .npz to a name
+      np.savez(f, state=encoded, held=held, **pending)
+  storage.atomic_write(os.path.join(folder, _STATE), write)
 
 
 def _load_state(folder, fingerprint):

@@ -33,13 +33,13 @@ def _point_hparams(point):
 
 def _write_events(folder, summary):
   """One events file of one summary, written whole under its fixed name."""
-  tmp = os.path.join(folder, ".sweep-hparams.tmp")
-  with tf.io.TFRecordWriter(tmp) as writer:
-    writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
-                 .SerializeToString())
-    writer.write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
-                 .SerializeToString())
-  os.replace(tmp, os.path.join(folder, EVENTS_FILE))
+  def write(temporary):
+    with tf.io.TFRecordWriter(temporary) as writer:
+      writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+                   .SerializeToString())
+      writer.write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
+                   .SerializeToString())
+  storage.atomic_write(os.path.join(folder, EVENTS_FILE), write)
 
 
 def write_session(folder, point, parameters):

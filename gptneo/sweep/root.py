@@ -41,10 +41,10 @@ DRIVER_PREFIX = "_sweep"  # a gs:// root's driver files: ROOT/_sweep/
 
 
 def write_json(path, value):
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, allow_nan=True)
-  os.replace(tmp, path)
+  def write(temporary):
+    with open(temporary, "w") as f:
+      json.dump(value, f, indent=1, allow_nan=True)
+  storage.atomic_write(str(path), write)
 
 
 def read_json(path):
