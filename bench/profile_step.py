@@ -4,6 +4,7 @@
   . .venv/bin/activate && export PYTHONPATH=$PWD
   python bench/profile_step.py                          # tiny and 20m, ~2 minutes
   python bench/profile_step.py --configs=20m --traced=5 --inter_op_threads=1
+  python bench/profile_step.py --configs=20m --no_torch --gin_param='train.precision = "bfloat16"'
   TF_XLA_FLAGS="--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit" python bench/profile_step.py
 
 Ours is bench/train_throughput.py's `Ours` (the real train step bin/train builds, through
@@ -18,6 +19,7 @@ The machine may be shared: the load average is printed with the numbers.
 """
 import argparse
 import collections
+import dataclasses
 import os
 import shutil
 import sys
@@ -149,6 +151,8 @@ def main():
   parser.add_argument("--intra_op_threads", type=int, default=0, help="TF; 0 = TF's default")
   parser.add_argument("--no_torch", action="store_true", help="profile ours only")
   parser.add_argument("--data_dir", default=None, help="reuse/keep the prepared dataset here")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help='extra binding for ours, e.g. \'train.precision = "bfloat16"\'')
   args = parser.parse_args()
   import torch
   torch.set_num_threads(bench.CORES)
@@ -165,6 +169,7 @@ def main():
       bench.prepare_data(dataset_dir)
     for name in args.configs.split(","):
       cfg = bench.CONFIGS[name]
+      cfg = dataclasses.replace(cfg, gin_params=cfg.gin_params + args.gin_param)
       ours = bench.Ours(cfg, dataset_dir, os.path.join(workdir, f"model-{name}"),
                         args.inter_op_threads, args.intra_op_threads)
       for _ in range(args.warmup):

@@ -9,9 +9,11 @@ them; 2 x window_size for a local one; d_head-wide running sums for a linear one
 recomputed forward (GPT.recompute_grad) is not model FLOPs and is not counted.
 
 The peak: `train.peak_flops`, a number (FLOP/s per device) or a device name of PEAK_FLOPS.
-Unset, a CPU mesh uses this machine's fp32 matmul rate (half a second to measure; the first
-few runs measure it and the best is cached per machine); a GPU is looked up by its name; a
-TPU must be named (its runtime does not say which chip it is).
+Unset, a CPU mesh uses this machine's matmul rate at the run's activation precision (float32,
+or bfloat16 for `train.precision = "bfloat16"`: oneDNN runs it about twice as fast on CPUs
+with AVX512_BF16 or AMX, and slower than float32 on those without); half a second to measure,
+the first few runs measure it and the best is cached per machine and precision. A GPU is
+looked up by its name; a TPU must be named (its runtime does not say which chip it is).
 """
 import json
 import os
@@ -68,13 +70,15 @@ def training_flops_per_token(model):
   return 3 * forward_flops_per_token(model)
 
 
-def peak_flops(spec, setting=None, cache_dir=None):
+def peak_flops(spec, setting=None, cache_dir=None, precision="float32"):
   """The mesh's peak FLOP/s, or None if unknown (MFU is then not reported).
 
   Args:
     spec: the MeshSpec trained on.
     setting: train.peak_flops: None, a number (per device) or a key of PEAK_FLOPS.
     cache_dir: where the measured CPU rate is cached (default: storage's cache root).
+    precision: the activations' precision, "float32" or "bfloat16": the dtype a CPU's
+      matmul rate is measured in.
   """
   check_peak_setting(setting)
   if isinstance(setting, str):
@@ -82,7 +86,7 @@ def peak_flops(spec, setting=None, cache_dir=None):
   if setting is not None:
     return float(setting) * spec.size
   if spec.device_type == "cpu":  # the mesh's CPU devices share this machine's cores
-    return cpu_matmul_rate(cache_dir)
+    return cpu_matmul_rate(cache_dir, precision)
   if spec.device_type == "gpu":
     kind = _gpu_kind()
     return PEAK_FLOPS[kind] * spec.size if kind else None
@@ -123,15 +127,20 @@ def machine_key():
   return f"{model}|{len(os.sched_getaffinity(0))} cores|tf {tf.__version__}"
 
 
-def cpu_matmul_rate(cache_dir=None):
-  """This machine's fp32 matmul FLOP/s in TF on the cores we may use, cached per machine.
+def cpu_matmul_rate(cache_dir=None, precision="float32"):
+  """This machine's matmul FLOP/s in TF on the cores we may use, cached per machine.
 
   A neighbour busy during a measurement lowers it, so the first MEASUREMENTS runs each
   measure again and the cache keeps the best; later runs only read it.
+
+  Args:
+    cache_dir: the cache root (default: storage's).
+    precision: "float32" or "bfloat16", the dtype of the measured matmul.
   """
   from gptneo import storage  # pylint: disable=g-import-not-at-top
   path = os.path.join(storage.cache_dir_of(cache_dir), RATE_CACHE)
   key, rates = machine_key(), {}
+  key = key if precision == "float32" else f"{key}|{precision}"
   try:
     with open(path) as f:
       rates = json.load(f)
@@ -143,7 +152,8 @@ def cpu_matmul_rate(cache_dir=None):
           and isinstance(entry.get("samples"), int)):
     entry = {"rate": 0.0, "samples": 0}
   if entry["samples"] < MEASUREMENTS:
-    entry = {"rate": max(entry["rate"], measure_matmul_rate()), "samples": entry["samples"] + 1}
+    entry = {"rate": max(entry["rate"], measure_matmul_rate(precision=precision)),
+             "samples": entry["samples"] + 1}
     rates[key] = entry
     storage.atomic_write(path, lambda temporary: _write_json(temporary, rates))
   return float(entry["rate"])
@@ -154,14 +164,21 @@ def _write_json(path, value):
     json.dump(value, f, indent=1)
 
 
-def measure_matmul_rate(n=1024, seconds=0.5):
-  """fp32 FLOP/s of an n x n matmul in a TF graph, best of the repeats that fit in `seconds`."""
+def measure_matmul_rate(n=1024, seconds=0.5, precision="float32"):
+  """FLOP/s of an n x n matmul in a TF graph, best of the repeats that fit in `seconds`.
+
+  Args:
+    n: the matrices' size.
+    seconds: how long to keep measuring.
+    precision: "float32" or "bfloat16", the matrices' dtype.
+  """
   from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
+  dtype = tf.as_dtype(precision).as_numpy_dtype
   graph = tf.Graph()
   with graph.as_default():
-    a = tf.constant(rng.standard_normal((n, n), dtype=np.float32))
-    b = tf.Variable(rng.standard_normal((n, n), dtype=np.float32))
+    a = tf.constant(rng.standard_normal((n, n), dtype=np.float32).astype(dtype))
+    b = tf.Variable(rng.standard_normal((n, n), dtype=np.float32).astype(dtype))
     product = tf.reduce_sum(tf.matmul(a, b)[:1, :1])  # a scalar out: no copy measured
     with tf.compat.v1.Session(graph=graph) as session:
       session.run(b.initializer)

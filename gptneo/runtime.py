@@ -25,6 +25,21 @@ def variable_dtype(precision):
                            activation_dtype=activation)
 
 
+def cpu_has_native_bfloat16(cpuinfo="/proc/cpuinfo"):
+  """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16 or AMX); None if unknown.
+
+  oneDNN runs bfloat16 matmuls at about twice the float32 rate there, and emulates them,
+  slower than float32, elsewhere (e.g. on AVX2-only CPUs).
+  """
+  try:
+    with open(cpuinfo) as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")),
+                   None)
+  except OSError:
+    return None
+  return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def new_mesh(variable_placer=None):
   """An mtf graph and its mesh; `variable_placer` puts master weights (TPU: tpu.py)."""
   graph = mtf.Graph()

@@ -179,7 +179,9 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     batch_size: sequences per step (all microbatches together).
     optimizer: e.g. @Adam() or @Adafactor().
     mesh: the device mesh, e.g. @mesh().
-    precision: "float32", or "bfloat16" activations with float32 master weights.
+    precision: "float32", or "bfloat16" activations with float32 master weights. On a CPU
+      with AVX512_BF16 or AMX, bfloat16 trains ~1.7x faster (bench/RESULTS.md); without,
+      its matmuls are emulated and slower (a warning says so).
     microbatches_per_batch: gradient accumulation; must divide batch_size.
     clip_norm: clip gradients to this global norm (0 or None: no clipping).
     seed: seeds weights, data order and dropout; same seed, same run.
@@ -222,7 +224,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     peak_flops: the denominator of the MFU every log line and TensorBoard (mfu, tflops)
       report: FLOP/s per device, or a device of gptneo/flops.py's PEAK_FLOPS ("tpu_v3",
       "tpu_v4", "a100", "h100", ...: dense bf16 from the vendors' datasheets). None: on CPU,
-      this machine's fp32 matmul rate (measured once, cached per machine); a GPU by its
+      this machine's matmul rate at `precision` (measured by the first runs, cached per
+      machine and precision); a GPU by its
       name; a TPU must be named, else MFU is left out.
 
   Returns:
@@ -286,6 +289,7 @@ def _train_in(s, remote_dir, rt, preemption, init_from):
     graph.checkpoints.restore_or_initialize(session, graph.init_ops, init_from)
     start = session.run(graph.step)
     logging.info("%s at step %d", graph.checkpoints.describe(), start)  # and what it skipped
+    _warn_if_bfloat16_is_emulated(s)
     loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
                 preemption, harness=harness_run.training_scorer(s, rt, model_dir))
     loss, evaluation = loop.run(start)
@@ -311,6 +315,13 @@ def _init_from(model_dir):
     raise UserError(f"train.init_from = {local!r} has no checkpoint (none intact); point it "
                     f"at a model dir that bin/train or bin/import_hf wrote")
   return local
+
+
+def _warn_if_bfloat16_is_emulated(s):
+  if (s.precision == "bfloat16" and s.mesh.device_type == "cpu"
+      and runtime.cpu_has_native_bfloat16() is False):
+    logging.warning("train.precision = \"bfloat16\" on a CPU without AVX512_BF16 or AMX: its "
+                    "bfloat16 matmuls are emulated and slower than float32; use \"float32\"")
 
 
 def _copy_tokenizer(dataset_dir, model_dir):
@@ -374,7 +385,8 @@ class Loop:
     drop_rerun_steps(self.model_dir, start)
     self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start,
                              flops.training_flops_per_token(s.model),
-                             flops.peak_flops(s.mesh, s.peak_flops))
+                             flops.peak_flops(s.mesh, s.peak_flops,
+                                             precision=s.precision))
     self.step, self._start, self._since_log = int(start), int(start), []
     self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
     evaluation = None

@@ -8,6 +8,7 @@ from gptneo import flops
 from gptneo import gin_utils
 from gptneo import train as train_lib
 from gptneo import mesh as mesh_lib
+from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.model import feedforward
@@ -70,7 +71,7 @@ def test_peak_from_the_setting_a_device_name_or_none():
 
 def test_a_cpu_mesh_measures_this_machine_a_few_times_and_keeps_the_best(tmp_path, monkeypatch):
   measured = iter([4e10, 6e10, 5e10])  # a neighbour was busy during the first measurement
-  monkeypatch.setattr(flops, "measure_matmul_rate", lambda: next(measured))
+  monkeypatch.setattr(flops, "measure_matmul_rate", lambda precision: next(measured))
   spec = _spec(["/cpu:0", "/cpu:1"])  # two CPU devices share the same cores: one machine
   rates = [flops.peak_flops(spec, cache_dir=str(tmp_path)) for _ in range(5)]
   assert rates == [4e10, 6e10, 6e10, 6e10, 6e10]  # three measurements, then the cache only
@@ -78,8 +79,30 @@ def test_a_cpu_mesh_measures_this_machine_a_few_times_and_keeps_the_best(tmp_pat
   assert cached == {flops.machine_key(): {"rate": 6e10, "samples": flops.MEASUREMENTS}}
 
 
-def test_the_measured_matmul_rate_is_plausible():
-  rate = flops.measure_matmul_rate(n=256, seconds=0.2)
+def test_a_bfloat16_run_measures_and_caches_the_bfloat16_rate_apart(tmp_path, monkeypatch):
+  monkeypatch.setattr(flops, "measure_matmul_rate",
+                      lambda precision: {"float32": 5e10, "bfloat16": 9e10}[precision])
+  spec = _spec(["/cpu:0"])
+  assert flops.peak_flops(spec, cache_dir=str(tmp_path), precision="bfloat16") == 9e10
+  assert flops.peak_flops(spec, cache_dir=str(tmp_path)) == 5e10
+  cached = json.loads((tmp_path / flops.RATE_CACHE).read_text())
+  assert cached == {flops.machine_key(): {"rate": 5e10, "samples": 1},
+                    f"{flops.machine_key()}|bfloat16": {"rate": 9e10, "samples": 1}}
+
+
+@pytest.mark.parametrize("flags, native", [("fpu avx2 fma", False),
+                                            ("avx2 avx512f avx512_bf16", True),
+                                            ("avx2 amx_bf16 amx_tile", True)])
+def test_which_cpus_multiply_bfloat16_in_hardware(tmp_path, flags, native):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+  assert runtime.cpu_has_native_bfloat16(str(cpuinfo)) is native
+  assert runtime.cpu_has_native_bfloat16(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_measured_matmul_rate_is_plausible(precision):
+  rate = flops.measure_matmul_rate(n=256, seconds=0.2, precision=precision)
   assert 1e8 < rate < 1e14  # between a slow core and far more than any CPU
 
 
@@ -107,6 +130,20 @@ def test_every_training_log_line_reports_mfu_and_tflops(tmp_path, small_dataset)
           for event in tf.compat.v1.train.summary_iterator(str(path))
           for value in event.summary.value}
   assert {"mfu", "tflops", "tokens_per_sec"} <= tags
+
+
+def test_a_bfloat16_run_on_cpu_reports_mfu_of_the_bfloat16_rate_and_warns_if_emulated(
+    tmp_path, small_dataset, monkeypatch, caplog):
+  monkeypatch.setenv("GPTNEO_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(flops, "measure_matmul_rate",
+                      lambda precision: {"float32": 5e10, "bfloat16": 9e10}[precision])
+  monkeypatch.setattr(runtime, "cpu_has_native_bfloat16", lambda: False)
+  _train(tmp_path / "run", small_dataset, 'train.precision = "bfloat16"')
+  per_token = flops.training_flops_per_token(train_lib.settings().model)
+  for line in (tmp_path / "run" / "train_metrics.jsonl").open():
+    record = json.loads(line)
+    assert record["mfu"] == pytest.approx(record["tokens_per_sec"] * per_token / 9e10)
+  assert "bfloat16 matmuls are emulated" in caplog.text
 
 
 def test_an_unknown_peak_is_refused_before_anything_is_written(tmp_path, small_dataset):
