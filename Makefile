@@ -60,6 +60,7 @@ bench: install
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/inputs.py
 	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,113 @@
+"""The analytic training-memory estimate against hand counts (no training)."""
+import pytest
+
+from gptneo import memory
+from gptneo import runtime
+from gptneo.compat import mtf, tf
+from gptneo.model import feedforward
+from gptneo.model import gpt
+from gptneo.model import ops
+from gptneo.optim import optimizers
+
+E, HEADS, T, V, W, B = 64, 4, 128, 1000, 32, 2  # embd, heads, n_ctx, vocab, window, batch
+TOKENS, M = B * T, 4 * E
+LN = 2 * 4 * TOKENS * E  # ln_1 and ln_2: centered, 2 x centered, normalized, output each
+OUT = TOKENS * E  # the heads' output, the out projection's input
+MLP = (1 + 4) * TOKENS * M  # gelu_tanh's 4 kept tensors, proj input
+SOFTMAX = 4 * TOKENS * V  # float32 in either precision
+HEAD = 4 * TOKENS * E  # ln_f
+
+
+def _model(layers, **kwargs):
+  return gpt.GPT(n_layer=len(layers), n_embd=E, n_head=HEADS, n_ctx=T, n_vocab=V,
+                 attention_layers=layers, window_size=W, **kwargs)
+
+
+GLOBAL = 3 * TOKENS * E + B * HEADS * T * T  # q, k, v; probabilities [b, h, s, s]
+LOCAL = 5 * TOKENS * E + B * HEADS * T * 2 * W  # q, k and v with the previous block; [b, h, s, 2w]
+
+
+@pytest.mark.parametrize("layers, attention_elements", [
+    (["global", "global"], 2 * GLOBAL),
+    (["local", "local"], 2 * LOCAL),
+    (["global", "local"], GLOBAL + LOCAL),
+])
+def test_float32_adam_terms_match_a_hand_count(layers, attention_elements):
+  model = _model(layers)
+  params = model.num_parameters()
+  estimate = memory.training_memory_bytes(model, B)
+  assert estimate.persistent == {"weights (float32)": 4 * params,
+                                 "optimizer state (float32)": 2 * 4 * params}
+  activations = len(layers) * (LN + OUT + MLP) + attention_elements + HEAD
+  start = estimate.backward_start
+  assert sum(v for k, v in start.items() if k.startswith("activations")) == (
+      4 * activations + SOFTMAX)
+  assert start["loss gradient [batch, seq, vocab] (float32)"] == 4 * TOKENS * V
+  assert estimate.backward_end == {"gradients": 4 * params,
+                                   "tied embedding's second partial gradient": 4 * V * E}
+  assert estimate.peak == 12 * params + 4 * activations + 2 * SOFTMAX
+  assert dict(estimate.items()) == {**estimate.persistent, **start}  # activations dominate
+
+
+def test_bfloat16_halves_activations_and_keeps_bfloat16_weights():
+  model = _model(["global", "local"])
+  params = model.num_parameters()
+  estimate = memory.training_memory_bytes(model, B, precision="bfloat16")
+  activations = 2 * (LN + OUT + MLP) + GLOBAL + LOCAL + HEAD
+  start = estimate.backward_start
+  assert sum(v for k, v in start.items() if k.startswith("activations")) == (
+      2 * activations + SOFTMAX)
+  assert start["bfloat16 weight copies"] == 2 * params
+  assert estimate.backward_end["gradients"] == 2 * params
+  assert estimate.persistent["weights (float32)"] == 4 * params  # the masters stay float32
+
+
+def test_the_weight_shapes_are_the_graphs_variables():
+  """weight_shapes lists what gpt.py creates, name for name and shape for shape."""
+  for model in (_model(["global", "local"]), _model(["global"], feed_forward=feedforward.glu,
+                                                    tie_embeddings=False)):
+    graph = tf.Graph()
+    with graph.as_default():
+      mtf_graph, mtf_mesh = runtime.new_mesh()
+      dims = model.dims(B)
+      tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([B, T], tf.int32),
+                                    [dims.batch, dims.sequence])
+      model(tokens, runtime.variable_dtype("float32"), ops.Dropout(False, 0, 0))
+    built = {v.name.removeprefix("gpt/"): tuple(v.shape.to_integer_list)
+             for v in mtf_graph.trainable_variables}
+    assert built == {name: tuple(size for _, size in shape)
+                     for name, shape in memory.weight_shapes(model)}
+    assert sum(memory._elements(s) for _, s in memory.weight_shapes(model)) == (  # pylint: disable=protected-access
+        model.num_parameters())
+
+
+def test_the_mlp_variants_dropout_and_recompute():
+  base = memory.activation_terms(_model(["global"]), B)
+  glu = memory.activation_terms(_model(["global"], feed_forward=feedforward.glu), B)
+  assert glu["mlp"] == (3 + 4) * TOKENS * M  # gate and fc outputs, their product
+  relu = memory.activation_terms(_model(["global"], activation=ops.relu), B)
+  assert relu["mlp"] == (1 + 1) * TOKENS * M  # its input (mtf's gradient reads it), output
+  dropped = memory.activation_terms(_model(["global"], attn_dropout=0.1, res_dropout=0.1,
+                                           embed_dropout=0.1), B)
+  # a mask and its input per site: embeddings, probabilities, two residual branches
+  assert dropped["dropout"] == 2 * (TOKENS * E + B * HEADS * T * T + 2 * TOKENS * E)
+  assert {k: v for k, v in dropped.items() if k != "dropout"} == base
+  remat = memory.activation_terms(_model(["global"] * 3, recompute_grad=True), B)
+  assert remat["block inputs (recompute_grad)"] == 3 * TOKENS * E
+  assert remat["mlp"] == base["mlp"]  # one block's own activations at a time
+
+
+def test_the_optimizer_says_what_state_it_keeps():
+  model = _model(["global"])
+  assert memory.optimizer_state_elements(model) == 2 * model.num_parameters()
+  assert memory.optimizer_state_elements(model, optimizers.Adam()) == 2 * model.num_parameters()
+  factored = optimizers.Adafactor()
+  expected = sum(memory._elements(slot) for _, shape in memory.weight_shapes(model)  # pylint: disable=protected-access
+                 for slot in factored.slot_shapes(shape))
+  assert memory.optimizer_state_elements(model, factored) == expected
+  wide = gpt.GPT(n_layer=1, n_embd=128, n_head=4, n_ctx=T, n_vocab=V)
+  wte = dict(memory.weight_shapes(wide))["wte"]
+  assert sum(memory._elements(s) for s in factored.slot_shapes(wte)) == V + 128  # pylint: disable=protected-access
+  assert memory.optimizer_state_elements(wide, factored) < wide.num_parameters()
+  with pytest.raises(ValueError, match="precision"):
+    memory.training_memory_bytes(model, B, precision="float16")
