@@ -98,6 +98,7 @@ class MtfStep:
   grad_norm: mtf.Tensor
   learning_rate: tf.Tensor
   update_ops: list
+  grads: list  # the gradients (before clipping): every update waits for all of them
 
 
 def mtf_step(settings, features, step):
@@ -112,15 +113,15 @@ def mtf_step(settings, features, step):
   losses, grads = _gradients(s.model, features, dims, runtime.variable_dtype(s.precision),
                              dropout, s.microbatches_per_batch)
   norm = optimizers.global_norm(grads)
-  grads = optimizers.clip_by_global_norm(grads, norm, s.clip_norm)
+  clipped = optimizers.clip_by_global_norm(grads, norm, s.clip_norm)
   learning_rate = optimizers.learning_rate_schedule(step, s.train_steps)
   s.optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
   s.optimizer.step = mtf.import_fully_replicated(
       mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
-  update_ops = s.optimizer.apply_grads(grads, mtf_mesh.graph.trainable_variables)
+  update_ops = s.optimizer.apply_grads(clipped, mtf_mesh.graph.trainable_variables)
   if s.on_nonfinite == "skip":
     update_ops = skip_unless_finite(update_ops, [losses["loss"], norm])
-  return MtfStep(losses, norm, learning_rate, update_ops)
+  return MtfStep(losses, norm, learning_rate, update_ops, grads)
 
 
 def skip_unless_finite(update_ops, scalars):
@@ -172,14 +173,56 @@ class LoweredStep:
 
 
 def lower_step(lowering, step):
-  """The tf tensors of an MtfStep; the update is ordered after the loss reads the weights."""
+  """The tf tensors of an MtfStep; every variable it writes is written after the loss and all
+  gradients, so after every read of the weights in the step.
+
+  mtf reads a weight again in the backward pass (each einsum's gradient converts the variable
+  anew), a ReadVariableOp that the weight's own gradient doesn't wait for, and the Lowering has
+  built the update ops (assigns, optimizers.FusedAdamUpdate's kernels) before they can be
+  ordered: a control dependency around their tf.group orders only its NoOp. Only the clip's
+  global norm, which every clipped gradient needs, kept an update from running before such a
+  read (and giving other weights' gradients from the updated weight); without clipping nothing
+  did. So each write gets one control input: the loss and every gradient slice, done.
+  """
   losses = dict(step.losses)
   tf_loss = lowering.export_to_tf_tensor(losses.pop("loss"))
   tf_norm = lowering.export_to_tf_tensor(step.grad_norm)
+  update_ops = [lowering.lowered_operation(op) for op in step.update_ops]
+  grads = [x for g in step.grads for x in lowering.tensors[g].to_laid_out_tensor().all_slices]
+  _write_after(update_ops, [tf_loss, *grads])
   with tf.control_dependencies([tf_loss, tf_norm]):
-    updates = tf.group([lowering.lowered_operation(op) for op in step.update_ops])
+    updates = tf.group(update_ops)
   return LoweredStep(tf_loss, tf_norm, {name: lowering.export_to_tf_tensor(value)
                                         for name, value in losses.items()}, updates)
+
+
+# The ops that write a variable: (Resource)Assign*, AssignVariableOp, ResourceApply*, ...
+_WRITES = ("Assign", "ResourceApply", "ResourceSparseApply", "ResourceScatter", "Apply")
+
+
+def _write_after(update_ops, tensors):
+  """Makes every op that writes a variable in `update_ops` (lowered ops, and what they run)
+  wait for all of `tensors`; the writes stay unordered among themselves.
+
+  The walk back from `update_ops` stops at what `tensors` already wait for: no write there (a
+  cycle) nor anywhere else in the graph (an initializer, a restore) gets the dependency.
+  """
+  done = _ancestors([t.op for t in tensors])
+  barrier = tf.group(tensors, name="backward_done")
+  for op in _ancestors(update_ops, stop=done):
+    if op.type.startswith(_WRITES):
+      op._add_control_inputs([barrier])  # pylint: disable=protected-access
+
+
+def _ancestors(ops, stop=frozenset()):
+  """`ops` and every op they wait for (data and control inputs), short of `stop`."""
+  seen, todo = set(), [op for op in ops if op not in stop]
+  while todo:
+    op = todo.pop()
+    if op not in seen:
+      seen.add(op)
+      todo.extend(x for x in [*(t.op for t in op.inputs), *op.control_inputs] if x not in stop)
+  return seen
 
 
 def _train_iterator(settings):

@@ -4,9 +4,14 @@ import math
 import numpy as np
 import pytest
 
+from gptneo import gin_utils
+from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo.compat import mtf, tf
+from gptneo.model import gpt as gpt_lib
 from gptneo.optim import optimizers
+from tests import test_tpu
+from tests.test_layout_search import build_graph
 from tests.test_train import logged_losses, train_in_process
 
 
@@ -112,3 +117,57 @@ def test_variant_trains_with_falling_loss(tmp_path, small_dataset, bindings):
   losses = logged_losses(tmp_path / "run")
   assert all(math.isfinite(v) for v in losses.values())
   assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 0.7
+
+
+WRITES = ("Assign", "ResourceApply")  # AssignVariableOp, AssignAddVariableOp, ResourceApplyAdam
+
+
+def ancestors(ops):
+  """Every op that runs before all of `ops` (data and control inputs, transitively), and them."""
+  seen, todo = set(), list(ops)
+  while todo:
+    op = todo.pop()
+    if op not in seen:
+      seen.add(op)
+      todo.extend([t.op for t in op.inputs] + list(op.control_inputs))
+  return seen
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, 1.0], ids=["no clip", "clip"])
+@pytest.mark.parametrize("mesh_shape, layout, fused", [
+    ("", "", True), ("x:2", "heads:x,mlp:x,vocab:x", True), ("x:2", "batch:x", False)],
+    ids=["1 device", "2 heads,mlp,vocab", "2 data, mtf adam"])
+def test_every_update_runs_after_every_read_of_its_variable_and_the_loss(
+    tmp_path, small_dataset, clip_norm, mesh_shape, layout, fused):
+  """Each write of a step (an assign, ResourceApplyAdam, the step's increment) depends on the
+  loss and on every ReadVariableOp of its variable in the step, with or without clipping.
+
+  mtf reads a weight again in the backward pass (each einsum's gradient converts the variable
+  anew), a read no gradient of the weight itself waits for: an update that ran first would give
+  other weights' gradients from the updated weight. Structural: TF's executor runs those reads
+  at the start of the step, so no run has been seen to differ (clip 0 against a clip of 1e30,
+  10 steps on 2 devices, 3 runs: equal losses), but without clipping nothing ordered them
+  (train_graph.lower_step; the clip's norm waits for every gradient).
+  """
+  gin_utils.parse([], [f"train.clip_norm = {clip_norm}", f"Adam.fused = {fused}"])
+  built = build_graph(gpt_lib.GPT(**test_tpu.MODEL), mesh_lib.mesh(mesh_shape=mesh_shape,
+                                                                   layout=layout),
+                      small_dataset, str(tmp_path))
+  step = ancestors([built.train_op])
+  writes = sorted((op for op in step if op.type.startswith(WRITES)), key=lambda op: op.name)
+  assert {op.type for op in writes} == (
+      {"ResourceApplyAdam", "AssignVariableOp", "AssignAddVariableOp"} if fused else
+      {"AssignVariableOp", "AssignAddVariableOp"})
+  unordered, before_loss, backward_reads = [], [], 0
+  for write in writes:
+    before = ancestors([write])
+    for handle in [t for t in write.inputs if t.dtype == tf.resource]:
+      reads = [op for op in handle.consumers() if op.type == "ReadVariableOp" and op in step]
+      unordered += [(write.name, op.name) for op in reads if op not in before]
+      backward_reads += sum("gradients" in op.name for op in reads)
+    if built.loss.op not in before:
+      before_loss.append(write.name)
+  assert backward_reads  # the backward pass's own reads were among those checked
+  assert not unordered, (f"{len(dict(unordered))} of {len(writes)} writes may run before a read "
+                         f"of their variable: {unordered[:3]}")
+  assert not before_loss, f"{len(before_loss)} of {len(writes)} writes may run before the loss"
