@@ -5,7 +5,9 @@ learned token + position embeddings, pre-LayerNorm blocks, q/k/v projections wit
 attention output projection and MLP with bias, GELU (tanh approximation), final LayerNorm,
 output projection tied to the token embedding. The optimizer mirrors gptneo.optim.Adam
 (AdamW, decay on matrices only, i.e. rank >= 2, the embeddings included), with global-norm
-clipping and the cosine schedule of `learning_rate_schedule`.
+clipping and the cosine schedule of `learning_rate_schedule`. `train_step` runs float32 or,
+with `autocast_dtype`, bfloat16 activations over float32 weights (as gptneo's
+train.precision = "bfloat16").
 """
 import math
 
@@ -89,12 +91,20 @@ def learning_rate(step, total_steps, peak=6e-4, warmup_steps=0, min_ratio=0.1):
                                                                                progress)))
 
 
-def train_step(model, optimizer, batch, step, total_steps, peak_lr, clip_norm=1.0):
-  """One step on a [batch, n_ctx + 1] int64 window batch; returns the loss (a tensor)."""
+def train_step(model, optimizer, batch, step, total_steps, peak_lr, clip_norm=1.0,
+               autocast_dtype=None):
+  """One step on a [batch, n_ctx + 1] int64 window batch; returns the loss (a tensor).
+
+  `model` may be the TorchGPT or its torch.compile wrapper. With autocast_dtype (e.g.
+  torch.bfloat16) the forward and the loss run under torch.autocast("cpu"); parameters,
+  gradients and the AdamW state stay float32.
+  """
   for group in optimizer.param_groups:
     group["lr"] = learning_rate(step, total_steps, peak_lr)
-  logits = model(batch[:, :-1])
-  loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+  with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                      enabled=autocast_dtype is not None):
+    logits = model(batch[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
   optimizer.zero_grad(set_to_none=True)
   loss.backward()
   torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
