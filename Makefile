@@ -56,7 +56,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m pip install -q -r requirements-bench.txt
-	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_throughput.py --precision=float32,bfloat16
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/inputs.py
 	$(BIN)/python bench/prepare.py
