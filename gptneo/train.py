@@ -180,8 +180,9 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     optimizer: e.g. @Adam() or @Adafactor().
     mesh: the device mesh, e.g. @mesh().
     precision: "float32", or "bfloat16" activations with float32 master weights. On a CPU
-      with AVX512_BF16 or AMX, bfloat16 trains ~1.7x faster (bench/RESULTS.md); without,
-      its matmuls are emulated and slower (a warning says so).
+      with AVX512_BF16 or AMX, bfloat16 trains faster (1.4x tiny's, 1.7x 20m's float32
+      tokens/s on an AVX-512 EPYC: bench/RESULTS.md); without, its matmuls are emulated
+      and slower (a warning says so).
     microbatches_per_batch: gradient accumulation; must divide batch_size.
     clip_norm: clip gradients to this global norm (0 or None: no clipping).
     seed: seeds weights, data order and dropout; same seed, same run.
