@@ -117,8 +117,14 @@ class MeshSpec:
                         "runtime.started(spec) gets one with tpu.connect (docs/tpu.md)")
       return mtf.simd_mesh_impl.SimdMeshImpl(self.mtf_shape(), self.mtf_layout(),
                                              device_assignment=device_assignment)
+    # TF's canonical names ("/device:CPU:0", not "/cpu:0"): mtf compares a one-device mesh's
+    # device with its variables' (canonical) device as strings, and only when they match does
+    # it use the variable itself as its slice. Otherwise each variable gets a slice variable
+    # that shares the master's buffer until the first update copies it, so every step after
+    # the first holds weights and optimizer state twice (bench/RESULTS.md, memory section).
     return mtf.placement_mesh_impl.PlacementMeshImpl(
-        self.mtf_shape(), self.mtf_layout(), self.devices)
+        self.mtf_shape(), self.mtf_layout(),
+        [tf.DeviceSpec.from_string(device).to_string() for device in self.devices])
 
   @property
   def is_peer(self):

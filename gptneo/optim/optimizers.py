@@ -14,6 +14,19 @@ from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 
 
+def unfolded_zeros(shape, dtype=tf.float32, partition_info=None):  # pylint: disable=unused-argument
+  """tf.zeros_initializer's value, but not a constant Grappler can fold.
+
+  Grappler folds tf.zeros(shape) into a Const; the initializer's AssignVariableOp then aliases
+  the Const's buffer, which the session keeps for as long as it lives (releasing the init's
+  executor doesn't free it), so the first update (ResourceApplyAdam) must copy the slot and
+  both copies stay: Adam's m and v held twice (bench/RESULTS.md, memory section). Filling
+  from a PlaceholderWithDefault leaves the zeros to be made at run time, owned by the slot.
+  """
+  dtype = tf.as_dtype(dtype or tf.float32)
+  return tf.fill(shape, tf.placeholder_with_default(tf.zeros([], dtype), [], "zero"))
+
+
 @gin.configurable
 def learning_rate_schedule(step, total_steps, learning_rate=6e-4, warmup_steps=0,
                            decay="cosine", decay_steps=None, min_ratio=0.1):
@@ -87,9 +100,9 @@ class Adam(_ScheduledOptimizer):
   def apply_grad(self, grad, var):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
     m = mtf.get_variable(var.mesh, var.name + "/adam_m", var.shape,
-                         initializer=tf.zeros_initializer(), trainable=False)
+                         initializer=unfolded_zeros, trainable=False)
     v = mtf.get_variable(var.mesh, var.name + "/adam_v", var.shape,
-                         initializer=tf.zeros_initializer(), trainable=False)
+                         initializer=unfolded_zeros, trainable=False)
     if self.fused:
       return [FusedAdamUpdate(self, grad, var, m, v)]
     return self.assigns(grad, var, m, v)
