@@ -180,7 +180,7 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
     optimizer: e.g. @Adam() or @Adafactor().
     mesh: the device mesh, e.g. @mesh().
     precision: "float32", or "bfloat16" activations with float32 master weights. On a CPU
-      with AVX512_BF16 or AMX, bfloat16 trains faster (1.4x tiny's, 1.7x 20m's float32
+      with AVX512_BF16 or AMX, bfloat16 trains faster (1.1-1.5x tiny's, 1.6-1.7x 20m's float32
       tokens/s on an AVX-512 EPYC: bench/RESULTS.md); without, its matmuls are emulated
       and slower (a warning says so).
     microbatches_per_batch: gradient accumulation; must divide batch_size.
@@ -322,7 +322,8 @@ def _warn_if_bfloat16_is_emulated(s):
   if (s.precision == "bfloat16" and s.mesh.device_type == "cpu"
       and runtime.cpu_has_native_bfloat16() is False):
     logging.warning("train.precision = \"bfloat16\" on a CPU without AVX512_BF16 or AMX: its "
-                    "bfloat16 matmuls are emulated and slower than float32; use \"float32\"")
+                    "bfloat16 matmuls are emulated, slower than float32 (oneDNN may even "
+                    "abort); use \"float32\"")
 
 
 def _copy_tokenizer(dataset_dir, model_dir):
