@@ -36,7 +36,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 
@@ -44,12 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ info/warnings: no
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import cpu_line  # noqa: E402  (no TF: the parent stays light)
+from timing import bench_corpus_files, cpu_line  # noqa: E402  (no TF: the parent stays light)
 
 MIB = 2 ** 20
-_CORPUS = ("typing.py", "argparse.py", "inspect.py", "subprocess.py", "tarfile.py",
-           "pathlib.py", "collections/__init__.py", "logging/__init__.py", "ast.py",
-           "datetime.py", "_pydecimal.py", "dataclasses.py", "enum.py", "functools.py")
 
 
 @dataclasses.dataclass
@@ -163,8 +159,7 @@ def measure(cfg, precision, dataset_dir, model_dir, steps):
 def prepare_data(folder, n_ctx, tokenizer_path=None):
   """A small stdlib dataset of `n_ctx`-token windows (BPE 4096, or `tokenizer_path`'s)."""
   from gptneo.data import prepare  # pylint: disable=g-import-not-at-top
-  root = sysconfig.get_paths()["stdlib"]
-  files = [os.path.join(root, name) for name in _CORPUS if os.path.isfile(os.path.join(root, name))]
+  files = bench_corpus_files()
   if tokenizer_path:
     return prepare.prepare_dataset(files, folder, n_ctx=n_ctx, tokenizer_path=tokenizer_path,
                                    validation_fraction=0.0)

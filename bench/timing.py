@@ -7,6 +7,7 @@ first, redoes a disturbed round, and reports the median ratio of back-to-back pa
 speed drifts by ~10% over minutes, which pairing cancels).
 """
 import os
+import sysconfig
 import time
 
 
@@ -81,6 +82,19 @@ def paired_ratio(ours, theirs):
                   if a[1] < ours.max_foreign and b[1] < theirs.max_foreign)
   ratios = ratios or sorted(a[0] / b[0] for a, b in zip(ours.rounds, theirs.rounds, strict=False))
   return ratios[len(ratios) // 2]
+
+
+# A few large stdlib modules: ~1.3 MB of text, ~400k tokens, far more windows than needed.
+BENCH_CORPUS = ("typing.py", "argparse.py", "inspect.py", "subprocess.py", "tarfile.py",
+                "pathlib.py", "collections/__init__.py", "logging/__init__.py", "ast.py",
+                "datetime.py", "_pydecimal.py", "dataclasses.py", "enum.py", "functools.py")
+
+
+def bench_corpus_files():
+  """The files of BENCH_CORPUS in this Python's stdlib (the benches' training text)."""
+  root = sysconfig.get_paths()["stdlib"]
+  return [path for path in (os.path.join(root, name) for name in BENCH_CORPUS)
+          if os.path.isfile(path)]
 
 
 def cpu_line(extra_flags=()):

@@ -46,7 +46,6 @@ import logging
 import os
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 
@@ -67,14 +66,11 @@ from gptneo.data import prepare  # noqa: E402
 
 import torch  # noqa: E402  (after TF: both load their own OpenMP/oneDNN; this order works)
 import torch_gpt  # noqa: E402
-from timing import Runner, add_round_flags, cpu_line, paired_ratio, wait_for_idle  # noqa: E402
+from timing import (Runner, add_round_flags, bench_corpus_files, cpu_line, paired_ratio,  # noqa: E402
+                    wait_for_idle)
 
 CORES = os.cpu_count()
 N_CTX = 256
-# A few large stdlib modules: ~1.3 MB of text, ~400k tokens, far more windows than needed.
-_CORPUS = ("typing.py", "argparse.py", "inspect.py", "subprocess.py", "tarfile.py",
-           "pathlib.py", "collections/__init__.py", "logging/__init__.py", "ast.py",
-           "datetime.py", "_pydecimal.py", "dataclasses.py", "enum.py", "functools.py")
 
 
 @dataclasses.dataclass
@@ -153,8 +149,7 @@ def denominators(rates):
 
 
 def prepare_data(folder):
-  root = sysconfig.get_paths()["stdlib"]
-  files = [os.path.join(root, name) for name in _CORPUS if os.path.isfile(os.path.join(root, name))]
+  files = bench_corpus_files()
   info = prepare.prepare_dataset(files, folder, n_ctx=N_CTX, vocab_size=4096,
                                  validation_fraction=0.0)
   return info
