@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_throughput as bench  # noqa: E402  (sets up paths, TF, torch in the right order)
 
 from gptneo import gin_utils  # noqa: E402
+from gptneo import train_graph  # noqa: E402
 from gptneo.compat import tf  # noqa: E402
 from timing import cpu_line  # noqa: E402
 
@@ -38,23 +39,11 @@ INPUT = ("Iterator", "Dataset", "GetNext", "OptionalGetValue")
 XLA = ("_XlaCompile", "_XlaRun", "XlaLaunch", "_XlaMerge")
 
 
-def fan_in(ops):
-  """Every tf op that `ops` depend on (data and control inputs), themselves included."""
-  seen, todo = set(), list(ops)
-  while todo:
-    op = todo.pop()
-    if op.name not in seen:
-      seen.add(op.name)
-      todo.extend(t.op for t in op.inputs)
-      todo.extend(op.control_inputs)
-  return seen
-
-
-def update_only(train_graph):
+def update_only(graph):
   """Names of the ops only the update needs: the optimizer's and the clip's scaling of the
   gradients (mtf names them einsum_N, scalar_mul_N: no scope says "optimizer")."""
-  before = fan_in([train_graph.loss.op, train_graph.grad_norm.op])
-  return fan_in([train_graph.train_op]) - before
+  before = train_graph.ancestors([graph.loss.op, graph.grad_norm.op])
+  return {op.name for op in train_graph.ancestors([graph.train_op], stop=before)}
 
 
 def category(op_type, name, optimizer=()):

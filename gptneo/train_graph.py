@@ -207,14 +207,14 @@ def _write_after(update_ops, tensors):
   The walk back from `update_ops` stops at what `tensors` already wait for: no write there (a
   cycle) nor anywhere else in the graph (an initializer, a restore) gets the dependency.
   """
-  done = _ancestors([t.op for t in tensors])
+  done = ancestors([t.op for t in tensors])
   barrier = tf.group(tensors, name="backward_done")
-  for op in _ancestors(update_ops, stop=done):
+  for op in ancestors(update_ops, stop=done):
     if op.type.startswith(_WRITES):
       op._add_control_inputs([barrier])  # pylint: disable=protected-access
 
 
-def _ancestors(ops, stop=frozenset()):
+def ancestors(ops, stop=frozenset()):
   """`ops` and every op they wait for (data and control inputs), short of `stop`."""
   seen, todo = set(), [op for op in ops if op not in stop]
   while todo:
