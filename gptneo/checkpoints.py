@@ -21,6 +21,7 @@ import re
 import uuid
 import zlib
 
+from gptneo import model_dir as model_dir_lib
 from gptneo.compat import tf
 from gptneo.errors import UserError
 
@@ -89,8 +90,10 @@ def newest(model_dir):
   """The newest intact checkpoint of model_dir (Newest), verifying newest first.
 
   Steps with neither an index nor a manifest are leftovers of a write that never got that
-  far, not checkpoints: they are neither loaded nor reported.
+  far, not checkpoints: they are neither loaded nor reported. A model dir holding a link is
+  refused (model_dir.check_links): TF would read a checkpoint file through it.
   """
+  model_dir_lib.check_links(model_dir)
   steps = _listing(model_dir)
   committed = _committed(steps)
   skipped = []
@@ -167,9 +170,11 @@ def _stats(model_dir, names):
 def _verify(model_dir, step):
   """None if checkpoint step's files are as its manifest says, else what is wrong."""
   try:
-    with open(os.path.join(model_dir, _manifest(step))) as f:
+    with model_dir_lib.open_file(os.path.join(model_dir, _manifest(step))) as f:
       files = json.load(f)["files"]
     entries = [(name, int(entry["size"]), int(entry["crc32"])) for name, entry in files.items()]
+  except UserError:  # a link, made since newest checked: refused, not taken for damage
+    raise
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
     return f"its manifest is unreadable ({type(error).__name__})"
   for name, size, crc in sorted(entries):
@@ -197,7 +202,7 @@ def _file_problem(path, size, crc):
 def crc32(path):
   """zlib's CRC-32 of a file's bytes (~3.5 GB/s here: bench/checkpoint_write.py)."""
   value = 0
-  with open(path, "rb") as f:
+  with model_dir_lib.open_file(path, "rb") as f:
     while chunk := f.read(_CHUNK):
       value = zlib.crc32(chunk, value)
   return value

@@ -12,6 +12,7 @@ import gin
 import numpy as np
 
 from gptneo import inference
+from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import jsonl
@@ -158,7 +159,8 @@ def _step_of(checkpoint_path):
 
 
 def append_result(model_dir, record):
-  with tf.io.gfile.GFile(os.path.join(model_dir, "eval.jsonl"), "a") as f:
+  """Appends record to model_dir/eval.jsonl (a local folder; never through a link)."""
+  with model_dir_lib.open_file(os.path.join(model_dir, "eval.jsonl"), "a") as f:
     f.write(json.dumps(record) + "\n")
 
 

@@ -266,12 +266,18 @@ def parse_flags():
 
 
 def write_run_files(model_dir):
-  """Writes the operative config and the full command line into `model_dir`."""
-  gfile = tensorflow.io.gfile
-  gfile.makedirs(model_dir)
-  with gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+  """Writes the operative config and the full command line into `model_dir`.
+
+  Args:
+    model_dir: a local folder (a gs:// model dir's mirror): neither file is written through a
+      link (model_dir.open_file).
+  """
+  # Here, not at the top: gin_utils stays a leaf that every binary imports first.
+  from gptneo import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(model_dir, exist_ok=True)
+  with model_dir_lib.open_file(os.path.join(model_dir, "operative_config.gin"), "w") as f:
     f.write(gin.operative_config_str())
-  with gfile.GFile(os.path.join(model_dir, "command.txt"), "a") as f:
+  with model_dir_lib.open_file(os.path.join(model_dir, "command.txt"), "a") as f:
     f.write(" ".join(sys.argv) + "\n")
 
 

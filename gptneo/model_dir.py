@@ -5,9 +5,18 @@ and delete the model in one (bin/import_hf --overwrite). `lock` makes this proce
 writer: an OS file lock on the local folder (a gs:// dir's mirror), which the kernel releases
 when the process dies, plus, for gs://, a lease object in the bucket (storage.Lease), since
 machines share no kernel.
+
+A model dir comes from someone else (a download, a shared bucket), so what is in it never
+points a program outside it: `check_links` refuses a symbolic link anywhere inside, before
+a program writes (`lock`) or reads a checkpoint (checkpoints.newest, which every reading
+program calls first) or syncs a mirror up (storage.sync_up); `open_file` opens what we read
+and write ourselves without following a link (O_NOFOLLOW), so one made after the check is
+refused too. What TF opens itself (checkpoints, events files) only has the check. The model
+dir itself may be a link: that path is the user's own choice.
 """
 import contextlib
 import datetime
+import errno
 import fcntl
 import fnmatch
 import json
@@ -51,6 +60,69 @@ def clear(model_dir):
   for name in contents(model_dir):
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILES):
       os.remove(os.path.join(model_dir, name))
+
+
+def check_links(folder: str) -> None:
+  """Refuses in one line a folder holding a symbolic link anywhere inside (not the folder
+  itself): through it a program would write or read a file outside the model dir.
+
+  Args:
+    folder: a local model dir, or a gs:// one's mirror; one that does not exist holds none.
+  """
+  link = _first_link(folder)
+  if link:
+    raise _link_refusal(link)
+
+
+def _first_link(folder):
+  try:
+    entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  for entry in entries:
+    if entry.is_symlink():
+      return entry.path
+    if entry.is_dir(follow_symlinks=False) and (link := _first_link(entry.path)):
+      return link
+  return None
+
+
+def _link_refusal(path):
+  try:
+    target = os.readlink(path)
+  except OSError:  # gone or replaced meanwhile
+    target = "another file"
+  return UserError(f"{path} is a link to {target}: a model dir's files must be inside it, and "
+                   f"no program follows a link out of it; remove the link (or put a copy of "
+                   f"the file in its place)")
+
+
+_OPEN_FLAGS = {"r": os.O_RDONLY, "rb": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+               "wb": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT |
+               os.O_APPEND}
+
+
+def open_file(path: str, mode: str = "r"):
+  """open(path, mode) of a file in a local model dir, never through a symbolic link.
+
+  Args:
+    path: the file.
+    mode: "r", "rb", "w", "wb" or "a".
+
+  Returns:
+    the open file object; a link at `path` is refused as `check_links` refuses it.
+  """
+  return os.fdopen(_open_no_follow(path, _OPEN_FLAGS[mode]), mode)
+
+
+def _open_no_follow(path, flags):
+  """os.open(path, flags), refusing a link at path (O_NOFOLLOW) as check_links does."""
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+  except OSError as error:
+    if error.errno == errno.ELOOP:
+      raise _link_refusal(path) from None
+    raise
 
 
 LOCK_NAME = ".lock"
@@ -110,6 +182,7 @@ def lock(model_dir, force=False):
   folder = storage.mirror_folder(model_dir) if remote else model_dir
   if os.path.realpath(folder) in _held:
     return _held[os.path.realpath(folder)]
+  check_links(folder)  # before anything is written: a .lock link, or any other
   created = not os.path.exists(folder)
   try:
     os.makedirs(folder, exist_ok=True)
@@ -135,7 +208,7 @@ def _flock(folder, model_dir):
   """An open descriptor of folder/.lock, locked; refuses in one line a lock held already."""
   path = os.path.join(folder, LOCK_NAME)
   while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_no_follow(path, os.O_RDWR | os.O_CREAT)  # a link made since check_links
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -153,7 +226,7 @@ def _flock(folder, model_dir):
 
 def _is_linked(fd, path):
   try:
-    return os.stat(path).st_ino == os.fstat(fd).st_ino
+    return os.lstat(path).st_ino == os.fstat(fd).st_ino
   except FileNotFoundError:
     return False
 

@@ -436,7 +436,8 @@ def sync_up(local_dir, uri):
   Checkpoint data first, then their manifests, TF's `checkpoint` index last
   (COMPLETING_FILES), so the remote never commits a checkpoint that is not all there; then
   objects whose local file is gone (old checkpoints pruned) are deleted remotely, manifests
-  first. A local uri: nothing to do.
+  first. A local uri: nothing to do. A link in local_dir is refused (model_dir.check_links):
+  its upload would send the file it points to.
 
   Args:
     local_dir: the folder `working_copy(uri)` returned.
@@ -444,6 +445,9 @@ def sync_up(local_dir, uri):
   """
   if not is_remote(uri):
     return
+  # Here, not at the top: model_dir imports storage.
+  from gptneo import model_dir as model_dir_lib  # pylint: disable=g-import-not-at-top
+  model_dir_lib.check_links(local_dir)
   if uri.rstrip("/") in _leases:  # a writer that lost its lease must not write on
     _leases[uri.rstrip("/")].check()
   bucket_name, prefix = split_uri(uri)

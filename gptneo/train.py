@@ -328,8 +328,9 @@ def _warn_if_bfloat16_is_emulated(s):
 
 def _copy_tokenizer(dataset_dir, model_dir):
   """The model dir carries its tokenizer, so sampling needs nothing else."""
-  tf.io.gfile.copy(inputs.tokenizer_path(dataset_dir), os.path.join(model_dir, "tokenizer.json"),
-                   overwrite=True)
+  with (tf.io.gfile.GFile(inputs.tokenizer_path(dataset_dir), "rb") as source,
+        model_dir_lib.open_file(os.path.join(model_dir, "tokenizer.json"), "wb") as target):
+    target.write(source.read())
 
 
 class Preemption:
@@ -548,11 +549,11 @@ def _drop_lines_after(path, start, ours):
     os.remove(temporary)
   if not os.path.exists(path):
     return
-  with open(path) as f:
+  with model_dir_lib.open_file(path) as f:
     lines = f.readlines()
   kept = [line.rstrip("\n") + "\n" for line in lines if _kept(line, start, ours)]
   if kept != lines:
-    with open(temporary, "w") as f:
+    with model_dir_lib.open_file(temporary, "w") as f:
       f.writelines(kept)
     os.replace(temporary, path)
 
@@ -578,7 +579,7 @@ class Progress:
   def __init__(self, model_dir, train_steps, tokens_per_step, first_step, flops_per_token,
                peak_flops):
     self._writer = tf.summary.FileWriter(model_dir)
-    self._metrics = open(os.path.join(model_dir, "train_metrics.jsonl"), "a")
+    self._metrics = model_dir_lib.open_file(os.path.join(model_dir, "train_metrics.jsonl"), "a")
     self._train_steps, self._tokens_per_step = train_steps, tokens_per_step
     self._flops_per_token, self._peak_flops = flops_per_token, peak_flops
     self._start, self._first_step = time.time(), first_step

@@ -224,14 +224,15 @@ def import_hf(hf_dir, model_dir, spec, overwrite=False):
   weights = our_weights(arch, model, hf_tensors)
   os.makedirs(model_dir, exist_ok=True)
   model_dir_lib.clear(model_dir)
-  tokenizer.save(os.path.join(model_dir, inference.TOKENIZER_FILE))
+  with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:
+    f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save, never through a link
   checkpoint = write_checkpoint(model, spec, model_dir, weights)
   text = (f"# Imported from the {arch.title} folder {hf_dir} by bin/import_hf.\n"
           + "\n".join(bindings) + "\n")
   # model.gin holds the shape only, for bin/train --gin_file; the operative config also
   # names no dataset, so bin/eval asks for --dataset_dir.
   for name, extra in ((MODEL_GIN, ""), (inference.OPERATIVE_CONFIG, "DATASET_DIR = None\n")):
-    with open(os.path.join(model_dir, name), "w") as f:
+    with model_dir_lib.open_file(os.path.join(model_dir, name), "w") as f:
       f.write(text + extra)
   return checkpoint
 
