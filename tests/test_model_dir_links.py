@@ -43,7 +43,7 @@ CASES = [
     ("command.txt", "train", PRECIOUS),  # was: appended to
     ("train_metrics.jsonl", "train", "copy"),  # was: appended to (its lines are all kept)
     ("tokenizer.json", "train", PRECIOUS),  # was: overwritten by the dataset's
-    ("checkpoint", "train", "copy"),
+    ("checkpoint", "train", "copy"),  # was: the link replaced by a new index
     ("eval.jsonl", "eval", PRECIOUS),  # was: appended to
     ("model.ckpt-30.index", "eval", "copy"),  # was: read
     (DATA, "sample", "copy"),  # was: read
