@@ -8,6 +8,7 @@ import shutil
 import pytest
 from tokenizers import Tokenizer
 
+from gptneo import storage
 from gptneo.data import inputs, prepare
 from gptneo.data import tokenizer as tokenizer_lib
 from tests.conftest import N_CTX, TINY_TEST_BINDINGS, run_binary, stdlib_files
@@ -98,6 +99,23 @@ def test_a_shard_outside_the_dataset_is_refused(tmp_path, small_dataset, name):
   with pytest.raises(ValueError, match=f"names '{name}' as a train file, not a file of the "
                                        "dataset's own folder"):
     inputs.read_dataset_info(dataset)
+
+
+@pytest.mark.parametrize("field", ["tokenizer", "a shard"])
+def test_a_gs_dataset_names_no_file_of_another_prefix(tmp_path, small_dataset, gcs, field):
+  storage.upload_folder(small_dataset, gcs.uri("other"))
+  evil = copy_dataset(small_dataset, tmp_path / "evil")
+  with open(os.path.join(evil, "dataset.json")) as f:
+    info = json.load(f)
+  if field == "tokenizer":
+    info["tokenizer"] = "../other/tokenizer.json"
+  else:
+    info["splits"]["train"]["files"][0] = "../other/train-00000.tfrecord"
+  with open(os.path.join(evil, "dataset.json"), "w") as f:
+    json.dump(info, f)
+  storage.upload_folder(evil, gcs.uri("evil"))
+  with pytest.raises(ValueError, match="not a file of the dataset's own folder"):
+    inputs.read_dataset_info(gcs.uri("evil"))
 
 
 # --------------------------------------------------------------------------- same tokenizer

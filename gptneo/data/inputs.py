@@ -93,7 +93,7 @@ def tokenizer_path(dataset_dir):
   return os.path.join(folder, info["tokenizer"])
 
 
-def check_model_tokenizer(dataset_dir, model_dir: str | None) -> None:
+def check_model_tokenizer(dataset_dir: str | dict, model_dir: str | None) -> None:
   """Refuses a dataset tokenized otherwise than a model dir's weights were trained: its ids
   would mean other text to the model, and its loss nothing.
 

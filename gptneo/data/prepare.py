@@ -45,8 +45,9 @@ from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.data import workers as workers_lib
 from gptneo.errors import UserError
 
-FORMAT_VERSION = 2  # 2: validation keeps its last, partial window; dataset.json counts what is stored
-READABLE_FORMATS = (1, 2)  # 1: every split's tail dropped, yet counted
+# 2: validation keeps its last, partial window; a split counts what its windows hold.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: every split's tail under a window dropped, yet counted
 TOKEN_FEATURE = "tokens"
 LENGTH_FEATURE = "length"  # only on a partial window: how many of its tokens are real
 STDLIB_SPEC = sources_lib.STDLIB_SPEC
