@@ -44,14 +44,15 @@ def lm_metrics(total_nll, tokens, correct, num_bytes):
 
 class LmTotals:
   """Sums over the real tokens of evaluation batches, for `lm_metrics`: the one way bin/eval
-  and training's evaluations count. Rows of weight 0 (a last batch's padding) count nothing."""
+  and training's evaluations count. Targets of weight 0 (a last batch's padding rows, a
+  partial window's padding) count nothing."""
 
   def __init__(self, byte_lengths):
     self.byte_lengths = byte_lengths
     self.nll, self.tokens, self.correct, self.bytes = 0.0, 0, 0, 0
 
   def add(self, token_nll, argmax, targets, weights):
-    """One batch: [batch, n_ctx] NLLs, greedy ids and targets, [batch] row weights (0 or 1)."""
+    """One batch: [batch, n_ctx] NLLs, greedy ids, targets and weights (0 or 1)."""
     real = np.asarray(weights) > 0
     targets = targets[real]
     self.nll += float(token_nll[real].astype(np.float64).sum())
@@ -64,7 +65,8 @@ class LmTotals:
 
 
 def _windows(dataset_dir, split, batch_size, max_batches):
-  """(windows [batch, n_ctx + 1], weights [batch]) of inputs.evaluation_batches, one pass."""
+  """(windows [batch, n_ctx + 1], weights [batch, n_ctx]) of inputs.evaluation_batches, one
+  pass."""
   graph = tf.Graph()
   with graph.as_default():
     batches = inputs.evaluation_batches(dataset_dir, split, batch_size, max_batches)
@@ -199,6 +201,8 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
   _check_batches(batch_size, max_batches)
   inference.check_model_dir(model_dir)
   tokenizer = inference.load_tokenizer(model_dir)
+  if task == "lm":
+    inputs.check_model_tokenizer(dataset_dir, model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)
               if task == "lambada" else None)
   with runtime.started(mesh) as rt:

@@ -284,6 +284,9 @@ def _train_in(s, remote_dir, rt, preemption, init_from):
   graph = train_graph.build(s, model_dir, rt)
   with graph.graph.as_default():  # a resume that can't work fails before anything is written
     graph.checkpoints.check(init_from)
+  # The weights' tokenizer (of the run resumed, or of init_from) must be the dataset's.
+  inputs.check_model_tokenizer(s.dataset_dir,
+                               model_dir if graph.checkpoints.found.path else init_from)
   gin_utils.write_run_files(model_dir)
   _copy_tokenizer(s.dataset_dir, model_dir)
   with rt.session(graph.graph) as session:

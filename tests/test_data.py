@@ -149,7 +149,7 @@ def test_resolve_inputs_stdlib_is_python_sources_without_site_packages():
 
 def test_dataset_json_describes_the_dataset(small_dataset, small_tokenizer):
   info = inputs.read_dataset_info(small_dataset)
-  assert info["format"] == 1 and info["n_ctx"] == N_CTX and info["n_vocab"] == VOCAB_SIZE
+  assert info["format"] == 2 and info["n_ctx"] == N_CTX and info["n_vocab"] == VOCAB_SIZE
   assert info["eos_id"] == tokenizer_lib.eos_id(small_tokenizer)
   assert info["tokenizer"] == "tokenizer.json" and info["documents"] == len(SMALL_FILES)
   assert info["tokens_per_shard"] == 3000 and info["seed"] == 1
@@ -160,8 +160,9 @@ def test_dataset_json_describes_the_dataset(small_dataset, small_tokenizer):
   assert train["documents"] + validation["documents"] == len(SMALL_FILES)
   assert len(train["files"]) > 1 and train["files"][0] == "train-00000.tfrecord"
   assert sum(os.path.getsize(path) for path in split_paths(info, "train")) == train["bytes"]
+  assert train["windows"] == train["tokens"] / (N_CTX + 1)  # its tail is not stored
+  assert validation["windows"] == -(-validation["tokens"] // (N_CTX + 1))  # its tail is
   for split in (train, validation):
-    assert split["windows"] == split["tokens"] // (N_CTX + 1)
     assert all(os.path.exists(os.path.join(small_dataset, name)) for name in split["files"])
   assert os.path.exists(os.path.join(small_dataset, "tokenizer.json"))
 

@@ -46,11 +46,14 @@ def test_evaluation_batches_hold_each_window_once_the_last_batch_padded(small_da
   windows = np.concatenate([w for w, _ in batches])
   weights = np.concatenate([w for _, w in batches])
   count = min(len(stored), 7 * max_batches) if max_batches else len(stored)
-  assert len(stored) == inputs.read_dataset_info(small_dataset)["splits"]["validation"][
-      "windows"] and len(stored) % 7
-  assert len(batches) == -(-count // 7) and weights.sum() == count
+  validation = inputs.read_dataset_info(small_dataset)["splits"]["validation"]
+  assert len(stored) == validation["windows"] and len(stored) % 7
+  assert len(batches) == -(-count // 7) and weights.shape == (len(windows), 32)
+  # Every target of a stored window counts but the padding of the split's last (partial) one.
+  padding = validation["windows"] * 33 - validation["tokens"] if count == len(stored) else 0
+  assert weights.sum() == count * 32 - padding and not weights[count:].any()
   np.testing.assert_array_equal(windows[:count], stored[:count])
-  assert not windows[count:].any() and not weights[count:].any()
+  assert not windows[count:].any()
 
 
 def test_token_byte_lengths_count_the_decoded_bytes(neo_model_dir):

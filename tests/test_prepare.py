@@ -63,13 +63,15 @@ def pile_folder(folder, texts, shards=3):
 
 
 def read_split(dataset_dir, split):
-  """The split's windows joined back into its token stream, in stored order."""
+  """The split's windows joined back into its token stream, in stored order (of a partial
+  window, its real tokens)."""
   info = json.load(open(os.path.join(dataset_dir, "dataset.json")))
   ids = []
   for name in info["splits"][split]["files"]:
     for record in tf.io.tf_record_iterator(os.path.join(dataset_dir, name)):
-      example = tf.train.Example.FromString(record)
-      ids += example.features.feature["tokens"].int64_list.value
+      features = tf.train.Example.FromString(record).features.feature
+      length = features["length"].int64_list.value if "length" in features else [N_CTX + 1]
+      ids += features["tokens"].int64_list.value[:length[0]]
   return np.array(ids, dtype=np.int64)
 
 
@@ -91,7 +93,8 @@ def expected_streams(tokenizer_path, documents, fraction, seed=1234):
 def assert_splits_equal(dataset_dir, expected):
   for split, stream in expected.items():
     stored = read_split(dataset_dir, split)
-    assert len(stored) == len(stream) // (N_CTX + 1) * (N_CTX + 1)
+    kept = len(stream) if split == "validation" else len(stream) // (N_CTX + 1) * (N_CTX + 1)
+    assert len(stored) == kept  # train drops its tail under a window, validation keeps it
     np.testing.assert_array_equal(stored, stream[:len(stored)])
 
 
@@ -177,6 +180,50 @@ def test_a_tiny_corpus_drawing_no_validation_document_gets_its_last(tmp_path, to
   documents = [open(s["path"]).read() for s in info["sources"]]
   assert info["splits"]["validation"]["documents"] == 1
   assert_splits_equal(str(tmp_path / "out"), expected_streams(tokenizer_path, documents, 0.05))
+
+
+def _documents_in_tail(documents, tokenizer_path, fraction, seed):
+  """Documents wholly in the train stream's tail under a window, and the validation
+  stream's tail length (both as `prepare` splits `documents`)."""
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  lengths = {"train": [], "validation": []}
+  for text in documents:
+    split = prepare.split_of(workers.content_hash(text), fraction, seed)
+    lengths[split].append(len(tokenizer.encode(text).ids) + 1)
+  tail, whole = sum(lengths["train"]) % (N_CTX + 1), 0
+  for length in reversed(lengths["train"]):
+    if length > tail:
+      break
+    tail, whole = tail - length, whole + 1
+  return whole, sum(lengths["validation"]) % (N_CTX + 1)
+
+
+def test_dataset_json_counts_what_the_windows_hold(tmp_path, tokenizer_path):
+  """The last documents don't fill a window: validation keeps them (a partial last window),
+  train leaves them out of its windows and of its counts (dropped_tail says what)."""
+  documents = TEXTS[:30] + [f"v{i} = {i}" for i in range(12)]  # short ones last
+  seed = next(s for s in range(100)
+              if all(_documents_in_tail(documents, tokenizer_path, 0.3, s)))
+  (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                 for t in documents))
+  output_dir = str(tmp_path / "out")
+  info = prepare.prepare_dataset([str(tmp_path / "corpus.jsonl")], output_dir, N_CTX,
+                                 tokenizer_path=tokenizer_path, validation_fraction=0.3,
+                                 tokens_per_shard=100, seed=seed)
+  eos = info["eos_id"]
+  train, validation = info["splits"]["train"], info["splits"]["validation"]
+  stored = {split: read_split(output_dir, split) for split in ("train", "validation")}
+  lost = _documents_in_tail(documents, tokenizer_path, 0.3, seed)[0]
+  assert train["dropped_tail"]["documents"] == lost > 0
+  assert train["tokens"] == len(stored["train"]) == train["windows"] * (N_CTX + 1)
+  cut = stored["train"][-1] != eos  # a document the tail cut has its start stored
+  assert train["documents"] == np.count_nonzero(stored["train"] == eos) + cut
+  assert validation["tokens"] == len(stored["validation"])
+  assert validation["tokens"] % (N_CTX + 1) and stored["validation"][-1] == eos
+  assert validation["documents"] == np.count_nonzero(stored["validation"] == eos)
+  assert train["documents"] + lost + validation["documents"] == info["documents"] == 42
+  assert f"its last {train['dropped_tail']['tokens']} tokens ({lost} whole documents)" in (
+      prepare.describe(info, output_dir)[1])
 
 
 def test_filters_min_chars_dedup_and_ftfy(tmp_path, tokenizer_path):

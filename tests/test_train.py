@@ -183,9 +183,11 @@ def test_validation_is_one_number_periodic_end_of_run_and_bin_eval(tmp_path, sma
     [periodic] = map(json.loads, f)
   assert not (tmp_path / "final" / "eval.jsonl").exists()
   with open(os.path.join(small_dataset, "dataset.json")) as f:
-    windows = json.load(f)["splits"]["validation"]["windows"]
+    validation = json.load(f)["splits"]["validation"]
+  windows = validation["windows"]
   assert windows % 6 and windows % 7
-  assert periodic["step"] == 4 and periodic["tokens"] == windows * 32
+  # Every stored token but each window's first is a target (the last window's padding none).
+  assert periodic["step"] == 4 and periodic["tokens"] == validation["tokens"] - windows
   evals = [json.loads(run_binary("eval", f"--model_dir={tmp_path / 'periodic'}",
                                  f"--gin_param=evaluate.batch_size = {size}", check=True).stdout)
            for size in (7, 6)]

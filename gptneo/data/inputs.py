@@ -3,6 +3,9 @@
 A dataset spec (`train.dataset_dir`, `evaluate.dataset_dir`) is a prepared folder, a gs://
 URI of one (its shards read through the bounded local cache of `gptneo.data.shard_cache`),
 or a dict {folder or URI: weight} mixing several prepared with the same tokenizer and n_ctx.
+A dataset is someone else's data: the files its dataset.json names must be files of its own
+folder (no path, no link out), and its tokenizer.json must parse as a tokenizer, before
+anything reads or copies them.
 
 Every op used here has saveable iterator state, so the trainer can store the iterator in
 its checkpoint (`tf.data.experimental.make_saveable_from_iterator`) and a resumed run sees
@@ -17,6 +20,7 @@ import tensorflow.compat.v1 as tf
 from gptneo import storage
 from gptneo.data import prepare
 from gptneo.data import shard_cache
+from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
 
 _REQUIRED_FIELDS = ("format", "n_ctx", "n_vocab", "eos_id", "tokenizer", "splits")
@@ -45,6 +49,8 @@ def components(dataset_dir):
   parts = [(str(spec), _local_folder(str(spec)), weight / total)
            for spec, weight in specs.items()]
   parts = [(spec, folder, weight, _read_one(spec, folder)) for spec, folder, weight in parts]
+  for spec, folder, _, info in parts:
+    info["tokenizer_sha256"] = _checked_tokenizer_identity(spec, folder, info)
   _check_compatible(parts)
   return parts
 
@@ -62,8 +68,9 @@ def read_dataset_info(dataset_dir):
     dataset_dir: a dataset spec (see `components`).
 
   Returns:
-    The dataset.json contents as a dict. For a mixture: the shared n_ctx, n_vocab, eos_id
-    and tokenizer, and the splits all parts have, with their windows summed.
+    The dataset.json contents as a dict, with tokenizer_sha256 (`tokenizer.identity`, of
+    its tokenizer file if dataset.json predates it). For a mixture: the shared n_ctx,
+    n_vocab, eos_id and tokenizer, and the splits all parts have, with their windows summed.
   """
   return _merged_info(components(dataset_dir))
 
@@ -75,13 +82,38 @@ def _merged_info(parts):
   shared = set.intersection(*(set(info["splits"]) for info in infos))
   splits = {split: {"windows": sum(info["splits"][split]["windows"] for info in infos)}
             for split in sorted(shared)}
-  return {**{field: infos[0][field] for field in _REQUIRED_FIELDS}, "splits": splits}
+  fields = (*_REQUIRED_FIELDS, "tokenizer_sha256")
+  return {**{field: infos[0][field] for field in fields}, "splits": splits}
 
 
 def tokenizer_path(dataset_dir):
-  """The local tokenizer.json of a dataset spec (a mixture's parts share one)."""
+  """The local tokenizer.json of a dataset spec (a mixture's parts share one), checked: a
+  file of the dataset's folder that parses as a tokenizer."""
   _, folder, _, info = components(dataset_dir)[0]
   return os.path.join(folder, info["tokenizer"])
+
+
+def check_model_tokenizer(dataset_dir: str | dict, model_dir: str | None) -> None:
+  """Refuses a dataset tokenized otherwise than a model dir's weights were trained: its ids
+  would mean other text to the model, and its loss nothing.
+
+  Args:
+    dataset_dir: a dataset spec (see `components`).
+    model_dir: a model dir; its tokenizer.json, if it has one, must be the dataset's
+      (`tokenizer.identity`). None: nothing to compare.
+  """
+  model_tokenizer = model_dir and os.path.join(model_dir, "tokenizer.json")
+  if not model_tokenizer or not tf.io.gfile.exists(model_tokenizer):
+    return
+  model_identity = tokenizer_lib.file_identity(
+      model_tokenizer, f"restore model dir {model_dir!r}'s tokenizer.json from its source")
+  dataset_identity = read_dataset_info(dataset_dir)["tokenizer_sha256"]
+  if model_identity != dataset_identity:
+    raise UserError(
+        f"dataset {dataset_dir!r} was tokenized with another tokenizer (sha256 "
+        f"{dataset_identity[:12]}) than model dir {model_dir!r} (tokenizer.json sha256 "
+        f"{model_identity[:12]}): its loss would mean nothing; use the dataset the model was "
+        f"trained on, or prepare one with --tokenizer={model_tokenizer}")
 
 
 def _read_one(spec, folder):
@@ -104,32 +136,61 @@ def _validate_info(info, dataset_dir):
   missing = [field for field in _REQUIRED_FIELDS if field not in info]
   if missing:
     raise UserError(f"dataset '{dataset_dir}' dataset.json lacks {missing}; {rerun}")
-  if info["format"] != prepare.FORMAT_VERSION:
+  if info["format"] not in prepare.READABLE_FORMATS:
     raise UserError(f"dataset '{dataset_dir}' has format {info['format']}, this code reads "
-                    f"format {prepare.FORMAT_VERSION}; {rerun}")
+                    f"formats {list(prepare.READABLE_FORMATS)}; {rerun}")
   for split, split_info in info["splits"].items():
     if not split_info.get("files") or "windows" not in split_info:
       raise UserError(f"dataset '{dataset_dir}' split '{split}' lists no files or windows; "
                       f"{rerun}")
 
 
+def _check_own_file(spec, folder, name, what):
+  """Refuses a name in dataset.json that is not a file of the dataset's own folder: a path,
+  '..', or a link out of it (a dataset must not make us read or copy other files)."""
+  inside = (isinstance(name, str) and name not in ("", ".", "..")
+            and name == os.path.basename(name) and "\\" not in name)
+  if inside:  # folder is local: a gs:// dataset's is its mirror
+    real = os.path.realpath(os.path.join(folder, name))
+    inside = os.path.dirname(real) == os.path.realpath(folder)
+  if not inside:
+    raise UserError(f"dataset '{spec}' dataset.json names {name!r} as {what}, not a file of "
+                    f"the dataset's own folder; a dataset reads only its own files: prepare "
+                    f"it again (bin/prepare_data --output_dir={spec} --overwrite)")
+
+
+def _checked_tokenizer_identity(spec, folder, info):
+  """The identity of a dataset's tokenizer file: one of its own files, a tokenizer, the one
+  dataset.json records (datasets prepared before they recorded it: the file's)."""
+  for split, split_info in info["splits"].items():
+    for name in split_info["files"]:
+      _check_own_file(spec, folder, name, f"a {split} file")
+  _check_own_file(spec, folder, info["tokenizer"], "its tokenizer")
+  path = os.path.join(folder, info["tokenizer"])
+  again = f"prepare the dataset again (bin/prepare_data --output_dir={spec} --overwrite)"
+  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
+    raise UserError(f"dataset '{spec}' has no file {info['tokenizer']}; copy the dataset "
+                    f"whole or {again}")
+  identity = tokenizer_lib.file_identity(path, again)
+  recorded = info.get("tokenizer_sha256", identity)
+  if recorded != identity:
+    raise UserError(f"dataset '{spec}' {info['tokenizer']} (sha256 {identity[:12]}) is not "
+                    f"the tokenizer its ids were made with (sha256 {recorded[:12]}); restore "
+                    f"it, or {again}")
+  return identity
+
+
 def _check_compatible(parts):
   """A mixture's parts must share n_ctx, ids and tokenizer: one model reads them all."""
   first_spec, first_folder, _, first = parts[0]
-  first_tokenizer = _tokenizer_bytes(first_folder, first) if len(parts) > 1 else None
-  for spec, folder, _, info in parts[1:]:
+  for spec, _, _, info in parts[1:]:
     for field in ("n_ctx", "n_vocab", "eos_id"):
       if info[field] != first[field]:
         raise UserError(f"mixture parts '{first_spec}' and '{spec}' differ in {field} "
                         f"({first[field]} vs {info[field]}); prepare them alike")
-    if _tokenizer_bytes(folder, info) != first_tokenizer:
+    if info["tokenizer_sha256"] != first["tokenizer_sha256"]:
       raise UserError(f"mixture parts '{first_spec}' and '{spec}' have different tokenizers; "
                       f"prepare '{spec}' with --tokenizer={first_folder}")
-
-
-def _tokenizer_bytes(folder, info):
-  with tf.io.gfile.GFile(os.path.join(folder, info["tokenizer"]), "rb") as f:
-    return f.read()
 
 
 def make_dataset(dataset_dir, split, batch_size, seed=0, shuffle=True, repeat=True,
@@ -190,7 +251,8 @@ def evaluation_batches(dataset_dir, split, batch_size, max_batches=0):
 
   Returns:
     A `tf.data.Dataset` of (windows int32 [batch_size, n_ctx + 1], weights float32
-    [batch_size]): weight 1 for a window of the split, 0 for a padding row.
+    [batch_size, n_ctx]): weight 1 for a target (window[1:]) of the split, 0 for padding:
+    a padding row's, and those past a partial window's real tokens (a split's last).
   """
   parts = components(dataset_dir)
   info = _merged_info(parts)
@@ -200,15 +262,17 @@ def evaluation_batches(dataset_dir, split, batch_size, max_batches=0):
   records = _mix(streams, [weight for _, _, weight, _ in parts], 0, repeat=False)
   limit = tf.cast(max_batches, tf.int64)  # may be a tensor: fed when an iterator starts
   records = records.take(tf.where(limit > 0, limit * batch_size, -1))
-  parse = _window_parser(info["n_ctx"] + 1, None)
+  parse = _window_parser(info["n_ctx"] + 1, None, with_lengths=True)
 
   def padded(serialized):
-    windows = parse(serialized)
+    windows, lengths = parse(serialized)
     real = tf.shape(windows)[0]
-    weights = tf.pad(tf.ones([real], tf.float32), [[0, batch_size - real]])
+    # Target j is window[j + 1]: real while j + 1 < the window's length.
+    weights = tf.cast(tf.range(info["n_ctx"])[None, :] + 1 < lengths[:, None], tf.float32)
+    weights = tf.pad(weights, [[0, batch_size - real], [0, 0]])
     windows = tf.pad(windows, [[0, batch_size - real], [0, 0]])
     windows.set_shape([batch_size, info["n_ctx"] + 1])
-    weights.set_shape([batch_size])
+    weights.set_shape([batch_size, info["n_ctx"]])
     return windows, weights
 
   return records.batch(batch_size).map(padded).prefetch(2)
@@ -251,15 +315,20 @@ def _split_info(info, split, dataset_dir):
   return info["splits"][split]
 
 
-def _window_parser(window_length, batch_size):
-  """Returns a function parsing a batch of serialized windows into int32 ids."""
+def _window_parser(window_length, batch_size, with_lengths=False):
+  """Returns a function parsing a batch of serialized windows into int32 ids; with_lengths,
+  into (ids, int32 [batch] real tokens per window: window_length but for a partial one)."""
   features = {prepare.TOKEN_FEATURE: tf.io.FixedLenFeature([window_length], tf.int64)}
+  if with_lengths:
+    features[prepare.LENGTH_FEATURE] = tf.io.FixedLenFeature([], tf.int64, window_length)
 
   def parse(serialized):
     # Parsing whole batches is one op per batch instead of one per window.
-    tokens = tf.io.parse_example(serialized, features)[prepare.TOKEN_FEATURE]
-    tokens = tf.cast(tokens, tf.int32)
+    parsed = tf.io.parse_example(serialized, features)
+    tokens = tf.cast(parsed[prepare.TOKEN_FEATURE], tf.int32)
     tokens.set_shape([batch_size, window_length])
+    if with_lengths:
+      return tokens, tf.cast(parsed[prepare.LENGTH_FEATURE], tf.int32)
     return tokens
 
   return parse

@@ -5,7 +5,7 @@ Layout of a prepared dataset folder:
   dataset.json              what the trainer needs to know (see `prepare_dataset`)
   tokenizer.json            the tokenizer that produced the ids
   train-00000.tfrecord      tf.train.Examples, each one int64 feature "tokens" of n_ctx+1 ids
-  validation-00000.tfrecord ...
+  validation-00000.tfrecord ... (the last one may be a partial window: see below)
 
 The inputs (`sources.py`: text, JSONL(.gz/.zst), Parquet) are read in a fixed order (the
 files sorted, then shuffled by the seed; each file's documents in file order). Each document
@@ -14,8 +14,12 @@ by the seed, falls below validation_fraction, so the same text always lands in t
 (when no document does, the last one does: a tiny corpus still gets a validation split).
 Documents are tokenized in worker processes, each followed by EOS; each split's token stream
 is cut into non-overlapping windows of n_ctx+1 tokens (inputs window[:-1], targets
-window[1:]) and written shard by shard. Nothing holds the corpus: memory is a shard's tokens
-per split plus the batches in flight (and, with dedup, a 16-byte hash per distinct document).
+window[1:]) and written shard by shard. The tail shorter than a window is kept in validation
+(a last window padded with zeros, its real length in an int64 feature "length": evaluation
+scores its real tokens only) and left out of train (training reads whole windows), its
+tokens and the documents it held uncounted. Nothing holds the corpus: memory is a shard's
+tokens per split plus the batches in flight (and, with dedup, a 16-byte hash per distinct
+document).
 
 Work happens in `<output_dir>.partial`; after every shard its state (input position, counts,
 the unwritten tokens) is saved there, so a run killed at any moment and started again with
@@ -41,8 +45,11 @@ from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.data import workers as workers_lib
 from gptneo.errors import UserError
 
-FORMAT_VERSION = 1
+# 2: validation keeps its last, partial window; a split counts what its windows hold.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: every split's tail under a window dropped, yet counted
 TOKEN_FEATURE = "tokens"
+LENGTH_FEATURE = "length"  # only on a partial window: how many of its tokens are real
 STDLIB_SPEC = sources_lib.STDLIB_SPEC
 SPLITS = ("train", "validation")
 TOKENIZER_SAMPLE_BYTES = 256_000_000
@@ -85,7 +92,7 @@ def write_windows(tokens, window_length, tokens_per_shard, folder, split):
   """Cuts a token stream into windows and writes them as sharded TFRecords.
 
   Args:
-    tokens: 1-D int array; the tail shorter than a window is dropped.
+    tokens: 1-D int array; the tail shorter than a window is dropped (not counted).
     window_length: tokens per window (n_ctx + 1).
     tokens_per_shard: approximate tokens per TFRecord file (at least one window each).
     folder: where to write `{split}-NNNNN.tfrecord`.
@@ -105,19 +112,30 @@ def _new_split_info():
 
 
 class ShardWriter:
-  """One split's token stream, written as shards of whole windows as soon as one is full."""
+  """One split's token stream, written as shards of whole windows as soon as one is full.
 
-  def __init__(self, folder, split, window_length, tokens_per_shard, info, pending=None):
+  info counts the documents, tokens and bytes added (the caller's) and the windows and files
+  written; `finish` takes out of it what the stream's tail held unless keep_tail stores it.
+  """
+
+  def __init__(self, folder, split, window_length, tokens_per_shard, info, pending=None,
+               recent=None, keep_tail=False):
     self.folder, self.split, self.info = folder, split, info
-    self.window_length = window_length
+    self.window_length, self.keep_tail = window_length, keep_tail
     self.shard_tokens = max(1, tokens_per_shard // window_length) * window_length
     self.pieces = [] if pending is None or not len(pending) else [pending]
     self.pending_tokens = sum(len(piece) for piece in self.pieces)
+    # [tokens, bytes] of the latest documents, covering at least the stream's last window:
+    # what a dropped tail held (a list in the prepare state, saved with it).
+    self.recent = [] if recent is None else recent
+    self._recent_tokens = sum(length for length, _ in self.recent)
 
-  def add(self, ids):
-    """Appends ids to the stream; returns the number of shards this completed."""
+  def add(self, ids, num_bytes=0):
+    """Appends one document's ids (num_bytes of text) to the stream; returns the number of
+    shards this completed."""
     self.pieces.append(ids)
     self.pending_tokens += len(ids)
+    self._remember(len(ids), num_bytes)
     written = 0
     while self.pending_tokens >= self.shard_tokens:
       stream = self.pending()
@@ -130,30 +148,62 @@ class ShardWriter:
     """The tokens not yet in a shard."""
     return np.concatenate(self.pieces) if self.pieces else np.zeros([0], np.int32)
 
+  def _remember(self, length, num_bytes):
+    self.recent.append([int(length), int(num_bytes)])
+    self._recent_tokens += length
+    while self._recent_tokens - self.recent[0][0] >= self.window_length:
+      self._recent_tokens -= self.recent.pop(0)[0]
+
   def finish(self):
-    """Writes the last, shorter shard of the windows left; the tail under a window is dropped."""
+    """Writes the last, shorter shard of the windows left. The tail under a window: with
+    keep_tail, a last window padded with zeros; else dropped, and taken out of info."""
     stream = self.pending()
     whole = len(stream) // self.window_length * self.window_length
-    if whole:
+    tail = len(stream) - whole
+    if tail and self.keep_tail:
+      padding = np.zeros([self.window_length - tail], np.int32)
+      self._write(np.concatenate([stream, padding]), tail)
+    elif whole:
       self._write(stream[:whole])
+    if tail and not self.keep_tail:
+      self._uncount(tail)
     self.pieces, self.pending_tokens = [], 0
 
-  def _write(self, tokens):
+  def _uncount(self, tail):
+    """Takes the tail's tokens, and the documents wholly in it, out of info; a document it
+    cuts is counted (its start is stored), its bytes whole."""
+    self.info["tokens"] -= tail
+    self.info["dropped_tail"] = {"tokens": tail, "documents": 0}
+    for length, num_bytes in reversed(self.recent):
+      if length > tail:
+        break
+      tail -= length
+      self.info["documents"] -= 1
+      self.info["bytes"] -= num_bytes
+      self.info["dropped_tail"]["documents"] += 1
+
+  def _write(self, tokens, last_length=None):
+    """Writes tokens as one shard of windows; with last_length, the last is that partial."""
     name = f"{self.split}-{len(self.info['files']):05d}.tfrecord"
     windows = tokens.reshape(-1, self.window_length)
+    lengths = [None] * len(windows)
+    lengths[-1] = last_length
 
     def write(temporary):
       with tf.io.TFRecordWriter(temporary) as writer:
-        for window in windows:
-          writer.write(_window_example(window))
+        for window, length in zip(windows, lengths, strict=True):
+          writer.write(_window_example(window, length))
     storage.atomic_write(os.path.join(self.folder, name), write)
     self.info["files"].append(name)
     self.info["windows"] += len(windows)
 
 
-def _window_example(window):
-  feature = tf.train.Feature(int64_list=tf.train.Int64List(value=window.tolist()))
-  example = tf.train.Example(features=tf.train.Features(feature={TOKEN_FEATURE: feature}))
+def _window_example(window, length=None):
+  """A window as a tf.train.Example; a partial one (length real tokens) says its length."""
+  features = {TOKEN_FEATURE: tf.train.Feature(int64_list=tf.train.Int64List(value=window.tolist()))}
+  if length is not None:
+    features[LENGTH_FEATURE] = tf.train.Feature(int64_list=tf.train.Int64List(value=[length]))
+  example = tf.train.Example(features=tf.train.Features(feature=features))
   return example.SerializeToString()
 
 
@@ -197,13 +247,15 @@ def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=N
                     tokenizer_sample_bytes=TOKENIZER_SAMPLE_BYTES):
   """Tokenizes a corpus into a windowed TFRecord dataset in output_dir, atomically, resumably.
 
-  dataset.json holds: format (1), n_ctx, n_vocab, eos_id, tokenizer ("tokenizer.json"),
+  dataset.json holds: format (2), n_ctx, n_vocab, eos_id, tokenizer ("tokenizer.json"),
   documents (kept), tokens_per_shard, seed, validation_fraction, reading and filters (the
   settings that chose the documents), dropped (documents dropped, by reason), inputs_hash
-  (of every input file's bytes), sources (per input file in stream order: path, format,
-  documents, tokens, bytes, dropped, blake2b of the file), and splits: for 'train' and
-  'validation': files (shard basenames), windows, tokens (in the stream, incl. the dropped
-  tail), bytes (UTF-8 bytes of the texts, for bits-per-byte) and documents.
+  (of every input file's bytes), tokenizer_sha256 (`tokenizer.identity`), sources (per
+  input file in stream order, as read: path, format, documents, tokens, bytes, dropped,
+  blake2b of the file), and splits: for 'train' and 'validation', what their windows hold:
+  files (shard basenames), windows, tokens, documents (with a token stored) and bytes (UTF-8
+  bytes of those documents' texts); validation stores its partial last window, train drops
+  it and says what it held in dropped_tail {tokens, documents (wholly in it)}.
 
   Args:
     inputs: input specs, see `sources.resolve`.
@@ -335,12 +387,14 @@ class _Run:
     window_length = self.plan.n_ctx + 1
     self.writers = {split: ShardWriter(self.folder, split, window_length,
                                        self.plan.tokens_per_shard, state["splits"][split],
-                                       pending[split]) for split in SPLITS}
+                                       pending[split], state["recent"][split],
+                                       keep_tail=split == "validation") for split in SPLITS}
     self.state = state
     self.seen = _load_seen(self.folder, state["dedup_count"]) if self.plan.filters.dedup else None
     with open(os.path.join(self.folder, _DEDUP), "ab") as self.dedup_file:
       self._tokenize(tokenizer.to_str())
     self._release("validation" if state["documents"] > 1 else "train")
+    self._check_sizes()
     for writer in self.writers.values():
       writer.finish()
     return self._finish(tokenizer)
@@ -444,7 +498,7 @@ class _Run:
     info["documents"] += 1
     info["tokens"] += len(ids)
     info["bytes"] += num_bytes
-    return self.writers[split].add(ids)
+    return self.writers[split].add(ids, num_bytes)
 
   def _checkpoint(self, written):
     self.shards_written += written
@@ -454,16 +508,19 @@ class _Run:
     pending = {split: writer.pending() for split, writer in self.writers.items()}
     _save_state(self.folder, self.state, pending, self.held)
 
-  def _finish(self, tokenizer):
-    state, plan = self.state, self.plan
-    splits = {split: state["splits"][split] for split in SPLITS if state["splits"][split]["documents"]}
-    window_length = plan.n_ctx + 1
+  def _check_sizes(self):
+    """Each split must fill a window (counted before the train tail is dropped)."""
+    state, window_length = self.state, self.plan.n_ctx + 1
     train_tokens = state["splits"]["train"]["tokens"]
     if train_tokens < window_length:
       raise UserError(f"corpus has {train_tokens} tokens, fewer than "
                       f"n_ctx+1={window_length}; add more input or lower --n_ctx")
-    if plan.validation_fraction > 0:
-      _check_validation(state, window_length, plan.validation_fraction)
+    if self.plan.validation_fraction > 0:
+      _check_validation(state, window_length, self.plan.validation_fraction)
+
+  def _finish(self, tokenizer):
+    state, plan = self.state, self.plan
+    splits = {split: state["splits"][split] for split in SPLITS if state["splits"][split]["documents"]}
     for name in os.listdir(self.folder):  # the state, dedup hashes, any temporary file
       if name.startswith("."):
         os.remove(os.path.join(self.folder, name))
@@ -471,7 +528,8 @@ class _Run:
             "eos_id": self.eos, "tokenizer": "tokenizer.json", "documents": state["documents"],
             "tokens_per_shard": plan.tokens_per_shard, "seed": plan.seed, **plan.settings(),
             "dropped": _total_dropped(state["sources"]),
-            "inputs_hash": _inputs_hash(state["sources"]), "sources": state["sources"],
+            "inputs_hash": _inputs_hash(state["sources"]),
+            "tokenizer_sha256": tokenizer_lib.identity(tokenizer), "sources": state["sources"],
             "splits": splits}
     _write_text(os.path.join(self.folder, "dataset.json"), json.dumps(info, indent=2) + "\n")
     return info
@@ -520,9 +578,12 @@ def describe(info, dataset_dir):
   lines = [f"{dataset_dir}: {info['documents']:,} documents, vocab {info['n_vocab']}, "
            f"n_ctx {info['n_ctx']}, inputs_hash {info['inputs_hash']}"]
   for split, split_info in info["splits"].items():
+    tail = split_info.get("dropped_tail")
+    left_out = (f"; its last {tail['tokens']:,} tokens ({tail['documents']:,} whole documents), "
+                "under a window, not stored" if tail else "")
     lines.append(f"  {split}: {split_info['documents']:,} documents, "
                  f"{split_info['tokens']:,} tokens, {split_info['windows']:,} windows, "
-                 f"{len(split_info['files'])} files")
+                 f"{len(split_info['files'])} files{left_out}")
   settings = ("validation_fraction", "reading", "filters", "dropped")
   lines.append("  " + json.dumps({key: info[key] for key in settings}))
   for source in info["sources"]:
@@ -599,6 +660,7 @@ def _train_sample(plan):
 def _new_state(plan):
   return {"fingerprint": plan.fingerprint(), "position": [0, 0], "documents": 0,
           "dedup_count": 0, "held_bytes": None, "splits": {split: _new_split_info() for split in SPLITS},
+          "recent": {split: [] for split in SPLITS},
           "sources": [{"path": s.path, "format": s.format, "documents": 0, "tokens": 0,
                        "bytes": 0, "dropped": {}, "blake2b": None} for s in plan.sources]}
 

@@ -4,6 +4,8 @@ Byte-level means every string can be encoded (the 256 byte symbols are always in
 vocabulary), so decode(encode(text)) == text for any text: no unknown tokens, no
 normalisation.
 """
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -92,15 +94,21 @@ def load_tokenizer(path):
                   "vocab.json + merges.txt; pass a folder holding one of them")
 
 
+_SAVE_FIX = "pass a file written by tokenizers' Tokenizer.save"
+
+
 def _load_tokenizer_json(path):
-  with tf.io.gfile.GFile(path, "r") as f:
+  with tf.io.gfile.GFile(path, "rb") as f:
     text = f.read()
   try:
-    return Tokenizer.from_str(text)
+    return Tokenizer.from_str(text.decode("utf-8"))
   except Exception as e:  # tokenizers raises a bare Exception on malformed json.
-    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise UserError(f"tokenizer '{path}' is not a valid tokenizer.json ({first_line}); "
-                    "pass a file written by tokenizers' Tokenizer.save") from e
+    raise _not_a_tokenizer(path, e, _SAVE_FIX) from e
+
+
+def _not_a_tokenizer(path, error, fix):
+  first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+  return UserError(f"tokenizer '{path}' is not a valid tokenizer.json ({first_line}); {fix}")
 
 
 def _load_vocab_and_merges(vocab_path, merges_path):
@@ -127,6 +135,43 @@ def _parse_merges(text, merges_path):
                       "space-separated tokens; pass a GPT-2 style merges.txt")
     merges.append(tuple(pair))
   return merges
+
+
+# The parts of a tokenizer.json that decide a text's ids (not truncation, padding, decoder).
+_IDENTITY_PARTS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "post_processor")
+
+
+def file_identity(path: str, fix: str) -> str:
+  """`identity` of the tokenizer.json file at path, parsed once per content.
+
+  Args:
+    path: a tokenizer.json file (local or gs://).
+    fix: what the user should do if it is not one (the UserError's end).
+  """
+  with tf.io.gfile.GFile(path, "rb") as f:
+    text = f.read()
+  try:
+    return _identity_of_json(text)
+  except Exception as e:  # not UTF-8, or tokenizers' bare Exception on malformed json
+    raise _not_a_tokenizer(path, e, fix) from e
+
+
+@functools.lru_cache(maxsize=8)  # a run checks its dataset's and model's tokenizer often
+def _identity_of_json(text):
+  return identity(Tokenizer.from_str(text.decode("utf-8")))
+
+
+def identity(tokenizer: Tokenizer) -> str:
+  """The sha256 (hex) of what decides a text's ids, in canonical JSON: the same for two
+  tokenizers that give every text the same ids, however their files are laid out.
+
+  Args:
+    tokenizer: a `tokenizers.Tokenizer`.
+  """
+  parsed = json.loads(tokenizer.to_str())
+  parts = {part: parsed.get(part) for part in _IDENTITY_PARTS}
+  canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+  return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def eos_id(tokenizer):
