@@ -8,9 +8,10 @@ bitwise reproducible, also under load; what differs between meshes is only the o
 which float32 sums are taken (all-reduces, sliced matmuls). So the bounds are relative to
 the arithmetic (seen on all 13 cases: at most 1 rounding of the loss, 1.2e-6 of a
 gradient's scale, 2.8e-8 on a weight):
-- the loss at each step: rtol 1e-6 (~9 roundings of a loss of ~4.2);
-- each gradient at each step: 3e-5 of that tensor's largest |element| at that step (a
-  fixed atol of 1e-5 let the layer norms' gradients, 3e-4 to 1e-3, be 1-3% wrong);
+- the loss at each step: rtol n * 2^-24 = 7.6e-6, n = 128 the positions averaged;
+- each gradient at each step: 4n roundings (3.1e-5) of that tensor's largest |element| at
+  that step, as the positions' terms may cancel (the former fixed atol of 1e-5 let the
+  layer norms' gradients, 3e-4 to 1e-3, be 1-3% wrong);
 - each weight after the 3 steps: what those gradient bounds allow through the updates,
   lr * (sum over the steps of each step's gradient bound), plus one rounding of each
   subtraction on either side.
@@ -122,10 +123,12 @@ def single_device():
   return train_steps(spec_of("", ""))
 
 
-# Tolerances (module docstring): a split sums the same float32 terms in another order.
-LOSS_RTOL = 1e-6  # ~9 float32 roundings of the loss (~4.2); seen: 1 (4.8e-7)
-GRAD_RTOL = 3e-5  # of each gradient's largest |element| at that step; seen: 1.2e-6
+# Tolerances (module docstring): a split sums the same float32 terms in another order, and a
+# reordered sum of the n = BATCH * N_CTX positions' terms may differ by ~n roundings of it.
 ROUNDING = 2.0 ** -24  # float32's unit roundoff
+LOSS_RTOL = BATCH * N_CTX * ROUNDING  # 7.6e-6; seen: 1.1e-7 (one rounding of ~4.2)
+GRAD_RTOL = 4 * BATCH * N_CTX * ROUNDING  # 3.1e-5 of each gradient's largest |element| at
+# that step, as its terms may cancel; seen: 1.2e-6
 # 1e-4 of the most Adam moves a weight in STEPS steps (~lr each); seen: 1.9e-7 (6e-6 of it)
 ADAM_WEIGHT_ATOL = 1e-4 * ADAM_LEARNING_RATE * STEPS
 
