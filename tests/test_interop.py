@@ -266,7 +266,7 @@ def test_import_refuses_a_config_value_of_the_wrong_type(tmp_path, key, value, e
 
 
 def test_a_folder_name_reaches_gin_as_a_string_not_a_line(tmp_path, exported):
-  hf_dir = tmp_path / "hf\nimport os"  # a name a download or an archive can give a folder
+  hf_dir = tmp_path / "hf\nimport os\n"  # a name a download or an archive can give a folder
   shutil.copytree(exported, hf_dir)
   run_binary("import_hf", f"--hf_dir={hf_dir}", f"--model_dir={tmp_path / 'ours'}", check=True)
   for name in (hf.MODEL_GIN, "operative_config.gin"):

@@ -382,7 +382,7 @@ def test_the_layout_file_writes_the_command_and_names_as_gin_strings():
                                param_bytes=GIB, step_seconds=1.0, microbatches=2, n_vocab=64,
                                recompute=False)
   work = types.SimpleNamespace(n_vocab=64, recompute=False)
-  command = "bin/search_layout --gin_param='x = 1\nimport os'"  # a newline in an argument
+  command = "bin/search_layout --output='x\nimport os\n'"  # newlines in an argument
   text = configured.gin_text(work, best, command)
   assert "import os" not in text.splitlines()
   found_by = text.splitlines()[0].removeprefix("# Found by: ")
