@@ -1,4 +1,5 @@
-"""The gin helper every binary shares: flags, search path, parsing, errors, operative config.
+"""The gin helper every binary shares: flags, search path, parsing, errors, operative config,
+what a model dir's config may set, and the one writer of gin values (gin_literal).
 
 A leaf: of gptneo it imports only errors. What parse can bind is what is registered when it
 runs; binaries (and tests) import gptneo.configurables, the one registration point, first.
@@ -49,7 +50,8 @@ OUR_PACKAGE = "gptneo"
 def define_flags():
   """--gin_file and --gin_param, for the binaries configured with gin."""
   flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative "
-                            "to the working directory, then in the shipped gin/ folder.")
+                            "to the working directory, then in the shipped gin/ folder "
+                            "(gin/tiny.gin works from any folder).")
   flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'GPT.n_layer = 4'; repeatable.")
 
 
@@ -121,9 +123,14 @@ def _gin_error_message(error):
   return text[0] if text else type(error).__name__
 
 
-def shipped_candidates(name, gin_dir):
+def shipped_candidates(name: str, gin_dir: pathlib.Path) -> list:
   """Where in the shipped gin/ folder `name` may be: as given, or without a leading `gin/`
-  (a path into a checkout, e.g. gin/gpt3_xl.gin, that works wherever the user stands)."""
+  (a path into a checkout, e.g. gin/gpt3_xl.gin, that works wherever the user stands).
+
+  Args:
+    name: a gin file as the user named it.
+    gin_dir: the shipped gin/ folder (shipped_gin_dir()).
+  """
   candidates = [gin_dir / name]
   if pathlib.PurePath(name).parts[:1] == ("gin",):
     candidates.append(gin_dir / pathlib.PurePath(*pathlib.PurePath(name).parts[1:]))
@@ -215,8 +222,16 @@ class TextDelegate(config_parser.ParserDelegate):
     return Reference(f"%{macro_name}")
 
 
-def statements(text, name):
-  """gin's parse of `text` (named `name` in its locations), evaluating only literals.
+def statements(text: str, name: str) -> list:
+  """gin's parse of `text`, evaluating only literals: nothing is imported, bound or called.
+
+  Args:
+    text: gin text.
+    name: what its statements' locations (and gin's errors) call it.
+
+  Returns:
+    gin's statements (config_parser.BindingStatement, ImportStatement, ...); references and
+    macros in their values are References.
 
   Raises:
     SyntaxError, tokenize.TokenError: as gin's parser does.
@@ -248,8 +263,16 @@ def _parameters(configurable):
 
 
 def binding_problem(selector: str, parameter: str):
-  """Why `selector.parameter` (e.g. GPT.n_embd) binds nothing of gptneo, with what to write
-  instead; None if it is a parameter of one of our configurables."""
+  """Why `selector.parameter` binds nothing of gptneo, with what to write instead.
+
+  Args:
+    selector: a configurable as a binding names it, e.g. GPT or scope/gpt.GPT.
+    parameter: the parameter bound, e.g. n_embd.
+
+  Returns:
+    None if it is a parameter of one of our configurables, else e.g. "GPT has no parameter
+    'n_embdd'; did you mean GPT.n_embd?".
+  """
   configurable = _our_configurable(selector.rsplit("/", 1)[-1])
   if configurable is None:
     names = sorted({c.name for c in registered()})
@@ -434,15 +457,15 @@ def parse(gin_files, gin_params, model_config=None):
 
   Args:
     gin_files: file names or paths, looked up in the working directory, then in `gin/`, e.g.
-      ["tiny.gin"] or ["gin/tiny.gin"]; an `include` in them is looked up in `gin/`, then in
-      the working directory.
+      ["tiny.gin"] or ["gin/tiny.gin"] (from any folder); an `include` in them is looked up
+      in `gin/`, then in the working directory.
     gin_params: bindings, e.g. ["gpt.n_layer = 2"].
-    model_config: a model dir's operative_config.gin, parsed before gin_files once
-      check_model_config has found nothing but our own bindings in it.
+    model_config: a model dir's operative_config.gin, parsed before gin_files: only what
+      check_model_config applies of it (the model; see docs/model_dirs.md).
 
   Raises:
-    UserError: a file is missing, a model config holds more than bindings, or a binding
-      names an unknown configurable or parameter.
+    UserError: a file is missing, a model config holds what a model dir may not set, a
+      --gin_param is not gin, or a binding names an unknown configurable or parameter.
   """
   gin.clear_config()
   gin_dir = shipped_gin_dir()

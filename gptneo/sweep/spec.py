@@ -46,6 +46,11 @@ def parse_value(text, where):
     raise UserError(f"{where}: {text!r} is not a gin value ({error.args[0]})") from None
   if len(statements) != 1:
     raise UserError(f"{where}: {text!r} is not one gin value")
+  try:
+    gin_utils.gin_literal(statements[0].value)  # a point's bindings are written with it
+  except TypeError:
+    raise UserError(f"{where}: {text!r} holds a value gin can't write back; use numbers, "
+                    f"strings, None, references and lists of them") from None
   return statements[0].value
 
 

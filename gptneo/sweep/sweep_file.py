@@ -70,7 +70,8 @@ def _portable_axis(axis):
 def find(name):
   """A sweep file: as given (from the working directory), else in gin/ or gin/sweeps/."""
   gin_dir = gin_utils.shipped_gin_dir()
-  for candidate in (pathlib.Path(name), gin_dir / name, gin_dir / "sweeps" / name):
+  for candidate in (pathlib.Path(name), *gin_utils.shipped_candidates(name, gin_dir),
+                    gin_dir / "sweeps" / name):
     if candidate.is_file():
       return candidate
   raise UserError(f"sweep file {name!r} not found in the working directory, {gin_dir} or "
