@@ -152,7 +152,7 @@ class Reference:
   gin_literal writes it as it is; its text is checked to be nothing but such a name, so a
   Reference can't carry a binding of its own.
   """
-  _TEXT = re.compile(r"@[A-Za-z_][\w./]*(\(\))?|%[A-Za-z_][\w.]*")
+  _TEXT = re.compile(r"@[A-Za-z_][\w./]*(\(\))?|%[A-Za-z_][\w./]*")
 
   def __init__(self, text: str):
     if not self._TEXT.fullmatch(text):
