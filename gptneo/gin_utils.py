@@ -90,10 +90,11 @@ def registered(module=None):
           and (module is None or configurable.module == module.__name__)]
 
 
-def _our_configurable(selector):
-  """The one gptneo configurable `selector` (e.g. "GPT" or "gpt.GPT") names, else None."""
+def _our_configurable(selector, ours=True):
+  """The one gptneo configurable `selector` (e.g. "GPT" or "gpt.GPT") names, else None; with
+  ours=False, the one configurable of any package (mesh-tensorflow registers some)."""
   matches = _registry().get_all_matches(selector)
-  return matches[0] if len(matches) == 1 and _is_ours(matches[0]) else None
+  return matches[0] if len(matches) == 1 and (_is_ours(matches[0]) or not ours) else None
 
 
 @contextlib.contextmanager
@@ -278,6 +279,10 @@ def binding_problem(selector: str, parameter: str):
     names = sorted({c.name for c in registered()})
     return f"{selector!r} is no configurable of gptneo; " + _fix(
         selector.rsplit(".", 1)[-1], names, "", "see the gin reference in the README")
+  return _parameter_problem(configurable, parameter)
+
+
+def _parameter_problem(configurable, parameter):
   parameters = _parameters(configurable)
   if parameters is None or parameter in parameters:
     return None
@@ -293,14 +298,16 @@ def _fix(name, choices, prefix, otherwise):
 
 # --- What a model dir's config may set (docs/model_dirs.md) -------------------------------
 
+# Full names of configurables; a name ending in "." stands for every one of that module.
 # Applied: every configurable of the model (its shape, and what decoding needs to rebuild it).
-MODEL_PACKAGE = "gptneo.model."
+MODEL = ("gptneo.model.",)
 # Ignored: how the model was trained. Our runs write these into every operative config (the
-# mesh, TPU or cluster they ran on, the optimizer); a model dir never chooses them for another
-# program. That program's own gin files and flags set its runtime.
-TRAINING_ONLY = ("gptneo.train.train", "gptneo.mesh.mesh", "gptneo.optim.optimizers.Adam",
-                 "gptneo.optim.optimizers.Adafactor",
-                 "gptneo.optim.optimizers.learning_rate_schedule")
+# mesh, TPU or cluster they ran on, the optimizer, and what of mesh-tensorflow the optimizer
+# and the TPU mesh call); a model dir never chooses them for another program, whose own gin
+# files and flags set its runtime.
+TRAINING_ONLY = ("gptneo.train.train", "gptneo.mesh.mesh", "gptneo.optim.optimizers.",
+                 "mesh_tensorflow.optimize.", "mesh_tensorflow.layers.unit_scaling_convention",
+                 "mesh_tensorflow.simd_mesh_impl.SimdMeshImpl")
 _GPT, _TRAIN = "gptneo.model.gpt.GPT", "gptneo.train.train"
 # The only places a model dir's config may hold a reference, what each may name (a full name,
 # or every configurable of a module: a name ending in ".") and whether as @name(), as our
@@ -347,14 +354,19 @@ def _bad_reference(knob, value):
     return f"{references[0]}: only {', '.join(_knob_names())} may name a configurable"
   names, evaluate = allowed
   configurable = _our_configurable(value.name.rsplit("/", 1)[-1])
-  full = _full_name(configurable) if configurable else ""
-  if value.evaluate != evaluate or not any(
-      full == name or (name.endswith(".") and full.startswith(name)) for name in names):
+  if value.evaluate != evaluate or not _named_in(configurable, names):
     choices = " or ".join(f"a configurable of {name[:-1]}" if name.endswith(".")
                           else "@" + name.rsplit(".", 1)[-1] for name in names)
     return (f"{value} is no choice of {knob[0].rsplit('.', 1)[-1]}.{knob[1]}, which takes "
             f"{choices}, written @name{'()' if evaluate else ''}")
   return None
+
+
+def _named_in(configurable, names):
+  """Whether `configurable` (or None) is one of `names` (as MODEL and TRAINING_ONLY)."""
+  full = _full_name(configurable) if configurable else None
+  return bool(full) and any(full == name or (name.endswith(".") and full.startswith(name))
+                            for name in names)
 
 
 def _knob_names():
@@ -369,9 +381,9 @@ def _model_dir_role(statement):
     return None, f"`{statement.format()}`", None
   if isinstance(statement, config_parser.IncludeStatement):
     return None, f"`include {statement.filename!r}`", None
-  configurable = _our_configurable(statement.selector)
-  full = _full_name(configurable) if configurable else ""
-  role = "apply" if full.startswith(MODEL_PACKAGE) else "ignore" if full in TRAINING_ONLY else None
+  configurable = _our_configurable(statement.selector, ours=False)
+  role = ("apply" if _named_in(configurable, MODEL)
+          else "ignore" if _named_in(configurable, TRAINING_ONLY) else None)
   if isinstance(statement, config_parser.BlockDeclaration):
     return (role, None, None) if role else (None, f"a block of {statement.selector!r}", None)
   try:
@@ -383,8 +395,8 @@ def _model_dir_role(statement):
     return ("apply", None, None) if not bad else (None, shown, bad)
   if role is None:
     return None, shown, f"{statement.selector} is not part of the model"
-  bad = (binding_problem(statement.selector, statement.arg_name)
-         or _bad_reference((full, statement.arg_name), statement.value))
+  bad = (_parameter_problem(configurable, statement.arg_name)
+         or _bad_reference((_full_name(configurable), statement.arg_name), statement.value))
   return (role, None, None) if not bad else (None, shown, bad)
 
 
@@ -395,9 +407,10 @@ def check_model_config(path: str, text: str) -> str:
   may set the model's shape (every configurable of gptneo.model) and macros of literals
   (DATASET_DIR: the dataset bin/eval scores by default). References may only name what our
   own configs name at each knob (REFERENCE_KNOBS): GPT.activation = @gelu, GPT.positions =
-  @RotaryPositions(), ... How the model was trained (TRAINING_ONLY: train, mesh, the optimizer
-  and schedule), which every operative config we write holds, is checked the same way and
-  then ignored: a model dir never chooses a program's devices, TPU, cluster or servers.
+  @RotaryPositions(), ... How the model was trained (TRAINING_ONLY: train, mesh, the optimizer,
+  the schedule and the mesh-tensorflow they call), which every operative config we write
+  holds, is checked the same way and then ignored: a model dir never chooses a program's
+  devices, TPU, cluster or servers.
   Anything else (an `import` or `include`, any other configurable, a reference elsewhere) is
   refused. The config is read with gin's parser, which evaluates only literals; what is
   applied is written anew from the values read (gin_literal), so gin never sees the rest.

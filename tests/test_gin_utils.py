@@ -15,6 +15,7 @@ from gptneo import gin_utils
 from gptneo.errors import UserError
 from tests.conftest import REPO, run_binary
 from tests.test_errors import assert_one_line_error
+from tests.test_train import train_in_process
 
 
 def run_python(code, cwd):
@@ -210,6 +211,22 @@ def test_a_trained_model_dirs_config_passes_the_check(neo_model_dir):
   with open(path) as f:
     applied = gin_utils.check_model_config(path, f.read())
   assert "GPT.n_layer = 2" in applied and "mesh." not in applied and "train." not in applied
+
+
+@pytest.mark.parametrize("bindings", [
+    ["train.optimizer = @Adafactor()", "GPT.positions = @RotaryPositions()",
+     "RotaryPositions.fraction = 0.5", "GPT.feed_forward = @glu", "GPT.activation = @silu",
+     "GPT.moe = @MoE()", "MoE.layers = [1]", "MoE.num_experts = 2"],
+    ["GPT.positions = @AxialPositions()", "AxialPositions.shape = (4, 8)"],
+])
+def test_our_own_variants_model_dirs_pass_the_check(tmp_path, small_dataset, bindings):
+  # Adafactor calls mesh-tensorflow's configurables, which the operative config then holds.
+  train_in_process(tmp_path, small_dataset, 1, "train.eval_batches = 0", *bindings)
+  gin.clear_config()
+  path = tmp_path / "operative_config.gin"
+  applied = gin_utils.check_model_config(str(path), path.read_text())
+  gin_utils.parse(["runs/sample.gin"], [], model_config=str(path))
+  assert all(line in applied.splitlines() for line in bindings if not line.startswith("train."))
 
 
 def holding_a_port():
