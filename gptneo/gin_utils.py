@@ -242,6 +242,14 @@ def statements(text: str, name: str) -> list:
   return list(config_parser.ConfigParser(source, TextDelegate()))
 
 
+def syntax_message(error: Exception) -> str:
+  """What a SyntaxError (or tokenize.TokenError) of gin's parser says is wrong, on one line:
+  gin puts its detail last ("Failed to parse token 'four'")."""
+  text = error.msg if isinstance(error, SyntaxError) else str(error.args[0])
+  lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
 # --- What a binding names -----------------------------------------------------------------
 
 def _full_name(configurable):
@@ -428,9 +436,9 @@ def check_model_config(path: str, text: str) -> str:
   try:
     parsed = statements(text, path)
   except SyntaxError as error:
-    raise UserError(f"{path}:{error.lineno}: gin syntax error: {error.msg}") from None
+    raise UserError(f"{path}:{error.lineno}: gin syntax error: {syntax_message(error)}") from None
   except tokenize.TokenError as error:
-    raise UserError(f"{path}: gin syntax error: {error.args[0]}") from None
+    raise UserError(f"{path}: gin syntax error: {syntax_message(error)}") from None
   applied = []
   for statement in parsed:
     role, refused, why = _model_dir_role(statement)
@@ -461,8 +469,8 @@ def _check_gin_params(gin_params):
     try:
       statements(param, "--gin_param")
     except (SyntaxError, tokenize.TokenError) as error:
-      message = error.msg if isinstance(error, SyntaxError) else error.args[0]
-      raise UserError(f"--gin_param={param!r}: gin syntax error: {message}") from None
+      raise UserError(f"--gin_param={param!r}: gin syntax error: {syntax_message(error)}"
+                      ) from None
 
 
 def parse(gin_files, gin_params, model_config=None):

@@ -355,8 +355,12 @@ def test_a_gin_file_in_the_working_directory_still_wins(tmp_path):
   assert result.stdout.split() == ["7"]
 
 
-def test_a_gin_param_gin_cannot_parse_is_named():
+@pytest.mark.parametrize("param, says", [
+    ("sample.temperature = 0 0", "Expected newline."),
+    ("GPT.n_layer = four", "Failed to parse token 'four'"),
+    ("GPT.n_layer = [1", "EOF in multi-line statement"),
+])
+def test_a_gin_param_gin_cannot_parse_is_named(param, says):
   with pytest.raises(UserError) as error:
-    gin_utils.parse(["tiny.gin"], ["GPT.n_layer = 2", "sample.temperature = 0 0"])
-  assert str(error.value) == ("--gin_param='sample.temperature = 0 0': gin syntax error: "
-                              "Expected newline.")
+    gin_utils.parse(["tiny.gin"], ["GPT.n_layer = 2", param])
+  assert str(error.value) == f"--gin_param={param!r}: gin syntax error: {says}"

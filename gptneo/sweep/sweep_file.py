@@ -112,9 +112,8 @@ def _binding(where, text):
   try:
     statements = gin_utils.statements(text, where)
   except (SyntaxError, tokenize.TokenError) as error:
-    message = error.msg if isinstance(error, SyntaxError) else error.args[0]
-    raise UserError(f"{where}: {text!r} is no line of a sweep file (gin: {message}); write "
-                    f"{_LINES}") from None
+    raise UserError(f"{where}: {text!r} is no line of a sweep file (gin: "
+                    f"{gin_utils.syntax_message(error)}); write {_LINES}") from None
   for statement in statements:
     if getattr(statement, "arg_name", None):
       _check_name(where, f"{statement.selector}.{statement.arg_name}", text)
