@@ -21,6 +21,7 @@ import json
 import math
 import random
 import re
+import tokenize
 
 from gptneo import gin_utils
 from gptneo.errors import UserError
@@ -42,8 +43,9 @@ def parse_value(text, where):
   """A gin value as Python (references and macros as gin_utils.References)."""
   try:
     statements = gin_utils.statements(f"a.b = {text}", where)
-  except (SyntaxError, ValueError) as error:
-    raise UserError(f"{where}: {text!r} is not a gin value ({error.args[0]})") from None
+  except (SyntaxError, ValueError, tokenize.TokenError) as error:
+    raise UserError(f"{where}: {text!r} is not a gin value ({gin_utils.syntax_message(error)})"
+                    ) from None
   if len(statements) != 1:
     raise UserError(f"{where}: {text!r} is not one gin value")
   try:
@@ -78,7 +80,8 @@ class RandomKnob:
     if self.distribution == "log_uniform":
       low, high = math.log(low), math.log(high)
     x = low + u * (high - low)
-    return gin_utils.gin_literal(float(f"{math.exp(x) if self.distribution == 'log_uniform' else x:.3g}"))
+    x = math.exp(x) if self.distribution == "log_uniform" else x
+    return gin_utils.gin_literal(float(f"{x:.3g}"))
 
 
 def _names(text, where):
