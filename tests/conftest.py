@@ -54,7 +54,7 @@ def small_dataset(tmp_path_factory):
   return str(folder)
 
 
-def run_binary(name, *args, check=False, pythonpath=()):
+def run_binary(name, *args, check=False, pythonpath=(), timeout=None):
   """Runs bin/<name> as a user would; returns the CompletedProcess (text).
 
   Args:
@@ -62,10 +62,12 @@ def run_binary(name, *args, check=False, pythonpath=()):
     *args: its command line.
     check: raise AssertionError, with its stderr, if it fails.
     pythonpath: folders to import from after the repo.
+    timeout: seconds after which a program that hangs is killed (subprocess.TimeoutExpired).
   """
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, [REPO, *pythonpath])))
   result = subprocess.run([sys.executable, str(REPO / "bin" / name), *args], env=env,
-                          capture_output=True, text=True, check=False, cwd=REPO)
+                          capture_output=True, text=True, check=False, cwd=REPO,
+                          timeout=timeout)
   if check and result.returncode:
     raise AssertionError(f"bin/{name} failed:\n{result.stderr[-3000:]}")
   return result

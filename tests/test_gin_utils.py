@@ -2,7 +2,9 @@
 switching TensorFlow to graph mode, and gin_utils a leaf of the package."""
 import os
 import pathlib
+import select
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ from gptneo import gin_utils
 from gptneo.errors import UserError
 from tests.conftest import REPO, run_binary
 from tests.test_errors import assert_one_line_error
+from tests.test_train import train_in_process
 
 
 def run_python(code, cwd):
@@ -139,22 +142,39 @@ def check(text):
   gin_utils.check_model_config("operative_config.gin", text)
 
 
-@pytest.mark.parametrize("text,line,what", [
+@pytest.mark.parametrize("text,line,what,why", [
     ("GPT.n_layer = 2\nfrom __gin__ import dynamic_registration\n", 2,
-     "`from __gin__ import dynamic_registration`"),
-    ("import os.path as p\n", 1, "`import os.path as p`"),
-    ("include 'tiny.gin'\n", 1, "`include 'tiny.gin'`"),
-    ("GPT.n_layer = 2\n\nos.system.command = 'x'\n", 3, "a binding of 'os.system', not a configurable"),
-    ("GPT.activation = @print\n", 1, "the value @print"),
-    ("GPT.activation = @scope/print()\n", 1, "the value @scope/print()"),
-    ("X = [1, {'a': (2, @gin.singleton())}]\n", 1, "the value @gin.singleton()"),
-    ("macro:\n  value = 3\n", 1, "a binding of 'macro', not a configurable"),
+     "`from __gin__ import dynamic_registration`", ""),
+    ("import os.path as p\n", 1, "`import os.path as p`", ""),
+    ("include 'tiny.gin'\n", 1, "`include 'tiny.gin'`", ""),
+    ("GPT.n_layer = 2\n\nos.system.command = 'x'\n", 3, "`os.system.command = 'x'`",
+     "os.system is not part of the model"),
+    ("GPT.activation = @print\n", 1, "`GPT.activation = @print`", "@print is no choice of "
+     "GPT.activation, which takes a configurable of gptneo.model.ops"),
+    ("GPT.activation = @scope/print()\n", 1, "`GPT.activation = @scope/print()`", ""),
+    ("X = [1, {'a': (2, @gin.singleton())}]\n", 1, "`X = [1, {'a': (2, @gin.singleton())}]`",
+     "@gin.singleton(): only GPT.activation, "),
+    ("macro:\n  value = 3\n", 1, "a block of 'macro'", ""),
+    # What our programs are: each would run inside GPT() or at the macro's use, and fail.
+    ("GPT.activation = @export_hf()\n", 1, "`GPT.activation = @export_hf()`", ""),
+    ("GPT.positions = @sample()\n", 1, "`GPT.positions = @sample()`", "which takes a "
+     "configurable of gptneo.model.positions, written @name()"),
+    ("train.model = @evaluate()\n", 1, "`train.model = @evaluate()`", "takes @GPT"),
+    ("GPT.n_layer = 2\nEVIL = @train()\n", 2, "`EVIL = @train()`", ""),
+    ("GPT.positions = @RotaryPositions\n", 1, "`GPT.positions = @RotaryPositions`", ""),
+    # A program's own settings, and knobs that don't exist.
+    ("sample.temperature = 2.0\n", 1, "`sample.temperature = 2.0`",
+     "sample is not part of the model"),
+    ("GPT.n_embdd = 32\n", 1, "`GPT.n_embdd = 32`", "did you mean GPT.n_embd?"),
+    ("LearnedPositions.size = 3\n", 1, "`LearnedPositions.size = 3`", "its parameters: "),
 ])
-def test_the_check_refuses_in_one_line_naming_the_line(text, line, what):
+def test_the_check_refuses_in_one_line_naming_the_line(text, line, what, why):
   with pytest.raises(UserError) as error:
     check(text)
-  assert str(error.value).startswith(f"operative_config.gin:{line}: {what}"), str(error.value)
-  assert "not allowed in a model dir's config" in str(error.value)
+  assert str(error.value).startswith(f"operative_config.gin:{line}: {what} is not allowed in "
+                                     f"a model dir's config"), str(error.value)
+  assert why in str(error.value) and "docs/model_dirs.md" in str(error.value)
+  assert "\n" not in str(error.value)
 
 
 def test_the_check_names_the_line_of_a_syntax_error():
@@ -162,19 +182,94 @@ def test_the_check_names_the_line_of_a_syntax_error():
     check("GPT.n_layer = 2\nGPT.n_embd = os.getcwd()\n")
 
 
-def test_the_check_accepts_what_our_configs_bind():
-  check("DATASET_DIR = '/data'\n"
-        "train.dataset_dir = %DATASET_DIR\ntrain.model = @GPT()\ntrain.mesh = @gptneo.mesh.mesh()\n"
-        "GPT.activation = @gelu_tanh\nGPT.positions = @RotaryPositions()\n"
-        "GPT.attention_layers = [[('global', 'local'), 1]]\nGPT.moe = None\n"
-        "train.dataset_dir = {'/a': 0.5, '/b': -1e-3}\nGPT:\n  n_layer = 2\n  n_head = %N\n"
-        "train.train_steps = %gin.REQUIRED\n")
+def test_the_check_applies_the_model_and_ignores_how_it_was_trained():
+  applied = gin_utils.check_model_config("operative_config.gin", (
+      "DATASET_DIR = '/data'\n"
+      "train.dataset_dir = %DATASET_DIR\ntrain.model = @GPT()\ntrain.mesh = @gptneo.mesh.mesh()\n"
+      "GPT.activation = @gelu_tanh\nGPT.positions = @RotaryPositions()\n"
+      "GPT.attention_layers = [[('global', 'local'), 1]]\nGPT.moe = None\n"
+      "train.dataset_dir = {'/a': 0.5, '/b': -1e-3}\nGPT:\n  n_layer = 2\n  n_head = %N\n"
+      "train.train_steps = %gin.REQUIRED\ntrain.optimizer = @Adafactor()\n"
+      "mesh.tpu = 'grpc://10.0.0.2:8470'\nmesh.implementation = 'simd'\n"
+      "mesh.cluster = {'worker': ['0.0.0.0:23457']}\nmesh.task_index = 1\nAdam.beta1 = 0.9\n"
+      "RotaryPositions.fraction = 0.25\nGPT.feed_forward = @glu\nGPT.moe = @MoE()\n"))
+  assert applied.splitlines() == [
+      "DATASET_DIR = '/data'", "GPT.activation = @gelu_tanh",
+      "GPT.positions = @RotaryPositions()", "GPT.attention_layers = [[('global', 'local'), 1]]",
+      "GPT.moe = None", "GPT.n_layer = 2", "GPT.n_head = %N",
+      "RotaryPositions.fraction = 0.25", "GPT.feed_forward = @glu", "GPT.moe = @MoE()"]
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "gin").glob("*.gin")))
 def test_every_shipped_preset_passes_the_check(preset):
   gin_utils.parse([preset], ['DATASET_DIR = "/data"'])
   check(gin.config_str())
+
+
+def test_a_trained_model_dirs_config_passes_the_check(neo_model_dir):
+  path = os.path.join(neo_model_dir, "operative_config.gin")
+  with open(path) as f:
+    applied = gin_utils.check_model_config(path, f.read())
+  assert "GPT.n_layer = 2" in applied and "mesh." not in applied and "train." not in applied
+
+
+@pytest.mark.parametrize("bindings", [
+    ["train.optimizer = @Adafactor()", "GPT.positions = @RotaryPositions()",
+     "RotaryPositions.fraction = 0.5", "GPT.feed_forward = @glu", "GPT.activation = @silu",
+     "GPT.moe = @MoE()", "MoE.layers = [1]", "MoE.num_experts = 2"],
+    ["GPT.positions = @AxialPositions()", "AxialPositions.shape = (4, 8)"],
+])
+def test_our_own_variants_model_dirs_pass_the_check(tmp_path, small_dataset, bindings):
+  # Adafactor calls mesh-tensorflow's configurables, which the operative config then holds.
+  train_in_process(tmp_path, small_dataset, 1, "train.eval_batches = 0", *bindings)
+  gin.clear_config()
+  path = tmp_path / "operative_config.gin"
+  applied = gin_utils.check_model_config(str(path), path.read_text())
+  gin_utils.parse(["runs/sample.gin"], [], model_config=str(path))
+  assert all(line in applied.splitlines() for line in bindings if not line.startswith("train."))
+
+
+def holding_a_port():
+  """A loopback socket listening on a free port: nothing else can bind it, and any connection
+  to it waits in its backlog, where select() sees it at once."""
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(8)
+  return listener
+
+
+def was_connected(listener):
+  return bool(select.select([listener], [], [], 0)[0])
+
+
+@pytest.mark.parametrize("runtime", [
+    "mesh.cluster = {{'worker': ['127.0.0.1:{port}']}}\n",  # would serve TF's gRPC there
+    "mesh.implementation = 'simd'\nmesh.tpu = 'grpc://127.0.0.1:{port}'\n",  # would dial it
+])
+def test_a_model_dir_opens_no_server_and_dials_nothing(tmp_path, neo_model_dir, runtime):
+  with holding_a_port() as listener:
+    port = listener.getsockname()[1]
+    with open(os.path.join(neo_model_dir, "operative_config.gin")) as f:
+      config = f.read() + runtime.format(port=port)  # the last binding wins in gin
+    model_dir = exploited_model_dir(tmp_path / "model", neo_model_dir, config)
+    # The runtime of the run that trained it is ignored: this samples here, on one CPU.
+    result = run_binary("sample", f"--model_dir={model_dir}", "--prompt=x",
+                        "--gin_param=sample.max_new_tokens = 2", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]  # a server would not bind the port
+    assert not was_connected(listener)
+
+
+@pytest.mark.parametrize("binding", ["GPT.activation = @export_hf()", "GPT.positions = @sample()",
+                                     "train.model = @evaluate()", "EVIL = @train()"])
+def test_our_programs_named_in_a_model_dir_are_refused_in_one_line(tmp_path, neo_model_dir,
+                                                                  binding):
+  with open(os.path.join(neo_model_dir, "operative_config.gin")) as f:
+    config = f.read()
+  model_dir = exploited_model_dir(tmp_path / "model", neo_model_dir, config + binding + "\n")
+  result = run_binary("sample", f"--model_dir={model_dir}", "--prompt=x")
+  line = len(config.splitlines()) + 1
+  assert_one_line_error(result, "sample", f"{model_dir}/operative_config.gin:{line}: "
+                        f"`{binding}` is not allowed in a model dir's config")
 
 
 def test_a_checked_model_config_is_parsed_before_the_other_files(tmp_path):
@@ -203,3 +298,69 @@ def test_registered_lists_only_gptneo_configurables_of_a_module():
 
 def test_shipped_gin_dir_is_the_repo_gin_folder():
   assert gin_utils.shipped_gin_dir() == pathlib.Path(REPO / "gin").resolve()
+
+
+# --- Gin text we write ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [
+    "folder\nimport os", "it's \"quoted\" \\ and\ttabbed", "", None, True, 3, -1.5e-300, 1e300,
+    [1, "a\nb"], ("one",), (), {"x\ny": [None, 2.0]},
+])
+def test_gin_literal_reads_back_as_the_value_on_one_line(value):
+  text = gin_utils.gin_literal(value)
+  assert "\n" not in text
+  (statement,) = gin_utils.statements(f"X = {text}", "test")
+  assert statement.value == value and type(statement.value) is type(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), b"x", object(), 1j])
+def test_gin_literal_refuses_what_gin_cannot_read_back(value):
+  with pytest.raises(TypeError):
+    gin_utils.gin_literal(value)
+
+
+@pytest.mark.parametrize("text", ["@gelu", "@gptneo.model.gpt.GPT()", "@scope/GPT()", "%N"])
+def test_a_reference_is_written_as_it_is(text):
+  assert gin_utils.gin_literal([gin_utils.Reference(text)]) == f"[{text}]"
+
+
+@pytest.mark.parametrize("text", ["@x\nimport os", "gelu", "@x()()", "%A = 1"])
+def test_a_reference_holds_only_a_name(text):
+  with pytest.raises(ValueError):
+    gin_utils.Reference(text)
+
+
+# --- gin files and bindings from the command line ------------------------------------------
+
+PRINT_STEPS_OF = """
+import gin
+import gptneo.configurables
+from gptneo import gin_utils
+gin_utils.parse([{name!r}], ['DATASET_DIR = "/data"'])
+print(gin.query_parameter("train.train_steps"))
+"""
+
+
+def test_a_gin_prefix_finds_the_shipped_file_wherever_the_user_stands(tmp_path):
+  result = run_python(PRINT_STEPS_OF.format(name="gin/tiny.gin"), tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["600"]
+
+
+def test_a_gin_file_in_the_working_directory_still_wins(tmp_path):
+  (tmp_path / "gin").mkdir()
+  (tmp_path / "gin" / "tiny.gin").write_text("include 'tiny.gin'\ntrain.train_steps = 7\n")
+  result = run_python(PRINT_STEPS_OF.format(name="gin/tiny.gin"), tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["7"]
+
+
+@pytest.mark.parametrize("param, says", [
+    ("sample.temperature = 0 0", "Expected newline."),
+    ("GPT.n_layer = four", "Failed to parse token 'four'"),
+    ("GPT.n_layer = [1", "EOF in multi-line statement"),
+])
+def test_a_gin_param_gin_cannot_parse_is_named(param, says):
+  with pytest.raises(UserError) as error:
+    gin_utils.parse(["tiny.gin"], ["GPT.n_layer = 2", param])
+  assert str(error.value) == f"--gin_param={param!r}: gin syntax error: {says}"

@@ -5,6 +5,7 @@ logits equal ours (< 1e-4, fp32), 32 greedy tokens are the same, and bin/import_
 folder back into the same logits. The tests that run HF's model need torch and transformers
 (requirements-interop.txt); they skip without them. The refusals need neither.
 """
+import ast
 import json
 import math
 import os
@@ -234,7 +235,7 @@ def test_import_writes_config_values_as_gin_literals():
   assert hf.gin_bindings(NEO_CONFIG) == [
       "GPT.n_layer = 2", "GPT.n_embd = 32", "GPT.n_head = 4", "GPT.n_ctx = 64",
       f"GPT.n_vocab = {VOCAB}", "GPT.mlp_ratio = 4", "GPT.feed_forward = @mlp",
-      "GPT.activation = @gelu_tanh", 'GPT.attention_layers = [[["global", "local"], 1]]',
+      "GPT.activation = @gelu_tanh", "GPT.attention_layers = [[['global', 'local'], 1]]",
       "GPT.window_size = 8", "GPT.scale_attention = False",
       "GPT.positions = @LearnedPositions()", "GPT.tie_embeddings = True",
       "GPT.layer_norm_epsilon = 1e-05", "GPT.embed_dropout = 0.0", "GPT.attn_dropout = 0.0",
@@ -262,6 +263,21 @@ def test_import_refuses_a_config_value_of_the_wrong_type(tmp_path, key, value, e
   message = str(error.value)
   assert message.startswith(f"{path}: {key} = {value!r} ") and expected in message
   assert "\n" not in message and message.endswith("; fix config.json")
+
+
+def test_a_folder_name_reaches_gin_as_a_string_not_a_line(tmp_path, exported):
+  hf_dir = tmp_path / "hf\nimport os\n"  # a name a download or an archive can give a folder
+  shutil.copytree(exported, hf_dir)
+  run_binary("import_hf", f"--hf_dir={hf_dir}", f"--model_dir={tmp_path / 'ours'}", check=True)
+  for name in (hf.MODEL_GIN, "operative_config.gin"):
+    text = (tmp_path / "ours" / name).read_text()
+    assert "import os" not in text.splitlines()
+    comment = text.splitlines()[0]
+    assert comment.startswith("# Imported from the HF GPT-Neo folder ")
+    written = comment.removeprefix("# Imported from the HF GPT-Neo folder ").removesuffix(
+        " by bin/import_hf.")
+    assert ast.literal_eval(written) == str(hf_dir)
+    gin_utils.check_model_config(name, text)  # and it is read as the model dir it is
 
 
 def test_import_refuses_a_config_value_that_would_inject_gin(tmp_path):

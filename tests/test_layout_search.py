@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -387,3 +388,18 @@ def test_search_never_proposes_what_mtf_rejects():
               if a < b and {a, b} <= searchable}
   assert ("batch", "experts") in together  # the graph does have such pairs
   assert together <= set(cost_model.conflicts(work)), together - set(cost_model.conflicts(work))
+
+
+def test_the_layout_file_writes_the_command_and_names_as_gin_strings():
+  best = types.SimpleNamespace(mesh_shape=[("x", 2)], layout=[("batch", "x")], memory_bytes=GIB,
+                               param_bytes=GIB, step_seconds=1.0, microbatches=2, n_vocab=64,
+                               recompute=False)
+  work = types.SimpleNamespace(n_vocab=64, recompute=False)
+  command = "bin/search_layout --output='x\nimport os\n'"  # newlines in an argument
+  text = configured.gin_text(work, best, command)
+  assert "import os" not in text.splitlines()
+  found_by = text.splitlines()[0].removeprefix("# Found by: ")
+  assert gin_utils.statements(f"X = {found_by}", "test")[0].value == command
+  assert [(s.selector, s.arg_name, s.value) for s in gin_utils.statements(text, "test")] == [
+      ("mesh", "mesh_shape", "x:2"), ("mesh", "layout", "batch:x"),
+      ("train", "microbatches_per_batch", 2)]

@@ -158,13 +158,45 @@ def test_bad_axes_are_refused(axis, message):
     sweep_file.spec_from(None, ["tiny.gin"], [], [axis])
 
 
+def test_a_sweep_files_unknown_line_is_named_by_file_and_line(tmp_path):
+  path = tmp_path / "s.gin"
+  path.write_text("include 'tiny.gin'\n\ntrain.train_steps = 10\naxes GPT.n_embd = [32, 64]\n")
+  with pytest.raises(UserError) as error:
+    sweep_file.spec_from(str(path))
+  assert str(error.value).startswith(f"{path}:4: 'axes GPT.n_embd = [32, 64]' is no line of a "
+                                     f"sweep file (gin: "), str(error.value)
+  assert "write a gin binding 'NAME = VALUE', include 'FILE', axis NAME = [VALUES]" in str(
+      error.value)
+
+
+@pytest.mark.parametrize("line, fix", [
+    ("axis GPT.n_embdd = [32, 64]", "GPT has no parameter 'n_embdd'; did you mean GPT.n_embd?"),
+    ("random Adam.betta1 = uniform(0.8, 0.9)", "Adam has no parameter 'betta1'; did you mean "
+     "Adam.beta1?"),
+    ("GTP.n_layer = 2", "'GTP' is no configurable of gptneo; did you mean GPT?"),
+])
+def test_an_unknown_binding_of_a_sweep_file_says_what_to_write(tmp_path, line, fix):
+  path = tmp_path / "s.gin"
+  path.write_text(f"include 'tiny.gin'\n{line}\nrandom_points 2\n")
+  with pytest.raises(UserError) as error:
+    sweep_file.spec_from(str(path))
+  assert str(error.value).startswith(f"{path}:2: ") and str(error.value).endswith(fix)
+
+
+def test_an_unknown_axis_flag_says_what_to_write():
+  with pytest.raises(UserError, match=r"^--axis: 'GPT.n_embdd = \[32\]' binds GPT.n_embdd, but "
+                     r"GPT has no parameter 'n_embdd'; did you mean GPT.n_embd\?$"):
+    sweep_file.spec_from(None, ["tiny.gin"], [], ["GPT.n_embdd = [32]"])
+
+
 def test_unknown_binding_refused_before_anything_is_created(small_dataset, tmp_path):
   root = tmp_path / "root"
   result = run_binary("sweep", *_flags(small_dataset, [f"{LR} = [1e-3]", "GPT.n_embdd = [32]"]),
                       f"--root={root}")
   assert result.returncode == 2, result.stderr
   line = result.stderr.strip().splitlines()[-1]
-  assert "point 0 (lr=1e-3,n_embdd=32)" in line and "n_embdd" in line
+  assert line == ("sweep: error: --axis: 'GPT.n_embdd = [32]' binds GPT.n_embdd, but GPT has "
+                  "no parameter 'n_embdd'; did you mean GPT.n_embd?")
   assert not root.exists()
 
 

@@ -21,10 +21,10 @@ from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
+from gptneo.gin_utils import gin_literal
 from gptneo.hf import architectures
 from gptneo.hf import fields
 from gptneo.hf.architectures import ARCHITECTURES, GPT_NEO  # noqa: F401  (bin/export)
-from gptneo.hf.fields import gin_literal
 from gptneo.model import gpt as gpt_lib
 
 WEIGHTS_FILE = "model.safetensors"
@@ -227,7 +227,7 @@ def import_hf(hf_dir, model_dir, spec, overwrite=False):
   with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:
     f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save, never through a link
   checkpoint = write_checkpoint(model, spec, model_dir, weights)
-  text = (f"# Imported from the {arch.title} folder {hf_dir} by bin/import_hf.\n"
+  text = (f"# Imported from the {arch.title} folder {gin_literal(hf_dir)} by bin/import_hf.\n"
           + "\n".join(bindings) + "\n")
   # model.gin holds the shape only, for bin/train --gin_file; the operative config also
   # names no dataset, so bin/eval asks for --dataset_dir.

@@ -1,13 +1,14 @@
-"""config.json values, checked, and the one path by which they reach gin text.
+"""config.json values, checked before they reach gin text.
 
 Every value import reads from an HF config.json goes through `field` (a type check that
-names the key and what it expects in one line) and is written into gin by `gin_literal`.
+names the key and what it expects in one line) and is written into gin by
+gin_utils.gin_literal, the one path by which any value reaches gin text.
 bool is an int in Python, so every number check names the types it takes.
 """
 import json
 import math
-import re
 
+from gptneo import gin_utils
 from gptneo.errors import UserError
 
 REQUIRED = object()
@@ -64,26 +65,9 @@ def field(config, path, key, check, default=REQUIRED):
   return value
 
 
-class Reference(str):
-  """A gin reference, @name or @name(), to one of our configurables: never config.json text."""
+class Reference(gin_utils.Reference):
+  """A gin reference to one of our configurables, named without its @ (`mlp`,
+  `LearnedPositions()`): never config.json text."""
 
-
-def gin_literal(value):
-  """A gin literal of `value`: the one path by which config.json values reach gin text.
-
-  Strings are JSON-quoted (ASCII, newlines escaped), so no value can end its binding and
-  start another; anything but None, bools, finite numbers, strings, lists and References
-  is refused.
-  """
-  if type(value) is Reference and re.fullmatch(r"[A-Za-z_]\w*(\(\))?", value):
-    return "@" + value
-  if value is None or type(value) in (bool, int):
-    return repr(value)
-  if type(value) is float and math.isfinite(value):
-    return repr(value)
-  if type(value) is str:
-    return json.dumps(value)
-  if type(value) in (list, tuple):
-    return "[" + ", ".join(gin_literal(item) for item in value) + "]"
-  raise TypeError(f"gin_literal cannot write {value!r} ({type(value).__name__}); check the "
-                  f"value before rendering it")
+  def __init__(self, name):
+    super().__init__("@" + name)

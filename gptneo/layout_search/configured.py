@@ -8,6 +8,7 @@ import re
 
 import gin
 
+from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo.errors import UserError
 from gptneo.layout_search import cost_model
@@ -157,17 +158,18 @@ def default_output(gin_files, devices, mesh_shape):
 
 
 def gin_text(work, best, command):
-  mesh = search_lib.format_mesh(best.mesh_shape)
-  layout = search_lib.format_layout(best.layout)
-  return (f"# Found by: {command}\n"
+  """The layout file bin/search_layout writes: `best`'s bindings, found by `command`."""
+  literal = gin_utils.gin_literal  # names from the command line can't start a gin line
+  return (f"# Found by: {literal(command)}\n"
           f"# Estimated per device: {search_lib.format_bytes(best.memory_bytes)} "
           f"({search_lib.format_bytes(best.param_bytes)} weights+optimizer+gradients), "
           f"step {best.step_seconds:.3f}s.\n"
-          f"mesh.mesh_shape = \"{mesh}\"\nmesh.layout = \"{layout}\"\n"
-          f"train.microbatches_per_batch = {best.microbatches}\n"
-          + (f"GPT.n_vocab = {best.n_vocab}  # padded so `vocab` splits\n"
+          f"mesh.mesh_shape = {literal(search_lib.format_mesh(best.mesh_shape))}\n"
+          f"mesh.layout = {literal(search_lib.format_layout(best.layout))}\n"
+          f"train.microbatches_per_batch = {literal(int(best.microbatches))}\n"
+          + (f"GPT.n_vocab = {literal(int(best.n_vocab))}  # padded so `vocab` splits\n"
              if best.n_vocab != work.n_vocab else "")
-          + (f"GPT.recompute_grad = {best.recompute}  # as costed\n"
+          + (f"GPT.recompute_grad = {literal(bool(best.recompute))}  # as costed\n"
              if best.recompute != work.recompute else ""))
 
 

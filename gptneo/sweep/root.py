@@ -26,6 +26,7 @@ import socket
 import subprocess
 import time
 
+from gptneo import gin_utils
 from gptneo import storage
 from gptneo.errors import UserError
 from gptneo.sweep import spec as spec_lib
@@ -223,8 +224,9 @@ def _write_text(path, text):
 
 def point_gin(point, root, run_dir):
   """The point as one gin file: `bin/train --gin_file=point.gin --model_dir=<model dir>`."""
-  lines = [f"# Point {point.index} of the sweep in {root.display}: {point.name}",
-           f"# bin/train --gin_file={run_dir / POINT_GIN} --model_dir={root.model_dir(point)} "
-           f"reruns it.",
-           *[f"include {f!r}" for f in point.gin_files], *point.gin_params]
+  literal = gin_utils.gin_literal  # a newline in a folder's name can't end a comment
+  lines = [f"# Point {point.index} of the sweep in {literal(root.display)}: {point.name}",
+           f"# bin/train --gin_file={literal(str(run_dir / POINT_GIN))} "
+           f"--model_dir={literal(root.model_dir(point))} reruns it.",
+           *[f"include {literal(f)}" for f in point.gin_files], *point.gin_params]
   return "\n".join(lines) + "\n"

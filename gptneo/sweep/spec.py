@@ -21,9 +21,9 @@ import json
 import math
 import random
 import re
+import tokenize
 
-from gin import config_parser
-
+from gptneo import gin_utils
 from gptneo.errors import UserError
 
 GIN_FILE = "gin_file"  # the axis name that varies a base gin file instead of a binding
@@ -39,37 +39,21 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
 _MAX_NAME = 96
 
 
-class _Reference:
-  def __init__(self, text):
-    self.text = text
-
-  def __repr__(self):
-    return self.text
-
-
-class _TextDelegate(config_parser.ParserDelegate):
-  """gin's parser hands references and macros back as their gin text, resolving nothing."""
-
-  def configurable_reference(self, scoped_configurable_name, evaluate):
-    return _Reference(f"@{scoped_configurable_name}{'()' if evaluate else ''}")
-
-  def macro(self, macro_name):
-    return _Reference(f"%{macro_name}")
-
-
 def parse_value(text, where):
-  """A gin value as Python (references and macros as objects whose repr is their gin text)."""
+  """A gin value as Python (references and macros as gin_utils.References)."""
   try:
-    statements = list(config_parser.ConfigParser(f"a.b = {text}", _TextDelegate()))
-  except (SyntaxError, ValueError) as error:
-    raise UserError(f"{where}: {text!r} is not a gin value ({error.args[0]})") from None
+    statements = gin_utils.statements(f"a.b = {text}", where)
+  except (SyntaxError, ValueError, tokenize.TokenError) as error:
+    raise UserError(f"{where}: {text!r} is not a gin value ({gin_utils.syntax_message(error)})"
+                    ) from None
   if len(statements) != 1:
     raise UserError(f"{where}: {text!r} is not one gin value")
+  try:
+    gin_utils.gin_literal(statements[0].value)  # a point's bindings are written with it
+  except TypeError:
+    raise UserError(f"{where}: {text!r} holds a value gin can't write back; use numbers, "
+                    f"strings, None, references and lists of them") from None
   return statements[0].value
-
-
-def gin_text(value):
-  return repr(value)  # Python's reprs of literals are gin; references print as gin text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +80,8 @@ class RandomKnob:
     if self.distribution == "log_uniform":
       low, high = math.log(low), math.log(high)
     x = low + u * (high - low)
-    return gin_text(float(f"{math.exp(x) if self.distribution == 'log_uniform' else x:.3g}"))
+    x = math.exp(x) if self.distribution == "log_uniform" else x
+    return gin_utils.gin_literal(float(f"{x:.3g}"))
 
 
 def _names(text, where):
@@ -132,7 +117,7 @@ def parse_axis(text):
                     f"number of values")
   if not lengths[0]:
     raise UserError(f"{where}: the axis is empty; give it at least one value")
-  values = tuple(tuple(gin_text(v) for v in point) for point in zip(*lists, strict=True))
+  values = tuple(tuple(gin_utils.gin_literal(v) for v in point) for point in zip(*lists, strict=True))
   if len(set(values)) < len(values):
     raise UserError(f"{where}: a value is given twice; give each once")
   if GIN_FILE in names and not all(isinstance(v, str) for v in lists[names.index(GIN_FILE)]):
@@ -150,7 +135,7 @@ def parse_random(text):
     raise UserError(f"{where}: use one of {', '.join(d + '(...)' for d in DISTRIBUTIONS)}")
   distribution, args = match.group(1), parse_value(f"[{match.group(2)}]", where)
   _check_distribution(where, distribution, args)
-  return RandomKnob(name, distribution, tuple(gin_text(a) for a in args))
+  return RandomKnob(name, distribution, tuple(gin_utils.gin_literal(a) for a in args))
 
 
 def _check_distribution(where, distribution, args):
@@ -278,7 +263,7 @@ def label(text):
     return _number(value)
   if isinstance(value, str) and value.endswith(".gin"):
     return value.rsplit("/", 1)[-1][:-len(".gin")]
-  return _UNSAFE.sub("_", value if isinstance(value, str) else gin_text(value)).strip("_")
+  return _UNSAFE.sub("_", value if isinstance(value, str) else gin_utils.gin_literal(value)).strip("_")
 
 
 def _number(x):

@@ -4,6 +4,7 @@ A statement is a line, continued while a bracket is open; `#` starts a comment o
 quotes. Each kind of line has a flag that does the same (see gptneo/sweep/spec.py).
 """
 import pathlib
+import tokenize
 
 from gptneo import gin_utils
 from gptneo.errors import UserError
@@ -60,7 +61,8 @@ def _portable_axis(axis):
   if spec_lib.GIN_FILE not in axis.names:
     return axis
   i = axis.names.index(spec_lib.GIN_FILE)
-  values = tuple(v[:i] + (repr(portable_gin_file(spec_lib.parse_value(v[i], "gin_file"))),)
+  values = tuple(v[:i] + (gin_utils.gin_literal(portable_gin_file(spec_lib.parse_value(
+      v[i], "gin_file"))),)
                  + v[i + 1:] for v in axis.values)
   return spec_lib.Axis(axis.names, values)
 
@@ -68,7 +70,8 @@ def _portable_axis(axis):
 def find(name):
   """A sweep file: as given (from the working directory), else in gin/ or gin/sweeps/."""
   gin_dir = gin_utils.shipped_gin_dir()
-  for candidate in (pathlib.Path(name), gin_dir / name, gin_dir / "sweeps" / name):
+  for candidate in (pathlib.Path(name), *gin_utils.shipped_candidates(name, gin_dir),
+                    gin_dir / "sweeps" / name):
     if candidate.is_file():
       return candidate
   raise UserError(f"sweep file {name!r} not found in the working directory, {gin_dir} or "
@@ -97,14 +100,43 @@ def _statement(parts, where, text):
   elif keyword in _COUNTS:
     parts[keyword] = _count(where, keyword, rest.strip())
   else:
-    parts["gin_params"].append(text)
+    parts["gin_params"].append(_binding(where, text))
+
+
+_LINES = ("a gin binding 'NAME = VALUE', include 'FILE', axis NAME = [VALUES], random NAME = "
+          "log_uniform(LOW, HIGH), random_points N, random_seed N or seeds N")
+
+
+def _binding(where, text):
+  """A fixed binding of a sweep file, checked as gin text naming bin/train's knobs."""
+  try:
+    statements = gin_utils.statements(text, where)
+  except (SyntaxError, tokenize.TokenError) as error:
+    raise UserError(f"{where}: {text!r} is no line of a sweep file (gin: "
+                    f"{gin_utils.syntax_message(error)}); write {_LINES}") from None
+  for statement in statements:
+    if getattr(statement, "arg_name", None):
+      _check_name(where, f"{statement.selector}.{statement.arg_name}", text)
+  return text
+
+
+def _check_name(where, name, text):
+  """A binding name an axis, random knob or fixed binding sets must be one bin/train knows."""
+  selector, _, parameter = name.rpartition(".")
+  problem = selector and gin_utils.binding_problem(selector, parameter)
+  if problem:
+    raise UserError(f"{where}: {text.strip()!r} binds {name}, but {problem}")
 
 
 def _located(where, parse, text):
   try:
-    return parse(text)
+    parsed = parse(text)
   except UserError as error:
     raise UserError(f"{where}: {error}") from None
+  for name in getattr(parsed, "names", None) or [parsed.name]:
+    if name != spec_lib.GIN_FILE:
+      _check_name(where, name, text)
+  return parsed
 
 
 def read(path):
