@@ -377,14 +377,12 @@ def check(estimate, mesh, what, fixes):
     have, where = device_memory, f"per {mesh.device_type} (memory_check.device_memory)"
   if have is None or needed <= have:
     return
-  held = dict(estimate.items())
-  activations = sum(count for name, count in held.items() if name.startswith(_ACTIVATION_LIKE))
+  held = sum(estimate.persistent.values())
   fmt = cost_model.format_bytes
   raise UserError(
-      f"{what} needs about {fmt(needed)} ({FRAMEWORK_FACTOR}x the estimate of "
-      f"{fmt(estimate.peak - activations)} for weights, optimizer state and gradients, "
-      f"{fmt(activations)} for activations) but {fmt(have)} is {where}; {fixes}, or set "
-      f"{DISABLE} to try anyway")
+      f"{what} needs about {fmt(needed)} ({FRAMEWORK_FACTOR}x the estimate: {fmt(held)} of "
+      f"{' and '.join(name.split(' (')[0] for name in estimate.persistent)}, {fmt(estimate.peak - held)}"
+      f" more at its peak) but {fmt(have)} is {where}; {fixes}, or set {DISABLE} to try anyway")
 
 
 # Terms that scale with the batch and sequence (split as activations are); the rest are

@@ -163,10 +163,9 @@ def test_the_check_compares_the_machines_memory_with_every_cpu_device_it_holds()
   mib = 2 ** 20
   assert _refusal(100 * mib, _cpus(), "140MiB") is None  # 1.3 x 100 MiB fits
   refused = _refusal(100 * mib, _cpus(), "120MiB")
-  assert refused.startswith("the run needs about 0.13 GiB (1.3x the estimate of 0.10 GiB for "
-                            "weights, optimizer state and gradients, 0.00 GiB for activations)"
-                            " but 0.12 GiB is available on this machine; do less, or set "
-                            "memory_check.enabled = False to try anyway"), refused
+  assert refused == ("the run needs about 0.13 GiB (1.3x the estimate: 0.10 GiB of weights, "
+                     "0.00 GiB more at its peak) but 0.12 GiB is available on this machine; do "
+                     "less, or set memory_check.enabled = False to try anyway"), refused
   two_cpus = _cpus(2, [("batch", "x")])
   assert "0.25 GiB" in _refusal(100 * mib, two_cpus, "140MiB")  # both in this memory
   gin.bind_parameter("memory_check.enabled", False)
