@@ -196,7 +196,7 @@ def _check_first_record(path, n_ctx):
     record = next(iter(tf.io.tf_record_iterator(path)), None)
     example = tf.train.Example.FromString(record) if record is not None else None
   except (tf.errors.OpError, ValueError) as error:  # DecodeError is a ValueError
-    raise UserError(f"dataset shard {path} is corrupt ({_first_line(error)}); {rerun}") from None
+    raise UserError(f"dataset shard {path} is corrupt ({_record_error(error)}); {rerun}") from None
   if example is None:
     raise UserError(f"dataset shard {path} holds no window; {rerun}")
   tokens = example.features.feature[prepare.TOKEN_FEATURE].int64_list.value
@@ -205,9 +205,12 @@ def _check_first_record(path, n_ctx):
                     f"n_ctx + 1 = {n_ctx + 1} as its dataset.json says; {rerun}")
 
 
-def _first_line(error):
-  text = getattr(error, "message", None) or str(error)
-  return text.strip().splitlines()[-1 if isinstance(error, tf.errors.OpError) else 0]
+def _record_error(error):
+  """What a record reader's error says about the record (TF's message of a session.run
+  wraps it in the node's name and stack), else its first line."""
+  lines = [line.strip() for line in (getattr(error, "message", None) or str(error)).splitlines()
+           if line.strip()] or [type(error).__name__]
+  return next((line for line in lines if " record" in line), lines[0])
 
 
 def corrupt_shard(dataset_dir, splits):
@@ -550,7 +553,7 @@ class Loop:
     shard = corrupt_shard(self.settings.dataset_dir, ["train", "validation"])
     latest = self.graph.checkpoints.latest() or "none yet"
     return UserError(f"dataset shard {shard or 'of ' + repr(self.settings.dataset_dir)} is "
-                     f"corrupt ({_first_line(error)}) at step {self.step}; the last checkpoint "
+                     f"corrupt ({_record_error(error)}) at step {self.step}; the last checkpoint "
                      f"({latest}) is intact: prepare the dataset again (bin/prepare_data "
                      f"--overwrite) and run the same command to resume")
 
