@@ -1,7 +1,8 @@
-"""An analytic estimate of one training step's peak memory, counted from the model object.
+"""Analytic estimates of a run's peak memory, counted from the model object, and the check
+every program makes with them before it builds a graph (`check`, docs/memory.md).
 
-What one device holds at the step's fullest (a single-device placement mesh, as bin/train on
-a CPU or one GPU runs), in bytes, term by term:
+Training (`training_memory_bytes`): what one device holds at the step's fullest (a
+single-device placement mesh, as bin/train on a CPU or one GPU runs), in bytes, term by term:
 
 * weights: every trainable variable in float32 (the master; on one device mtf reads and
   updates it in place, `slice_is_master`, so there is no second slice copy).
@@ -318,9 +319,14 @@ def limits(enabled=True, available=None, device_memory=None):
   Returns:
     (enabled, available bytes or None, device memory bytes or None).
   """
-  size = lambda value, knob: None if value is None else cost_model.parse_bytes(value, knob)  # noqa: E731
-  return (enabled, size(available, "memory_check.available"),
-          size(device_memory, "memory_check.device_memory"))
+  if not isinstance(enabled, bool):
+    raise UserError(f"memory_check.enabled = {enabled!r}; use True or False")
+  return (enabled, _size(available, "memory_check.available"),
+          _size(device_memory, "memory_check.device_memory"))
+
+
+def _size(value, knob):
+  return None if value is None else cost_model.parse_bytes(value, knob)
 
 
 # Registered, never called through gin: its bindings are read (`_bound_limits`), so a run's
