@@ -170,6 +170,9 @@ def test_the_check_compares_the_machines_memory_with_every_cpu_device_it_holds()
   assert "0.25 GiB" in _refusal(100 * mib, two_cpus, "140MiB")  # both in this memory
   gin.bind_parameter("memory_check.enabled", False)
   assert _refusal(100 * mib, _cpus(), "1MiB") is None
+  gin.bind_parameter("memory_check.enabled", "no")  # a string would be true
+  assert _refusal(100 * mib, _cpus(), "1MiB") == ("memory_check.enabled = 'no'; use True or "
+                                                   "False")
 
 
 def test_an_accelerator_is_checked_against_memory_check_device_memory():
