@@ -12,10 +12,12 @@ from absl import logging
 import numpy as np
 
 from gptneo import checkpoints as checkpoints_lib
+from gptneo import memory
 from gptneo import runtime
 from gptneo.compat import mtf, tf
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
+from gptneo.layout_search import cost_model
 from gptneo.model import cache as cache_lib
 from gptneo.model import ops
 
@@ -46,6 +48,23 @@ def load_tokenizer(model_dir):
   return tokenizer_lib.load_tokenizer(os.path.join(model_dir, TOKENIZER_FILE))
 
 
+INFERENCE_FIXES = ("keep GPT.n_ctx as the model was trained, lower the batch size "
+                   "(sample.batch_size, evaluate.batch_size, lm_eval.batch_size), use precision "
+                   "'bfloat16', or lay the model over more devices (a layout gin file)")
+
+
+def check_memory(model, mesh, batch_size, precision="float32", decode=False, length=None):
+  """What RestoredModel would hold (memory.decoding_memory_bytes) must fit the mesh's devices:
+  checked analytically, before the graph is built."""
+  length = length or model.n_ctx
+  estimate = memory.per_device(
+      memory.decoding_memory_bytes(model, batch_size, precision, decode, length),
+      cost_model.Workload.of(model, batch_size), mesh)
+  what = (f"running {model.num_parameters() / 1e6:.0f}M parameters on {batch_size} windows of "
+          f"{length} tokens" + (" with a key/value cache" if decode else ""))
+  memory.check(estimate, mesh, what, INFERENCE_FIXES)
+
+
 @dataclasses.dataclass
 class Outputs:
   """What one run returns for a batch [batch, n_ctx] of windows."""
@@ -69,6 +88,7 @@ class RestoredModel:
                chunk=64, sequence_length=None):
     self.model, self.batch_size = model, batch_size
     self.length = sequence_length or model.n_ctx
+    check_memory(model, rt.spec, batch_size, precision, decode, self.length)
     self.graph = tf.Graph()
     with self.graph.as_default():
       self.tokens = tf.placeholder(tf.int32, [batch_size, self.length], name="tokens")

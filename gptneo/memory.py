@@ -1,7 +1,8 @@
-"""An analytic estimate of one training step's peak memory, counted from the model object.
+"""Analytic estimates of a run's peak memory, counted from the model object, and the check
+every program makes with them before it builds a graph (`check`, docs/memory.md).
 
-What one device holds at the step's fullest (a single-device placement mesh, as bin/train on
-a CPU or one GPU runs), in bytes, term by term:
+Training (`training_memory_bytes`): what one device holds at the step's fullest (a
+single-device placement mesh, as bin/train on a CPU or one GPU runs), in bytes, term by term:
 
 * weights: every trainable variable in float32 (the master; on one device mtf reads and
   updates it in place, `slice_is_master`, so there is no second slice copy).
@@ -40,8 +41,14 @@ C++ objects), the input pipeline, and transients below these (a weight decay's n
 one clipped gradient at a time). A recomputed block (GPT.recompute_grad) keeps only its input.
 """
 import dataclasses
+import inspect
 import math
+import types
 
+import gin
+
+from gptneo.errors import UserError
+from gptneo.layout_search import cost_model
 from gptneo.model import attention
 from gptneo.model import feedforward
 from gptneo.model import positions as positions_lib
@@ -151,22 +158,44 @@ def activation_terms(model, batch_size):
   cross-entropy's backward (float32 in either precision, so it is counted in bytes apart:
   `training_memory_bytes`). The logits themselves are not kept.
   """
-  b, s, e = batch_size, model.n_ctx, model.n_embd
-  t, m, h, kv = b * s, model.n_embd * model.mlp_ratio, model.n_head, model.n_embd // model.n_head
+  t, e = batch_size * model.n_ctx, model.n_embd
   terms = {"layer norms": 0, "q, k, v": 0, "attention probabilities": 0, "attention output": 0,
            "mlp": 0, "dropout": 0}
+  terms["dropout"] += _dropout_site(model.embed_dropout, t * e)
+  if model.recompute_grad:  # each block keeps its input; one block's own at a time (below)
+    terms["block inputs (recompute_grad)"] = model.n_layer * t * e
+  per_layer = block_activations(model, batch_size)
+  if model.recompute_grad:
+    per_layer = [max(per_layer, key=lambda block: sum(block.values()))]
+  for block in per_layer:
+    for name, value in block.items():
+      terms[name] += value
+  terms["ln_f"] = 4 * t * e
+  return {name: value for name, value in terms.items() if value}
+
+
+def _dropout_site(rate, size):
+  """A dropout site keeps its mask and the tensor it multiplies (none at rate 0)."""
+  return 2 * size if rate > 0 else 0
+
+
+def block_activations(model, batch_size, length=None):
+  """[{name: elements}] of each block's activations (see `activation_terms`), in layer order.
+
+  Args:
+    model: a gpt.GPT.
+    batch_size: sequences.
+    length: positions per sequence (default: n_ctx).
+  """
+  b, s, e = batch_size, length or model.n_ctx, model.n_embd
+  t, m, h, kv = b * s, model.n_embd * model.mlp_ratio, model.n_head, model.n_embd // model.n_head
   moe_layers = set(model.moe.layers) if model.moe is not None else set()
   kept = ACTIVATION_KEPT.get(model.activation.__name__, 1)
   glu = feedforward.INPUT_PROJECTIONS[model.feed_forward.__name__] == 2
-  dropout_sites = lambda rate, size: 2 * size if rate > 0 else 0  # noqa: E731
-  terms["dropout"] += dropout_sites(model.embed_dropout, t * e)
-  if model.recompute_grad:  # each block keeps its input; one block's own at a time (below)
-    terms["block inputs (recompute_grad)"] = model.n_layer * t * e
-  per_layer = []
+  blocks = []
   for layer, layer_type in enumerate(model.layer_types):
     kind = attention.lookup(layer_type)
-    block = dict.fromkeys(terms, 0)
-    block["layer norms"] = 2 * 4 * t * e
+    block = {"layer norms": 2 * 4 * t * e}
     if kind.decode == "linear":
       block["q, k, v"] = 7 * t * e + t * h * kv * kv
       scores = 0
@@ -184,17 +213,10 @@ def activation_terms(model, batch_size):
       block["mlp"] = (1 + kept) * slots * m + 2 * slots * e + 2 * t * per_row
     else:
       block["mlp"] = (3 + kept if glu else 1 + kept) * t * m
-    block["dropout"] = (dropout_sites(model.attn_dropout, scores)
-                        + 2 * dropout_sites(model.res_dropout, t * e))
-    per_layer.append(block)
-  if model.recompute_grad:
-    largest = max(per_layer, key=lambda block: sum(block.values()))
-    per_layer = [largest]
-  for block in per_layer:
-    for name, value in block.items():
-      terms[name] += value
-  terms["ln_f"] = 4 * t * e
-  return {name: value for name, value in terms.items() if value}
+    block["dropout"] = (_dropout_site(model.attn_dropout, scores)
+                        + 2 * _dropout_site(model.res_dropout, t * e))
+    blocks.append(block)
+  return blocks
 
 
 def training_memory_bytes(model, batch_size, precision="float32", optimizer=None):
@@ -230,3 +252,181 @@ def training_memory_bytes(model, batch_size, precision="float32", optimizer=None
   if model.tie_embeddings:
     end["tied embedding's second partial gradient"] = a * vocab_table
   return MemoryEstimate(persistent, start, end)
+
+
+def decoding_memory_bytes(model, batch_size, precision="float32", decode=False, length=None):
+  """The analytic estimate of what inference.RestoredModel holds: sampling, evaluation, lm_eval.
+
+  persistent: the float32 weights and, with decode, the key/value cache (keys and values of
+  every softmax layer, [batch, heads, n_ctx + 1, kv]; a linear layer's running sums). The
+  forward pass keeps nothing for a backward: its largest transient is one block's tensors
+  (as `block_activations` counts them, bfloat16 weight copies beside them) and, at the head,
+  the logits [batch, length, vocab] in float32 twice (they and their softmax).
+
+  Args:
+    model: a gpt.GPT.
+    batch_size: windows per run.
+    precision: "float32" or "bfloat16" activations.
+    decode: the graph also decodes through the key/value cache.
+    length: positions per window (default: n_ctx).
+
+  Returns:
+    a MemoryEstimate: `persistent`, and the forward's transients in `backward_start` (the
+    one phase; `backward_end` is empty).
+  """
+  if precision not in BYTES:
+    raise ValueError(f"precision = {precision!r}; use one of {sorted(BYTES)}")
+  a, length = BYTES[precision], length or model.n_ctx
+  params = sum(_elements(shape) for _, shape in weight_shapes(model))
+  persistent = {"weights (float32)": MASTER_BYTES * params}
+  if decode:
+    kv = model.n_embd // model.n_head
+    per_layer = [model.n_head * kv * kv if attention.lookup(kind).decode == "linear"
+                 else 2 * (model.n_ctx + 1) * model.n_embd for kind in model.layer_types]
+    persistent["key/value cache"] = a * batch_size * sum(per_layer)
+  largest = max(sum(block.values()) for block in block_activations(model, batch_size, length))
+  transient = {"activations: the largest block": a * largest,
+               "logits and their softmax (float32)": (
+                   2 * MASTER_BYTES * batch_size * length * model.n_vocab)}
+  if a != MASTER_BYTES:
+    transient["bfloat16 weight copies"] = a * params
+  return MemoryEstimate(persistent, transient, {})
+
+
+# What a run really holds over the estimate: TensorFlow itself, its allocator's slack, the
+# session (bench/RESULTS.md, memory section: peak RSS 1.17x the estimate at the 125M shape,
+# 1.24x at 20m, within issue 15's bound of 1.3x).
+FRAMEWORK_FACTOR = 1.3
+DISABLE = "memory_check.enabled = False"
+
+
+def limits(enabled=True, available=None, device_memory=None):
+  """What bin/train and the programs that load a model check memory against before using it.
+
+  Training (memory.training_memory_bytes of the step, per device of the layout) and
+  inference (decoding_memory_bytes: weights, key/value cache, logits) are estimated before
+  any graph is built; an estimate above what there is stops the program in one line (exit
+  code 2) with the figures and what to change.
+
+  Args:
+    enabled: False skips the check (the estimate can be pessimistic for a config it does
+      not know; the run may then be killed for want of memory).
+    available: bytes (or a size such as "8GiB") to compare a CPU mesh's total with, instead
+      of this machine's MemAvailable (/proc/meminfo).
+    device_memory: bytes (or a size such as "16GiB") of one GPU or TPU device; None: the
+      accelerators' memory is not checked (their host's is not needed).
+
+  Returns:
+    (enabled, available bytes or None, device memory bytes or None).
+  """
+  if not isinstance(enabled, bool):
+    raise UserError(f"memory_check.enabled = {enabled!r}; use True or False")
+  return (enabled, _size(available, "memory_check.available"),
+          _size(device_memory, "memory_check.device_memory"))
+
+
+def _size(value, knob):
+  return None if value is None else cost_model.parse_bytes(value, knob)
+
+
+# Registered, never called through gin: its bindings are read (`_bound_limits`), so a run's
+# operative config, which a model dir carries to whoever samples from it, records no
+# machine's memory knobs.
+gin.configurable("memory_check")(limits)
+
+
+def _bound_limits():
+  """`limits` of the memory_check.* bindings (the defaults where unbound)."""
+  values = {}
+  for name, parameter in inspect.signature(limits).parameters.items():
+    try:
+      values[name] = gin.query_parameter(f"memory_check.{name}")
+    except ValueError:
+      values[name] = parameter.default
+  return limits(**values)
+
+
+def host_available_bytes():
+  """This machine's MemAvailable (bytes) from /proc/meminfo; None where there is none."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        if name == "MemAvailable":
+          return int(value.split()[0]) * 1024  # in kB
+  except OSError:
+    pass
+  return None
+
+
+def check(estimate, mesh, what, fixes):
+  """Raises UserError if `estimate` (per device) can't fit the mesh's memory (see `limits`).
+
+  A CPU mesh's devices share this machine's memory: their sum is compared with its
+  MemAvailable (or memory_check.available); a GPU's or TPU's with
+  memory_check.device_memory, if set.
+
+  Args:
+    estimate: a MemoryEstimate of one device.
+    mesh: the mesh.MeshSpec it runs on.
+    what: the run, for the message, e.g. "training gin/gpt3_xl.gin's step".
+    fixes: what to change, for the message.
+  """
+  enabled, available, device_memory = _bound_limits()
+  if not enabled:
+    return
+  needed = estimate.peak * FRAMEWORK_FACTOR
+  if mesh.device_type == "cpu":
+    needed *= mesh.size // mesh.num_tasks  # this process's devices, all in its memory
+    have, where = available or host_available_bytes(), "available on this machine"
+  else:
+    have, where = device_memory, f"per {mesh.device_type} (memory_check.device_memory)"
+  if have is None or needed <= have:
+    return
+  held = sum(estimate.persistent.values())
+  fmt = cost_model.format_bytes
+  raise UserError(
+      f"{what} needs about {fmt(needed)} ({FRAMEWORK_FACTOR}x the estimate: {fmt(held)} of "
+      f"{' and '.join(name.split(' (')[0] for name in estimate.persistent)}, {fmt(estimate.peak - held)}"
+      f" more at its peak) but {fmt(have)} is {where}; {fixes}, or set {DISABLE} to try anyway")
+
+
+# Terms that scale with the batch and sequence (split as activations are); the rest are
+# weights, their optimizer state, gradients and copies.
+_ACTIVATION_LIKE = ("activations", "logits", "loss gradient", "key/value cache")
+
+
+def _adam_like_slots(shape):
+  return [shape, shape]
+
+
+def per_device(estimate, work, mesh, optimizer=None):
+  """`estimate` (one device holding everything) as one device of `mesh`'s layout holds it.
+
+  The layout search's cost model says which share of the weights, optimizer state and
+  gradients, and which of the activations, a device keeps under the layout (the ratio of its
+  split to its unsplit figures); the itemized terms are scaled by those shares.
+
+  Args:
+    estimate: a MemoryEstimate (training_memory_bytes or decoding_memory_bytes).
+    work: the cost_model.Workload of the same model and batch.
+    mesh: the mesh.MeshSpec; without a layout, `estimate` is returned as it is.
+    optimizer: has slot_shapes (gptneo/optim), or None for Adam's.
+  """
+  if not mesh.layout:
+    return estimate
+  if callable(getattr(optimizer, "slot_shapes", None)):
+    work = work.with_optimizer(optimizer)
+  else:  # as optimizer_state_elements assumes
+    work = work.with_optimizer(types.SimpleNamespace(slot_shapes=_adam_like_slots), "adam")
+  hardware = cost_model.Hardware(device_memory=1)
+  whole = cost_model.estimate(work, hardware, (), ())
+  split = cost_model.estimate(work, hardware, tuple(mesh.shape), tuple(mesh.layout))
+  shares = (split.param_bytes / whole.param_bytes,
+            split.activation_bytes / whole.activation_bytes)
+
+  def scaled(terms):
+    return {name: count * shares[name.startswith(_ACTIVATION_LIKE)]
+            for name, count in terms.items()}
+  return MemoryEstimate(scaled(estimate.persistent), scaled(estimate.backward_start),
+                        scaled(estimate.backward_end))

@@ -7,9 +7,11 @@ and evaluations.
 """
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -21,6 +23,7 @@ from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
 from gptneo import flops
 from gptneo import gin_utils
+from gptneo import memory
 from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo import storage
@@ -28,8 +31,10 @@ from gptneo import train_graph
 from gptneo.harness import run as harness_run
 from gptneo.compat import tf
 from gptneo.data import inputs
+from gptneo.data import prepare
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import Diverged, UserError
+from gptneo.layout_search import cost_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,16 +87,23 @@ class Settings:
     return bool(self.eval_every_n_steps) and step % self.eval_every_n_steps == 0
 
   def check(self):
-    """Raises UserError (one line) if the run can't work, before anything is built."""
+    """Raises UserError (one line) if the run can't work, before anything is built or
+    written: the knobs, the memory, the dataset (one record of each shard read)."""
     check_ranges(self)
-    check_dataset(self.model, inputs.read_dataset_info(self.dataset_dir), self.dataset_dir)
     if self.batch_size % self.microbatches_per_batch:
       raise UserError(f"train.microbatches_per_batch = {self.microbatches_per_batch} does not "
                       f"divide train.batch_size = {self.batch_size}")
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps)
+    check_memory(self)
+    info = inputs.read_dataset_info(self.dataset_dir)
+    check_dataset(self.model, info, self.dataset_dir)
     harness_run.check_training(self)
+    splits = ["train"] + (["validation"] if self.evaluates and "validation" in info["splits"]
+                          else [])
+    for split in splits:
+      check_first_records(self.dataset_dir, split, info["n_ctx"])
 
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -147,6 +159,73 @@ def check_dataset(model, info, dataset_dir):
     raise UserError(f"dataset {dataset_dir!r} has n_ctx {info['n_ctx']} but GPT.n_ctx = "
                     f"{model.n_ctx}; set GPT.n_ctx = {info['n_ctx']} or prepare the data "
                     f"with --n_ctx={model.n_ctx}")
+
+
+TRAINING_FIXES = ("lower train.batch_size or raise train.microbatches_per_batch, set "
+                  "GPT.recompute_grad = True or train.precision = 'bfloat16', or split the model "
+                  "over more devices (gptneo-search-layout --gin_file=... --devices=N)")
+
+
+def check_memory(s):
+  """A step's estimated memory (gptneo/memory.py) must fit the mesh's devices; analytic,
+  before anything is built or allocated."""
+  micro = s.batch_size // s.microbatches_per_batch
+  estimate = memory.per_device(
+      memory.training_memory_bytes(s.model, micro, s.precision, s.optimizer),
+      cost_model.Workload.of(s.model, s.batch_size, s.microbatches_per_batch), s.mesh,
+      s.optimizer)
+  what = (f"training {s.model.num_parameters() / 1e6:.0f}M parameters on batches of {micro} x "
+          f"{s.model.n_ctx} tokens (train.batch_size / train.microbatches_per_batch, GPT.n_ctx)")
+  memory.check(estimate, s.mesh, what, TRAINING_FIXES)
+
+
+def check_first_records(dataset_dir, split, n_ctx):
+  """The first record of each local shard of `split` must be a window of n_ctx + 1 tokens:
+  a corrupt or foreign shard is named now, before the model dir is touched (a gs:// dataset's
+  shards, fetched as they are read, are checked as they are read: `corrupt_shard`)."""
+  for _, folder, _, info in inputs.components(dataset_dir):
+    for name in info["splits"][split]["files"]:
+      path = os.path.join(folder, name)
+      if os.path.isfile(path):
+        _check_first_record(path, n_ctx)
+
+
+def _check_first_record(path, n_ctx):
+  rerun = "prepare the dataset again (bin/prepare_data --overwrite)"
+  try:
+    record = next(iter(tf.io.tf_record_iterator(path)), None)
+    example = tf.train.Example.FromString(record) if record is not None else None
+  except (tf.errors.OpError, ValueError) as error:  # DecodeError is a ValueError
+    raise UserError(f"dataset shard {path} is corrupt ({_record_error(error)}); {rerun}") from None
+  if example is None:
+    raise UserError(f"dataset shard {path} holds no window; {rerun}")
+  tokens = example.features.feature[prepare.TOKEN_FEATURE].int64_list.value
+  if len(tokens) != n_ctx + 1:
+    raise UserError(f"dataset shard {path} holds windows of {len(tokens)} tokens, not "
+                    f"n_ctx + 1 = {n_ctx + 1} as its dataset.json says; {rerun}")
+
+
+def _record_error(error):
+  """What a record reader's error says about the record (TF's message of a session.run
+  wraps it in the node's name and stack), else its first line."""
+  lines = [line.strip() for line in (getattr(error, "message", None) or str(error)).splitlines()
+           if line.strip()] or [type(error).__name__]
+  return next((line for line in lines if " record" in line), lines[0])
+
+
+def corrupt_shard(dataset_dir, splits):
+  """The first local shard of `splits` whose records do not all read back whole, or None:
+  what a DataLossError in the middle of a run (which names no file) was about."""
+  for _, folder, _, info in inputs.components(dataset_dir):
+    for split in splits:
+      for name in info["splits"].get(split, {}).get("files", []):
+        path = os.path.join(folder, name)
+        try:
+          for _ in tf.io.tf_record_iterator(path) if os.path.isfile(path) else ():
+            pass
+        except tf.errors.DataLossError:
+          return path
+  return None
 
 
 def check_loop(spec, steps_per_loop, eval_every_n_steps):
@@ -235,6 +314,25 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
   return Settings(**locals())
 
 
+def configured_settings():
+  """`settings()` of the parsed config; its required knobs unbound are one line, not gin's
+  traceback."""
+  missing = [f"train.{name}" for name, parameter in inspect.signature(settings).parameters.items()
+             if parameter.default is gin.REQUIRED and not _bound(f"train.{name}")]
+  if missing:
+    raise UserError(f"{', '.join(missing)} not bound; start from a preset (e.g. "
+                    f"--gin_file=tiny.gin) or bind them with --gin_param")
+  return settings()
+
+
+def _bound(binding):
+  try:
+    gin.query_parameter(binding)
+  except ValueError:
+    return False
+  return True
+
+
 def train(model_dir, run_settings=None, force=False):
   """Trains as `run_settings` say (default: the `train.*` bindings) in `model_dir`.
 
@@ -251,7 +349,7 @@ def train(model_dir, run_settings=None, force=False):
     TPU, which has no evaluation loop yet, and when preempted) and "preempted": True if
     SIGTERM or SIGINT stopped the run early, at a step boundary with a checkpoint.
   """
-  s = run_settings or settings()
+  s = run_settings or configured_settings()
   if not s.mesh.is_peer:  # a peer only serves its devices: task 0 checks and drives
     s.check()
   with runtime.started(s.mesh) as rt, Preemption(enabled=not s.mesh.is_peer) as preemption:
@@ -337,36 +435,72 @@ def _copy_tokenizer(dataset_dir, model_dir):
 
 
 class Preemption:
-  """While training: SIGTERM or SIGINT asks the loop to stop at its next step boundary.
+  """While training: SIGTERM or SIGINT asks the loop to stop at its next step boundary; a
+  second one ends the process at once.
 
-  Clusters and TPU VMs preempt with SIGTERM and a grace period; Ctrl-C is SIGINT. The first
-  signal only sets `signal` (the loop then saves a checkpoint and returns); the handlers then
-  revert to the system's default, so a second signal ends the process at once, even inside a
-  long session.run (Python runs its own handlers only between bytecodes). The previous
-  handlers come back when the block ends.
+  Clusters and TPU VMs preempt with SIGTERM and a grace period; Ctrl-C is SIGINT. Python runs
+  its handlers only between bytecodes of the main thread, which may sit for long in one
+  session.run (a step, a checkpoint's write): two signals then would reach a handler as one.
+  So the handlers do nothing, and a thread counts the signals as they arrive, through the
+  byte per signal Python's C-level handler writes to its wakeup fd: the first sets `signal`
+  (the loop then saves a checkpoint and returns); a second exits at once with code 128 + its
+  number (143 for SIGTERM, 130 for SIGINT, as a shell reports a process a signal killed),
+  without a checkpoint: one being written, if any, never gets its manifest and is never read
+  (gptneo/checkpoints.py), so a rerun resumes from the newest complete one. The previous handlers and wakeup fd come back when the block ends.
   """
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self, enabled=True):
     self.signal, self._enabled, self._previous = None, enabled, {}
+    self.signalled = threading.Event()  # set with `signal`: tests wait on it, never sleep
+    self._pipe, self._previous_wakeup, self._watcher = None, None, None
 
   def __enter__(self):
     # Python lets only the main thread handle signals; elsewhere they keep their default.
     if self._enabled and threading.current_thread() is threading.main_thread():
-      self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+      read_end, write_end = os.pipe()
+      os.set_blocking(write_end, False)  # Python's C handler must never block on it
+      self._pipe = (read_end, write_end)
+      self._previous = {signum: signal.signal(signum, _ignore_here) for signum in self.SIGNALS}
+      self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+      self._watcher = threading.Thread(target=self._watch, name="preemption", daemon=True)
+      self._watcher.start()
     return self
 
   def __exit__(self, *exc_info):
+    if self._pipe:
+      signal.set_wakeup_fd(self._previous_wakeup)
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
+    if self._pipe:
+      os.close(self._pipe[1])  # the watcher reads the end of the pipe and returns
+      self._watcher.join()
+      os.close(self._pipe[0])
+      self._pipe = None
 
-  def _handle(self, signum, frame):
-    del frame
-    self.signal = signum
-    for other in self.SIGNALS:
-      signal.signal(other, signal.SIG_DFL)
-    logging.warning("train: %s: stopping after this step with a checkpoint; a second signal "
-                    "stops at once, without one", signal.Signals(signum).name)
+  def _watch(self):
+    while data := os.read(self._pipe[0], 64):
+      for signum in data:  # one byte per signal delivered, its number
+        if signum in self.SIGNALS:
+          self._received(signal.Signals(signum))
+
+  def _received(self, signum):
+    if self.signal is None:
+      self.signal = signum
+      self.signalled.set()
+      logging.warning("train: %s: stopping after this step with a checkpoint; a second signal "
+                      "stops at once, without one", signum.name)
+      return
+    logging.warning("train: a second signal (%s): exiting at once with code %d, without a "
+                    "checkpoint; the newest complete one is kept and a rerun resumes from it",
+                    signum.name, 128 + signum)
+    sys.stderr.flush()
+    os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+def _ignore_here(signum, frame):
+  """The Python-level handler of Preemption's signals: Preemption's thread acts on them."""
+  del signum, frame
 
 
 class Loop:
@@ -397,17 +531,35 @@ class Loop:
     self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
     evaluation = None
     while self.step < s.train_steps and not self.preemption.signal:
-      self.take_steps()
+      self.reading_data(self.take_steps)
       if self.checkpoint_due():
         self.save()
       if s.periodic_eval_at(self.step) and self.graph.eval_fetches:
-        evaluation = self.periodic_eval(self.step)
+        evaluation = self.reading_data(self.periodic_eval, self.step)
       if self.harness and harness_run.due(s, self.step):
         self.harness_eval()
     if self.preemption.signal:
       self.preempted = (self.preemption.signal, self.step, self.stop_checkpoint())
       return self.loss, None
-    return self.loss, self.final_eval(self.step, evaluation)
+    return self.loss, self.reading_data(self.final_eval, self.step, evaluation)
+
+  def reading_data(self, function, *args):
+    """function(*args); a corrupt shard it meets (one the start-up check did not read) ends
+    the run in one line naming it; nothing of the failed step is saved."""
+    try:
+      return function(*args)
+    except tf.errors.DataLossError as error:
+      raise self.data_loss(error) from None
+
+  def data_loss(self, error):
+    """The UserError of a DataLossError (which names no file): the shard found corrupt, and
+    the last checkpoint, intact."""
+    shard = corrupt_shard(self.settings.dataset_dir, ["train", "validation"])
+    latest = self.graph.checkpoints.latest() or "none yet"
+    return UserError(f"dataset shard {shard or 'of ' + repr(self.settings.dataset_dir)} is "
+                     f"corrupt ({_record_error(error)}) at step {self.step}; the last checkpoint "
+                     f"({latest}) is intact: prepare the dataset again (bin/prepare_data "
+                     f"--overwrite) and run the same command to resume")
 
   def take_steps(self):
     """One session.run: a step, or a device loop's steps up to the next log or checkpoint."""

@@ -1,10 +1,14 @@
 """Bad input: one line naming the culprit and the fix, exit code 2, the model dir untouched."""
 import os
+import random
+import shutil
+import struct
 import subprocess
 import sys
 
 import pytest
 
+from gptneo import checkpoints
 from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
 from tests.test_train import train_in_process
 
@@ -127,6 +131,10 @@ BAD_PROGRAM_INPUT = {  # program, its arguments ({model} the trained dir, {tmp} 
     "export over a file": ("export", ["--output={tmp}/file"], ["is a file; name a folder"]),
     "export into a full folder": ("export", ["--output={tmp}/folder"], ["--overwrite"]),
     "unknown flag": ("eval", ["--bogus_flag"], ["bogus_flag"]),
+    "sample past memory": ("sample", ["--gin_param=GPT.n_ctx = 100000000"],
+                           ["windows of 100000000 tokens", "is available on this machine",
+                            "keep GPT.n_ctx as the model was trained",
+                            "memory_check.enabled = False"]),
 }
 
 
@@ -149,3 +157,80 @@ def test_bad_program_input(case, trained_dir, tmp_path):
 def test_a_missing_required_flag_names_it_last():
   result = run_binary("eval")
   assert_one_line_error(result, "eval", "--model_dir")
+
+
+def _train(model_dir, dataset, *bindings, gin_file="tiny.gin"):
+  params = TINY_TEST_BINDINGS + [f'DATASET_DIR = "{dataset}"', "train.train_steps = 4",
+                                 *bindings]
+  return run_binary("train", f"--gin_file={gin_file}", f"--model_dir={model_dir}",
+                    *[f"--gin_param={p}" for p in params])
+
+
+def test_a_run_that_would_not_fit_is_refused_before_anything_is_built(tmp_path, small_dataset):
+  """The issue's line, gpt3_xl on a 24 GiB machine: refused from the analytic estimate (no
+  graph is built: nothing is allocated), the model dir not even made."""
+  result = run_binary("train", "--gin_file=gin/gpt3_xl.gin", f"--model_dir={tmp_path / 'run'}",
+                      f'--gin_param=DATASET_DIR = "{small_dataset}"',
+                      '--gin_param=memory_check.available = "24GiB"')
+  assert_one_line_error(result, "train", "training 1316M parameters on batches of 512 x 2048",
+                        "24.00 GiB is available on this machine", "train.microbatches_per_batch",
+                        "GPT.recompute_grad", "gptneo-search-layout",
+                        "memory_check.enabled = False")
+  assert not (tmp_path / "run").exists()
+
+
+def test_memory_check_enabled_false_lets_a_refused_run_proceed(tmp_path, small_dataset):
+  tight = 'memory_check.available = "1MiB"'  # tiny's step needs more than that
+  result = _train(tmp_path / "run", small_dataset, tight)
+  assert_one_line_error(result, "train", "0.00 GiB is available on this machine")
+  assert not (tmp_path / "run").exists()
+  result = _train(tmp_path / "run", small_dataset, tight, "memory_check.enabled = False",
+                  "train.train_steps = 1", "train.eval_batches = 0")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert checkpoints.newest(str(tmp_path / "run")).path.endswith("model.ckpt-1")
+
+
+def test_train_without_a_config_names_what_to_bind(tmp_path):
+  result = run_binary("train", f"--model_dir={tmp_path / 'run'}")
+  assert_one_line_error(result, "train", "train.model, train.dataset_dir, train.train_steps, "
+                        "train.optimizer, train.mesh not bound", "--gin_file=tiny.gin")
+  assert not (tmp_path / "run").exists()
+
+
+def _scramble(path, keep=0):
+  """Overwrites `path` after its first `keep` bytes with random ones (the same size)."""
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(keep)
+    f.write(random.Random(path.name).randbytes(size - keep))
+
+
+def _first_record_size(path):
+  """Bytes of a TFRecord file's first record: length, its CRC, the data, the data's CRC."""
+  with open(path, "rb") as f:
+    return 8 + 4 + struct.unpack("<Q", f.read(8))[0] + 4
+
+
+def test_corrupt_shards_are_named_before_the_model_dir_is_touched(tmp_path, small_dataset):
+  data = tmp_path / "data"
+  shutil.copytree(small_dataset, data)
+  for shard in data.glob("*.tfrecord"):
+    _scramble(shard)
+  result = _train(tmp_path / "run", data)
+  assert_one_line_error(result, "train", f"dataset shard {data}/train-00000.tfrecord is corrupt",
+                        "bin/prepare_data --overwrite")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_shard_met_mid_run_is_named_and_the_checkpoints_kept(tmp_path, small_dataset):
+  """The start-up check reads each shard's first record; one corrupt further in is met by
+  the run (here the periodic evaluation at step 2, right after its checkpoint)."""
+  data = tmp_path / "data"
+  shutil.copytree(small_dataset, data)
+  validation = data / "validation-00000.tfrecord"
+  _scramble(validation, keep=_first_record_size(validation))
+  result = _train(tmp_path / "run", data, "train.steps_per_checkpoint = 2",
+                  "train.eval_every_n_steps = 2", "train.eval_steps = 2")
+  assert_one_line_error(result, "train", f"dataset shard {validation} is corrupt", "at step 2",
+                        f"the last checkpoint ({tmp_path / 'run'}/model.ckpt-2) is intact")
+  assert checkpoints.newest(str(tmp_path / "run")).path == f"{tmp_path / 'run'}/model.ckpt-2"

@@ -1,9 +1,13 @@
 """The analytic training-memory estimate against hand counts (no training)."""
+import gin
 import pytest
 
+from gptneo import errors
 from gptneo import memory
+from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo.compat import mtf, tf
+from gptneo.layout_search import cost_model
 from gptneo.model import feedforward
 from gptneo.model import gpt
 from gptneo.model import ops
@@ -111,3 +115,78 @@ def test_the_optimizer_says_what_state_it_keeps():
   assert memory.optimizer_state_elements(wide, factored) < wide.num_parameters()
   with pytest.raises(ValueError, match="precision"):
     memory.training_memory_bytes(model, B, precision="float16")
+
+
+def _cpus(count=1, layout=()):
+  """A CPU mesh of `count` devices on mesh dimension x (none for one) with `layout`."""
+  shape = [("x", count)] if count > 1 else []
+  return mesh_lib.MeshSpec(shape, list(layout), [f"/cpu:{i}" for i in range(count)])
+
+
+def test_decoding_holds_weights_cache_and_one_blocks_activations():
+  model = _model(["global", "local"])
+  estimate = memory.decoding_memory_bytes(model, B, decode=True)
+  assert estimate.persistent == {"weights (float32)": 4 * model.num_parameters(),
+                                 "key/value cache": 4 * B * 2 * 2 * (T + 1) * E}
+  largest = max(sum(block.values()) for block in memory.block_activations(model, B))
+  assert largest == LN + OUT + MLP + GLOBAL  # the global block
+  assert estimate.backward_start == {"activations: the largest block": 4 * largest,
+                                     "logits and their softmax (float32)": 2 * SOFTMAX}
+  # GPT.n_ctx = 100000000 (the issue's 51 GB sample): the position table alone is 51 GB
+  long = gpt.GPT(n_layer=2, n_embd=128, n_head=4, n_ctx=100_000_000, n_vocab=V)
+  assert memory.decoding_memory_bytes(long, 1).persistent["weights (float32)"] > 51e9
+
+
+def test_a_layout_splits_what_its_dimensions_divide():
+  model = _model(["global", "global"])
+  work = cost_model.Workload.of(model, B)
+  whole = memory.training_memory_bytes(model, B)
+  assert memory.per_device(whole, work, _cpus()) is whole
+  data = memory.per_device(whole, work, _cpus(2, [("batch", "x")]))
+  assert data.persistent == whole.persistent  # each device holds all the weights
+  assert data.backward_end == whole.backward_end
+  assert {name: 2 * count for name, count in data.backward_start.items()} == (
+      whole.backward_start)  # and half the batch's activations
+
+
+def _refusal(estimate_bytes, mesh, available):
+  gin.bind_parameter("memory_check.available", available)
+  estimate = memory.MemoryEstimate({"weights (float32)": estimate_bytes}, {}, {})
+  try:
+    memory.check(estimate, mesh, "the run", "do less")
+  except errors.UserError as error:
+    return str(error)
+  return None
+
+
+def test_the_check_compares_the_machines_memory_with_every_cpu_device_it_holds():
+  mib = 2 ** 20
+  assert _refusal(100 * mib, _cpus(), "140MiB") is None  # 1.3 x 100 MiB fits
+  refused = _refusal(100 * mib, _cpus(), "120MiB")
+  assert refused == ("the run needs about 0.13 GiB (1.3x the estimate: 0.10 GiB of weights, "
+                     "0.00 GiB more at its peak) but 0.12 GiB is available on this machine; do "
+                     "less, or set memory_check.enabled = False to try anyway"), refused
+  two_cpus = _cpus(2, [("batch", "x")])
+  assert "0.25 GiB" in _refusal(100 * mib, two_cpus, "140MiB")  # both in this memory
+  gin.bind_parameter("memory_check.enabled", False)
+  assert _refusal(100 * mib, _cpus(), "1MiB") is None
+  gin.bind_parameter("memory_check.enabled", "no")  # a string would be true
+  assert _refusal(100 * mib, _cpus(), "1MiB") == ("memory_check.enabled = 'no'; use True or "
+                                                   "False")
+
+
+def test_an_accelerator_is_checked_against_memory_check_device_memory():
+  gpu = mesh_lib.MeshSpec([], [], ["/gpu:0"])
+  assert _refusal(2 ** 40, gpu, "1MiB") is None  # the host's memory is not the GPU's
+  gin.bind_parameter("memory_check.device_memory", "16GiB")
+  assert "16.00 GiB is per gpu (memory_check.device_memory)" in _refusal(2 ** 40, gpu, None)
+  gin.bind_parameter("memory_check.device_memory", "lots")
+  assert _refusal(1, gpu, None).startswith("memory_check.device_memory='lots' is not a size")
+
+
+def test_the_knobs_stay_out_of_the_operative_config():
+  """A model dir carries its operative config to whoever samples from it: not the memory
+  knobs of the machine it was trained on."""
+  gin.bind_parameter("memory_check.available", "1TiB")
+  assert _refusal(1, _cpus(), "1TiB") is None
+  assert "memory_check" not in gin.operative_config_str()

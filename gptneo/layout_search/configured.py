@@ -4,7 +4,6 @@ Shared by bin/search_layout and bin/train --auto_layout / --auto_layout_and_mesh
 """
 import math
 import os
-import re
 
 import gin
 
@@ -15,21 +14,10 @@ from gptneo.layout_search import cost_model
 from gptneo.layout_search import search as search_lib
 from gptneo.model import gpt as gpt_lib
 
-UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
-         "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
 TOP = 5
 
 
-def parse_bytes(text, flag="--device_memory"):
-  """'16GiB', '512MiB', '1.5e9' -> bytes."""
-  match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-  unit = match and match.group(2).lower()
-  if not match or unit not in UNITS:
-    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
-  try:
-    return float(match.group(1)) * UNITS[unit]
-  except ValueError:
-    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+parse_bytes = cost_model.parse_bytes  # the flags' sizes, as memory_check reads them
 
 
 def _query(name, default):
@@ -41,15 +29,7 @@ def _query(name, default):
 
 def workload_from_gin():
   """The model, batch and optimizer the parsed gin config would train (MoE included)."""
-  model = gpt_lib.GPT()
-  moe = model.moe
-  work = cost_model.Workload(
-      n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head, n_ctx=model.n_ctx,
-      n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
-      batch=_query("train.batch_size", 8), recompute=model.recompute_grad,
-      tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
-      moe_layers=len(moe.layers) if moe else 0,
-      capacity_factor=moe.capacity_factor if moe else 1.25)
+  work = cost_model.Workload.of(gpt_lib.GPT(), _query("train.batch_size", 8))
   return work.with_optimizer(*configured_optimizer())
 
 

@@ -18,6 +18,9 @@ capacity_factor share of the tokens, and combining the experts' outputs reduces 
 """
 import dataclasses
 import math
+import re
+
+from gptneo.errors import UserError
 
 # The tensor dimensions a layout may split, in tiers: the search tries the first alone and
 # adds the next only when nothing fits (`experts` exists in mixture-of-experts models only). `kv` (contracted inside attention, so its split
@@ -27,6 +30,24 @@ import math
 TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv",), ("sequence",))
 SPLITTABLE = TIERS[0]
 BYTES = 4  # float32 activations, slices, gradients and optimizer state
+UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
+         "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+
+
+def parse_bytes(text, flag="--device_memory"):
+  """'16GiB', '512MiB', '1.5e9' (or a number) -> bytes; `flag` names it in the error."""
+  match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+  unit = match and match.group(2).lower()
+  if not match or unit not in UNITS:
+    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
+  try:
+    return float(match.group(1)) * UNITS[unit]
+  except ValueError:
+    raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+
+
+def format_bytes(count):
+  return f"{count / 2 ** 30:.2f} GiB"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +79,18 @@ class Workload:
   num_experts: int = 0  # > 0: `moe_layers` blocks have a mixture of this many expert MLPs
   moe_layers: int = 0
   capacity_factor: float = 1.25  # tokens an expert takes, relative to an even share
+
+  @classmethod
+  def of(cls, model, batch, microbatches=1):
+    """The workload of training gpt.GPT `model` on `batch` sequences a step (no optimizer yet:
+    with_optimizer)."""
+    moe = model.moe
+    return cls(n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head,
+               n_ctx=model.n_ctx, n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
+               batch=batch, microbatches=microbatches, recompute=model.recompute_grad,
+               tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
+               moe_layers=len(moe.layers) if moe else 0,
+               capacity_factor=moe.capacity_factor if moe else 1.25)
 
   def __post_init__(self):  # the search's child process gets the state back as JSON lists
     object.__setattr__(self, "optimizer_state", _tuples(self.optimizer_state))

@@ -273,8 +273,7 @@ def _nothing_fits_message(work, hardware, shapes, clock, splittable, time_limit,
           f"devices or raise --device_memory")
 
 
-def format_bytes(count):
-  return f"{count / 2 ** 30:.2f} GiB"
+format_bytes = cost_model.format_bytes
 
 
 def format_mesh(shape):
