@@ -303,6 +303,20 @@ def test_bad_search_input(case, tmp_path):
   assert not (tmp_path / "out.gin").exists()
 
 
+def test_search_keeps_an_existing_output_unless_overwrite(tmp_path):
+  """The user's file is not lost to a search: refused before searching, replaced only with
+  --overwrite."""
+  output = tmp_path / "mine.gin"
+  output.write_text("# my layout\n")
+  args = ["--gin_file=tiny.gin", "--devices=2", f"--output={output}"]
+  result = run_binary("search_layout", *args)
+  assert_one_line_error(result, "search_layout", f"--output={output} exists", "--overwrite")
+  assert output.read_text() == "# my layout\n"
+  run_binary("search_layout", *args, "--overwrite", check=True)
+  assert 'mesh.mesh_shape = "x:2"' in output.read_text()
+  assert os.listdir(tmp_path) == ["mine.gin"]  # no temporary left
+
+
 def test_the_workload_costs_the_configured_optimizers_state():
   def weights_state_and_gradients(*bindings):
     gin_utils.parse(["gpt3_xl.gin"], ['DATASET_DIR = "unused"', *bindings])
