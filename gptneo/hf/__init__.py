@@ -58,9 +58,8 @@ def hf_config(model, eos_id, dtype, arch=GPT_NEO):
           "tie_word_embeddings": model.tie_embeddings, "use_cache": True, "dtype": dtype}
 
 
-def write_tokenizer(model_dir, output_dir, n_ctx):
+def write_tokenizer(tokenizer, output_dir, n_ctx):
   """tokenizer.json plus the configs AutoTokenizer needs to load it as a fast GPT-2 BPE."""
-  tokenizer = inference.load_tokenizer(model_dir)
   tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
   eos = tokenizer_lib.EOS_TOKEN
   special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
@@ -93,6 +92,8 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   arch = check_exportable(model, architecture)
   inference.check_model_dir(model_dir)
   checkpoint = checkpoints.require(model_dir).path
+  tokenizer = inference.load_tokenizer(model_dir)  # read before anything is written
+  tokenizer_lib.eos_id(tokenizer)
   reader = tf.train.load_checkpoint(checkpoint)
   factor = architectures.query_factor(arch, model)
   tensors = {}
@@ -103,7 +104,7 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   os.makedirs(output_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE),
                               metadata={"format": "pt"})
-  eos = write_tokenizer(model_dir, output_dir, model.n_ctx)
+  eos = write_tokenizer(tokenizer, output_dir, model.n_ctx)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
     json.dump(hf_config(model, eos, dtype, arch), f, indent=2)
   return checkpoint

@@ -26,9 +26,12 @@ def parse_bytes(text, flag="--device_memory"):
   if not match or unit not in UNITS:
     raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
   try:
-    return float(match.group(1)) * UNITS[unit]
+    size = float(match.group(1)) * UNITS[unit]
   except ValueError:
     raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+  if not math.isfinite(size):
+    raise UserError(f"{flag}={text!r} is not a finite size; write e.g. {flag}=16GiB")
+  return size
 
 
 def _query(name, default):
@@ -42,10 +45,13 @@ def workload_from_gin():
   """The model, batch and optimizer the parsed gin config would train (MoE included)."""
   model = gpt_lib.GPT()
   moe = model.moe
+  batch = _query("train.batch_size", 8)
+  if type(batch) is not int or batch < 1:
+    raise UserError(f"train.batch_size = {batch!r}; it must be a positive integer")
   work = cost_model.Workload(
       n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head, n_ctx=model.n_ctx,
       n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
-      batch=_query("train.batch_size", 8), recompute=model.recompute_grad,
+      batch=batch, recompute=model.recompute_grad,
       tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
       moe_layers=len(moe.layers) if moe else 0,
       capacity_factor=moe.capacity_factor if moe else 1.25)
@@ -75,6 +81,10 @@ def configured_optimizer():
 def check_mesh_shape(mesh_shape, devices):
   """A fixed --mesh_shape must use exactly the devices there are."""
   shape = tuple(mesh_lib.parse_mesh_shape(mesh_shape))
+  names = [name for name, _ in shape]
+  if len(set(names)) < len(names) or any(dim_size < 1 for _, dim_size in shape):
+    raise UserError(f"--mesh_shape={mesh_shape!r}: each dimension needs its own name and a "
+                    f"positive size, e.g. --mesh_shape=x:2,y:4")
   size = math.prod(dim_size for _, dim_size in shape)
   if devices and size != devices:
     raise UserError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
@@ -89,8 +99,11 @@ def run(devices, mesh_shape, device_memory, link_bandwidth, device_flops, time_l
   recompute: None lets the search decide per candidate (no recompute if it fits), unless the
   config already sets GPT.recompute_grad = True; True or False fixes it.
   """
-  if time_limit <= 0:
+  if not time_limit > 0:  # nan too
     raise UserError(f"--time_limit={time_limit}; give the search a positive number of seconds")
+  for flag, rate in (("--device_flops", device_flops), ("--link_bandwidth", link_bandwidth)):
+    if not 0 < rate < math.inf:
+      raise UserError(f"{flag}={rate}; give a positive, finite rate, e.g. {flag}=5e10")
   shape = check_mesh_shape(mesh_shape, devices) if mesh_shape else None
   if shape is None and (not devices or devices < 1):
     raise UserError(f"--devices={devices}; give a positive device count or a --mesh_shape")
