@@ -47,7 +47,7 @@ def write_json(path, value):
   storage.atomic_write(str(path), write)
 
 
-def read_json(path, fix):
+def read_json(path, fix="move it away and run the sweep's command again"):
   """The JSON object in `path` (ours, written whole by write_json); a damaged one (another
   program's, a disk fault) is a one-line UserError ending in `fix`."""
   try:
@@ -124,7 +124,7 @@ class Root:
     path = self.path / SWEEP_JSON
     if not path.is_file():
       return None
-    record = read_json(path, "move it away and run the sweep's command again")
+    record = read_json(path)
     if not isinstance(record.get("spec"), dict) or not isinstance(record.get("points"), list):
       raise UserError(f"{path} is damaged (it lacks spec or points); move it away and run "
                       f"the sweep's command again")
