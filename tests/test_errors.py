@@ -135,6 +135,17 @@ BAD_PROGRAM_INPUT = {  # program, its arguments ({model} the trained dir, {tmp} 
                            ["windows of 100000000 tokens", "is available on this machine",
                             "keep GPT.n_ctx as the model was trained",
                             "memory_check.enabled = False"]),
+    "export to an empty --output": ("export", ["--output="], ["--output must name a folder"]),
+    "export into the model dir": ("export", ["--output={model}/hf", "--overwrite"],
+                                  ["is inside --model_dir=", "another folder"]),
+    "export with a stray argument": ("export", ["--output={tmp}/hf", "--overwrite", "false"],
+                                     ["unexpected arguments ['false']"]),
+    "import with a stray argument": ("import_hf", ["--hf_dir={tmp}", "extra"],
+                                     ["unexpected arguments ['extra']"]),
+    "import from an empty --hf_dir": ("import_hf", ["--hf_dir="],
+                                      ["--hf_dir must name a folder"]),
+    "lm_eval with a stray argument": ("lm_eval", ["--tasks=gptneo_lambada", "extra"],
+                                      ["unexpected arguments ['extra']"]),
 }
 
 
@@ -149,7 +160,7 @@ def test_bad_program_input(case, trained_dir, tmp_path):
   prompted = program == "sample" and not any(a.startswith("--prompt_file") for a in args)
   prompt = ["--prompt=x"] if prompted else []
   result = run_binary(program, f"--model_dir={trained_dir}", *prompt,
-                      *[arg.format(tmp=tmp_path) for arg in args])
+                      *[arg.format(tmp=tmp_path, model=trained_dir) for arg in args])
   assert_one_line_error(result, program, *fragments)
   assert (snapshot(trained_dir), snapshot(tmp_path)) == before
 
@@ -234,3 +245,11 @@ def test_a_corrupt_shard_met_mid_run_is_named_and_the_checkpoints_kept(tmp_path,
   assert_one_line_error(result, "train", f"dataset shard {validation} is corrupt", "at step 2",
                         f"the last checkpoint ({tmp_path / 'run'}/model.ckpt-2) is intact")
   assert checkpoints.newest(str(tmp_path / "run")).path == f"{tmp_path / 'run'}/model.ckpt-2"
+def test_export_without_a_tokenizer_writes_nothing(trained_dir, tmp_path):
+  """Everything export reads is read before the first file is written."""
+  model_dir = tmp_path / "model"
+  shutil.copytree(trained_dir, model_dir)
+  os.remove(model_dir / "tokenizer.json")
+  result = run_binary("export", f"--model_dir={model_dir}", f"--output={tmp_path / 'hf'}")
+  assert_one_line_error(result, "export", "tokenizer.json' does not exist")
+  assert not (tmp_path / "hf").exists()

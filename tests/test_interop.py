@@ -452,9 +452,9 @@ def test_import_of_a_random_hf_model_gives_its_logits(tmp_path, exported, model_
 @pytest.mark.parametrize("model_type, change, line", [
     ("gpt2", {}, "transformer.h.0.attn.c_attn.bias is not zero, and our query/key/value "
      "projection has no bias; this model cannot be imported exactly"),
-    ("gpt_neox", {"use_parallel_residual": True}, "config.json: use_parallel_residual = True (a "
-     "JSON boolean), expected false (ours adds attention, then the feed-forward); fix "
-     "config.json"),
+    ("gpt_neox", {"use_parallel_residual": True}, "config.json: use_parallel_residual = True, "
+     "but ours computes only false (ours adds attention, then the feed-forward); this model "
+     "can't be imported (yet)"),
 ])
 def test_import_refuses_what_ours_cannot_compute(tmp_path, exported, model_type, change, line):
   config = hf_test_configs()[model_type]
@@ -465,3 +465,180 @@ def test_import_refuses_what_ours_cannot_compute(tmp_path, exported, model_type,
                       f"--model_dir={tmp_path / 'ours'}")
   assert_one_line_error(result, "import_hf", line)
   assert not (tmp_path / "ours").exists() or not os.listdir(tmp_path / "ours")
+
+
+# --- Weights that are not the model config.json describes, and models ours can't compute:
+# refused in one line naming the file or tensor, before anything is written.
+
+@pytest.fixture(scope="module")
+def random_hf_neo(tmp_path_factory, small_dataset):
+  """A tiny random HF GPT-Neo folder of NEO_CONFIG (save_pretrained), with the small
+  dataset's tokenizer."""
+  torch, transformers = hf_libraries()
+  folder = tmp_path_factory.mktemp("random_hf") / "neo"
+  torch.manual_seed(0)
+  shape = {k: v for k, v in NEO_CONFIG.items() if k not in ("model_type", "architectures")}
+  transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+      bos_token_id=0, eos_token_id=0, **shape)).save_pretrained(folder)
+  shutil.copy(os.path.join(small_dataset, "tokenizer.json"), folder)
+  return folder
+
+
+def _edit_config(folder, **changes):
+  path = folder / "config.json"
+  path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def _edit_weights(folder, edit):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  path = folder / hf.WEIGHTS_FILE
+  tensors = dict(safetensors.numpy.load_file(path))
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _index(folder, text):
+  (folder / hf.WEIGHTS_INDEX).write_text(text)
+
+
+WTE = "transformer.wte.weight"
+BAD_HF_FOLDERS = {  # name: (edit of the folder, fragments of the one line ({hf}: the folder))
+    "wte as [V/2, 2E]": (
+        lambda f: _edit_weights(f, lambda t: t.update({WTE: t[WTE].reshape(VOCAB // 2, 64)})),
+        ["{hf}/model.safetensors: transformer.wte.weight has shape [256, 64], but the model "
+         "{hf}/config.json describes needs [512, 32]; is {hf}/config.json the one saved "
+         "with these weights?"]),
+    "a tensor missing": (
+        lambda f: _edit_weights(f, lambda t: t.pop("transformer.h.1.ln_2.bias")),
+        ["{hf}'s weights lack ['transformer.h.1.ln_2.bias']", "every shard"]),
+    "config.json one layer short": (
+        lambda f: _edit_config(f, num_layers=1, attention_types=[[["global"], 1]]),
+        ["{hf}'s weights hold ['transformer.h.1.attn.attention.k_proj.weight'", "no place for"]),
+    "int8 weights": (
+        lambda f: _edit_weights(f, lambda t: t.update({WTE: t[WTE].astype(np.int8)})),
+        ["transformer.wte.weight holds int8 values, not floating point"]),
+    "NaN weights": (
+        lambda f: _edit_weights(f, lambda t: t.update({WTE: np.full_like(t[WTE], np.nan)})),
+        ["transformer.wte.weight holds NaN or infinite values"]),
+    "config.json not JSON": (lambda f: (f / "config.json").write_text("{not json"),
+                             ["{hf}/config.json is not readable JSON (Expecting property"]),
+    "config.json not UTF-8": (lambda f: (f / "config.json").write_bytes(b"\xff\xfe\x00"),
+                              ["{hf}/config.json is not readable JSON ('utf-8' codec"]),
+    "config.json's model_type a list": (lambda f: _edit_config(f, model_type=["gpt_neo"]),
+                                        ["holds a ['gpt_neo'] model", "can be imported"]),
+    "index not JSON": (lambda f: _index(f, "{oops"),
+                       ["{hf}/model.safetensors.index.json is not readable JSON"]),
+    "index without weight_map": (lambda f: _index(f, "[]"), ["has no weight_map object"]),
+    "index naming a file outside": (
+        lambda f: _index(f, json.dumps({"weight_map": {WTE: "../neo/model.safetensors"}})),
+        ["lists the shard '../neo/model.safetensors', not a file name in {hf}"]),
+    "index naming a missing shard": (
+        lambda f: _index(f, json.dumps({"weight_map": {WTE: "model-00002.safetensors"}})),
+        ["lists the shard model-00002.safetensors, which {hf} lacks"]),
+    "tokenizer larger than the vocabulary": (
+        lambda f: (_edit_config(f, vocab_size=256),
+                   _edit_weights(f, lambda t: t.update({WTE: t[WTE][:256]}))),
+        ["its tokenizer has 512 tokens, more than the model's vocab_size = 256"]),
+    "tokenizer not JSON": (lambda f: (f / "tokenizer.json").write_text("{oops"),
+                           ["{hf} has no usable tokenizer (", "copy the model's tokenizer"]),
+}
+
+
+def _import_in_process(hf_dir, model_dir):
+  gin_utils.parse(["layouts/single.gin"], [])  # bin/import_hf's code, in this process
+  return hf.import_hf(str(hf_dir), str(model_dir), mesh_lib.mesh())
+
+
+@pytest.mark.parametrize("case", BAD_HF_FOLDERS)
+def test_import_refuses_weights_that_are_not_the_configs_model(tmp_path, random_hf_neo, case):
+  edit, fragments = BAD_HF_FOLDERS[case]
+  hf_dir = tmp_path / "neo"
+  shutil.copytree(random_hf_neo, hf_dir)
+  edit(hf_dir)
+  with pytest.raises(UserError) as error:
+    _import_in_process(hf_dir, tmp_path / "ours")
+  message = str(error.value)
+  assert "\n" not in message
+  for fragment in fragments:
+    assert fragment.format(hf=hf_dir) in message, message
+  assert not (tmp_path / "ours").exists()
+
+
+def test_import_of_a_wrong_shape_is_one_line_exit_2(tmp_path, random_hf_neo):
+  """Issue 21's case as a user ran it: exit 0 into a scrambled model."""
+  edit, [line] = BAD_HF_FOLDERS["wte as [V/2, 2E]"]
+  hf_dir = tmp_path / "neo"
+  shutil.copytree(random_hf_neo, hf_dir)
+  edit(hf_dir)
+  result = run_binary("import_hf", f"--hf_dir={hf_dir}", f"--model_dir={tmp_path / 'ours'}")
+  assert_one_line_error(result, "import_hf", line.format(hf=hf_dir))
+  assert not (tmp_path / "ours").exists()
+
+
+def test_import_reads_bfloat16_weights_and_skips_saved_buffers(tmp_path, random_hf_neo):
+  """What save_pretrained writes too: bfloat16 weights, older versions' attention-mask
+  buffers, a tied lm_head.weight (HF ties it to wte, as ours does)."""
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  hf_dir = tmp_path / "neo"
+  shutil.copytree(random_hf_neo, hf_dir)
+
+  def edit(tensors):
+    tensors.update({name: array.astype(ml_dtypes.bfloat16) for name, array in tensors.items()})
+    tensors["lm_head.weight"] = tensors[WTE]
+    tensors["transformer.h.0.attn.attention.bias"] = np.tril(np.ones((64, 64), bool))
+    tensors["transformer.h.0.attn.attention.masked_bias"] = np.array(-1e9, np.float32)
+  _edit_weights(hf_dir, edit)
+  checkpoint = _import_in_process(hf_dir, tmp_path / "ours")
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  wte = safetensors.numpy.load_file(hf_dir / hf.WEIGHTS_FILE)[WTE].astype(np.float32)
+  np.testing.assert_array_equal(tf.train.load_checkpoint(checkpoint).get_tensor("gpt/wte"), wte)
+
+
+GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+               "vocab_size": VOCAB}
+NEOX_CONFIG = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "max_position_embeddings": 64, "vocab_size": VOCAB,
+               "use_parallel_residual": False}
+UNSUPPORTED = {  # name: (config.json, the start of what the line says)
+    "a parallel residual": (dict(NEOX_CONFIG, use_parallel_residual=True),
+                            "use_parallel_residual = True, but ours computes only false"),
+    "no attention bias": (dict(NEOX_CONFIG, attention_bias=False),
+                          "attention_bias = False, but ours computes only true"),
+    "scaled RoPE": (dict(NEOX_CONFIG, rope_parameters={"rope_type": "linear", "factor": 2.0}),
+                    "rope_type = 'linear', but ours computes only \"default\""),
+    "transformers 4's scaled RoPE": (dict(NEOX_CONFIG, rope_scaling={"type": "dynamic"}),
+                                     "rope_scaling = {'type': 'dynamic'}, but ours computes "
+                                     "only null"),
+    "rotary dims not even": (dict(NEOX_CONFIG, rotary_pct=0.1),
+                             "ours can't build the model it describes (RotaryPositions."
+                             "fraction = 0.1 rotates 0.8 of the 8 dims per head)"),
+    "another activation": (dict(NEO_CONFIG, activation_function="quick_gelu"),
+                           "activation_function = 'quick_gelu', but ours computes only one of"),
+    "a window not dividing the context": (dict(NEO_CONFIG, window_size=7),
+                                          "ours can't build the model it describes "
+                                          "(GPT.window_size = 7 does not divide GPT.n_ctx = 64)"),
+    "a feed-forward width not a multiple": (dict(GPT2_CONFIG, n_inner=50),
+                                            "n_inner = 50 is not a multiple of the hidden size "
+                                            "32, but ours needs one"),
+    "attention scaled per layer": (dict(GPT2_CONFIG, scale_attn_by_inverse_layer_idx=True),
+                                   "scale_attn_by_inverse_layer_idx = True, but ours computes "
+                                   "only false"),
+}
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED)
+def test_import_refuses_a_model_ours_cannot_compute_without_asking_to_edit_it(tmp_path, case):
+  """Editing config.json would import a different model: the line says it can't be
+  imported, and suggests no edit."""
+  config, problem = UNSUPPORTED[case]
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError) as error:
+    _import_in_process(hf_dir, tmp_path / "ours")
+  message = str(error.value)
+  where = f"{hf_dir / 'config.json'}{' rope_parameters' if 'rope_type' in problem else ''}"
+  assert message.startswith(f"{where}: {problem}"), message
+  assert message.endswith("; this model can't be imported (yet)"), message
+  assert not any(word in message for word in ("fix", "set ", "change", "pick")), message
+  assert not (tmp_path / "ours").exists()

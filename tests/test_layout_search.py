@@ -303,6 +303,18 @@ BAD_SEARCHES = {
     "bad memory size": (["--gin_file=gpt3_xl.gin", "--devices=8", "--device_memory=lots"],
                         ["--device_memory='lots'", "16GiB"]),
     "no devices": (["--gin_file=gpt3_xl.gin"], ["--devices=None", "--mesh_shape"]),
+    "infinite memory": (["--gin_file=tiny.gin", "--devices=2", "--device_memory=1e999"],
+                        ["--device_memory='1e999' is not a finite size"]),
+    "no FLOP/s": (["--gin_file=tiny.gin", "--devices=2", "--device_flops=0"],
+                  ["--device_flops=0.0; give a positive, finite rate"]),
+    "NaN bandwidth": (["--gin_file=tiny.gin", "--devices=2", "--link_bandwidth=nan"],
+                      ["--link_bandwidth=nan; give a positive, finite rate"]),
+    "mesh dimension of size 0": (["--gin_file=tiny.gin", "--mesh_shape=x:0"],
+                                 ["--mesh_shape='x:0'", "positive size"]),
+    "mesh dimension named twice": (["--gin_file=tiny.gin", "--mesh_shape=x:2,x:2"],
+                                   ["--mesh_shape='x:2,x:2'", "its own name"]),
+    "batch of 0": (["--gin_file=tiny.gin", "--devices=2", "--gin_param=train.batch_size = 0"],
+                   ["train.batch_size = 0; it must be a positive integer"]),
     "optimizer that can't say its state": (
         ["--gin_file=gpt3_xl.gin", "--devices=8", "--gin_param=train.optimizer = @SgdOptimizer()",
          "--gin_param=SgdOptimizer.learning_rate = 0.1"], ["@SgdOptimizer()", "slot_shapes"]),
@@ -315,6 +327,20 @@ def test_bad_search_input(case, tmp_path):
   result = run_binary("search_layout", *args, f"--output={tmp_path / 'out.gin'}")
   assert_one_line_error(result, "search_layout", *fragments)
   assert not (tmp_path / "out.gin").exists()
+
+
+def test_search_keeps_an_existing_output_unless_overwrite(tmp_path):
+  """The user's file is not lost to a search: refused before searching, replaced only with
+  --overwrite."""
+  output = tmp_path / "mine.gin"
+  output.write_text("# my layout\n")
+  args = ["--gin_file=tiny.gin", "--devices=2", f"--output={output}"]
+  result = run_binary("search_layout", *args)
+  assert_one_line_error(result, "search_layout", f"--output={output} exists", "--overwrite")
+  assert output.read_text() == "# my layout\n"
+  run_binary("search_layout", *args, "--overwrite", check=True)
+  assert 'mesh.mesh_shape = "x:2"' in output.read_text()
+  assert os.listdir(tmp_path) == ["mine.gin"]  # no temporary left
 
 
 def test_the_workload_costs_the_configured_optimizers_state():

@@ -28,6 +28,7 @@ from gptneo.sweep import scaling
 from gptneo.sweep import spec as spec_lib
 from gptneo.sweep import sweep_file
 from gptneo.sweep import validate
+from tests.test_errors import assert_one_line_error
 
 LR = "learning_rate_schedule.learning_rate"
 # 3 learning rates (the last diverges) x 2 widths; long enough that a kill lands mid-run.
@@ -597,3 +598,12 @@ def test_a_gs_root_another_machine_drives_is_refused_unless_force(gcs, tmp_path)
       pass
   with root.lock(force=True):
     assert (root.path / root_lib.LOCK).is_file()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"spec": {}}'])
+def test_a_damaged_sweep_json_is_one_line(tmp_path, content):
+  (tmp_path / "sweep.json").write_text(content)
+  result = run_binary("sweep", f"--root={tmp_path}", "--status")
+  assert_one_line_error(result, "sweep", f"{tmp_path / 'sweep.json'} is damaged (",
+                        "move it away and run the sweep's command again")
+  assert (tmp_path / "sweep.json").read_text() == content

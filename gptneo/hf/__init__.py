@@ -16,6 +16,7 @@ import safetensors.numpy
 
 from gptneo import checkpoints
 from gptneo import inference
+from gptneo import memory
 from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo.compat import tf
@@ -57,9 +58,8 @@ def hf_config(model, eos_id, dtype, arch=GPT_NEO):
           "tie_word_embeddings": model.tie_embeddings, "use_cache": True, "dtype": dtype}
 
 
-def write_tokenizer(model_dir, output_dir, n_ctx):
+def write_tokenizer(tokenizer, output_dir, n_ctx):
   """tokenizer.json plus the configs AutoTokenizer needs to load it as a fast GPT-2 BPE."""
-  tokenizer = inference.load_tokenizer(model_dir)
   tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
   eos = tokenizer_lib.EOS_TOKEN
   special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
@@ -92,6 +92,8 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   arch = check_exportable(model, architecture)
   inference.check_model_dir(model_dir)
   checkpoint = checkpoints.require(model_dir).path
+  tokenizer = inference.load_tokenizer(model_dir)  # read before anything is written
+  tokenizer_lib.eos_id(tokenizer)
   reader = tf.train.load_checkpoint(checkpoint)
   factor = architectures.query_factor(arch, model)
   tensors = {}
@@ -102,7 +104,7 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   os.makedirs(output_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE),
                               metadata={"format": "pt"})
-  eos = write_tokenizer(model_dir, output_dir, model.n_ctx)
+  eos = write_tokenizer(tokenizer, output_dir, model.n_ctx)
   with open(os.path.join(output_dir, "config.json"), "w") as f:
     json.dump(hf_config(model, eos, dtype, arch), f, indent=2)
   return checkpoint
@@ -119,13 +121,22 @@ def _scaled_queries(array, ours, factor):
 
 # --- Import.
 
+def _read_json(path, fix):
+  """The JSON value in `path`; one that is unreadable or not JSON is a one-line UserError
+  ending in `fix`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
+    raise UserError(f"{path} is not readable JSON ({error}); {fix}") from None
+
+
 def read_hf_config(hf_dir):
   """config.json of an HF folder of one of ARCHITECTURES (its values: checked by gin_bindings)."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
-  with open(path) as f:
-    config = json.load(f)
+  config = _read_json(path, "--hf_dir must be a folder save_pretrained wrote")
   if not isinstance(config, dict):
     raise UserError(f"{path} holds a JSON {fields.json_type(config)}, not an object; is it an "
                     f"HF config.json?")
@@ -139,22 +150,40 @@ def gin_bindings(config, path="config.json"):
   return [f"{name} = {gin_literal(value)}" for name, value in arch.values(config, path).items()]
 
 
-def _hf_weights(hf_dir):
-  """{HF name: float32 array} from model.safetensors or the shards its index lists."""
+def _weight_files(hf_dir):
+  """The safetensors files of an HF folder: model.safetensors or the shards its index lists
+  (file names in the folder: an index names no path outside it)."""
   index = os.path.join(hf_dir, WEIGHTS_INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
-    files = [WEIGHTS_FILE]
-  else:
+  if not os.path.exists(index):
+    if os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
+      return [WEIGHTS_FILE]
     raise UserError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
                     f"model with safe_serialization=True (.bin weights are not supported)")
-  weights = {}
-  for name in files:
-    tensors = _load_safetensors(os.path.join(hf_dir, name))
-    weights.update({key: value.astype(np.float32) for key, value in tensors.items()})
-  return weights
+  fix = "save the model again with save_pretrained"
+  weight_map = _read_json(index, fix)
+  weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+  if not isinstance(weight_map, dict):
+    raise UserError(f"{index} has no weight_map object; {fix}")
+  for name in weight_map.values():
+    if type(name) is not str or name != os.path.basename(name) or name in ("", ".", ".."):
+      raise UserError(f"{index} lists the shard {name!r}, not a file name in {hf_dir}; {fix}")
+  shards = sorted(set(weight_map.values()))
+  for name in shards:
+    if not os.path.exists(os.path.join(hf_dir, name)):
+      raise UserError(f"{index} lists the shard {name}, which {hf_dir} lacks; is the folder "
+                      f"complete (every shard)?")
+  return shards
+
+
+def _hf_weights(hf_dir):
+  """({HF name: array, as stored}, {HF name: the file holding it}) of an HF folder."""
+  weights, sources = {}, {}
+  for name in _weight_files(hf_dir):
+    path = os.path.join(hf_dir, name)
+    tensors = _load_safetensors(path)
+    weights.update(tensors)
+    sources.update(dict.fromkeys(tensors, path))
+  return weights, sources
 
 
 def _load_safetensors(path):
@@ -167,25 +196,103 @@ def _load_safetensors(path):
                     f"save the model again with save_pretrained") from None
 
 
-def _read_tokenizer(hf_dir):
+def _read_tokenizer(hf_dir, n_vocab):
+  """The tokenizer of an HF folder, once it fits the model: its ids below n_vocab, with our
+  end-of-document token."""
   try:
     tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
-  except ValueError as error:
-    raise UserError(f"{hf_dir} has no usable tokenizer ({error})") from None
-  tokenizer_lib.eos_id(tokenizer)
+  except ValueError as error:  # a UserError, or json's error on a damaged vocab.json
+    raise UserError(f"{hf_dir} has no usable tokenizer ({fields.culprit(error)}); copy the "
+                    f"model's tokenizer.json (or vocab.json and merges.txt) into it") from None
+  if tokenizer.token_to_id(tokenizer_lib.EOS_TOKEN) is None:
+    raise fields.unsupported(hf_dir, f"its tokenizer has no {tokenizer_lib.EOS_TOKEN} token, "
+                             f"but ours ends every document with it")
+  size = tokenizer.get_vocab_size(with_added_tokens=True)
+  if size > n_vocab:
+    raise UserError(f"{hf_dir}: its tokenizer has {size} tokens, more than the model's "
+                    f"vocab_size = {n_vocab} embeddings; is it the tokenizer saved with this "
+                    f"model?")
   return tokenizer
 
 
-def our_weights(arch, model, hf_tensors):
-  """{our name: array} from {HF name: array}; a one-line UserError if one is missing."""
-  hf_tensors = {arch.aliases.get(name, name): array for name, array in hf_tensors.items()}
+# Buffers older transformers saved with the weights (attention masks, rotary frequencies):
+# computed from the config, not learned; the last two parts of their names.
+HF_BUFFERS = {("attn", "bias"), ("attn", "masked_bias"), ("attention", "bias"),
+              ("attention", "masked_bias"), ("rotary_emb", "inv_freq")}
+FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)}
+
+
+def hf_shapes(arch, model):
+  """{HF name: shape} of every weight the `arch` model computing `model` holds."""
+  ours = {"gpt/" + name: tuple(size for _, size in shape)
+          for name, shape in memory.weight_shapes(model)}
+  shapes = {}
+  for name, names, kind in arch.weight_pairs(model.n_layer, model.tie_embeddings):
+    stand_in = np.broadcast_to(np.float32(0), ours[name])  # a shape, without its memory
+    shapes.update({hf_name: array.shape
+                   for hf_name, array in zip(names, _to_hf(kind, stand_in), strict=True)})
+  return shapes
+
+
+def check_weights(arch, model, hf_tensors, sources, hf_dir):
+  """Refuses (one line) HF weights that are not the model config.json describes: one missing,
+  an extra one, one of another shape, not floating point, or not finite.
+
+  Args:
+    arch: the Architecture of config.json.
+    model: our GPT of config.json's bindings.
+    hf_tensors: {HF name: array} (aliases resolved).
+    sources: {HF name: the file holding it}, to name it.
+    hf_dir: the HF folder.
+  """
+  expected = hf_shapes(arch, model)
+  config = os.path.join(hf_dir, "config.json")
+  agree = f"{config} the one saved with these weights?"
+  missing = sorted(set(expected) - set(hf_tensors))
+  if missing:
+    raise UserError(f"{hf_dir}'s weights lack {missing[:3]}, which the model {config} "
+                    f"describes has; is the folder complete (every shard), and {agree}")
+  ignored = {arch.head} if model.tie_embeddings else set()  # HF ties it too
+  extra = sorted(name for name in set(hf_tensors) - set(expected) - ignored
+                 if tuple(name.split(".")[-2:]) not in HF_BUFFERS)
+  if extra:
+    raise UserError(f"{hf_dir}'s weights hold {extra[:3]}, which the model {config} describes "
+                    f"has no place for; is {agree}")
+  for name, shape in expected.items():
+    array = hf_tensors[name]
+    if array.dtype not in FLOAT_DTYPES:
+      raise UserError(f"{sources.get(name, hf_dir)}: {name} holds {array.dtype} values, not "
+                      f"floating point (a quantized model?); import the model's float16, "
+                      f"bfloat16 or float32 weights")
+    if array.shape != shape:
+      raise UserError(f"{sources.get(name, hf_dir)}: {name} has shape {list(array.shape)}, "
+                      f"but the model {config} describes needs {list(shape)}; is {agree}")
+    if not np.isfinite(array).all():
+      raise UserError(f"{sources.get(name, hf_dir)}: {name} holds NaN or infinite values; "
+                      f"the weights are damaged (a diverged run?): import a good checkpoint")
+
+
+def our_weights(arch, model, hf_tensors, sources=None, hf_dir="the HF folder"):
+  """{our name: float32 array} from {HF name: array}, once check_weights accepts them."""
+  aliases = arch.aliases
+  hf_tensors = {aliases.get(name, name): array for name, array in hf_tensors.items()}
+  sources = {aliases.get(name, name): path for name, path in (sources or {}).items()}
+  check_weights(arch, model, hf_tensors, sources, hf_dir)
   pairs = arch.weight_pairs(model.n_layer, model.tie_embeddings)
-  missing = sorted({name for _, names, _ in pairs for name in names} - set(hf_tensors))
-  if missing:  # before anything is written; write_checkpoint checks again, on the graph
-    raise UserError(f"the HF weights lack {missing[:3]}; is the folder complete?")
-  return {ours: architectures.CONVERSIONS[kind][1]([hf_tensors[n] for n in names],
-                                                  model.n_head, names)
+  return {ours: architectures.CONVERSIONS[kind][1](
+      [hf_tensors[n].astype(np.float32) for n in names], model.n_head, names)
           for ours, names, kind in pairs}
+
+
+def build_model(config_path):
+  """Our GPT of the bindings parsed from an HF config; one the config describes but ours
+  can't build (a window not dividing the context, a rotary share of odd size) is refused as
+  a model that can't be imported."""
+  try:
+    return gpt_lib.GPT()
+  except UserError as error:  # in our knobs' terms, with a fix for a gin file: not for here
+    raise fields.unsupported(config_path, f"ours can't build the model it describes "
+                                          f"({fields.culprit(error)})") from None
 
 
 def write_checkpoint(model, spec, model_dir, weights):
@@ -193,12 +300,9 @@ def write_checkpoint(model, spec, model_dir, weights):
   restored = inference.RestoredModel(model, runtime.Runtime(spec), model_dir, batch_size=1)
   with restored.graph.as_default():
     masters = {v.op.name: v for v in tf.global_variables()}
-    missing = sorted(set(masters) - set(weights))
-    if missing:
-      raise UserError(f"the HF weights lack {missing[:3]}; is the folder complete?")
     restored.checkpoints.restore_or_initialize(restored.session)
-    for name, variable in masters.items():
-      variable.load(weights[name].reshape(variable.shape.as_list()), restored.session)
+    for name, variable in masters.items():  # shapes checked (check_weights): a bug if not
+      variable.load(weights[name], restored.session)
     restored.session.run(restored.lowering.copy_masters_to_slices())
     return restored.checkpoints.save(restored.session, 0)
 
@@ -214,14 +318,14 @@ def import_hf(hf_dir, model_dir, spec, overwrite=False):
   """
   config = read_hf_config(hf_dir)
   arch = architectures.from_hf_config(config, hf_dir)
-  bindings = gin_bindings(config, os.path.join(hf_dir, "config.json"))
-  hf_tensors = _hf_weights(hf_dir)
-  tokenizer = _read_tokenizer(hf_dir)
-  model_dir_lib.check_empty(model_dir, overwrite)
+  config_path = os.path.join(hf_dir, "config.json")
+  bindings = gin_bindings(config, config_path)
   with gin.unlock_config():
     gin.parse_config(bindings)
-  model = gpt_lib.GPT()
-  weights = our_weights(arch, model, hf_tensors)
+  model = build_model(config_path)
+  weights = our_weights(arch, model, *_hf_weights(hf_dir), hf_dir)
+  tokenizer = _read_tokenizer(hf_dir, model.n_vocab)
+  model_dir_lib.check_empty(model_dir, overwrite)
   os.makedirs(model_dir, exist_ok=True)
   model_dir_lib.clear(model_dir)
   with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:

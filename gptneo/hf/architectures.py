@@ -270,8 +270,8 @@ def _gpt_neox_config(model):
 def _mlp_ratio(hidden, intermediate, path, key):
   intermediate = intermediate or 4 * hidden
   if intermediate % hidden:
-    raise UserError(f"{path}: {key} {intermediate} is not a multiple of the hidden size "
-                    f"{hidden}; GPT.mlp_ratio must be an integer")
+    raise fields.unsupported(path, f"{key} = {intermediate} is not a multiple of the hidden "
+                             f"size {hidden}, but ours needs one (GPT.mlp_ratio is an integer)")
   return intermediate // hidden
 
 
@@ -352,7 +352,9 @@ def _gpt2_values(config, path):
 def _rotary(config, path, field):
   """(fraction, base) from rope_parameters (transformers 5) or rotary_pct/rotary_emb_base."""
   rope = field("rope_parameters", fields.OBJECT, None)
-  if rope is None:
+  if rope is None:  # transformers 4.x: scaled RoPE in rope_scaling
+    field("rope_scaling", fields.equal_to(None, "ours is plain RoPE", valid=lambda v: True),
+          None)
     return (field("rotary_pct", fields.FRACTION, 0.25),
             field("rotary_emb_base", fields.POSITIVE_REAL, 10000))
   rope_field = _field(rope, f"{path} rope_parameters")
@@ -438,10 +440,15 @@ def query_factor(arch, model):
 
 def from_hf_config(config, path):
   """The Architecture of an HF config.json's model_type; a one-line UserError if none."""
-  arch = ARCHITECTURES.get(config.get("model_type"))
+  model_type = config.get("model_type")
+  arch = ARCHITECTURES.get(model_type) if type(model_type) is str else None
+  if "model_type" not in config:
+    raise UserError(f"{path} has no model_type; is it an HF config.json (save_pretrained "
+                    f"writes one)?")
   if arch is None:
-    shown = ", ".join(map(str, config.get("architectures") or []))
-    raise UserError(f"{path} holds a {config.get('model_type')!r} model ({shown}); only "
+    classes = config.get("architectures")
+    shown = ", ".join(map(str, classes)) if type(classes) is list else ""
+    raise UserError(f"{path} holds a {model_type!r} model ({shown}); only "
                     f"{', '.join(a.title for a in ARCHITECTURES.values())} (model_type "
                     f"{', '.join(repr(a) for a in ARCHITECTURES)}) can be imported")
   return arch

@@ -29,7 +29,10 @@ def _query(name, default):
 
 def workload_from_gin():
   """The model, batch and optimizer the parsed gin config would train (MoE included)."""
-  work = cost_model.Workload.of(gpt_lib.GPT(), _query("train.batch_size", 8))
+  batch = _query("train.batch_size", 8)
+  if type(batch) is not int or batch < 1:
+    raise UserError(f"train.batch_size = {batch!r}; it must be a positive integer")
+  work = cost_model.Workload.of(gpt_lib.GPT(), batch)
   return work.with_optimizer(*configured_optimizer())
 
 
@@ -56,6 +59,10 @@ def configured_optimizer():
 def check_mesh_shape(mesh_shape, devices):
   """A fixed --mesh_shape must use exactly the devices there are."""
   shape = tuple(mesh_lib.parse_mesh_shape(mesh_shape))
+  names = [name for name, _ in shape]
+  if len(set(names)) < len(names) or any(dim_size < 1 for _, dim_size in shape):
+    raise UserError(f"--mesh_shape={mesh_shape!r}: each dimension needs its own name and a "
+                    f"positive size, e.g. --mesh_shape=x:2,y:4")
   size = math.prod(dim_size for _, dim_size in shape)
   if devices and size != devices:
     raise UserError(f"mesh_shape {mesh_shape!r} has {size} positions but --devices={devices}; "
@@ -70,8 +77,11 @@ def run(devices, mesh_shape, device_memory, link_bandwidth, device_flops, time_l
   recompute: None lets the search decide per candidate (no recompute if it fits), unless the
   config already sets GPT.recompute_grad = True; True or False fixes it.
   """
-  if time_limit <= 0:
+  if not time_limit > 0:  # nan too
     raise UserError(f"--time_limit={time_limit}; give the search a positive number of seconds")
+  for flag, rate in (("--device_flops", device_flops), ("--link_bandwidth", link_bandwidth)):
+    if not 0 < rate < math.inf:
+      raise UserError(f"{flag}={rate}; give a positive, finite rate, e.g. {flag}=5e10")
   shape = check_mesh_shape(mesh_shape, devices) if mesh_shape else None
   if shape is None and (not devices or devices < 1):
     raise UserError(f"--devices={devices}; give a positive device count or a --mesh_shape")

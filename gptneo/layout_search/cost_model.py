@@ -41,9 +41,12 @@ def parse_bytes(text, flag="--device_memory"):
   if not match or unit not in UNITS:
     raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB or 1.6e10")
   try:
-    return float(match.group(1)) * UNITS[unit]
+    size = float(match.group(1)) * UNITS[unit]
   except ValueError:
     raise UserError(f"{flag}={text!r} is not a size; write e.g. {flag}=16GiB") from None
+  if not math.isfinite(size):
+    raise UserError(f"{flag}={text!r} is not a finite size; write e.g. {flag}=16GiB")
+  return size
 
 
 def format_bytes(count):

@@ -48,9 +48,17 @@ def write_json(path, value):
   storage.atomic_write(str(path), write)
 
 
-def read_json(path):
-  with open(path) as f:
-    return json.load(f)
+def read_json(path, fix="move it away and run the sweep's command again"):
+  """The JSON object in `path` (ours, written whole by write_json); a damaged one (another
+  program's, a disk fault) is a one-line UserError ending in `fix`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
+    raise UserError(f"{path} is damaged ({error}); {fix}") from None
+  if not isinstance(value, dict):
+    raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not an object); {fix}")
+  return value
 
 
 def git_commit():
@@ -115,7 +123,13 @@ class Root:
   def read(self):
     """sweep.json as a dict, or None if this root holds no sweep."""
     path = self.path / SWEEP_JSON
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+      return None
+    record = read_json(path)
+    if not isinstance(record.get("spec"), dict) or not isinstance(record.get("points"), list):
+      raise UserError(f"{path} is damaged (it lacks spec or points); move it away and run "
+                      f"the sweep's command again")
+    return record
 
   def points(self):
     """(points, facts) recorded in sweep.json."""
@@ -154,7 +168,9 @@ class Root:
 
   def state(self, point):
     path = self.run_dir(point) / STATE_JSON
-    return read_json(path) if path.is_file() else {"status": "pending", "attempts": []}
+    if not path.is_file():
+      return {"status": "pending", "attempts": []}
+    return read_json(path, "delete it to run this point again")
 
   def write_state(self, point, state, sync=True):
     """Writes the point's state; sync=False for a heartbeat (a status change syncs anyway)."""
