@@ -146,6 +146,7 @@ BAD_PROGRAM_INPUT = {  # program, its arguments ({model} the trained dir, {tmp} 
                                       ["--hf_dir must name a folder"]),
     "lm_eval with a stray argument": ("lm_eval", ["--tasks=gptneo_lambada", "extra"],
                                       ["unexpected arguments ['extra']"]),
+    "sample with a stray argument": ("sample", ["extra"], ["unexpected arguments ['extra']"]),
 }
 
 
