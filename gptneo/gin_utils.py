@@ -562,14 +562,32 @@ def run(main):
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, its errors (unknown flag, missing value) in our one line, exit 2."""
+  """absl's flag parsing, its errors (unknown flag, missing value) in our one line, exit 2.
+
+  No program takes positional arguments: one left after the flags (`extra`, a `false` meant
+  for a boolean flag) is refused here, for every program, rather than silently ignored.
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    [program]: what absl passes on to the program's main.
+  """
+  program = os.path.basename(argv[0])
   try:
-    return FLAGS(argv)
+    remaining = FLAGS(argv)
   except flags.Error as error:
-    program = os.path.basename(argv[0])
-    print(f"{program}: error: {str(error).strip().splitlines()[0]} (see --helpshort)",
-          file=sys.stderr)
-    sys.exit(2)
+    _refuse_flags(program, str(error).strip().splitlines()[0])
+  if len(remaining) > 1:
+    _refuse_flags(program, f"unexpected arguments {remaining[1:]}; every input is a flag "
+                           f"(--name=value; bindings go in --gin_param)")
+  return remaining
+
+
+def _refuse_flags(program, message):
+  """Our one line for a command line absl can't take, exit 2."""
+  print(f"{program}: error: {message} (see --helpshort)", file=sys.stderr)
+  sys.exit(2)
 
 
 def check_output(path, flag="--output", overwrite=False, folder=False):
@@ -582,8 +600,11 @@ def check_output(path, flag="--output", overwrite=False, folder=False):
     folder: path is a folder to write files into.
 
   Raises:
-    UserError: path is of the other kind, exists without overwrite, or its parent is a file.
+    UserError: path is empty, of the other kind, exists without overwrite, or its parent is a
+      file.
   """
+  if not path:
+    raise UserError(f"{flag} must name a {'folder' if folder else 'file'}")
   parent = os.path.dirname(os.path.abspath(path))
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)

@@ -146,6 +146,10 @@ BAD_PROGRAM_INPUT = {  # program, its arguments ({model} the trained dir, {tmp} 
                                       ["--hf_dir must name a folder"]),
     "lm_eval with a stray argument": ("lm_eval", ["--tasks=gptneo_lambada", "extra"],
                                       ["unexpected arguments ['extra']"]),
+    "sample with a stray argument": ("sample", ["extra"], ["unexpected arguments ['extra']"]),
+    "sample with a gin_param gin cannot parse": (
+        "sample", ["--gin_param=sample.max_new_tokens = ("],
+        ["--gin_param='sample.max_new_tokens = ('", "gin syntax error"]),
 }
 
 
@@ -245,6 +249,25 @@ def test_a_corrupt_shard_met_mid_run_is_named_and_the_checkpoints_kept(tmp_path,
   assert_one_line_error(result, "train", f"dataset shard {validation} is corrupt", "at step 2",
                         f"the last checkpoint ({tmp_path / 'run'}/model.ckpt-2) is intact")
   assert checkpoints.newest(str(tmp_path / "run")).path == f"{tmp_path / 'run'}/model.ckpt-2"
+def test_a_dataset_without_its_tokenizer_leaves_the_model_dir_untouched(tmp_path, small_dataset):
+  data = tmp_path / "data"
+  shutil.copytree(small_dataset, data)
+  os.remove(data / "tokenizer.json")
+  result = _train(tmp_path / "run", data)
+  assert_one_line_error(result, "train", "tokenizer.json")
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_tokenizer_is_one_line(tmp_path):
+  (tmp_path / "corpus.txt").write_text("some words to tokenize\n" * 50)
+  (tmp_path / "tokenizer.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 8)
+  result = run_binary("prepare_data", f"--input={tmp_path / 'corpus.txt'}",
+                      f"--tokenizer={tmp_path / 'tokenizer.json'}",
+                      f"--output_dir={tmp_path / 'out'}")
+  assert_one_line_error(result, "prepare_data", "tokenizer.json")
+  assert not (tmp_path / "out").exists()
+
+
 def test_export_without_a_tokenizer_writes_nothing(trained_dir, tmp_path):
   """Everything export reads is read before the first file is written."""
   model_dir = tmp_path / "model"

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+from absl import flags
 import gin
 import pytest
 
@@ -364,3 +365,35 @@ def test_a_gin_param_gin_cannot_parse_is_named(param, says):
   with pytest.raises(UserError) as error:
     gin_utils.parse(["tiny.gin"], ["GPT.n_layer = 2", param])
   assert str(error.value) == f"--gin_param={param!r}: gin syntax error: {says}"
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["gptneo-sample", "--verbose", "extra"], "unexpected arguments ['extra']"),
+    (["gptneo-eval", "--verbose", "false"], "unexpected arguments ['false']"),
+    (["gptneo-train", "--bogus"], "bogus"),
+])
+def test_every_programs_command_line_is_refused_in_one_line(monkeypatch, capsys, argv, culprit):
+  program_flags = flags.FlagValues()  # the programs' global FLAGS stays untouched
+  flags.DEFINE_bool("verbose", False, "a flag of the program", flag_values=program_flags)
+  monkeypatch.setattr(gin_utils, "FLAGS", program_flags)
+  with pytest.raises(SystemExit) as exit_:
+    gin_utils._parse_flags(argv)  # pylint: disable=protected-access
+  assert exit_.value.code == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: ") and culprit in lines[0]
+
+
+def test_a_command_line_of_flags_only_passes(monkeypatch):
+  program_flags = flags.FlagValues()
+  flags.DEFINE_bool("verbose", False, "a flag of the program", flag_values=program_flags)
+  monkeypatch.setattr(gin_utils, "FLAGS", program_flags)
+  assert gin_utils._parse_flags(["gptneo-sample", "--verbose"]) == ["gptneo-sample"]  # pylint: disable=protected-access
+  assert program_flags.verbose
+
+
+@pytest.mark.parametrize("folder, says", [(False, "--output must name a file"),
+                                          (True, "--output must name a folder")])
+def test_an_empty_output_path_is_refused(folder, says):
+  with pytest.raises(UserError) as error:
+    gin_utils.check_output("", folder=folder)
+  assert str(error.value) == says

@@ -281,3 +281,19 @@ def test_a_mesh_of_two_devices_and_bfloat16_score_as_one_device(model_dir):
     assert math.log(split["perplexity"]) == pytest.approx(math.log(one["perplexity"]), abs=1e-4)
   bf16 = scored(model_dir, mesh_lib.mesh(), "bfloat16")
   assert math.log(bf16["perplexity"]) == pytest.approx(math.log(one["perplexity"]), rel=0.02)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"- task: mine\n  dataset_path: json\n", "no top-level task: field"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not text"),
+])
+def test_a_task_yaml_that_is_no_task_is_named_when_its_task_is_not_found(tmp_path, content,
+                                                                          why):
+  (tmp_path / "a_group.yaml").write_text("group: mine_all\ntask: []\n")  # no task, no mistake
+  (tmp_path / "mine.yaml").write_bytes(content)
+  with pytest.raises(ValueError) as error:
+    specs_lib.find(["mine"], [tmp_path])
+  assert str(error.value) == (
+      f"harness task 'mine' not found in {specs_lib.TASK_DIR}, {tmp_path} nor among lm-eval's "
+      f"tasks; {tmp_path / 'mine.yaml'} could not be read as a task ({why}); name a task: field "
+      f"of a YAML file there (e.g. gptneo_lambada)")

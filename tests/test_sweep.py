@@ -607,3 +607,17 @@ def test_a_damaged_sweep_json_is_one_line(tmp_path, content):
   assert_one_line_error(result, "sweep", f"{tmp_path / 'sweep.json'} is damaged (",
                         "move it away and run the sweep's command again")
   assert (tmp_path / "sweep.json").read_text() == content
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"", "is empty (no statement)"),
+    (b"# only a comment\n\n", "is empty (no statement)"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "is not text"),
+    (b"include 'tiny.gin'\x00\n", "is not text"),
+])
+def test_an_empty_or_binary_sweep_file_is_one_line_naming_it(tmp_path, content, says):
+  path = tmp_path / "s.gin"
+  path.write_bytes(content)
+  with pytest.raises(UserError) as error:
+    sweep_file.spec_from(str(path))
+  assert str(error.value).startswith(f"sweep file {path} {says}"), str(error.value)

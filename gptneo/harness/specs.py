@@ -18,37 +18,54 @@ TASK_DIR = pathlib.Path(__file__).resolve().parent / "tasks"
 
 def find(names, task_dirs=()):
   """One lm-eval task spec per name: a config dict (ours, data files resolved and checked)
-  or the name itself (lm-eval's). Raises UserError for a name found nowhere."""
+  or the name itself (lm-eval's). Raises UserError for a name found nowhere, naming a YAML of
+  the user's folders that could not be read as a task (it may be the one meant)."""
   folders = [TASK_DIR, *map(pathlib.Path, task_dirs)]
   for folder in folders[1:]:
     if not folder.is_dir():
       raise UserError(f"task folder {folder} is not a folder; --task_dir names a folder of "
                       f"task YAML files")
-  ours = _index(folders)
+  ours, unread = _index(folders)
   missing = [name for name in names if name not in ours]
   if missing and not _builtin(missing):
     where = ", ".join(map(str, folders))
+    hint = (f"; {unread[0][0]} could not be read as a task ({unread[0][1]})" if unread else "")
     raise UserError(f"harness task {missing[0]!r} not found in {where} nor among lm-eval's "
-                    f"tasks; name a task: field of a YAML file there (e.g. gptneo_lambada)")
+                    f"tasks{hint}; name a task: field of a YAML file there (e.g. "
+                    f"gptneo_lambada)")
   return [load(ours[name]) if name in ours else name for name in names]
 
 
 def _index(folders):
-  """{task name: YAML path}, earlier folders first (a user's task may not shadow ours)."""
-  index = {}
+  """({task name: YAML path}, [(YAML path, why it is no task)]), earlier folders first (a
+  user's task may not shadow ours)."""
+  index, unread = {}, []
   for folder in folders:
     for path in sorted(folder.glob("*.y*ml")):
-      name = _task_name(path)
+      name, why = _task_name(path)
       if name:
         index.setdefault(name, path)
-  return index
+      elif why:
+        unread.append((path, why))
+  return index, unread
 
 
 def _task_name(path):
-  for line in path.read_text(errors="replace").splitlines():
+  """(the task: field of YAML `path`, or None; why a file that names none is no task, or None
+  for one that is something else of lm-eval's: a group or tag)."""
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    text = "\0"
+  if "\0" in text:
+    return None, "not text"
+  for line in text.splitlines():
     if line.startswith("task:"):
-      return line.split(":", 1)[1].strip().strip("'\"")
-  return None
+      return line.split(":", 1)[1].strip().strip("'\""), None
+    if line.startswith(("group:", "tag:")):
+      return None, None
+  return None, "no top-level task: field"
 
 
 def _builtin(names):

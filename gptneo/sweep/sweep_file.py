@@ -140,10 +140,28 @@ def _located(where, parse, text):
 
 
 def read(path):
-  """The Spec fields a sweep file gives, as lists (see `spec_from`)."""
+  """The Spec fields a sweep file gives, as lists (see `spec_from`).
+
+  Args:
+    path: the sweep file.
+
+  Raises:
+    UserError: the file is not text, or holds no statement (an empty file is a mistake: the
+      sweep it was meant to hold would silently become the flags' alone).
+  """
+  try:
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+  except UnicodeDecodeError:
+    text = "\0"
+  if "\0" in text:
+    raise UserError(f"sweep file {path} is not text; name a sweep file (see gin/sweeps/)")
   parts = _empty()
-  for number, text in statements(pathlib.Path(path).read_text(), path):
-    _statement(parts, f"{path}:{number}", text)
+  found = statements(text, path)
+  if not found:
+    raise UserError(f"sweep file {path} is empty (no statement); write its gin files and axes in it (see "
+                    f"gin/sweeps/)")
+  for number, statement in found:
+    _statement(parts, f"{path}:{number}", statement)
   return parts
 
 
