@@ -339,7 +339,7 @@ def test_search_keeps_an_existing_output_unless_overwrite(tmp_path):
   assert_one_line_error(result, "search_layout", f"--output={output} exists", "--overwrite")
   assert output.read_text() == "# my layout\n"
   run_binary("search_layout", *args, "--overwrite", check=True)
-  assert 'mesh.mesh_shape = "x:2"' in output.read_text()
+  assert "mesh.mesh_shape = 'x:2'" in output.read_text()
   assert os.listdir(tmp_path) == ["mine.gin"]  # no temporary left
 
 
