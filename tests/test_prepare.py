@@ -226,6 +226,19 @@ def test_dataset_json_counts_what_the_windows_hold(tmp_path, tokenizer_path):
       prepare.describe(info, output_dir)[1])
 
 
+def test_a_partial_window_is_the_same_bytes_in_every_process():
+  """Its Example holds two features, a protobuf map: unsorted, their order (so the shard's
+  bytes) followed a per-process hash seed, and a resumed prepare wrote another
+  validation shard than an uninterrupted one (seen once in CI)."""
+  code = ("import sys; import numpy as np; from gptneo.data import prepare; "
+          "sys.stdout.write(prepare._window_example(np.arange(17), 6).hex())")
+  blobs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout for _ in range(6)}
+  expected = prepare._window_example(np.arange(17), 6)
+  assert blobs == {tf.train.Example.FromString(expected).SerializeToString(
+      deterministic=True).hex()}
+
+
 def test_filters_min_chars_dedup_and_ftfy(tmp_path, tokenizer_path):
   mojibake = "The cafÃ© is open"  # "café" mis-decoded as Latin-1
   records = [{"text": t} for t in [*TEXTS[:30], TEXTS[3], TEXTS[5], "tiny", mojibake]]

@@ -204,7 +204,7 @@ def _window_example(window, length=None):
   if length is not None:
     features[LENGTH_FEATURE] = tf.train.Feature(int64_list=tf.train.Int64List(value=[length]))
   example = tf.train.Example(features=tf.train.Features(feature=features))
-  return example.SerializeToString()
+  return example.SerializeToString(deterministic=True)  # map keys sorted: same bytes in every process
 
 
 def _write_text(path, text):
