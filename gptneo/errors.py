@@ -6,6 +6,8 @@ with a message that names the culprit and the fix. A run that diverged (Diverged
 one line, and its own exit code, EXIT_DIVERGED.
 """
 
+import json
+
 EXIT_DIVERGED = 3  # bin/train: the loss went non-finite (a sweep marks the point diverged)
 
 
@@ -16,3 +18,19 @@ class UserError(ValueError):
 class Diverged(Exception):
   """bin/train stopped on a NaN or infinite loss: one line naming the step and the last good
   checkpoint on stderr, exit code EXIT_DIVERGED."""
+
+
+def read_json(path, fix, problem="is not readable JSON"):
+  """The JSON value in the file `path`; one that can't be read, isn't UTF-8 or isn't JSON is
+  a one-line UserError: "<path> <problem> (<why>); <fix>".
+
+  Args:
+    path: a local file name.
+    fix: what the user should do, ending the message.
+    problem: what the message says of the file.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
+    raise UserError(f"{path} {problem} ({error}); {fix}") from None

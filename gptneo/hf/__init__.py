@@ -21,6 +21,7 @@ from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
 from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo import errors
 from gptneo.errors import UserError
 from gptneo.gin_utils import gin_literal
 from gptneo.hf import architectures
@@ -121,22 +122,12 @@ def _scaled_queries(array, ours, factor):
 
 # --- Import.
 
-def _read_json(path, fix):
-  """The JSON value in `path`; one that is unreadable or not JSON is a one-line UserError
-  ending in `fix`."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
-    raise UserError(f"{path} is not readable JSON ({error}); {fix}") from None
-
-
 def read_hf_config(hf_dir):
   """config.json of an HF folder of one of ARCHITECTURES (its values: checked by gin_bindings)."""
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
-  config = _read_json(path, "--hf_dir must be a folder save_pretrained wrote")
+  config = errors.read_json(path, "--hf_dir must be a folder save_pretrained wrote")
   if not isinstance(config, dict):
     raise UserError(f"{path} holds a JSON {fields.json_type(config)}, not an object; is it an "
                     f"HF config.json?")
@@ -160,7 +151,7 @@ def _weight_files(hf_dir):
     raise UserError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
                     f"model with safe_serialization=True (.bin weights are not supported)")
   fix = "save the model again with save_pretrained"
-  weight_map = _read_json(index, fix)
+  weight_map = errors.read_json(index, fix)
   weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
   if not isinstance(weight_map, dict):
     raise UserError(f"{index} has no weight_map object; {fix}")

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import time
 
+from gptneo import errors
 from gptneo import gin_utils
 from gptneo import storage
 from gptneo.errors import UserError
@@ -51,11 +52,7 @@ def write_json(path, value):
 def read_json(path, fix="move it away and run the sweep's command again"):
   """The JSON object in `path` (ours, written whole by write_json); a damaged one (another
   program's, a disk fault) is a one-line UserError ending in `fix`."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
-  except (OSError, ValueError) as error:  # ValueError: not UTF-8, or not JSON
-    raise UserError(f"{path} is damaged ({error}); {fix}") from None
+  value = errors.read_json(path, fix, problem="is damaged")
   if not isinstance(value, dict):
     raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not an object); {fix}")
   return value
