@@ -53,7 +53,7 @@ def build_step(model, batch_size):
     shape = [dims.batch, dims.sequence]
     tokens = mtf.import_tf_tensor(mtf_mesh, windows[:, :-1], shape)
     targets = mtf.import_tf_tensor(mtf_mesh, windows[:, 1:], shape)
-    logits = model(tokens, runtime.variable_dtype("float32"), ops.Dropout(False, 0, 0))
+    logits, _ = model(tokens, runtime.variable_dtype("float32"), ops.Dropout(False, 0, 0))
     loss = gpt_lib.loss(logits, targets, dims.vocab)
     grads = mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
     spec = mesh_lib.mesh()

@@ -107,7 +107,7 @@ class RestoredModel:
     targets = mtf.import_tf_tensor(mtf_mesh, self.targets, shape)
     dtype = runtime.variable_dtype(precision)
     no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
-    logits = self.model(tokens, dtype, no_dropout)
+    logits, _ = self.model(tokens, dtype, no_dropout)
     nll = ops.softmax_cross_entropy(logits, targets, dims.vocab)
     argmax = mtf.argmax(logits, dims.vocab)
     decoders = [_Decoder(self.model, mtf_mesh, self.batch_size, length, dtype, no_dropout)
@@ -193,8 +193,8 @@ class _Decoder:
     last = mtf.import_tf_tensor(mtf_mesh, self.last, [dims.batch]) if length > 1 else None
     self.cache = cache_lib.DecodeCache(mtf.import_tf_tensor(mtf_mesh, self.positions, shape),
                                        last)
-    self._logits = model(mtf.import_tf_tensor(mtf_mesh, self.tokens, shape), dtype, dropout,
-                         self.cache)
+    self._logits, _ = model(mtf.import_tf_tensor(mtf_mesh, self.tokens, shape), dtype, dropout,
+                            self.cache)
 
   def lower(self, lowering):
     self.last_logits = lowering.export_to_tf_tensor(self._logits)[:, 0]  # [batch, vocab]

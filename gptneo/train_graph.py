@@ -76,9 +76,9 @@ def _gradients(model, features, dims, dtype, dropout, microbatches):
   balancing, z-loss), which are also returned under their own names for the logs.
   """
   def loss_fn(f):
-    logits = model(f["tokens"], dtype, dropout)
-    losses = {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab), **model.aux_losses}
-    for aux in model.aux_losses.values():
+    logits, aux_losses = model(f["tokens"], dtype, dropout)
+    losses = {"loss": gpt_lib.loss(logits, f["targets"], dims.vocab), **aux_losses}
+    for aux in aux_losses.values():
       losses["loss"] += aux
     return losses
 
@@ -115,10 +115,10 @@ def mtf_step(settings, features, step):
   norm = optimizers.global_norm(grads)
   clipped = optimizers.clip_by_global_norm(grads, norm, s.clip_norm)
   learning_rate = optimizers.learning_rate_schedule(step, s.train_steps)
-  s.optimizer.learning_rate = mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr")
-  s.optimizer.step = mtf.import_fully_replicated(
-      mtf_mesh, tf.cast(step + 1, tf.float32), [], "step")
-  update_ops = s.optimizer.apply_grads(clipped, mtf_mesh.graph.trainable_variables)
+  update_ops = s.optimizer.apply_grads(
+      clipped, mtf_mesh.graph.trainable_variables,
+      mtf.import_fully_replicated(mtf_mesh, learning_rate, [], "lr"),
+      mtf.import_fully_replicated(mtf_mesh, tf.cast(step + 1, tf.float32), [], "step"))
   if s.on_nonfinite == "skip":
     update_ops = skip_unless_finite(update_ops, [losses["loss"], norm])
   return MtfStep(losses, norm, learning_rate, update_ops, grads)
@@ -287,7 +287,7 @@ def _validation(settings, mtf_mesh):
   dims = s.model.dims(s.batch_size)
   tokens, targets = _import_batch(mtf_mesh, windows, dims)
   no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
-  logits = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
+  logits, _ = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
   return _Validation(evaluate_lib.batch_outputs(logits, targets, dims.vocab),
                      {"targets": windows[:, 1:], "weights": weights}, iterator.initializer,
                      limit)

@@ -20,10 +20,10 @@ class Harness:
       self.tokens = tf.placeholder(tf.int32, [batch_size, model.n_ctx + 1])
       inputs = mtf.import_tf_tensor(mtf_mesh, self.tokens[:, :-1], [dims.batch, dims.sequence])
       targets = mtf.import_tf_tensor(mtf_mesh, self.tokens[:, 1:], [dims.batch, dims.sequence])
-      logits = model(inputs, runtime.variable_dtype("float32"),
-                     ops.Dropout(is_training=False, seed=0, step=0))
+      logits, aux_losses = model(inputs, runtime.variable_dtype("float32"),
+                                 ops.Dropout(is_training=False, seed=0, step=0))
       loss = gpt_lib.loss(logits, targets, dims.vocab)
-      for aux in model.aux_losses.values():
+      for aux in aux_losses.values():
         loss += aux
       variables = mtf_graph.trainable_variables
       grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
@@ -31,7 +31,7 @@ class Harness:
       lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
       self.logits = lowering.export_to_tf_tensor(logits)
       self.aux_losses = {name: lowering.export_to_tf_tensor(value)
-                         for name, value in model.aux_losses.items()}
+                         for name, value in aux_losses.items()}
       self.grads = {v.name: lowering.export_to_tf_tensor(g)
                     for v, g in zip(variables, grads, strict=True)}
       self.masters = {v.name: v._master for v in variables}  # pylint: disable=protected-access

@@ -378,7 +378,7 @@ with tf.Graph().as_default():
   model = gpt_lib.GPT(n_layer=1, n_embd=64, n_head=8, n_ctx=16, n_vocab=128)
   dims = model.dims(8)
   tokens = mtf.import_tf_tensor(mesh, tf.zeros([8, 16], tf.int32), [dims.batch, dims.sequence])
-  logits = model(tokens, runtime.variable_dtype("float32"), ops.Dropout(False, 0, 0))
+  logits, _ = model(tokens, runtime.variable_dtype("float32"), ops.Dropout(False, 0, 0))
   loss = gpt_lib.loss(logits, tokens, dims.vocab)
   grads = mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
   rules = mtf_auto.layout(mtf_graph, mtf.convert_to_shape("x:4;y:2"), [loss] + grads, 60)
@@ -406,8 +406,9 @@ def test_search_never_proposes_what_mtf_rejects():
     dims = model.dims(8)
     tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([8, 32], tf.int32),
                                   [dims.batch, dims.sequence])
-    loss = gpt_lib.loss(model(tokens, runtime.variable_dtype("float32"),
-                              ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
+    logits, _ = model(tokens, runtime.variable_dtype("float32"),
+                      ops.Dropout(is_training=False, seed=0, step=0))
+    loss = gpt_lib.loss(logits, tokens, dims.vocab)
     mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
     shapes = runtime.tensor_shapes(mtf_graph)
   together = {tuple(sorted((a, b))) for _, names in shapes for a in names for b in names

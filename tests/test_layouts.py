@@ -77,8 +77,8 @@ def train_steps(spec, update="sgd"):
     import_tokens = lambda t, name: mtf.import_tf_tensor(  # noqa: E731
         mtf_mesh, tf.constant(t, tf.int32), [dims.batch, dims.sequence], name=name)
     tokens, targets = import_tokens(windows[:, :-1], "tokens"), import_tokens(windows[:, 1:], "t")
-    logits = model(tokens, runtime.variable_dtype("float32"),
-                   ops.Dropout(is_training=False, seed=0, step=0))
+    logits, _ = model(tokens, runtime.variable_dtype("float32"),
+                      ops.Dropout(is_training=False, seed=0, step=0))
     loss = gpt_lib.loss(logits, targets, dims.vocab)
     variables = mtf_graph.trainable_variables
     grads = mtf.gradients([loss], [v.outputs[0] for v in variables])
@@ -87,9 +87,9 @@ def train_steps(spec, update="sgd"):
       updates = [mtf.assign_sub(v, g * LEARNING_RATE) for v, g in zip(variables, grads, strict=True)]
     else:
       adam = optimizers.Adam(weight_decay=0.1, fused=update == "fused adam")
-      adam.learning_rate = mtf.constant(mtf_mesh, ADAM_LEARNING_RATE)
-      adam.step = mtf.import_fully_replicated(mtf_mesh, adam_step.read_value(), [], "step")
-      updates = adam.apply_grads(grads, variables)
+      updates = adam.apply_grads(
+          grads, variables, mtf.constant(mtf_mesh, ADAM_LEARNING_RATE),
+          mtf.import_fully_replicated(mtf_mesh, adam_step.read_value(), [], "step"))
     lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
     # The trainer's own ordering: every write waits for the loss and every gradient slice.
     # mtf reads a weight again in the backward pass; an assign that ran before such a read
@@ -317,8 +317,9 @@ def gpt_graph(precision="float32"):
   dims = model.dims(BATCH)
   tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
                                 [dims.batch, dims.sequence])
-  loss = gpt_lib.loss(model(tokens, runtime.variable_dtype(precision),
-                            ops.Dropout(is_training=False, seed=0, step=0)), tokens, dims.vocab)
+  logits, _ = model(tokens, runtime.variable_dtype(precision),
+                    ops.Dropout(is_training=False, seed=0, step=0))
+  loss = gpt_lib.loss(logits, tokens, dims.vocab)
   grads = mtf.gradients([loss], [v.outputs[0] for v in mtf_graph.trainable_variables])
   return mtf_graph, mtf_mesh, loss, grads
 

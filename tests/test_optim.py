@@ -37,15 +37,19 @@ def run_mtf(build):
   """Builds with `build(mesh)` -> dict of mtf tensors/ops, lowers on one CPU, runs once."""
   with tf.Graph().as_default():
     mtf_graph, mesh = runtime.new_mesh()
-    outputs = build(mesh)
-    impl = mtf.placement_mesh_impl.PlacementMeshImpl(mtf.Shape([]), mtf.LayoutRules([]),
-                                                     ["/cpu:0"])
-    lowering = mtf.Lowering(mtf_graph, {mesh: impl})
-    fetches = {k: lowering.export_to_tf_tensor(v) for k, v in outputs.items()}
-    with tf.Session() as session:
-      session.run(tf.global_variables_initializer())
-      session.run(lowering.copy_masters_to_slices())
-      return session.run(fetches)
+    return lower_and_run(mtf_graph, mesh, build(mesh))
+
+
+def lower_and_run(mtf_graph, mesh, outputs):
+  """Lowers `mtf_graph` (built in the default graph) on one CPU; runs `outputs` once."""
+  impl = mtf.placement_mesh_impl.PlacementMeshImpl(mtf.Shape([]), mtf.LayoutRules([]),
+                                                   ["/cpu:0"])
+  lowering = mtf.Lowering(mtf_graph, {mesh: impl})
+  fetches = {k: lowering.export_to_tf_tensor(v) for k, v in outputs.items()}
+  with tf.Session() as session:
+    session.run(tf.global_variables_initializer())
+    session.run(lowering.copy_masters_to_slices())
+    return session.run(fetches)
 
 
 def test_clip_by_global_norm():
@@ -69,10 +73,9 @@ def test_adam_weight_decay_skips_norms_and_biases(fused):
     bias = mtf.get_variable(mesh, "b", [cols], initializer=tf.ones_initializer())
     variables = mesh.graph.trainable_variables
     adam = optimizers.Adam(weight_decay=0.5, fused=fused)
-    adam.learning_rate = mtf.constant(mesh, 0.1)
-    adam.step = mtf.constant(mesh, 1.0)
     zero_grads = [mtf.zeros_like(v.outputs[0]) for v in variables]
-    updates = adam.apply_grads(zero_grads, variables)
+    updates = adam.apply_grads(zero_grads, variables, mtf.constant(mesh, 0.1),
+                               mtf.constant(mesh, 1.0))
     return {"matrix": mtf.depend(matrix, updates), "bias": mtf.depend(bias, updates)}
   result = run_mtf(build)
   np.testing.assert_allclose(result["matrix"], np.full([2, 3], 1 - 0.1 * 0.5), rtol=1e-6)
@@ -88,15 +91,43 @@ def test_slot_shapes_are_the_slots_apply_grad_makes(optimizer):
             (("embd", 256), ("heads", 4), ("kv", 128)), (("embd", 256), ("heads", 4), ("kv", 8))]
   with tf.Graph().as_default():
     _, mesh = runtime.new_mesh()
-    optimizer.learning_rate, optimizer.step = mtf.constant(mesh, 0.1), mtf.constant(mesh, 1.0)
     for index, shape in enumerate(shapes):
       dims = [mtf.Dimension(name, size) for name, size in shape]
       var = mtf.get_variable(mesh, f"w{index}", dims, initializer=tf.ones_initializer())
       before = set(mesh.graph.all_variables)
-      optimizer.apply_grad(mtf.zeros_like(var), mesh.graph.trainable_variables[-1])
+      optimizer.apply_grads([mtf.zeros_like(var)], [mesh.graph.trainable_variables[-1]],
+                            mtf.constant(mesh, 0.1), mtf.constant(mesh, 1.0))
       made = [v for v in mesh.graph.all_variables if v not in before]
       assert sorted(tuple((d.name, d.size) for d in v.shape.dims) for v in made) == sorted(
           optimizer.slot_shapes(shape)), shape
+
+
+@pytest.mark.parametrize("optimizer", [
+    optimizers.Adam(weight_decay=0.0), optimizers.Adam(weight_decay=0.0, fused=False),
+    optimizers.Adafactor()], ids=["fused-adam", "adam", "adafactor"])
+def test_one_optimizer_serves_two_graphs_each_with_its_own_learning_rate(optimizer):
+  """The gin-built object keeps no graph's tensors: both graphs are built before either is
+  lowered, and each update moves the weight by its own learning rate (a first step of Adam,
+  or of Adafactor, moves every weight by the learning rate times the gradient's sign)."""
+  def build(learning_rate):
+    graph = tf.Graph()
+    with graph.as_default():
+      mtf_graph, mesh = runtime.new_mesh()
+      dims = [mtf.Dimension("rows", 2), mtf.Dimension("cols", 3)]
+      weight = mtf.get_variable(mesh, "w", dims, initializer=tf.ones_initializer())
+      updates = optimizer.apply_grads([mtf.constant(mesh, 1.0, dims)],
+                                      mtf_graph.trainable_variables,
+                                      mtf.constant(mesh, learning_rate), mtf.constant(mesh, 1.0))
+      return graph, mtf_graph, mesh, {"w": mtf.depend(weight, updates)}
+
+  def run(graph, mtf_graph, mesh, outputs):
+    with graph.as_default():
+      return lower_and_run(mtf_graph, mesh, outputs)["w"]
+
+  first, second = build(0.1), build(0.5)
+  assert not [name for name, value in vars(optimizer).items() if isinstance(value, mtf.Tensor)]
+  np.testing.assert_allclose(run(*second), np.full([2, 3], 0.5), rtol=1e-5)
+  np.testing.assert_allclose(run(*first), np.full([2, 3], 0.9), rtol=1e-5)
 
 
 def test_microbatches_give_the_full_batch_losses(tmp_path, small_dataset):

@@ -39,8 +39,9 @@ def logits_at(model, lengths, tokens):
       dims = model.dims(tokens.shape[0], length)
       placeholders.append(tf.placeholder(tf.int32, [tokens.shape[0], length]))
       ids = mtf.import_tf_tensor(mtf_mesh, placeholders[-1], [dims.batch, dims.sequence])
-      outputs.append(model(ids, runtime.variable_dtype("float32"),
-                 ops.Dropout(is_training=False, seed=0, step=0)))
+      logits, _ = model(ids, runtime.variable_dtype("float32"),
+                        ops.Dropout(is_training=False, seed=0, step=0))
+      outputs.append(logits)
     spec = mesh_lib.mesh()
     lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
     exported = [lowering.export_to_tf_tensor(x) for x in outputs]

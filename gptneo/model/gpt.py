@@ -100,7 +100,6 @@ class GPT:
         init_std, scale_by_depth, scale_by_in)
     self.tie_embeddings, self.layer_norm_epsilon, self.name = (
         tie_embeddings, layer_norm_epsilon, name)
-    self.aux_losses = {}  # name -> weighted mtf scalar, from the latest call
     self.validate()
 
   def validate(self):
@@ -152,7 +151,7 @@ class GPT:
     return blocks + embeddings + 2 * e + output
 
   def __call__(self, tokens, dtype, dropout, cache=None):
-    """Logits for every position; sets `aux_losses` for the training loss.
+    """Logits for every position, and the auxiliary losses of the training objective.
 
     Args:
       tokens: int32 mtf.Tensor [batch, sequence]: sequence = n_ctx in training; inference
@@ -164,7 +163,9 @@ class GPT:
         cache.positions and attend to what the cache holds before them.
 
     Returns:
-      float32 mtf.Tensor [batch, sequence, vocab] ([batch, 1, vocab] with a cache).
+      (logits, aux_losses): float32 mtf.Tensor [batch, sequence, vocab] ([batch, 1, vocab]
+      with a cache), and a dict name -> weighted mtf scalar ("moe_loss", "z_loss"), empty
+      when the model has none.
     """
     dims = self.dims(*tokens.shape.to_integer_list, memory_length=self.n_ctx if cache else None)
     if not cache and not self.window_fits(dims.sequence.size):
@@ -187,8 +188,7 @@ class GPT:
       if cache:  # decoding samples after each row's last new token only
         x = cache.last_rows(x, dims.sequence)
       logits = mtf.cast(self._unembed(x, wte, dims, dtype), tf.float32)
-    self.aux_losses = self._aux_losses(logits, dims, moe_losses)
-    return logits
+    return logits, self._aux_losses(logits, dims, moe_losses)
 
   def _layer(self, x, layer, dims, dtype, dropout, moe_losses, cache):
     """One block, rematerialized on the backward pass if recompute_grad."""

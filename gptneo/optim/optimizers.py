@@ -1,10 +1,12 @@
 """Optimizers (Adam with decoupled weight decay, Adafactor), the learning-rate schedule, clipping.
 
-Each optimizer is a gin configurable returning an `mtf.optimize.Optimizer`; the trainer gives
-it the learning rate and step as mtf scalars, so every update is part of the lowered graph.
+Each optimizer is a gin configurable returning an `mtf.optimize.Optimizer`; the trainer passes
+the learning rate and step to `apply_grads` as mtf scalars, so every update is part of the
+lowered graph and the gin-built object holds no graph's tensors (it serves any number of graphs).
 Each also says what state it keeps (`slot_shapes`): the layout search's memory estimate asks
 it, so a new optimizer is costed as what it is or refused, never as another one.
 """
+import copy
 import functools
 import math
 
@@ -60,9 +62,18 @@ def learning_rate_schedule(step, total_steps, learning_rate=6e-4, warmup_steps=0
 
 
 class _ScheduledOptimizer(mtf.optimize.Optimizer):
-  """An mtf optimizer whose learning rate and step are mtf scalars set by the trainer."""
-  learning_rate = None
-  step = None  # float32 mtf scalar, 1-based, for Adam's bias correction
+  """An mtf optimizer given the learning rate and step of each update as arguments."""
+
+  def apply_grads(self, grads, variables, learning_rate, step):
+    """The update ops of `variables`.
+
+    Args:
+      grads: mtf.Tensors, one per variable.
+      variables: the mtf.Variables to update.
+      learning_rate: float32 mtf scalar.
+      step: float32 mtf scalar, 1-based (Adam's bias correction, Adafactor's decay).
+    """
+    raise NotImplementedError
 
 
 @gin.configurable
@@ -90,35 +101,37 @@ class Adam(_ScheduledOptimizer):
     the moments m and v, each of the variable's shape."""
     return [tuple(shape), tuple(shape)]
 
-  def apply_grads(self, grads, variables):
-    """mtf's, or with `fused` one FusedAdamUpdate per variable (not an mtf.Assign)."""
-    if not self.fused:
-      return super().apply_grads(grads, variables)
+  def apply_grads(self, grads, variables, learning_rate, step):
+    """mtf's Assigns (combined as mtf's apply_grads does), or with `fused` one
+    FusedAdamUpdate per variable (not an mtf.Assign)."""
     pairs = zip(grads, variables, strict=True)
-    return [op for grad, var in pairs for op in self.apply_grad(grad, var)]
+    updates = [op for grad, var in pairs for op in self.apply_grad(grad, var, learning_rate, step)]
+    if self.fused or not updates:
+      return updates
+    return variables[0].graph.combine_assignments(updates)
 
-  def apply_grad(self, grad, var):
+  def apply_grad(self, grad, var, learning_rate, step):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
     m = mtf.get_variable(var.mesh, var.name + "/adam_m", var.shape,
                          initializer=unfolded_zeros, trainable=False)
     v = mtf.get_variable(var.mesh, var.name + "/adam_v", var.shape,
                          initializer=unfolded_zeros, trainable=False)
     if self.fused:
-      return [FusedAdamUpdate(self, grad, var, m, v)]
-    return self.assigns(grad, var, m, v)
+      return [FusedAdamUpdate(self, grad, var, m, v, learning_rate, step)]
+    return self.assigns(grad, var, m, v, learning_rate, step)
 
-  def assigns(self, grad, var, m, v):
+  def assigns(self, grad, var, m, v, learning_rate, step):
     """The update as mtf element-wise ops: three mtf.Assigns (var, m, v)."""
     value = var.value if var.value.dtype == var.master_dtype else mtf.cast(var.value,
                                                                            var.master_dtype)
     new_m = m * self.beta1 + grad * (1.0 - self.beta1)
     new_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
-    m_hat = new_m / (1.0 - mtf.exp(self.step * math.log(self.beta1)))
-    v_hat = new_v / (1.0 - mtf.exp(self.step * math.log(self.beta2)))
+    m_hat = new_m / (1.0 - mtf.exp(step * math.log(self.beta1)))
+    v_hat = new_v / (1.0 - mtf.exp(step * math.log(self.beta2)))
     update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
     if self.weight_decay and var.shape.ndims >= 2:
       update += value * self.weight_decay
-    return [mtf.assign(var, value - update * self.learning_rate),
+    return [mtf.assign(var, value - update * learning_rate),
             mtf.assign(m, new_m), mtf.assign(v, new_v)]
 
 
@@ -137,14 +150,14 @@ class FusedAdamUpdate(mtf.Operation):
   them (train_graph.skip_unless_finite), taking this op out of the graph.
   """
 
-  def __init__(self, adam, grad, var, m, v):
-    super().__init__([grad, adam.learning_rate, adam.step], var.mesh, name="fused_adam")
+  def __init__(self, adam, grad, var, m, v, learning_rate, step):
+    super().__init__([grad, learning_rate, step], var.mesh, name="fused_adam")
     self._adam, self._variables, self._outputs = adam, [var, m.operation, v.operation], []
 
   def assigns(self):
     self.graph.operations.remove(self)
     var, m, v = self._variables
-    return self._adam.assigns(self.inputs[0], var, m.outputs[0], v.outputs[0])
+    return self._adam.assigns(self.inputs[0], var, m.outputs[0], v.outputs[0], *self.inputs[1:])
 
   def lower(self, lowering):
     mesh_impl = lowering.mesh_impl(self)
@@ -208,7 +221,6 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
         self, multiply_by_parameter_scale=multiply_by_parameter_scale, learning_rate=None,
         decay_rate=decay_rate, beta1=beta1, clipping_threshold=clipping_threshold,
         factored=factored)
-    self._fixed_decay_rate = decay_rate
 
   def slot_shapes(self, shape):
     """The slot variables apply_grad makes for a variable of `shape` ((dim name, size), ...).
@@ -226,13 +238,14 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
   def _decay_rate_default(self):
     return None  # mtf's default reads a global step of whatever graph exists at construction
 
-  def apply_grad(self, grad, var):
-    # mtf's Adafactor reads its own attributes; ours come from the trainer's step and schedule.
-    self._learning_rate = self.learning_rate
-    self._decay_rate = self._fixed_decay_rate
+  def apply_grads(self, grads, variables, learning_rate, step):
+    """mtf's Adafactor, which reads its rates from its own attributes: they are set on a copy,
+    so this object keeps no graph's tensors."""
+    update = copy.copy(self)
+    update._learning_rate = learning_rate  # pylint: disable=protected-access
     if self._decay_rate is None:  # Adafactor's default, 1 - step^-0.8
-      self._decay_rate = 1.0 - mtf.exp(mtf.log(self.step) * -0.8)
-    return mtf.optimize.AdafactorOptimizer.apply_grad(self, grad, var)
+      update._decay_rate = 1.0 - mtf.exp(mtf.log(step) * -0.8)  # pylint: disable=protected-access
+    return mtf.optimize.AdafactorOptimizer.apply_grads(update, grads, variables)
 
 
 def global_norm(grads):
