@@ -20,8 +20,9 @@ Sharded forms (`Workload.sharding`, set from a layout's `fsdp:x` or `zero:x` rul
 dimensions "fsdp" and "zero" are split like tensor dimensions, always on the mesh dimension of
 `batch` when the search places them. Each weight is sharded along its shard dimension
 (mesh.shard_dim, asked once per weight group in `with_optimizer`, as if the layout split
-nothing else: the search never splits `embd` or `sequence` in a sharded form, so that stays
-true; a hand-written layout that does is costed approximately).
+nothing else: the search never splits `embd` in a sharded form, so that stays true but for
+the MLP's bias when `mlp` is split; a hand-written layout that splits embd is costed
+approximately).
 * fsdp (ZeRO-3): weights, gradients and the slots that keep the shard dimension divide by the
   fsdp split. Gathered weights are float32 (the masters, cast after the gather if at all): with
   recompute one layer's at a time, twice (the backward regathers while the forward's copy may
@@ -53,7 +54,7 @@ SPLITTABLE = TIERS[0]
 SHARDED_FORMS = ("fsdp", "zero")  # mesh.SHARDED_FORMS: the pseudo dimensions of the terms
 # What a sharded form's weights keep whole so that each weight's shard dimension stays the
 # one `with_optimizer` asked mesh.shard_dim for (embd for all but the MLP's bias).
-NOT_WITH_SHARDING = ("embd", "sequence")
+NOT_WITH_SHARDING = ("embd",)
 BYTES = 4  # float32 activations, slices, gradients, optimizer state and gathered weights
 MEMORY_KINDS = ("weights", "gradients", "slots", "gathered", "activations")
 UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
@@ -346,8 +347,11 @@ def _gradient_terms(work):
       result += _allreduce(size, dims, over)
       continue
     # Accumulated in the sharded shape: reduce-scattered per microbatch, over the mesh
-    # dimension the search puts both batch and the form's pseudo dim on.
+    # dimension the search puts both batch and the form's pseudo dim on; a shard is then
+    # allreduced over a sequence split too.
     result += _ring(size * work.microbatches, dims, (form,))
+    if "sequence" not in dims:
+      result += _allreduce(size * work.microbatches, dims + (form,), ("sequence",))
     if form == "fsdp":  # gathered per microbatch, again in the backward with recompute
       result += _ring(size * work.microbatches * (2 if work.recompute else 1), dims, (form,))
     else:  # zero: the updated shards all-gathered into the replicated weights, once
