@@ -2,7 +2,7 @@
 
 For each mesh shape (a factorization of the device count into 1-3 named dimensions), each
 form (weights replicated over the data axis, `zero`, `fsdp`: cost_model's docstring), with
-and without activations recomputed, and the fewest microbatches that fit, one small CP-SAT
+and without activations recomputed, and the fewest microbatches that fit (bisected), one small CP-SAT
 model picks for every splittable tensor dimension at most one mesh dimension, such that the
 split divides the dimension, no tensor has two dimensions on one mesh dimension, a sharded
 form's pseudo dimension sits on the mesh dimension of `batch`, and the per-device memory
@@ -11,6 +11,7 @@ fits; it minimizes the estimated step time. The best solutions are re-evaluated 
 solver process when TensorFlow was loaded first, keeps to its time limit.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -75,7 +76,7 @@ class _Model:
   step_time: cp_model.LinearExpr
 
 
-def _build(work, hardware, mesh_shape, memory_limit, splittable):
+def _build(work, hardware, mesh_shape, memory_limit, splittable, data_dim=None):
   model = cp_model.CpModel()
   sizes, dims = dict(mesh_shape), work.dim_sizes()
   assign = {(d, m): model.NewBoolVar(f"{d}_on_{m}") for d in splittable
@@ -88,6 +89,8 @@ def _build(work, hardware, mesh_shape, memory_limit, splittable):
       if td == work.sharding:
         model.AddImplication(v, assign[("batch", m)]) if ("batch", m) in assign else (
             model.Add(v == 0))
+        if data_dim is not None and m != data_dim:
+          model.Add(v == 0)
   for a, b in cost_model.conflicts(work):
     for m in sizes:
       if (a, m) in assign and (b, m) in assign:
@@ -126,16 +129,17 @@ def _term_expression(model, term, unit, split, max_split, index):
 
 
 def solve_layout(work, hardware, mesh_shape, time_limit, memory_limit=True,
-                 splittable=cost_model.SPLITTABLE, clock=None):
+                 splittable=cost_model.SPLITTABLE, clock=None, data_dim=None):
   """The best layout for one mesh shape, or None if nothing fits (or time ran out).
 
-  Time running out (rather than proven infeasibility) is noted on `clock`.
+  Time running out (rather than proven infeasibility) is noted on `clock`. `data_dim` pins
+  a sharded form (and so batch) to that mesh dimension.
   """
   splittable = tuple(d for d in splittable if d in work.dim_sizes()
                      and not (work.sharding and d in cost_model.NOT_WITH_SHARDING))
   splittable += (work.sharding,) if work.sharding else ()
   built = _build(work, hardware, mesh_shape,
-                 hardware.device_memory if memory_limit else None, splittable)
+                 hardware.device_memory if memory_limit else None, splittable, data_dim)
   built.model.Minimize(built.step_time if memory_limit else built.memory)
   solver = single_worker_solver(time_limit)
   status = solver.Solve(built.model)
@@ -263,18 +267,41 @@ def _fastest_fitting(work, hardware, shape, share, splittable, options, clock):
   found = []
   for index, (form, recompute) in enumerate(options):
     option = Clock(time.monotonic() + max(share.left(), 0) / (len(options) - index))
-    for count in microbatch_counts(work.batch):
+
+    def solve(count, data_dim=None, form=form, recompute=recompute, option=option):
       left = option.left()
       if left <= 0:
         clock.expired = True
-        break
-      best = solve_layout(dataclasses.replace(work, microbatches=count, recompute=recompute,
-                                              sharding=form),
-                          hardware, shape, left, splittable=splittable, clock=clock)
-      if best:
-        found.append(best)
-        break
+        return None
+      return solve_layout(dataclasses.replace(work, microbatches=count, recompute=recompute,
+                                              sharding=form), hardware, shape, left,
+                          splittable=splittable, clock=clock, data_dim=data_dim)
+    if not form:  # from one microbatch up, the first that fits
+      best = next(filter(None, map(solve, microbatch_counts(work.batch))), None)
+      found += [best] if best else []
+      continue
+    fitting = [_fewest_fitting(functools.partial(solve, data_dim=name), work.batch, size)
+               for size, name in {size: name for name, size in shape}.items()]
+    fitting = [best for best in fitting if best]
+    found += [min(fitting, key=rank)] if fitting else []
   return found
+
+
+def _fewest_fitting(solve, batch, size):
+  """A sharded form with batch on a mesh dimension of `size`: memory falls as microbatches
+  rise, so the most that leave `size` dividing a microbatch are tried first (an option that
+  can't fit costs one solve), then a bisection finds the fewest that fit."""
+  counts = [count for count in microbatch_counts(batch) if (batch // count) % size == 0]
+  best = counts and solve(counts[-1])
+  low, high = 0, len(counts) - 1  # counts[high] fits
+  while best and low < high:
+    middle = (low + high) // 2
+    fits = solve(counts[middle])
+    if fits:
+      best, high = fits, middle
+    else:
+      low = middle + 1
+  return best
 
 
 def _nothing_fits_message(work, hardware, shapes, clock, splittable, time_limit, recompute,
