@@ -162,11 +162,7 @@ class Workload:
 
   def shard_of(self, dims):
     """The shard dimension of a weight group ("" if it stays whole); see mesh.shard_dim."""
-    for weight_dims, shard in self.shard_dims:
-      if weight_dims == dims:
-        return shard
-    raise ValueError(f"the workload has no shard dimension for weights {dims}: build it "
-                     f"with_optimizer(...)")
+    return _per_weight(self.shard_dims, dims, "shard dimension")
 
   def stored_dims(self, dims, kind, slot_dims=None):
     """The dims whose splits divide a weight group's `kind` term under the sharded form.
@@ -192,11 +188,7 @@ class Workload:
 
   def slots(self, dims):
     """The dims of each slot variable the optimizer keeps for a weight with `dims`."""
-    for weight_dims, slots in self.optimizer_state:
-      if weight_dims == dims:
-        return slots
-    raise ValueError(f"the workload has no optimizer state for weights {dims}: build it "
-                     f"with_optimizer(...)")
+    return _per_weight(self.optimizer_state, dims, "optimizer state")
 
   def dim_sizes(self):
     """{tensor dim: size}; a sharded form's pseudo dim has the size every shard dim has in
@@ -236,6 +228,15 @@ class Workload:
 
   def num_parameters(self):
     return sum(count for count, _ in self.parameters())
+
+
+def _per_weight(table, dims, what):
+  """The entry of ((weight dims, value), ...) `table` for a weight group with `dims`."""
+  for weight_dims, value in table:
+    if weight_dims == dims:
+      return value
+  raise ValueError(f"the workload has no {what} for weights {dims}: build it "
+                   f"with_optimizer(...)")
 
 
 def terms(work):
