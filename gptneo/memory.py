@@ -399,7 +399,8 @@ _KIND_OF = (("activations", "activations"), ("logits", "activations"),
             ("loss gradient", "activations"), ("key/value cache", "activations"),
             ("gradients", "gradients"), ("tied embedding", "gradients"),
             ("optimizer state", "slots"))
-GATHERED = "gathered weights (fsdp, float32)"
+GATHERED = "weights gathered (fsdp) or cast to bfloat16"
+_CAST = "bfloat16 weight copies"  # the cost model's gathered term holds them
 
 
 def _kind(name):
@@ -416,9 +417,9 @@ def per_device(estimate, work, mesh, optimizer=None):
   The layout search's cost model says which share of the weights, of the optimizer state, of
   the gradients and of the activations a device keeps under the layout (the ratio of its
   split to its unsplit figures: a `fsdp:x` rule divides the first three, `zero:x` the state
-  and gradients); the itemized terms are scaled by those shares. A fsdp layout also holds
-  the gathered weights the cost model counts (one block's at a time for inference, which
-  keeps nothing for a backward pass), alive through the whole pass.
+  and gradients); the itemized terms are scaled by those shares. The weights a fsdp layout
+  gathers, and a bfloat16 run's weight copies, are the cost model's (one block's at a time
+  for inference, which keeps nothing for a backward pass), alive through the whole pass.
 
   Args:
     estimate: a MemoryEstimate (training_memory_bytes or decoding_memory_bytes).
@@ -439,7 +440,8 @@ def per_device(estimate, work, mesh, optimizer=None):
 
   def scaled(terms, gathered=True):  # the gathered weights live through either phase
     result = {name: count * (split[_kind(name)] / whole[_kind(name)] if whole[_kind(name)]
-                             else 1) for name, count in terms.items()}
+                             else 1) for name, count in terms.items()
+              if not (name == _CAST and split["gathered"])}
     return {**result, GATHERED: split["gathered"]} if gathered and split["gathered"] else result
   return MemoryEstimate(scaled(estimate.persistent, gathered=False),
                         scaled(estimate.backward_start),

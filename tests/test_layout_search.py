@@ -522,3 +522,16 @@ def test_the_search_weighs_adafactor_when_allowed():
   assert {c.optimizer for c in both.candidates} == {"adam", "adafactor"}
   _, adam = configured.run(256, None, 16 * GIB, 50e9, 50e12, 30)
   assert {c.optimizer for c in adam.candidates} == {"adam"}
+
+
+def test_bfloat16_costs_activations_at_2_bytes_and_gathers_float32_masters():
+  shape, layout = (("x", 4), ("y", 2)), ["batch:x", "heads:y", "mlp:y", "fsdp:x"]
+  f32, bf16 = (_kinds(dataclasses.replace(B13_RECOMPUTE, activation_bytes=size), layout, shape)
+               for size in (4, 2))
+  for kind in ("weights", "gradients", "slots"):
+    assert bf16[kind] == f32[kind]  # the masters, their gradients and state stay float32
+  assert f32["activations"] / 2 < bf16["activations"] < f32["activations"]  # softmax: float32
+  assert bf16["gathered"] == pytest.approx(1.5 * f32["gathered"])  # + a bfloat16 copy
+  assert bf16["comm"] < f32["comm"]  # the activation allreduces halve, the gathers don't
+  gin_utils.parse(["gpt3_1t.gin"], ['DATASET_DIR = "unused"'])
+  assert configured.workload_from_gin().activation_bytes == 2

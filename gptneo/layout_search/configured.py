@@ -32,7 +32,8 @@ def workload_from_gin():
   batch = _query("train.batch_size", 8)
   if type(batch) is not int or batch < 1:
     raise UserError(f"train.batch_size = {batch!r}; it must be a positive integer")
-  work = cost_model.Workload.of(gpt_lib.GPT(), batch)
+  work = cost_model.Workload.of(gpt_lib.GPT(), batch,
+                                precision=_query("train.precision", "float32"))
   return work.with_optimizer(*configured_optimizer())
 
 

@@ -30,6 +30,10 @@ approximately).
   weight is kept for the backward pass, so fsdp pays only with recompute. Per microbatch: one
   all-gather of every weight in the forward, another in the backward with recompute, and a
   reduce-scatter of the gradients (mtf accumulates them in the stored, sharded shape).
+* bfloat16 (train.precision): activations, and the allreduces that carry them, at 2 bytes
+  (the softmax over the vocabulary stays float32), and a bfloat16 copy of each weight the
+  matmuls' backward reads: all of them kept, or with fsdp and recompute one block's beside
+  its float32 gather.
 * zero (ZeRO-1/2): the slots and the gradients divide by the zero split; the gradients are
   reduce-scattered per microbatch instead of allreduced once per step, and the updated
   weights all-gathered once per step.
@@ -55,7 +59,8 @@ SHARDED_FORMS = ("fsdp", "zero")  # mesh.SHARDED_FORMS: the pseudo dimensions of
 # What a sharded form's weights keep whole so that each weight's shard dimension stays the
 # one `with_optimizer` asked mesh.shard_dim for (embd for all but the MLP's bias).
 NOT_WITH_SHARDING = ("embd",)
-BYTES = 4  # float32 activations, slices, gradients, optimizer state and gathered weights
+BYTES = 4  # float32 slices, gradients, optimizer state, gathered weights (and activations)
+FLOAT32 = 4
 MEMORY_KINDS = ("weights", "gradients", "slots", "gathered", "activations")
 UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
          "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
@@ -109,21 +114,23 @@ class Workload:
   num_experts: int = 0  # > 0: `moe_layers` blocks have a mixture of this many expert MLPs
   moe_layers: int = 0
   capacity_factor: float = 1.25  # tokens an expert takes, relative to an even share
+  activation_bytes: int = BYTES  # 2 with train.precision = "bfloat16" (masters stay float32)
   sharding: str = ""  # "", or a SHARDED_FORMS: the layout has that rule (see `sharded_as`)
   # ((weight dims, shard dim or ""), ...): mesh.shard_dim of each weight group; with_optimizer.
   shard_dims: tuple = ()
 
   @classmethod
-  def of(cls, model, batch, microbatches=1):
+  def of(cls, model, batch, microbatches=1, precision="float32"):
     """The workload of training gpt.GPT `model` on `batch` sequences a step (no optimizer yet:
-    with_optimizer)."""
+    with_optimizer), its activations at `precision` ("float32" or "bfloat16")."""
     moe = model.moe
     return cls(n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head,
                n_ctx=model.n_ctx, n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
                batch=batch, microbatches=microbatches, recompute=model.recompute_grad,
                tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
                moe_layers=len(moe.layers) if moe else 0,
-               capacity_factor=moe.capacity_factor if moe else 1.25)
+               capacity_factor=moe.capacity_factor if moe else 1.25,
+               activation_bytes=2 if precision == "bfloat16" else BYTES)
 
   def __post_init__(self):  # the search's child process gets the state back as JSON lists
     object.__setattr__(self, "optimizer_state", _tuples(self.optimizer_state))
@@ -270,36 +277,39 @@ def optimizer_terms(work):
 
 
 def _gathered_terms(work):
-  """fsdp: the gathered (model-split, float32) weights alive at once; see the module doc."""
-  if work.sharding != "fsdp":
-    return []
-  result = []
+  """Weights gathered (fsdp, float32) or cast to bfloat16 (the matmuls' backward reads the
+  cast copies): fsdp with recompute holds one block's at a time, twice, and the embeddings';
+  otherwise every block's is kept for the backward pass. See the module doc."""
+  result, cast = [], work.activation_bytes if work.activation_bytes < BYTES else 0
   for count, dims in work.parameters():
     layers = work.layers_of(dims)
-    if not work.shard_of(dims) or not count:
+    gathered = work.sharding == "fsdp" and work.shard_of(dims)
+    size = (BYTES if gathered else 0) + cast  # the float32 gather, then its bfloat16 copy
+    if not size or not count:
       continue
-    if work.recompute and layers:  # one block's, regathered by the backward beside it
-      result.append(Term("gathered", 2 * BYTES * count / layers, dims))
+    if gathered and work.recompute and layers:  # one block's, regathered beside it
+      result.append(Term("gathered", 2 * size * count / layers, dims))
     else:  # the embeddings serve the whole step; without recompute every block's is kept
-      result.append(Term("gathered", BYTES * count, dims))
+      result.append(Term("gathered", size * count, dims))
   return result
 
 
 def _activation_terms(work):
   """What the backward pass keeps per layer; with recompute, only each layer's input."""
   b, s, e, h, m = work.batch // work.microbatches, work.n_ctx, work.n_embd, work.n_head, work.mlp
-  attention = [Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "embd")),
-               Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
-               Term("activations", BYTES * 2 * b * h * s * s, ("batch", "sequence", "heads"))]
-  dense = [Term("activations", BYTES * 2 * b * s * m, ("batch", "sequence", "mlp"))]
+  a = work.activation_bytes  # the softmax over the vocabulary stays float32
+  attention = [Term("activations", a * 4 * b * s * e, ("batch", "sequence", "embd")),
+               Term("activations", a * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
+               Term("activations", a * 2 * b * h * s * s, ("batch", "sequence", "heads"))]
+  dense = [Term("activations", a * 2 * b * s * m, ("batch", "sequence", "mlp"))]
   routed = b * s * work.capacity_factor  # token slots over all experts
-  experts = [Term("activations", BYTES * 2 * routed * m, ("batch", "experts", "mlp")),
-             Term("activations", BYTES * 2 * routed * e, ("batch", "experts", "embd")),
-             Term("activations", BYTES * 2 * routed * s, ("batch", "sequence", "experts"))]
-  logits = [Term("activations", BYTES * 2 * b * s * work.n_vocab,
+  experts = [Term("activations", a * 2 * routed * m, ("batch", "experts", "mlp")),
+             Term("activations", a * 2 * routed * e, ("batch", "experts", "embd")),
+             Term("activations", a * 2 * routed * s, ("batch", "sequence", "experts"))]
+  logits = [Term("activations", FLOAT32 * 2 * b * s * work.n_vocab,
                  ("batch", "sequence", "vocab"))]
   if work.recompute:  # every layer's input, and one layer's activations at a time
-    kept = [Term("activations", BYTES * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
+    kept = [Term("activations", a * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
     return kept + attention + (experts if work.moe_layers else dense) + logits
   return (_times(attention, work.n_layer) + _times(dense, work.dense_layers)
           + _times(experts, work.moe_layers) + logits)
@@ -363,8 +373,9 @@ def _gradient_terms(work):
 def _communication_terms(work):
   """Gradients (and sharded weights); activation allreduces after each model-parallel split."""
   result = _gradient_terms(work)
+  a = work.activation_bytes  # activations cross at their dtype
   tokens, e, m, layers = work.batch * work.n_ctx, work.n_embd, work.mlp, work.n_layer
-  hidden = BYTES * tokens * e  # one [batch, sequence, embd] activation, all microbatches
+  hidden = a * tokens * e  # one [batch, sequence, embd] activation, all microbatches
   per_token = ("batch", "sequence")
   # Forward and backward each reduce once per split matmul: attention out / qkv input grad.
   result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("heads", "kv"))
@@ -376,7 +387,7 @@ def _communication_terms(work):
                          ("batch", "experts", "embd"), ("mlp",))
   result += _allreduce(2 * hidden, per_token + ("embd",), ("vocab",))  # gather; unembed grad
   # A kv split reduces the attention scores (forward) and their gradient (backward).
-  scores = BYTES * work.batch * work.n_head * work.n_ctx ** 2
+  scores = a * work.batch * work.n_head * work.n_ctx ** 2
   result += _allreduce(2 * layers * scores, per_token + ("heads",), ("kv",))
   # A sequence split gathers keys and values for every query (forward), scatters back (bwd).
   gathered = 4 * layers * hidden
@@ -384,8 +395,8 @@ def _communication_terms(work):
              Term("comm", -gathered, ("batch", "heads", "kv", "sequence"))]
   # Splitting embd makes every matmul that contracts it reduce its output.
   result += _allreduce(layers * 4 * hidden, per_token + ("heads", "kv"), ("embd",))
-  result += _allreduce(layers * 2 * BYTES * tokens * m, per_token + ("mlp",), ("embd",))
-  result += _allreduce(2 * BYTES * tokens * work.n_vocab, per_token + ("vocab",), ("embd",))
+  result += _allreduce(layers * 2 * a * tokens * m, per_token + ("mlp",), ("embd",))
+  result += _allreduce(2 * a * tokens * work.n_vocab, per_token + ("vocab",), ("embd",))
   return result
 
 
