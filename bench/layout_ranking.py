@@ -11,6 +11,10 @@ the median of --steps timed steps after 2 warm-ups. The estimate is the search's
 fp32 matmul rate (a device is a core), link_bandwidth = a measured in-memory copy rate.
 Printed: per layout, estimated and measured seconds per step, then every pair whose
 estimates differ by more than --min_ratio, and whether the measured times order it the same.
+
+The sharded layouts (SHARDED_LAYOUTS: `zero:x`, `fsdp:x`, docs/large_models.md) are measured
+too when this tree's mesh knows their rules (gptneo.mesh.Sharding); otherwise they are
+skipped with a line saying so.
 """
 import argparse
 import itertools
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptneo import configurables  # noqa: E402,F401  (registers every configurable)
 from gptneo import gin_utils  # noqa: E402
+from gptneo import mesh as mesh_lib  # noqa: E402
 from gptneo import runtime  # noqa: E402
 from gptneo import train as train_lib  # noqa: E402
 from gptneo import train_graph  # noqa: E402
@@ -43,6 +48,18 @@ MODEL = ["GPT.n_layer = 4", "GPT.n_embd = 512", "GPT.n_head = 8", "GPT.n_ctx = 2
          "GPT.n_vocab = 4096", "train.batch_size = 8", "train.eval_batches = 0",
          'mesh.mesh_shape = "x:2"']
 LAYOUTS = ["", "batch:x", "heads:x,mlp:x,vocab:x", "mlp:x", "vocab:x", "kv:x"]
+# Weights (fsdp) or optimizer state (zero) sharded over the data axis: one more all-gather
+# and reduce-scatter per step than batch:x, no model-parallel activation allreduce.
+SHARDED_LAYOUTS = ["batch:x,zero:x", "batch:x,fsdp:x"]
+
+
+def layouts():
+  """LAYOUTS, and SHARDED_LAYOUTS if the tree's mesh has the rules (else says it skips them)."""
+  if hasattr(mesh_lib, "Sharding"):
+    return LAYOUTS + SHARDED_LAYOUTS
+  print(f"skipping {', '.join(SHARDED_LAYOUTS)}: this tree's gptneo.mesh has no Sharding, so "
+        f"mesh.layout can't hold fsdp:/zero: rules yet (issue 22's mechanism)")
+  return LAYOUTS
 
 
 def matmul_flops(n=1024, repeats=10):
@@ -104,18 +121,19 @@ def main():
         f"{hardware.link_bandwidth / 1e9:.1f} GB/s per link")
   folder = tempfile.mkdtemp(prefix="layout_ranking_")
   try:
-    rows = measure_all(folder, hardware, args.steps)
+    rows = measure_all(folder, hardware, args.steps, layouts())
   finally:
     shutil.rmtree(folder, ignore_errors=True)
   report(rows, args.min_ratio)
 
 
-def measure_all(folder, hardware, steps):
-  """{layout: (estimated, measured) seconds per step}, printed as they come."""
+def measure_all(folder, hardware, steps, names):
+  """{layout: (estimated, measured) seconds per step} of each of `names`, printed as they
+  come."""
   prepare_data(os.path.join(folder, "data"))
   rows = {}
   print("| layout on x:2 | estimated s/step | measured s/step |\n|---|---|---|")
-  for number, layout in enumerate(LAYOUTS):
+  for number, layout in enumerate(names):
     rows[layout] = (estimated_step_seconds(layout, hardware),
                     measured_step_seconds(layout, os.path.join(folder, "data"),
                                           os.path.join(folder, f"run{number}"), steps))
@@ -128,7 +146,7 @@ def report(rows, min_ratio):
   """Every pair the estimate separates by more than min_ratio: same order as measured?"""
   print(f"\npairs whose estimates differ by more than {min_ratio}x:")
   agree = 0
-  pairs = [(a, b) for a, b in itertools.combinations(LAYOUTS, 2)
+  pairs = [(a, b) for a, b in itertools.combinations(rows, 2)
            if max(rows[a][0], rows[b][0]) > min_ratio * min(rows[a][0], rows[b][0])]
   for a, b in pairs:
     same = (rows[a][0] < rows[b][0]) == (rows[a][1] < rows[b][1])

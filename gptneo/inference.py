@@ -59,7 +59,7 @@ def check_memory(model, mesh, batch_size, precision="float32", decode=False, len
   length = length or model.n_ctx
   estimate = memory.per_device(
       memory.decoding_memory_bytes(model, batch_size, precision, decode, length),
-      cost_model.Workload.of(model, batch_size), mesh)
+      cost_model.Workload.of(model, batch_size, precision=precision), mesh)
   what = (f"running {model.num_parameters() / 1e6:.0f}M parameters on {batch_size} windows of "
           f"{length} tokens" + (" with a key/value cache" if decode else ""))
   memory.check(estimate, mesh, what, INFERENCE_FIXES)

@@ -391,9 +391,20 @@ def check(estimate, mesh, what, fixes):
       f" more at its peak) but {fmt(have)} is {where}; {fixes}, or set {DISABLE} to try anyway")
 
 
-# Terms that scale with the batch and sequence (split as activations are); the rest are
-# weights, their optimizer state, gradients and copies.
-_ACTIVATION_LIKE = ("activations", "logits", "loss gradient", "key/value cache")
+# Which of the cost model's kinds (layout_search/cost_model.py) divides each term when the
+# layout splits it: terms that scale with the batch and sequence are activations; gradients
+# (and the tied embedding's second one) gradients; the optimizer's state its slots; the rest
+# weights and their copies.
+_KIND_OF = (("activations", "activations"), ("logits", "activations"),
+            ("loss gradient", "activations"), ("key/value cache", "activations"),
+            ("gradients", "gradients"), ("tied embedding", "gradients"),
+            ("optimizer state", "slots"))
+GATHERED = "weights gathered (fsdp) or cast to bfloat16"
+_CAST = "bfloat16 weight copies"  # the cost model's gathered term holds them
+
+
+def _kind(name):
+  return next((kind for prefix, kind in _KIND_OF if name.startswith(prefix)), "weights")
 
 
 def _adam_like_slots(shape):
@@ -403,9 +414,12 @@ def _adam_like_slots(shape):
 def per_device(estimate, work, mesh, optimizer=None):
   """`estimate` (one device holding everything) as one device of `mesh`'s layout holds it.
 
-  The layout search's cost model says which share of the weights, optimizer state and
-  gradients, and which of the activations, a device keeps under the layout (the ratio of its
-  split to its unsplit figures); the itemized terms are scaled by those shares.
+  The layout search's cost model says which share of the weights, of the optimizer state, of
+  the gradients and of the activations a device keeps under the layout (the ratio of its
+  split to its unsplit figures: a `fsdp:x` rule divides the first three, `zero:x` the state
+  and gradients); the itemized terms are scaled by those shares. The weights a fsdp layout
+  gathers, and a bfloat16 run's weight copies, are the cost model's (one block's at a time
+  for inference, which keeps nothing for a backward pass), alive through the whole pass.
 
   Args:
     estimate: a MemoryEstimate (training_memory_bytes or decoding_memory_bytes).
@@ -419,14 +433,16 @@ def per_device(estimate, work, mesh, optimizer=None):
     work = work.with_optimizer(optimizer)
   else:  # as optimizer_state_elements assumes
     work = work.with_optimizer(types.SimpleNamespace(slot_shapes=_adam_like_slots), "adam")
-  hardware = cost_model.Hardware(device_memory=1)
-  whole = cost_model.estimate(work, hardware, (), ())
-  split = cost_model.estimate(work, hardware, tuple(mesh.shape), tuple(mesh.layout))
-  shares = (split.param_bytes / whole.param_bytes,
-            split.activation_bytes / whole.activation_bytes)
+  if not estimate.backward_end:  # inference: one block's weights gathered at a time
+    work = dataclasses.replace(work, recompute=True)
+  whole = cost_model.totals(work, (), ())
+  split = cost_model.totals(work, tuple(mesh.shape), tuple(mesh.layout))
 
-  def scaled(terms):
-    return {name: count * shares[name.startswith(_ACTIVATION_LIKE)]
-            for name, count in terms.items()}
-  return MemoryEstimate(scaled(estimate.persistent), scaled(estimate.backward_start),
-                        scaled(estimate.backward_end))
+  def scaled(terms, gathered=True):  # the gathered weights live through either phase
+    result = {name: count * (split[_kind(name)] / whole[_kind(name)] if whole[_kind(name)]
+                             else 1) for name, count in terms.items()
+              if not (name == _CAST and split["gathered"])}
+    return {**result, GATHERED: split["gathered"]} if gathered and split["gathered"] else result
+  return MemoryEstimate(scaled(estimate.persistent, gathered=False),
+                        scaled(estimate.backward_start),
+                        scaled(estimate.backward_end) if estimate.backward_end else {})

@@ -11,6 +11,33 @@ MESH_NAME = "mesh"
 IMPLEMENTATIONS = ("placement", "simd")
 
 
+# The order in which a weight's own dimensions are tried as the one a `fsdp:x` or `zero:x`
+# layout rule shards it (or its optimizer state) along: shard_dim.
+PREFERENCE = ("embd", "mlp", "vocab", "heads", "kv", "sequence", "experts")
+SHARDED_FORMS = ("fsdp", "zero")  # the layout rules that shard weights or optimizer state
+
+
+def shard_dim(weight_dims: tuple, split: dict, ways: int) -> str | None:
+  """The dimension a `fsdp`/`zero` rule shards a weight along, or None: the weight stays whole.
+
+  Model, optimizer and the layout search's cost model all ask this one function.
+
+  Args:
+    weight_dims: ((dimension name, size), ...) of the weight, as the model makes it.
+    split: {tensor dimension: mesh size} of what the layout already splits.
+    ways: the size of the mesh dimension the rule names.
+
+  Returns:
+    The first of the weight's dimensions, in PREFERENCE order, that the layout does not
+    split and whose size `ways` divides (1-D weights included); None if none qualifies.
+  """
+  sizes = dict(weight_dims)
+  for name in PREFERENCE:
+    if name in sizes and name not in split and sizes[name] % ways == 0:
+      return name
+  return None
+
+
 def parse_mesh_shape(text):
   """"x:2,y:4" -> [("x", 2), ("y", 4)]: mesh dimension names and sizes."""
   return _parse_pairs(text, "mesh_shape", int)

@@ -172,8 +172,8 @@ def check_memory(s):
   micro = s.batch_size // s.microbatches_per_batch
   estimate = memory.per_device(
       memory.training_memory_bytes(s.model, micro, s.precision, s.optimizer),
-      cost_model.Workload.of(s.model, s.batch_size, s.microbatches_per_batch), s.mesh,
-      s.optimizer)
+      cost_model.Workload.of(s.model, s.batch_size, s.microbatches_per_batch, s.precision),
+      s.mesh, s.optimizer)
   what = (f"training {s.model.num_parameters() / 1e6:.0f}M parameters on batches of {micro} x "
           f"{s.model.n_ctx} tokens (train.batch_size / train.microbatches_per_batch, GPT.n_ctx)")
   memory.check(estimate, s.mesh, what, TRAINING_FIXES)

@@ -1,5 +1,6 @@
 """The layout search: finds fitting layouts fast, agrees with brute force and with the lowered
 graph's allocations, and turns bad input into one-line errors."""
+import dataclasses
 import itertools
 import json
 import os
@@ -45,7 +46,7 @@ def test_mesh_shapes_are_the_factorizations():
 @pytest.mark.parametrize("shape", [(("x", 4), ("y", 2)), (("x", 2), ("y", 2), ("z", 2))])
 def test_solver_finds_the_brute_force_optimum(shape):
   hardware = cost_model.Hardware(16 * GIB)
-  best = search.search(XL, hardware, mesh_shape=shape, time_limit=20).candidates[0]
+  best = search.search(XL, hardware, mesh_shape=shape, time_limit=20, forms=("",)).candidates[0]
   work = cost_model.Workload(**{**XL.__dict__, "microbatches": best.microbatches,
                                 "n_vocab": best.n_vocab, "recompute": best.recompute})
   fitting = [e for e in (cost_model.estimate(work, hardware, shape, layout)
@@ -81,7 +82,7 @@ def splittable_of(estimate):
 
 def test_fewer_microbatches_never_fit_where_the_search_needed_more():
   hardware = cost_model.Hardware(16 * GIB)
-  best = search.search(XL, hardware, devices=8, time_limit=20).candidates[0]
+  best = search.search(XL, hardware, devices=8, time_limit=20, forms=("",)).candidates[0]
   fewer = cost_model.Workload(**{**XL.__dict__, "microbatches": best.microbatches // 2})
   assert all(cost_model.estimate(fewer, hardware, best.mesh_shape, layout).memory_bytes
              > hardware.device_memory
@@ -99,7 +100,9 @@ def test_gpt3_13b_on_256_devices_fits_in_16gib_within_a_minute(tmp_path):
   spec = mesh_lib.mesh(cpu_devices=256)
   assert spec.size == 256
   batch = 1024 // gin_utils.gin.query_parameter("train.microbatches_per_batch")
-  spec.validate(gpt_lib.GPT().dims(batch).sizes())  # a layout train would accept
+  model_rules = [rule for rule in spec.layout if rule[0] not in cost_model.SHARDED_FORMS]
+  dataclasses.replace(spec, layout=model_rules).validate(  # a layout train would accept
+      gpt_lib.GPT().dims(batch).sizes())
   if NEVER_SPLIT & {tensor_dim for tensor_dim, _ in spec.layout}:  # only if nothing else fits
     assert "split only because no layout of batch/heads/mlp/vocab fits" in result.stdout
     assert not any(_fits_without_fallback_dims(shape) for shape in search.mesh_shapes(256))
@@ -158,18 +161,28 @@ def test_a_search_cut_short_says_so_instead_of_nothing_fits():
   assert "--time_limit=0.3s" in str(error.value) and "nothing fits" not in str(error.value)
 
 
-def test_search_recomputes_only_when_nothing_fits_without():
+def test_search_weighs_recompute_by_the_step_time():
+  """Recompute costs a third more FLOPs but may free the memory for a faster layout: on 8
+  devices XL's fastest layout (batch:x,heads:y,mlp:y) fits only recomputed, and beats the
+  best that fits without (which the search used to take because it fit)."""
   hardware = cost_model.Hardware(16 * GIB)
-  xl = search.search(XL, hardware, devices=8, time_limit=20).candidates[0]
-  assert not xl.recompute  # fits as is
-  best = search.search(B13, hardware, devices=256, time_limit=30).candidates[0]
+  candidates = search.search(XL, hardware, devices=8, time_limit=20, forms=("",)).candidates
+  assert candidates == sorted(candidates, key=lambda c: c.step_seconds)
+  kept = [c for c in candidates if not c.recompute]
+  assert candidates[0].recompute and kept and kept[0].step_seconds > candidates[0].step_seconds
+  assert dict(candidates[0].layout)["batch"] == "x"  # 4-way: at most 128 microbatches of 4
+  no_recompute = dataclasses.replace(XL, microbatches=128)
+  assert cost_model.estimate(no_recompute, hardware, candidates[0].mesh_shape,
+                             candidates[0].layout).memory_bytes > hardware.device_memory
+  best = search.search(B13, hardware, devices=256, time_limit=30, forms=("",)).candidates[0]
   assert best.recompute and best.memory_bytes <= hardware.device_memory
   kept = cost_model.Workload(**{**B13.__dict__, "n_vocab": best.n_vocab,
                                 "microbatches": search.microbatch_counts(B13.batch)[-1]})
   assert all(cost_model.estimate(kept, hardware, best.mesh_shape, layout).memory_bytes
              > hardware.device_memory
              for layout in all_layouts(kept, best.mesh_shape, splittable_of(best)))
-  fixed = search.search(B13, hardware, devices=256, time_limit=30, recompute=False)
+  fixed = search.search(B13, hardware, devices=256, time_limit=30, recompute=False,
+                        forms=("",))
   assert not any(c.recompute for c in fixed.candidates)
 
 
@@ -217,7 +230,7 @@ def test_splitting_experts_divides_their_weights_and_the_search_uses_it():
 def test_solver_finds_the_brute_force_optimum_with_experts(shape):
   hardware = cost_model.Hardware(12 * GIB)
   best = search.search(MOE, hardware, mesh_shape=shape, time_limit=20,
-                       recompute=False).candidates[0]
+                       recompute=False, forms=("",)).candidates[0]
   work = cost_model.Workload(**{**MOE.__dict__, "microbatches": best.microbatches})
   fitting = [e for e in (cost_model.estimate(work, hardware, shape, layout)
                          for layout in all_layouts(work, shape, splittable_of(best)))
@@ -313,6 +326,8 @@ BAD_SEARCHES = {
                                  ["--mesh_shape='x:0'", "positive size"]),
     "mesh dimension named twice": (["--gin_file=tiny.gin", "--mesh_shape=x:2,x:2"],
                                    ["--mesh_shape='x:2,x:2'", "its own name"]),
+    "unknown optimizer": (["--gin_file=tiny.gin", "--devices=2", "--optimizers=adam,lion"],
+                          ["--optimizers='adam,lion'", "adam, adafactor"]),
     "batch of 0": (["--gin_file=tiny.gin", "--devices=2", "--gin_param=train.batch_size = 0"],
                    ["train.batch_size = 0; it must be a positive integer"]),
     "optimizer that can't say its state": (
@@ -430,3 +445,94 @@ def test_the_layout_file_writes_the_command_and_names_as_gin_strings():
   assert [(s.selector, s.arg_name, s.value) for s in gin_utils.statements(text, "test")] == [
       ("mesh", "mesh_shape", "x:2"), ("mesh", "layout", "batch:x"),
       ("train", "microbatches_per_batch", 2)]
+
+
+# The sharded forms (fsdp:x, zero:x; cost_model's docstring) and what the search does with them.
+B13_RECOMPUTE = dataclasses.replace(B13, microbatches=4, recompute=True)
+EIGHT = (("x", 8),)
+
+
+def _kinds(work, layout, shape=EIGHT):
+  return cost_model.totals(work, shape, tuple(tuple(rule.split(":")) for rule in layout))
+
+
+def test_fsdp_divides_weights_gradients_and_state_and_adds_the_gathers():
+  plain, fsdp = (_kinds(B13_RECOMPUTE, layout) for layout in (["batch:x"], ["batch:x", "fsdp:x"]))
+  for kind in ("weights", "gradients", "slots"):  # 5120 and 20480 both divide by 8
+    assert fsdp[kind] == pytest.approx(plain[kind] / 8)
+  assert fsdp["activations"] == plain["activations"] and plain["gathered"] == 0
+  weights, k, m = plain["weights"], 8, 4
+  # Per microbatch: an all-gather in the forward, another in the backward (recompute), a
+  # reduce-scatter of the gradients, each N(k-1)/k; instead of one allreduce a step, 2N(k-1)/k.
+  assert fsdp["comm"] - plain["comm"] == pytest.approx((3 * m - 2) * weights * (k - 1) / k)
+  embeddings = (B13.n_vocab + B13.n_ctx) * B13.n_embd
+  one_block = (B13.num_parameters() - embeddings) / B13.n_layer
+  assert fsdp["gathered"] == pytest.approx(  # x2: regathered beside the forward's
+      cost_model.BYTES * (2 * one_block + embeddings), rel=0.001)
+  kept = _kinds(dataclasses.replace(B13_RECOMPUTE, recompute=False), ["batch:x", "fsdp:x"])
+  assert kept["gathered"] == pytest.approx(weights)  # every gathered weight, for the backward
+
+
+def test_zero_divides_state_and_gradients_and_gathers_the_update_once():
+  plain, zero = (_kinds(B13_RECOMPUTE, layout) for layout in (["batch:x"], ["batch:x", "zero:x"]))
+  assert zero["weights"] == plain["weights"] and zero["gathered"] == 0
+  assert zero["slots"] == pytest.approx(plain["slots"] / 8)
+  assert zero["gradients"] == pytest.approx(plain["gradients"] / 8)
+  weights, k, m = plain["weights"], 8, 4  # reduce-scatter per microbatch, all-gather once
+  assert zero["comm"] - plain["comm"] == pytest.approx((m + 1 - 2) * weights * (k - 1) / k)
+
+
+def test_fsdp_and_zero_together_are_refused():
+  with pytest.raises(cost_model.UserError, match="exclusive"):
+    _kinds(B13, ["batch:x", "fsdp:x", "zero:x"])
+
+
+def test_a_13b_model_that_fits_only_sharded_is_placed_sharded_and_faster():
+  hardware = cost_model.Hardware(16 * GIB)
+  replicated = search.search(B13, hardware, devices=256, time_limit=30, forms=("",))
+  best = search.search(B13, hardware, devices=256, time_limit=30).candidates[0]
+  assert {"fsdp", "zero"} & dict(best.layout).keys()
+  assert dict(best.layout)["fsdp" if "fsdp" in dict(best.layout) else "zero"] == (
+      dict(best.layout)["batch"])  # on the data axis
+  assert best.memory_bytes <= hardware.device_memory
+  assert best.utilization > 0.45 > 0.05 > replicated.candidates[0].utilization
+  assert best.utilization == pytest.approx(
+      6 * B13.num_parameters() * B13.batch * B13.n_ctx / (256 * 50e12) / best.step_seconds)
+
+
+def test_every_candidate_line_has_its_step_and_utilization(tmp_path):
+  output = tmp_path / "layout.gin"
+  result = run_binary("search_layout", "--gin_file=gpt3_13b.gin", "--devices=256",
+                      f"--output={output}", check=True)
+  lines = result.stdout.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("mesh "))
+  candidates = lines[header + 1:lines.index(next(x for x in lines if x.startswith("chosen")))]
+  assert len(candidates) > 1 and "util." in lines[header]
+  for line in candidates:
+    step, utilization = line.split()[-2:]
+    assert step.endswith("s") and float(step[:-1]) > 0
+    assert utilization.endswith("%") and 0 < float(utilization[:-1]) <= 100
+  layout = gin_utils.statements(output.read_text(), "test")
+  assert "fsdp:x" in [s.value for s in layout if s.arg_name == "layout"][0]
+
+
+def test_the_search_weighs_adafactor_when_allowed():
+  gin_utils.parse(["gpt3_13b.gin"], ['DATASET_DIR = "unused"'])
+  work, both = configured.run(256, None, 16 * GIB, 50e9, 50e12, 30, optimizers="adam,adafactor")
+  assert work.optimizer == "adam"
+  assert {c.optimizer for c in both.candidates} == {"adam", "adafactor"}
+  _, adam = configured.run(256, None, 16 * GIB, 50e9, 50e12, 30)
+  assert {c.optimizer for c in adam.candidates} == {"adam"}
+
+
+def test_bfloat16_costs_activations_at_2_bytes_and_gathers_float32_masters():
+  shape, layout = (("x", 4), ("y", 2)), ["batch:x", "heads:y", "mlp:y", "fsdp:x"]
+  f32, bf16 = (_kinds(dataclasses.replace(B13_RECOMPUTE, activation_bytes=size), layout, shape)
+               for size in (4, 2))
+  for kind in ("weights", "gradients", "slots"):
+    assert bf16[kind] == f32[kind]  # the masters, their gradients and state stay float32
+  assert f32["activations"] / 2 < bf16["activations"] < f32["activations"]  # softmax: float32
+  assert bf16["gathered"] == pytest.approx(1.5 * f32["gathered"])  # + a bfloat16 copy
+  assert bf16["comm"] < f32["comm"]  # the activation allreduces halve, the gathers don't
+  gin_utils.parse(["gpt3_1t.gin"], ['DATASET_DIR = "unused"'])
+  assert configured.workload_from_gin().activation_bytes == 2

@@ -190,3 +190,45 @@ def test_the_knobs_stay_out_of_the_operative_config():
   gin.bind_parameter("memory_check.available", "1TiB")
   assert _refusal(1, _cpus(), "1TiB") is None
   assert "memory_check" not in gin.operative_config_str()
+
+
+def test_a_sharded_layout_divides_what_it_shards_and_holds_the_gathered_weights():
+  model = _model(["global", "global"], recompute_grad=True)
+  work = cost_model.Workload.of(model, B)
+  whole = memory.training_memory_bytes(model, B)
+  fsdp = memory.per_device(whole, work, _cpus(2, [("batch", "x"), ("fsdp", "x")]))
+  zero = memory.per_device(whole, work, _cpus(2, [("batch", "x"), ("zero", "x")]))
+  for name in ("weights (float32)", "optimizer state (float32)"):
+    assert fsdp.persistent[name] == pytest.approx(whole.persistent[name] / 2)
+  assert fsdp.backward_end["gradients"] == pytest.approx(whole.backward_end["gradients"] / 2)
+  gathered = fsdp.backward_start[memory.GATHERED]
+  assert gathered == fsdp.backward_end[memory.GATHERED] > 0  # through the whole pass
+  assert memory.GATHERED not in fsdp.persistent
+  assert zero.persistent["weights (float32)"] == whole.persistent["weights (float32)"]
+  assert zero.persistent["optimizer state (float32)"] == pytest.approx(
+      whole.persistent["optimizer state (float32)"] / 2)
+  assert zero.backward_end["gradients"] == pytest.approx(whole.backward_end["gradients"] / 2)
+  assert memory.GATHERED not in zero.backward_start
+
+
+def test_the_check_passes_a_sharded_run_that_fits_and_refuses_one_that_does_not():
+  """1.3B-like weights on 64 GPUs of 12 GiB: Adam's 16 bytes a weight fit only sharded."""
+  model = gpt.GPT(n_layer=24, n_embd=2048, n_head=16, n_ctx=2048, n_vocab=50304,
+                  recompute_grad=True)
+  work = cost_model.Workload.of(model, 64)
+  gpus = [f"/gpu:{i}" for i in range(64)]
+  gin.bind_parameter("memory_check.device_memory", "12GiB")
+
+  def refusal(layout):
+    mesh = mesh_lib.MeshSpec([("x", 64)], layout, gpus)
+    estimate = memory.per_device(memory.training_memory_bytes(model, 64), work, mesh)
+    try:
+      memory.check(estimate, mesh, "the run", "do less")
+    except errors.UserError as error:
+      return str(error)
+    return None
+  assert "12.00 GiB is per gpu" in refusal([("batch", "x")])
+  assert refusal([("batch", "x"), ("fsdp", "x")]) is None
+  assert refusal([("batch", "x"), ("zero", "x")]) is None
+  gin.bind_parameter("memory_check.device_memory", "2GiB")  # too little even sharded
+  assert "2.00 GiB is per gpu" in refusal([("batch", "x"), ("fsdp", "x")])

@@ -61,7 +61,7 @@ GPT_NEO = {
     "gpt_neo_2_7b.gin": (32, 2560, 20, 16, 2.652e9),
 }
 # Presets that change a GPT-3 size's architecture, built at small dims below.
-VARIANTS = {"gpt3_small_moe.gin": ["MoE.layers = [1]"]}
+VARIANTS = {"gpt3_small_moe.gin": ["MoE.layers = [1]"], "gpt3_1t.gin": []}
 SMALL_NEO_PATTERN = 'GPT.attention_layers = [[["global", "local"], 1]]'
 
 
@@ -167,6 +167,25 @@ def test_gpt3_optimizer_and_schedule(preset):
   assert gin.query_parameter("train.clip_norm") == 1.0
   adam = optimizers.Adam()
   assert (adam.beta1, adam.beta2, adam.epsilon, adam.weight_decay) == (0.9, 0.95, 1e-8, 0.1)
+
+
+def test_the_1t_preset_continues_gpt3s_shape_and_schedule():
+  """gin/gpt3_1t.gin: 1.01T parameters, n_embd / n_layer 200 and heads of 160 (GPT-3's grow
+  with size: 128 and 128 at 175B), GPT-3's token schedule at a 4M-token batch."""
+  gin_utils.parse(["gpt3_1t.gin"], [NO_DATASET])
+  model = gpt_lib.GPT()
+  assert (model.n_layer, model.n_embd, model.n_head) == (128, 25600, 160)
+  assert model.num_parameters() == pytest.approx(1.01e12, rel=0.01)
+  assert (model.n_ctx, model.n_vocab, model.mlp_ratio) == (N_CTX, 50257, 4)
+  tokens_per_step = 2048 * N_CTX
+  assert gin.query_parameter("train.batch_size") == 2048
+  assert gin.query_parameter("train.train_steps") == round(TRAIN_TOKENS / tokens_per_step)
+  assert gin.query_parameter("learning_rate_schedule.warmup_steps") == round(
+      WARMUP_TOKENS / tokens_per_step)
+  assert gin.query_parameter("learning_rate_schedule.decay_steps") == round(
+      DECAY_TOKENS / tokens_per_step)
+  assert 0 < gin.query_parameter("learning_rate_schedule.learning_rate") < GPT3[
+      "gpt3_175b.gin"][3]
 
 
 @pytest.mark.parametrize("preset", sorted(GPT3))

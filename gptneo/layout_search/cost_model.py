@@ -15,6 +15,33 @@ moments a weight's row and column means, each a term with the dimensions its ten
 A mixture of experts (`num_experts` top-1 experts in `moe_layers` blocks) replaces those
 blocks' MLP: expert weights divide by the `experts` split, each expert computes on its
 capacity_factor share of the tokens, and combining the experts' outputs reduces over it.
+
+Sharded forms (`Workload.sharding`, set from a layout's `fsdp:x` or `zero:x` rule): the pseudo
+dimensions "fsdp" and "zero" are split like tensor dimensions, always on the mesh dimension of
+`batch` when the search places them. Each weight is sharded along its shard dimension
+(mesh.shard_dim, asked once per weight group in `with_optimizer`, as if the layout split
+nothing else: the search never splits `embd` in a sharded form, so that stays true but for
+the MLP's bias when `mlp` is split; a hand-written layout that splits embd is costed
+approximately).
+* fsdp (ZeRO-3): weights, gradients and the slots that keep the shard dimension divide by the
+  fsdp split. Gathered weights are float32 (the masters, cast after the gather if at all): with
+  recompute one layer's at a time, twice (the backward regathers while the forward's copy may
+  still live), plus the embeddings' for the whole step; without recompute every gathered
+  weight is kept for the backward pass, so fsdp pays only with recompute. Per microbatch: one
+  all-gather of every weight in the forward, another in the backward with recompute, and a
+  reduce-scatter of the gradients (mtf accumulates them in the stored, sharded shape).
+* bfloat16 (train.precision): activations, and the allreduces that carry them, at 2 bytes
+  (the softmax over the vocabulary stays float32), and a bfloat16 copy of each weight the
+  matmuls' backward reads: all of them kept, or with fsdp and recompute one block's beside
+  its float32 gather.
+* zero (ZeRO-1/2): the slots and the gradients divide by the zero split; the gradients are
+  reduce-scattered per microbatch instead of allreduced once per step, and the updated
+  weights all-gathered once per step.
+A ring all-gather or reduce-scatter of N bytes over k devices moves N(k-1)/k per device:
+N/prod(D) - N/(prod(D)*k), in the same form as the allreduce.
+
+`estimate` and the CP-SAT model (search.py) read the same terms, and `estimate` takes the form
+from the layout itself, so the printed estimate is the solver's objective.
 """
 import dataclasses
 import math
@@ -25,11 +52,16 @@ from gptneo.errors import UserError
 # The tensor dimensions a layout may split, in tiers: the search tries the first alone and
 # adds the next only when nothing fits (`experts` exists in mixture-of-experts models only). `kv` (contracted inside attention, so its split
 # allreduces the scores) and `sequence` (its split all-gathers keys and values) come last.
-# `embd` is costed but never searched: mesh-tensorflow 0.1.21 fails to lower the backward
-# pass of an embd-split GPT ('LazyAllreduceSum' object has no attribute 'tensor_list').
-TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv",), ("sequence",))
+# `embd` (every matmul contracting it reduces its output) comes with kv.
+TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv", "embd"), ("sequence",))
 SPLITTABLE = TIERS[0]
-BYTES = 4  # float32 activations, slices, gradients and optimizer state
+SHARDED_FORMS = ("fsdp", "zero")  # mesh.SHARDED_FORMS: the pseudo dimensions of the terms
+# What a sharded form's weights keep whole so that each weight's shard dimension stays the
+# one `with_optimizer` asked mesh.shard_dim for (embd for all but the MLP's bias).
+NOT_WITH_SHARDING = ("embd",)
+BYTES = 4  # float32 slices, gradients, optimizer state, gathered weights (and activations)
+FLOAT32 = 4
+MEMORY_KINDS = ("weights", "gradients", "slots", "gathered", "activations")
 UNITS = {"": 1, "b": 1, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
          "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
 
@@ -55,7 +87,7 @@ def format_bytes(count):
 
 @dataclasses.dataclass(frozen=True)
 class Term:
-  kind: str  # "params" (bytes), "activations" (bytes), "flops", "comm" (bytes)
+  kind: str  # one of MEMORY_KINDS (bytes), "flops", or "comm" (bytes)
   coefficient: float
   dims: tuple  # tensor dimensions whose splits divide this term
 
@@ -82,21 +114,27 @@ class Workload:
   num_experts: int = 0  # > 0: `moe_layers` blocks have a mixture of this many expert MLPs
   moe_layers: int = 0
   capacity_factor: float = 1.25  # tokens an expert takes, relative to an even share
+  activation_bytes: int = BYTES  # 2 with train.precision = "bfloat16" (masters stay float32)
+  sharding: str = ""  # "", or a SHARDED_FORMS: the layout has that rule (see `sharded_as`)
+  # ((weight dims, shard dim or ""), ...): mesh.shard_dim of each weight group; with_optimizer.
+  shard_dims: tuple = ()
 
   @classmethod
-  def of(cls, model, batch, microbatches=1):
+  def of(cls, model, batch, microbatches=1, precision="float32"):
     """The workload of training gpt.GPT `model` on `batch` sequences a step (no optimizer yet:
-    with_optimizer)."""
+    with_optimizer), its activations at `precision` ("float32" or "bfloat16")."""
     moe = model.moe
     return cls(n_layer=model.n_layer, n_embd=model.n_embd, n_head=model.n_head,
                n_ctx=model.n_ctx, n_vocab=model.n_vocab, mlp=model.n_embd * model.mlp_ratio,
                batch=batch, microbatches=microbatches, recompute=model.recompute_grad,
                tie_embeddings=model.tie_embeddings, num_experts=moe.num_experts if moe else 0,
                moe_layers=len(moe.layers) if moe else 0,
-               capacity_factor=moe.capacity_factor if moe else 1.25)
+               capacity_factor=moe.capacity_factor if moe else 1.25,
+               activation_bytes=2 if precision == "bfloat16" else BYTES)
 
   def __post_init__(self):  # the search's child process gets the state back as JSON lists
     object.__setattr__(self, "optimizer_state", _tuples(self.optimizer_state))
+    object.__setattr__(self, "shard_dims", _tuples(self.shard_dims))
 
   def with_optimizer(self, optimizer, name=None):
     """This workload trained with `optimizer`, which says what state it keeps per weight.
@@ -106,26 +144,74 @@ class Workload:
         shapes of the slot variables it keeps, in the same form (see gptneo/optim).
       name: for the report (default: the class name).
     """
-    sizes, state = self.dim_sizes(), {}
+    from gptneo import mesh  # pylint: disable=g-import-not-at-top  (it loads TensorFlow)
+    sizes, state, shards = self.dim_sizes(), {}, {}
     for _, dims in self.parameters():
-      slots = optimizer.slot_shapes(tuple((d, sizes[d]) for d in dims))
+      shape = tuple((d, sizes[d]) for d in dims)
+      slots = optimizer.slot_shapes(shape)
       state[dims] = tuple(tuple(d for d, _ in slot) for slot in slots)
+      shards[dims] = mesh.shard_dim(shape, {}, 1) or ""
     return dataclasses.replace(self, optimizer=name or type(optimizer).__name__.lower(),
-                               optimizer_state=tuple(state.items()))
+                               optimizer_state=tuple(state.items()),
+                               shard_dims=tuple(shards.items()))
+
+  def sharded_as(self, layout):
+    """This workload with the sharded form a layout's rules name ("" if none).
+
+    Args:
+      layout: ((tensor dim, mesh dim), ...), possibly with a "fsdp" or "zero" rule.
+    """
+    forms = [d for d, _ in layout if d in SHARDED_FORMS]
+    if len(set(forms)) > 1:
+      raise UserError(f"layout has both {forms[0]}: and {forms[1]}: rules; they are exclusive "
+                      f"(fsdp already shards the optimizer state): keep one")
+    return dataclasses.replace(self, sharding=forms[0] if forms else "")
+
+  def shard_of(self, dims):
+    """The shard dimension of a weight group ("" if it stays whole); see mesh.shard_dim."""
+    return _per_weight(self.shard_dims, dims, "shard dimension")
+
+  def stored_dims(self, dims, kind, slot_dims=None):
+    """The dims whose splits divide a weight group's `kind` term under the sharded form.
+
+    Args:
+      dims: the weight group's dims.
+      kind: "weights", "gradients" or "slots".
+      slot_dims: for "slots", the slot variable's own dims.
+    """
+    own = dims if slot_dims is None else slot_dims
+    if not self.sharding or (self.sharding == "zero" and kind == "weights"):
+      return own
+    shard = self.shard_of(dims)
+    return own + (self.sharding,) if shard and shard in own else own
+
+  def layers_of(self, dims):
+    """How many blocks a weight group is spread over (0: the embeddings, used by every block)."""
+    if "vocab" in dims or "sequence" in dims:
+      return 0
+    if "experts" in dims:
+      return self.moe_layers
+    return self.dense_layers if "mlp" in dims else self.n_layer
 
   def slots(self, dims):
     """The dims of each slot variable the optimizer keeps for a weight with `dims`."""
-    for weight_dims, slots in self.optimizer_state:
-      if weight_dims == dims:
-        return slots
-    raise ValueError(f"the workload has no optimizer state for weights {dims}: build it "
-                     f"with_optimizer(...)")
+    return _per_weight(self.optimizer_state, dims, "optimizer state")
 
   def dim_sizes(self):
+    """{tensor dim: size}; a sharded form's pseudo dim has the size every shard dim has in
+    common (what a split of it must divide)."""
     sizes = {"batch": self.batch // self.microbatches, "heads": self.n_head, "mlp": self.mlp,
              "vocab": self.n_vocab, "embd": self.n_embd, "kv": self.n_embd // self.n_head,
              "sequence": self.n_ctx}
-    return {**sizes, "experts": self.num_experts} if self.moe_layers else sizes
+    if self.moe_layers:
+      sizes["experts"] = self.num_experts
+    if self.sharding:
+      sizes[self.sharding] = math.gcd(*(sizes[shard] for _, shard in self.shard_dims if shard))
+    return sizes
+
+  def compute_bound_seconds(self, devices, device_flops):
+    """6 x parameters x tokens / (devices x device_flops): the step at full utilization."""
+    return 6 * self.num_parameters() * self.batch * self.n_ctx / (devices * device_flops)
 
   @property
   def dense_layers(self):
@@ -151,10 +237,19 @@ class Workload:
     return sum(count for count, _ in self.parameters())
 
 
+def _per_weight(table, dims, what):
+  """The entry of ((weight dims, value), ...) `table` for a weight group with `dims`."""
+  for weight_dims, value in table:
+    if weight_dims == dims:
+      return value
+  raise ValueError(f"the workload has no {what} for weights {dims}: build it "
+                   f"with_optimizer(...)")
+
+
 def terms(work):
   """Every term of the step's cost."""
-  return (_parameter_terms(work) + _activation_terms(work) + _flop_terms(work)
-          + _communication_terms(work))
+  return (_parameter_terms(work) + _gathered_terms(work) + _activation_terms(work)
+          + _flop_terms(work) + _communication_terms(work))
 
 
 def _tuples(value):
@@ -162,9 +257,12 @@ def _tuples(value):
 
 
 def _parameter_terms(work):
-  """Weight slices and their gradients (two float32 copies), and the optimizer's state."""
-  return ([Term("params", 2 * BYTES * count, dims) for count, dims in work.parameters()]
-          + optimizer_terms(work))
+  """Weight slices and their gradients (float32), and the optimizer's state."""
+  result = []
+  for count, dims in work.parameters():
+    result += [Term("weights", BYTES * count, work.stored_dims(dims, "weights")),
+               Term("gradients", BYTES * count, work.stored_dims(dims, "gradients"))]
+  return result + optimizer_terms(work)
 
 
 def optimizer_terms(work):
@@ -173,25 +271,45 @@ def optimizer_terms(work):
   for count, dims in work.parameters():
     for slot_dims in work.slots(dims):
       share = math.prod(sizes[d] for d in slot_dims) / math.prod(sizes[d] for d in dims)
-      result.append(Term("params", BYTES * count * share, slot_dims))
+      result.append(Term("slots", BYTES * count * share,
+                         work.stored_dims(dims, "slots", slot_dims)))
+  return result
+
+
+def _gathered_terms(work):
+  """Weights gathered (fsdp, float32) or cast to bfloat16 (the matmuls' backward reads the
+  cast copies): fsdp with recompute holds one block's at a time, twice, and the embeddings';
+  otherwise every block's is kept for the backward pass. See the module doc."""
+  result, cast = [], work.activation_bytes if work.activation_bytes < BYTES else 0
+  for count, dims in work.parameters():
+    layers = work.layers_of(dims)
+    gathered = work.sharding == "fsdp" and work.shard_of(dims)
+    size = (BYTES if gathered else 0) + cast  # the float32 gather, then its bfloat16 copy
+    if not size or not count:
+      continue
+    if gathered and work.recompute and layers:  # one block's, regathered beside it
+      result.append(Term("gathered", 2 * size * count / layers, dims))
+    else:  # the embeddings serve the whole step; without recompute every block's is kept
+      result.append(Term("gathered", size * count, dims))
   return result
 
 
 def _activation_terms(work):
   """What the backward pass keeps per layer; with recompute, only each layer's input."""
   b, s, e, h, m = work.batch // work.microbatches, work.n_ctx, work.n_embd, work.n_head, work.mlp
-  attention = [Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "embd")),
-               Term("activations", BYTES * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
-               Term("activations", BYTES * 2 * b * h * s * s, ("batch", "sequence", "heads"))]
-  dense = [Term("activations", BYTES * 2 * b * s * m, ("batch", "sequence", "mlp"))]
+  a = work.activation_bytes  # the softmax over the vocabulary stays float32
+  attention = [Term("activations", a * 4 * b * s * e, ("batch", "sequence", "embd")),
+               Term("activations", a * 4 * b * s * e, ("batch", "sequence", "heads", "kv")),
+               Term("activations", a * 2 * b * h * s * s, ("batch", "sequence", "heads"))]
+  dense = [Term("activations", a * 2 * b * s * m, ("batch", "sequence", "mlp"))]
   routed = b * s * work.capacity_factor  # token slots over all experts
-  experts = [Term("activations", BYTES * 2 * routed * m, ("batch", "experts", "mlp")),
-             Term("activations", BYTES * 2 * routed * e, ("batch", "experts", "embd")),
-             Term("activations", BYTES * 2 * routed * s, ("batch", "sequence", "experts"))]
-  logits = [Term("activations", BYTES * 2 * b * s * work.n_vocab,
+  experts = [Term("activations", a * 2 * routed * m, ("batch", "experts", "mlp")),
+             Term("activations", a * 2 * routed * e, ("batch", "experts", "embd")),
+             Term("activations", a * 2 * routed * s, ("batch", "sequence", "experts"))]
+  logits = [Term("activations", FLOAT32 * 2 * b * s * work.n_vocab,
                  ("batch", "sequence", "vocab"))]
   if work.recompute:  # every layer's input, and one layer's activations at a time
-    kept = [Term("activations", BYTES * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
+    kept = [Term("activations", a * b * s * e * work.n_layer, ("batch", "sequence", "embd"))]
     return kept + attention + (experts if work.moe_layers else dense) + logits
   return (_times(attention, work.n_layer) + _times(dense, work.dense_layers)
           + _times(experts, work.moe_layers) + logits)
@@ -224,14 +342,40 @@ def _allreduce(total_bytes, dims, over):
   return [Term("comm", 2 * total_bytes, dims), Term("comm", -2 * total_bytes, dims + over)]
 
 
-def _communication_terms(work):
-  """Gradient allreduce over `batch`; activation allreduces after each model-parallel split."""
+def _ring(total_bytes, dims, over):
+  """Ring all-gather or reduce-scatter: N(k-1)/k of `total_bytes / prod(dims)`, k = the
+  devices the `over` dims split."""
+  return [Term("comm", total_bytes, dims), Term("comm", -total_bytes, dims + over)]
+
+
+def _gradient_terms(work):
+  """Reducing the gradients over `batch` and, in a sharded form, gathering the weights."""
   result = []
-  for count, dims in work.parameters():  # once per step, after accumulating microbatches
-    over = ("batch",) if "sequence" in dims else ("batch", "sequence")
-    result += _allreduce(BYTES * count, dims, over)
+  for count, dims in work.parameters():
+    size, form = BYTES * count, work.sharding
+    if not form or not work.shard_of(dims):  # once per step, after accumulating microbatches
+      over = ("batch",) if "sequence" in dims else ("batch", "sequence")
+      result += _allreduce(size, dims, over)
+      continue
+    # Accumulated in the sharded shape: reduce-scattered per microbatch, over the mesh
+    # dimension the search puts both batch and the form's pseudo dim on; a shard is then
+    # allreduced over a sequence split too.
+    result += _ring(size * work.microbatches, dims, (form,))
+    if "sequence" not in dims:
+      result += _allreduce(size * work.microbatches, dims + (form,), ("sequence",))
+    if form == "fsdp":  # gathered per microbatch, again in the backward with recompute
+      result += _ring(size * work.microbatches * (2 if work.recompute else 1), dims, (form,))
+    else:  # zero: the updated shards all-gathered into the replicated weights, once
+      result += _ring(size, dims, (form,))
+  return result
+
+
+def _communication_terms(work):
+  """Gradients (and sharded weights); activation allreduces after each model-parallel split."""
+  result = _gradient_terms(work)
+  a = work.activation_bytes  # activations cross at their dtype
   tokens, e, m, layers = work.batch * work.n_ctx, work.n_embd, work.mlp, work.n_layer
-  hidden = BYTES * tokens * e  # one [batch, sequence, embd] activation, all microbatches
+  hidden = a * tokens * e  # one [batch, sequence, embd] activation, all microbatches
   per_token = ("batch", "sequence")
   # Forward and backward each reduce once per split matmul: attention out / qkv input grad.
   result += _allreduce(2 * layers * hidden, per_token + ("embd",), ("heads", "kv"))
@@ -243,7 +387,7 @@ def _communication_terms(work):
                          ("batch", "experts", "embd"), ("mlp",))
   result += _allreduce(2 * hidden, per_token + ("embd",), ("vocab",))  # gather; unembed grad
   # A kv split reduces the attention scores (forward) and their gradient (backward).
-  scores = BYTES * work.batch * work.n_head * work.n_ctx ** 2
+  scores = a * work.batch * work.n_head * work.n_ctx ** 2
   result += _allreduce(2 * layers * scores, per_token + ("heads",), ("kv",))
   # A sequence split gathers keys and values for every query (forward), scatters back (bwd).
   gathered = 4 * layers * hidden
@@ -251,8 +395,8 @@ def _communication_terms(work):
              Term("comm", -gathered, ("batch", "heads", "kv", "sequence"))]
   # Splitting embd makes every matmul that contracts it reduce its output.
   result += _allreduce(layers * 4 * hidden, per_token + ("heads", "kv"), ("embd",))
-  result += _allreduce(layers * 2 * BYTES * tokens * m, per_token + ("mlp",), ("embd",))
-  result += _allreduce(2 * BYTES * tokens * work.n_vocab, per_token + ("vocab",), ("embd",))
+  result += _allreduce(layers * 2 * a * tokens * m, per_token + ("mlp",), ("embd",))
+  result += _allreduce(2 * a * tokens * work.n_vocab, per_token + ("vocab",), ("embd",))
   return result
 
 
@@ -267,7 +411,7 @@ class Hardware:
 class Estimate:
   """The cost of one step under one layout, per device."""
   mesh_shape: tuple  # ((name, size), ...)
-  layout: tuple  # ((tensor dim, mesh dim), ...)
+  layout: tuple  # ((tensor dim, mesh dim), ...), a "fsdp" or "zero" rule included
   microbatches: int
   param_bytes: float  # slices + optimizer slots + gradients
   activation_bytes: float
@@ -276,10 +420,18 @@ class Estimate:
   step_seconds: float
   n_vocab: int = 0  # the vocabulary costed: padded if the search had to pad it
   recompute: bool = False  # costed with activations recomputed per layer (GPT.recompute_grad)
+  gathered_bytes: float = 0.0  # fsdp: gathered weights alive at once
+  compute_bound_seconds: float = 0.0  # the step at full utilization of every device
+  optimizer: str = ""  # the optimizer costed (the search may weigh several)
 
   @property
   def memory_bytes(self):
-    return self.param_bytes + self.activation_bytes
+    return self.param_bytes + self.activation_bytes + self.gathered_bytes
+
+  @property
+  def utilization(self):
+    """The compute-bound step over the estimated one: the model FLOPs utilization it predicts."""
+    return self.compute_bound_seconds / self.step_seconds if self.step_seconds else 0.0
 
 
 VOCAB_PADDING = 128
@@ -299,16 +451,25 @@ def splits(mesh_shape, layout):
   return {tensor_dim: sizes[mesh_dim] for tensor_dim, mesh_dim in layout}
 
 
-def estimate(work, hardware, mesh_shape, layout):
-  """Evaluates every term of `work` under a layout ((tensor dim, mesh dim) pairs)."""
-  split = splits(mesh_shape, layout)
-  total = {"params": 0.0, "activations": 0.0, "flops": 0.0, "comm": 0.0}
+def totals(work, mesh_shape, layout):
+  """{kind: per-device total} of every term under a layout, in the layout's sharded form."""
+  work, split = work.sharded_as(layout), splits(mesh_shape, layout)
+  total = dict.fromkeys(MEMORY_KINDS + ("flops", "comm"), 0.0)
   for term in terms(work):
     total[term.kind] += term.value(split)
+  return total
+
+
+def estimate(work, hardware, mesh_shape, layout):
+  """Evaluates every term of `work` under a layout ((tensor dim, mesh dim) pairs)."""
+  total = totals(work, mesh_shape, layout)
   seconds = total["flops"] / hardware.device_flops + total["comm"] / hardware.link_bandwidth
-  return Estimate(tuple(mesh_shape), tuple(layout), work.microbatches, total["params"],
-                  total["activations"], total["flops"], total["comm"], seconds, work.n_vocab,
-                  work.recompute)
+  devices = math.prod(size for _, size in mesh_shape)
+  return Estimate(tuple(mesh_shape), tuple(layout), work.microbatches,
+                  total["weights"] + total["gradients"] + total["slots"], total["activations"],
+                  total["flops"], total["comm"], seconds, work.n_vocab, work.recompute,
+                  total["gathered"], work.compute_bound_seconds(devices, hardware.device_flops),
+                  work.optimizer)
 
 
 def conflicts(work):

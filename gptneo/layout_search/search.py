@@ -1,14 +1,17 @@
 """Searches mesh shapes and layout rules with OR-Tools CP-SAT under the cost model.
 
 For each mesh shape (a factorization of the device count into 1-3 named dimensions), each
-count of microbatches and, if nothing fits without, with activations recomputed, one small
-CP-SAT model picks for every splittable tensor dimension at most one mesh dimension, such
-that the split divides the dimension, no tensor has two dimensions on one mesh dimension,
-and the per-device memory fits; it minimizes the estimated step time. The best solutions
-across shapes are re-evaluated exactly and ranked. The whole search, including starting a
+form (weights replicated over the data axis, `zero`, `fsdp`: cost_model's docstring), with
+and without activations recomputed, and the fewest microbatches that fit (bisected), one small CP-SAT
+model picks for every splittable tensor dimension at most one mesh dimension, such that the
+split divides the dimension, no tensor has two dimensions on one mesh dimension, a sharded
+form's pseudo dimension sits on the mesh dimension of `batch`, and the per-device memory
+fits; it minimizes the estimated step time. The best solutions are re-evaluated exactly
+(cost_model.estimate, the same terms) and ranked. The whole search, including starting a
 solver process when TensorFlow was loaded first, keeps to its time limit.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -73,13 +76,21 @@ class _Model:
   step_time: cp_model.LinearExpr
 
 
-def _build(work, hardware, mesh_shape, memory_limit, splittable):
+def _build(work, hardware, mesh_shape, memory_limit, splittable, data_dim=None):
   model = cp_model.CpModel()
   sizes, dims = dict(mesh_shape), work.dim_sizes()
   assign = {(d, m): model.NewBoolVar(f"{d}_on_{m}") for d in splittable
             for m in sizes if dims[d] % sizes[m] == 0}
   for d in splittable:  # each tensor dimension on at most one mesh dimension
     model.AddAtMostOne(v for (td, _), v in assign.items() if td == d)
+  if work.sharding:  # the form's pseudo dim on exactly one mesh dimension, batch's
+    model.AddExactlyOne(v for (td, _), v in assign.items() if td == work.sharding)
+    for (td, m), v in assign.items():
+      if td == work.sharding:
+        model.AddImplication(v, assign[("batch", m)]) if ("batch", m) in assign else (
+            model.Add(v == 0))
+        if data_dim is not None and m != data_dim:
+          model.Add(v == 0)
   for a, b in cost_model.conflicts(work):
     for m in sizes:
       if (a, m) in assign and (b, m) in assign:
@@ -91,13 +102,14 @@ def _build(work, hardware, mesh_shape, memory_limit, splittable):
     model.Add(split[d] == 1 + sum((sizes[m] - 1) * v for (td, m), v in assign.items()
                                   if td == d))
   # Memory in bytes; FLOPs and communicated bytes as the picoseconds they take.
-  units = {"params": 1, "activations": 1, "flops": PICOSECONDS / hardware.device_flops,
+  units = {**dict.fromkeys(cost_model.MEMORY_KINDS, 1),
+           "flops": PICOSECONDS / hardware.device_flops,
            "comm": PICOSECONDS / hardware.link_bandwidth}
   totals = {kind: 0 for kind in units}
   for index, term in enumerate(cost_model.terms(work)):
     totals[term.kind] += _term_expression(model, term, units[term.kind], split, max_split,
                                           index)
-  memory = totals["params"] + totals["activations"]
+  memory = sum(totals[kind] for kind in cost_model.MEMORY_KINDS)
   if memory_limit is not None:
     model.Add(memory <= int(memory_limit))
   return _Model(model, assign, memory, totals["flops"] + totals["comm"])
@@ -117,14 +129,17 @@ def _term_expression(model, term, unit, split, max_split, index):
 
 
 def solve_layout(work, hardware, mesh_shape, time_limit, memory_limit=True,
-                 splittable=cost_model.SPLITTABLE, clock=None):
+                 splittable=cost_model.SPLITTABLE, clock=None, data_dim=None):
   """The best layout for one mesh shape, or None if nothing fits (or time ran out).
 
-  Time running out (rather than proven infeasibility) is noted on `clock`.
+  Time running out (rather than proven infeasibility) is noted on `clock`. `data_dim` pins
+  a sharded form (and so batch) to that mesh dimension.
   """
-  splittable = tuple(d for d in splittable if d in work.dim_sizes())
+  splittable = tuple(d for d in splittable if d in work.dim_sizes()
+                     and not (work.sharding and d in cost_model.NOT_WITH_SHARDING))
+  splittable += (work.sharding,) if work.sharding else ()
   built = _build(work, hardware, mesh_shape,
-                 hardware.device_memory if memory_limit else None, splittable)
+                 hardware.device_memory if memory_limit else None, splittable, data_dim)
   built.model.Minimize(built.step_time if memory_limit else built.memory)
   solver = single_worker_solver(time_limit)
   status = solver.Solve(built.model)
@@ -137,8 +152,9 @@ def solve_layout(work, hardware, mesh_shape, time_limit, memory_limit=True,
 
 
 def microbatch_counts(batch):
-  """1, 2, 4, ... up to the batch: gradient accumulation trades steps for activation memory."""
-  return [2 ** i for i in range(int(math.log2(batch)) + 1) if batch % 2 ** i == 0]
+  """Every divisor of the batch, smallest first: gradient accumulation trades steps for
+  activation memory (GPT-3's 1536 = 3 x 512 needs the 3s)."""
+  return [count for count in range(1, batch + 1) if batch % count == 0]
 
 
 @dataclasses.dataclass
@@ -162,25 +178,30 @@ class Clock:
 
 
 def recompute_options(recompute):
-  """None: the search decides, preferring no recompute; True/False: fixed."""
+  """None: the search weighs both; True/False: fixed."""
   return (False, True) if recompute is None else (bool(recompute),)
 
 
-def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0, recompute=None):
+FORMS = ("",) + cost_model.SHARDED_FORMS  # weights replicated over the data axis, then sharded
+
+
+def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0, recompute=None,
+           forms=FORMS):
   """Ranks the fitting (mesh shape, layout, microbatches, recompute) by estimated step time.
 
   Solves in this process if that is safe (OR-Tools loaded before TensorFlow), else in a
   child Python that never loads TensorFlow; `time_limit` includes starting that child.
 
   Args:
-    work: a cost_model.Workload (its `microbatches` and `recompute` are ignored: the search
-      picks them).
+    work: a cost_model.Workload (its `microbatches`, `recompute` and `sharding` are ignored:
+      the search picks them).
     hardware: a cost_model.Hardware.
     devices: the device count whose factorizations to try (unless mesh_shape is given).
     mesh_shape: a fixed mesh shape, ((name, size), ...).
     time_limit: seconds for the whole search; it stops early with what it has.
-    recompute: None tries each layout without recomputing activations first, then with;
-      True or False fixes it.
+    recompute: None weighs each layout with and without recomputing activations; True or
+      False fixes it.
+    forms: the sharded forms to weigh ("" for none, "zero", "fsdp": cost_model).
 
   Returns:
     A Result.
@@ -190,16 +211,17 @@ def search(work, hardware, devices=None, mesh_shape=None, time_limit=30.0, recom
       none was found in time (it says to raise the time limit).
   """
   if not SOLVER_SAFE_IN_PROCESS:
-    return _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute)
+    return _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute, forms)
   return _search(work, hardware, devices, mesh_shape, time.monotonic() + time_limit, recompute,
-                 time_limit)
+                 time_limit, forms)
 
 
-def _search(work, hardware, devices, mesh_shape, deadline, recompute, time_limit):
+def _search(work, hardware, devices, mesh_shape, deadline, recompute, time_limit, forms=FORMS):
   start, clock = time.monotonic(), Clock(deadline)
   shapes = [tuple(mesh_shape)] if mesh_shape is not None else mesh_shapes(devices)
   variants = [work] + ([cost_model.padded_vocab(work)]
                        if cost_model.padded_vocab(work) != work else [])
+  options = [(form, r) for form in forms for r in recompute_options(recompute)]
   splittable, steps, candidates = (), len(cost_model.TIERS) * len(variants), []
   for tier in cost_model.TIERS:  # the next tier's dimensions only if nothing fits without
     splittable += tier
@@ -207,7 +229,7 @@ def _search(work, hardware, devices, mesh_shape, deadline, recompute, time_limit
       steps -= 1
       share = Clock(time.monotonic() + max(clock.left(), 0) / (steps + 1))
       candidates, searched = _search_shapes(variant, hardware, shapes, splittable, share,
-                                            recompute_options(recompute))
+                                            options)
       clock.expired |= share.expired
       if candidates:
         break
@@ -215,52 +237,85 @@ def _search(work, hardware, devices, mesh_shape, deadline, recompute, time_limit
       break
   if not candidates:
     raise NothingFits(_nothing_fits_message(variants[-1], hardware, shapes, clock, splittable,
-                                            time_limit, max(recompute_options(recompute))))
-  candidates.sort(key=lambda c: (c.step_seconds, c.recompute, c.microbatches, c.memory_bytes))
+                                            time_limit, max(recompute_options(recompute)),
+                                            forms))
+  candidates.sort(key=rank)
   return Result(candidates, time.monotonic() - start, searched)
 
 
-def _search_shapes(work, hardware, shapes, splittable, clock, recomputes):
-  """The fastest fitting layout of each shape, searched until the clock's deadline."""
+def rank(candidate):
+  """Fastest first; on a tie, no recompute, fewer microbatches, less memory."""
+  return (candidate.step_seconds, candidate.recompute, candidate.microbatches,
+          candidate.memory_bytes)
+
+
+def _search_shapes(work, hardware, shapes, splittable, clock, options):
+  """The fastest fitting layout of each shape and option, searched until the clock's deadline."""
   candidates, searched = [], 0
   for shape in shapes:
     left = clock.left()
     if left <= 0:
       break
-    best = _fastest_fitting(work, hardware, shape, Clock(
-        time.monotonic() + left / (len(shapes) - searched)), splittable, recomputes, clock)
+    candidates += _fastest_fitting(work, hardware, shape, Clock(
+        time.monotonic() + left / (len(shapes) - searched)), splittable, options, clock)
     searched += 1
-    if best:
-      candidates.append(best)
   return candidates, searched
 
 
-def _fastest_fitting(work, hardware, shape, share, splittable, recomputes, clock):
-  """No recompute if it fits, and the fewest microbatches that fit; then the fastest layout."""
-  for recompute in recomputes:
-    for count in microbatch_counts(work.batch):
-      left = share.left()
+def _fastest_fitting(work, hardware, shape, share, splittable, options, clock):
+  """For each (form, recompute): the fewest microbatches that fit, then the fastest layout."""
+  found = []
+  for index, (form, recompute) in enumerate(options):
+    option = Clock(time.monotonic() + max(share.left(), 0) / (len(options) - index))
+
+    def solve(count, data_dim=None, form=form, recompute=recompute, option=option):
+      left = option.left()
       if left <= 0:
         clock.expired = True
         return None
-      best = solve_layout(dataclasses.replace(work, microbatches=count, recompute=recompute),
-                          hardware, shape, left, splittable=splittable, clock=clock)
-      if best:
-        return best
-  return None
+      return solve_layout(dataclasses.replace(work, microbatches=count, recompute=recompute,
+                                              sharding=form), hardware, shape, left,
+                          splittable=splittable, clock=clock, data_dim=data_dim)
+    if not form:  # from one microbatch up, the first that fits
+      best = next(filter(None, map(solve, microbatch_counts(work.batch))), None)
+      found += [best] if best else []
+      continue
+    fitting = [_fewest_fitting(functools.partial(solve, data_dim=name), work.batch, size)
+               for size, name in {size: name for name, size in shape}.items()]
+    fitting = [best for best in fitting if best]
+    found += [min(fitting, key=rank)] if fitting else []
+  return found
 
 
-def _nothing_fits_message(work, hardware, shapes, clock, splittable, time_limit, recompute):
-  """Names the smallest per-device memory any shape needs, with the most microbatches."""
+def _fewest_fitting(solve, batch, size):
+  """A sharded form with batch on a mesh dimension of `size`: memory falls as microbatches
+  rise, so the most that leave `size` dividing a microbatch are tried first (an option that
+  can't fit costs one solve), then a bisection finds the fewest that fit."""
+  counts = [count for count in microbatch_counts(batch) if (batch // count) % size == 0]
+  best = counts and solve(counts[-1])
+  low, high = 0, len(counts) - 1  # counts[high] fits
+  while best and low < high:
+    middle = (low + high) // 2
+    fits = solve(counts[middle])
+    if fits:
+      best, high = fits, middle
+    else:
+      low = middle + 1
+  return best
+
+
+def _nothing_fits_message(work, hardware, shapes, clock, splittable, time_limit, recompute,
+                          forms=FORMS):
+  """Names the smallest per-device memory any shape and form needs, with the most microbatches."""
   if clock.expired:
     return (f"no layout found that fits within --time_limit={time_limit:g}s (the search was cut "
             f"short); raise --time_limit")
-  most = dataclasses.replace(work, microbatches=microbatch_counts(work.batch)[-1],
-                             recompute=recompute)
-  smallest = None
-  for index, shape in enumerate(shapes):
-    left = clock.left() / (len(shapes) - index)
-    found = left > 0 and solve_layout(most, hardware, shape, left, memory_limit=False,
+  most = [dataclasses.replace(work, microbatches=microbatch_counts(work.batch)[-1],
+                              recompute=recompute, sharding=form) for form in forms]
+  smallest, tries = None, [(shape, form) for shape in shapes for form in most]
+  for index, (shape, form) in enumerate(tries):
+    left = clock.left() / (len(tries) - index)
+    found = left > 0 and solve_layout(form, hardware, shape, left, memory_limit=False,
                                       splittable=splittable)
     if found and (smallest is None or found.memory_bytes < smallest.memory_bytes):
       smallest = found
@@ -287,11 +342,12 @@ def format_layout(layout):
 CHILD_GRACE = 10.0  # seconds past the limit before a child that hangs is killed
 
 
-def _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute):
+def _search_in_child(work, hardware, devices, mesh_shape, time_limit, recompute, forms):
   """The search in a fresh Python; the deadline is set now, so its start-up counts."""
   request = {"work": dataclasses.asdict(work), "hardware": dataclasses.asdict(hardware),
              "devices": devices, "mesh_shape": mesh_shape, "recompute": recompute,
-             "deadline": time.time() + time_limit, "time_limit": time_limit}
+             "deadline": time.time() + time_limit, "time_limit": time_limit,
+             "forms": list(forms)}
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   try:
     child = subprocess.run([sys.executable, "-m", "gptneo.layout_search.search"], env=env,
@@ -324,7 +380,8 @@ def _serve_one_request():
   try:
     result = _search(cost_model.Workload(**request["work"]),
                      cost_model.Hardware(**request["hardware"]), request["devices"],
-                     shape or None, deadline, request["recompute"], request["time_limit"])
+                     shape or None, deadline, request["recompute"], request["time_limit"],
+                     tuple(request["forms"]))
   except NothingFits as error:
     json.dump({"nothing_fits": str(error)}, sys.stdout)
     return
