@@ -95,7 +95,10 @@ class RotaryPositions(_Positions):
     self.fraction, self.base, self.interleaved = fraction, base, interleaved
 
   def rotary_size(self, head_size):
-    return self.fraction * head_size
+    """Dims rotated per head; a fraction read from a checkpoint's config (rotary_dim /
+    head size) may miss an integer by a rounding, which does not count."""
+    size = self.fraction * head_size
+    return round(size) if math.isclose(size, round(size), rel_tol=1e-9) else size
 
   def validate(self, n_ctx, head_size):
     size = self.rotary_size(head_size)
