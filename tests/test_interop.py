@@ -156,11 +156,32 @@ def test_export_writes_gpt_neo_config(exported):
      "GPT.attention_layers uses ['local'] (HF GPT-2: ['global'])"),
     (["--architecture=gpt_neox"], "HF GPT-NeoX (--architecture=gpt_neox) cannot express this "
      "model: GPT.positions = @LearnedPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
-     "HF GPT-NeoX: @RotaryPositions()); GPT.attention_layers uses ['local'] (HF GPT-NeoX: "
-     "['global'])"),
+     "HF GPT-NeoX and GPT-J: @RotaryPositions()); GPT.attention_layers uses ['local'] (HF "
+     "GPT-NeoX: ['global'])"),
     (["--gin_param=GPT.positions = @AxialPositions()"], "HF GPT-Neo cannot express this "
      "model: GPT.positions = @AxialPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
-     "HF GPT-NeoX: @RotaryPositions())"),
+     "HF GPT-NeoX and GPT-J: @RotaryPositions())"),
+    (["--gin_param=GPT.parallel_residual = True"], "HF GPT-Neo cannot express this model: "
+     "GPT.parallel_residual = True (HF GPT-Neo: False)"),
+    (["--gin_param=GPT.qkv_bias = True", "--architecture=gpt_neo"], "HF GPT-Neo "
+     "(--architecture=gpt_neo) cannot express this model: GPT.qkv_bias = True (HF GPT-Neo: "
+     "False)"),
+    (["--gin_param=GPT.positions = @RotaryPositions()", "--architecture=gptj"], "HF GPT-J "
+     "(--architecture=gptj) cannot express this model: RotaryPositions.interleaved = False "
+     "(HF GPT-J: True); GPT.attention_layers uses ['local'] (HF GPT-J: ['global']); "
+     "GPT.parallel_residual = False (HF GPT-J: True); GPT.shared_layer_norm = False (HF "
+     "GPT-J: True); GPT.tie_embeddings = True (HF GPT-J: False); GPT.lm_head_bias = False "
+     "(HF GPT-J: True)"),
+    (["--gin_param=GPT.positions = @RotaryPositions()", "--gin_param=GPT.attention_layers = "
+      "None", "--gin_param=RotaryPositions.interleaved = True",
+      "--gin_param=GPT.shared_layer_norm = True", "--gin_param=GPT.parallel_residual = True"],
+     "HF GPT-J cannot express this model: GPT.tie_embeddings = True (HF GPT-J: False); "
+     "GPT.lm_head_bias = False (HF GPT-J: True)"),
+    (["--gin_param=GPT.positions = @RotaryPositions()", "--gin_param=GPT.attention_layers = "
+      "None", "--gin_param=GPT.shared_layer_norm = True",
+      "--gin_param=GPT.parallel_residual = True"],
+     "HF GPT-NeoX cannot express this model: GPT.shared_layer_norm = True (HF GPT-NeoX: "
+     "False)"),
 ])
 def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model_dir, args,
                                                             line):
@@ -332,6 +353,11 @@ SMALL_GPT3 = ["GPT.n_layer = 2", "GPT.n_embd = 64", "GPT.n_head = 4", "GPT.n_ctx
               'DATASET_DIR = "unused"']
 ROTARY = ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.25"]
 MIXED = ['GPT.attention_layers = [[["global", "local"], 2]]', "GPT.window_size = 64"]
+PYTHIA_KNOBS = ["GPT.qkv_bias = True", "GPT.parallel_residual = True",
+                "GPT.tie_embeddings = False"]
+GPTJ_KNOBS = ["RotaryPositions.interleaved = True", "GPT.parallel_residual = True",
+              "GPT.shared_layer_norm = True", "GPT.tie_embeddings = False",
+              "GPT.lm_head_bias = True"]
 EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy check[, std])
     "make demo's tiny.gin": (["tiny.gin"], [], "auto", "GPTNeoForCausalLM", True),
     "tiny.gin as GPT-2": (["tiny.gin"], [], "gpt2", "GPT2LMHeadModel", True),
@@ -349,6 +375,15 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy chec
     # std-0.2 weights saturate the softmax, where fp32 rounding alone moves logits by 1e-3.
     "rotary, unscaled": (["tiny.gin"], ROTARY + ["GPT.scale_attention = False"], "auto",
                          "GPTNeoXForCausalLM", False, 0.05),
+    # The imported families' features, trained by us: every bias random (GPT-J's attention
+    # output bias carried by fc_out's), exported by "auto".
+    "q/k/v bias (GPT-2)": (["tiny.gin"], ["GPT.qkv_bias = True"], "auto", "GPT2LMHeadModel",
+                           True),
+    "Pythia's features": (["tiny.gin"], ROTARY + PYTHIA_KNOBS, "auto", "GPTNeoXForCausalLM",
+                          True),
+    "GPT-J's features": (["tiny.gin"], ROTARY + GPTJ_KNOBS, "auto", "GPTJForCausalLM", True),
+    "GPT-J's features, unscaled": (["tiny.gin"], ROTARY + GPTJ_KNOBS + [
+        "GPT.scale_attention = False"], "gptj", "GPTJForCausalLM", False, 0.05),
 }
 
 
@@ -435,7 +470,9 @@ def hf_test_configs():
           hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
           max_position_embeddings=64, use_parallel_residual=False, hidden_act="gelu_new",
           rope_parameters={"rope_type": "default", "rope_theta": 500.0,
-                           "partial_rotary_factor": 0.5}, **shape)}
+                           "partial_rotary_factor": 0.5}, **shape),
+      "gptj": transformers.GPTJConfig(n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                      rotary_dim=4, **shape)}
 
 
 @pytest.mark.parametrize("model_type, qkv_bias", [("gpt2", "attn.c_attn.bias"),
@@ -451,10 +488,11 @@ def test_import_of_a_random_hf_model_gives_its_logits(tmp_path, exported, model_
 
 
 @pytest.mark.parametrize("model_type, change, line", [
-    ("gpt2", {}, "transformer.h.0.attn.c_attn.bias is not zero, and our query/key/value "
-     "projection has no bias; this model cannot be imported exactly"),
-    ("gpt_neox", {"use_parallel_residual": True}, "config.json: use_parallel_residual = True, "
-     "but ours computes only false (ours adds attention, then the feed-forward); this model "
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "config.json: "
+     "scale_attn_by_inverse_layer_idx = True, but ours computes only false (ours scales q·k "
+     "the same in every layer); this model can't be imported (yet)"),
+    ("gptj", {"tie_word_embeddings": True}, "config.json: tie_word_embeddings = True, but "
+     "ours computes only false (ours ties no output projection that has a bias); this model "
      "can't be imported (yet)"),
 ])
 def test_import_refuses_what_ours_cannot_compute(tmp_path, exported, model_type, change, line):
@@ -600,9 +638,14 @@ GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n
 NEOX_CONFIG = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
                "num_attention_heads": 4, "max_position_embeddings": 64, "vocab_size": VOCAB,
                "use_parallel_residual": False}
+GPTJ_CONFIG = {"model_type": "gptj", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+               "vocab_size": VOCAB, "rotary_dim": 4}
 UNSUPPORTED = {  # name: (config.json, the start of what the line says)
-    "a parallel residual": (dict(NEOX_CONFIG, use_parallel_residual=True),
-                            "use_parallel_residual = True, but ours computes only false"),
+    "GPT-J tied": (dict(GPTJ_CONFIG, tie_word_embeddings=True),
+                   "tie_word_embeddings = True, but ours computes only false"),
+    "GPT-J rotating more than a head": (dict(GPTJ_CONFIG, rotary_dim=16),
+                                        "ours can't build the model it describes "
+                                        "(RotaryPositions.fraction = 2.0"),
     "no attention bias": (dict(NEOX_CONFIG, attention_bias=False),
                           "attention_bias = False, but ours computes only true"),
     "scaled RoPE": (dict(NEOX_CONFIG, rope_parameters={"rope_type": "linear", "factor": 2.0}),
@@ -760,3 +803,24 @@ def test_each_family_fine_tunes_on_data_prepared_with_its_tokenizer(imported_fam
   assert names and all(
       np.abs(tuned.get_tensor(name) - imported.get_tensor(name)).max() < 0.02
       for name in names)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("GPT-2 124M", {"GPT.n_layer": "12", "GPT.n_ctx": "1024", "GPT.n_vocab": "50257",
+                    "GPT.qkv_bias": "True", "GPT.tie_embeddings": "True",
+                    "GPT.positions": "@LearnedPositions()", "GPT.res_dropout": "0.1"}),
+    ("Pythia 160M", {"GPT.n_ctx": "2048", "GPT.n_vocab": "50304", "GPT.qkv_bias": "True",
+                     "GPT.parallel_residual": "True", "GPT.tie_embeddings": "False",
+                     "RotaryPositions.fraction": "0.25", "RotaryPositions.interleaved": "False",
+                     "GPT.activation": "@gelu"}),
+    ("GPT-J 6B", {"GPT.n_layer": "28", "GPT.n_embd": "4096", "GPT.n_head": "16",
+                  "GPT.mlp_ratio": "4", "GPT.n_vocab": "50400",
+                  "RotaryPositions.fraction": "0.25", "RotaryPositions.interleaved": "True",
+                  "RotaryPositions.base": "10000.0", "GPT.parallel_residual": "True",
+                  "GPT.shared_layer_norm": "True", "GPT.tie_embeddings": "False",
+                  "GPT.lm_head_bias": "True", "GPT.qkv_bias": None}),
+])
+def test_each_published_config_maps_to_our_knobs(name, expected):
+  """The full-size published configs (no torch needed): each family's features as knobs."""
+  bindings = dict(line.split(" = ", 1) for line in hf.gin_bindings(FAMILIES[name][0]))
+  assert {key: bindings.get(key) for key in expected} == expected

@@ -20,7 +20,6 @@ from gptneo.errors import UserError
 from gptneo.hf import fields
 from gptneo.hf.fields import Reference
 from gptneo.model import attention
-from gptneo.model import feedforward
 from gptneo.model import positions as positions_lib
 
 # Our activation (by function name) <-> HF's activation names (ACT2FN keys).
