@@ -524,3 +524,24 @@ def test_a_tfrecord_without_text_stops_bin_prepare_data_with_exit_2(tmp_path, to
   assert_one_line_error(result, "prepare_data", BAD_NEO_TFRECORDS["no text feature"][0].format(
       path=path))
   assert sorted(os.listdir(tmp_path)) == ["neo.tfrecords"]  # no dataset, no partial one
+
+
+def test_gpt_neo_tfrecords_resume_after_sigkill_to_the_same_bytes(tmp_path, tokenizer_path):
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  for index, part in enumerate([TEXTS[:60], TEXTS[60:]]):
+    write_neo_tfrecords(tmp_path / f"neo_{index}.tfrecords", tokenizer, part, chunk_size=23)
+  pattern = str(tmp_path / "neo_*.tfrecords")
+  prepare.prepare_dataset([pattern], str(tmp_path / "reference"), N_CTX,
+                          tokenizer_path=tokenizer_path, validation_fraction=0.2,
+                          tokens_per_shard=300, workers=1)
+  flags = [f"--input={pattern}", f"--output_dir={tmp_path / 'out'}", f"--n_ctx={N_CTX}",
+           f"--tokenizer={tokenizer_path}", "--validation_fraction=0.2",
+           "--tokens_per_shard=300", "--workers=1"]
+  killed = run_cli(*flags, env={"GPTNEO_PREPARE_KILL_AFTER_SHARDS": "2"})
+  killed.communicate()
+  assert killed.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
+  rerun = run_cli(*flags)
+  stdout, stderr = rerun.communicate()
+  assert rerun.returncode == 0, stderr
+  assert "resuming" in stdout
+  assert folder_bytes(str(tmp_path / "out")) == folder_bytes(str(tmp_path / "reference"))
