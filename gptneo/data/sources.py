@@ -306,9 +306,10 @@ def _parquet_record(fields, path, row, reading, offset):
 def _tfrecord_iterator(path):
   """The serialized records of a TFRecord file, streamed; a damaged one is named in one line."""
   from gptneo.compat import tf  # pylint: disable=import-outside-toplevel
-  number = 0
+  number = 0  # records read whole
   try:
-    for number, raw in enumerate(tf.compat.v1.io.tf_record_iterator(path), start=1):
+    for raw in tf.compat.v1.io.tf_record_iterator(path):
+      number += 1
       yield raw
   except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as error:
     raise UserError(f"{path} is damaged after record {number} ({_first_line(error)}); "

@@ -295,9 +295,14 @@ def _gptj_problems(model):
               "tie_embeddings": [False], "lm_head_bias": [True]}))
 
 
+def head_scale(model):
+  """1/sqrt(d_head): the q·k scale GPT-NeoX and GPT-J always apply."""
+  return (model.n_embd // model.n_head) ** -0.5
+
+
 def our_scale(model):
   """The q·k scale our model applies."""
-  return (model.n_embd // model.n_head) ** -0.5 if model.scale_attention else 1.0
+  return head_scale(model) if model.scale_attention else 1.0
 
 
 # --- config.json of each architecture for our model.
@@ -424,11 +429,9 @@ def _gpt_neo_values(config, path):
                            ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
 
 
-def _gpt2_values(config, path):
-  field = _field(config, path)
-  field("scale_attn_by_inverse_layer_idx",
-        fields.equal_to(False, "ours scales q·k the same in every layer"), False)
-  field("add_cross_attention", fields.equal_to(False, "ours is a decoder only"), False)
+def _gpt2_shaped(field, path, dropout):
+  """The bindings GPT-2's and GPT-J's config.json share (GPT-J's keys are GPT-2's); `dropout`
+  the default of their dropout rates."""
   hidden = field("n_embd", fields.POSITIVE_INT)
   return {"GPT.n_layer": field("n_layer", fields.POSITIVE_INT), "GPT.n_embd": hidden,
           **_knobs(field, [("n_head", "n_head", fields.POSITIVE_INT),
@@ -440,16 +443,24 @@ def _gpt2_values(config, path):
           "GPT.activation": Reference(HF_ACTIVATIONS[field("activation_function", _ACTIVATION,
                                                            "gelu_new")]),
           "GPT.attention_layers": None,
+          **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
+                            1e-5),
+                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, dropout),
+                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, dropout),
+                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, dropout),
+                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+
+
+def _gpt2_values(config, path):
+  field = _field(config, path)
+  field("scale_attn_by_inverse_layer_idx",
+        fields.equal_to(False, "ours scales q·k the same in every layer"), False)
+  field("add_cross_attention", fields.equal_to(False, "ours is a decoder only"), False)
+  return {**_gpt2_shaped(field, path, dropout=0.1),
           "GPT.scale_attention": field("scale_attn_weights", fields.BOOL, True),
           "GPT.positions": Reference("LearnedPositions()"),
           "GPT.qkv_bias": True,  # c_attn's bias
-          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True),
-          **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
-                            1e-5),
-                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, 0.1),
-                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, 0.1),
-                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, 0.1),
-                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True)}
 
 
 def _rotary(config, path, field):
@@ -497,33 +508,18 @@ def _gpt_neox_values(config, path):
 
 def _gptj_values(config, path):
   field = _field(config, path)
-  hidden, heads = field("n_embd", fields.POSITIVE_INT), field("n_head", fields.POSITIVE_INT)
-  rotary_dim = field("rotary_dim", fields.OPTIONAL_POSITIVE_INT, 64)
   field("tie_word_embeddings", fields.equal_to(False, "ours ties no output projection that "
                                                       "has a bias"), False)
-  return {"GPT.n_layer": field("n_layer", fields.POSITIVE_INT), "GPT.n_embd": hidden,
-          "GPT.n_head": heads,
-          **_knobs(field, [("n_ctx", "n_positions", fields.POSITIVE_INT),
-                           ("n_vocab", "vocab_size", fields.POSITIVE_INT)]),
-          "GPT.mlp_ratio": _mlp_ratio(hidden, field("n_inner", fields.OPTIONAL_POSITIVE_INT,
-                                                    None), path, "n_inner"),
-          "GPT.feed_forward": Reference("mlp"),
-          "GPT.activation": Reference(HF_ACTIVATIONS[field("activation_function", _ACTIVATION,
-                                                           "gelu_new")]),
-          "GPT.attention_layers": None, "GPT.scale_attention": True,
+  bindings = _gpt2_shaped(field, path, dropout=0.0)
+  head_size = bindings["GPT.n_embd"] // bindings["GPT.n_head"]
+  rotary_dim = field("rotary_dim", fields.OPTIONAL_POSITIVE_INT, 64)
+  return {**bindings, "GPT.scale_attention": True,
           "GPT.positions": Reference("RotaryPositions()"),
           # rotary_dim null: the whole head (a fraction above 1 is refused by build_model)
-          "RotaryPositions.fraction": (rotary_dim / (hidden // heads) if rotary_dim
-                                       else 1.0),
+          "RotaryPositions.fraction": rotary_dim / head_size if rotary_dim else 1.0,
           "RotaryPositions.base": GPTJ_ROTARY_BASE, "RotaryPositions.interleaved": True,
           "GPT.parallel_residual": True, "GPT.shared_layer_norm": True,
-          "GPT.tie_embeddings": False, "GPT.lm_head_bias": True,
-          **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
-                            1e-5),
-                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, 0.0),
-                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, 0.0),
-                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, 0.0),
-                           ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+          "GPT.tie_embeddings": False, "GPT.lm_head_bias": True}
 
 
 def _field(config, path):
@@ -546,14 +542,12 @@ GPT_NEOX = Architecture(
     name="gpt_neox", title="HF GPT-NeoX", hf_class="GPTNeoXForCausalLM", top=GPT_NEOX_TOP,
     layer=GPT_NEOX_LAYER, layer_prefix="gpt_neox.layers.{i}", head="embed_out.weight",
     problems=_gpt_neox_problems, config=_gpt_neox_config, values=_gpt_neox_values,
-    hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,  # always scaled
-    aliases={"lm_head.weight": "embed_out.weight"},  # what transformers 5 saves
+    hf_scale=head_scale, aliases={"lm_head.weight": "embed_out.weight"},  # transformers 5's
     qkv_bias_layer=GPT_NEOX_QKV_BIAS)
 GPTJ = Architecture(
     name="gptj", title="HF GPT-J", hf_class="GPTJForCausalLM", top=GPTJ_TOP,
     layer=GPTJ_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
-    problems=_gptj_problems, config=_gptj_config, values=_gptj_values,
-    hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,  # always scaled
+    problems=_gptj_problems, config=_gptj_config, values=_gptj_values, hf_scale=head_scale,
     head_bias="lm_head.bias")
 ARCHITECTURES = {arch.name: arch for arch in (GPT_NEO, GPT2, GPT_NEOX, GPTJ)}
 
