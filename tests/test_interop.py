@@ -25,6 +25,7 @@ from gptneo import sample as sample_lib
 from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
+from gptneo.model import positions as positions_lib
 from tests.conftest import REPO, VOCAB, run_binary
 from tests.test_errors import assert_one_line_error
 
@@ -161,27 +162,6 @@ def test_export_writes_gpt_neo_config(exported):
     (["--gin_param=GPT.positions = @AxialPositions()"], "HF GPT-Neo cannot express this "
      "model: GPT.positions = @AxialPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
      "HF GPT-NeoX and GPT-J: @RotaryPositions())"),
-    (["--gin_param=GPT.parallel_residual = True"], "HF GPT-Neo cannot express this model: "
-     "GPT.parallel_residual = True (HF GPT-Neo: False)"),
-    (["--gin_param=GPT.qkv_bias = True", "--architecture=gpt_neo"], "HF GPT-Neo "
-     "(--architecture=gpt_neo) cannot express this model: GPT.qkv_bias = True (HF GPT-Neo: "
-     "False)"),
-    (["--gin_param=GPT.positions = @RotaryPositions()", "--architecture=gptj"], "HF GPT-J "
-     "(--architecture=gptj) cannot express this model: RotaryPositions.interleaved = False "
-     "(HF GPT-J: True); GPT.attention_layers uses ['local'] (HF GPT-J: ['global']); "
-     "GPT.parallel_residual = False (HF GPT-J: True); GPT.shared_layer_norm = False (HF "
-     "GPT-J: True); GPT.tie_embeddings = True (HF GPT-J: False); GPT.lm_head_bias = False "
-     "(HF GPT-J: True)"),
-    (["--gin_param=GPT.positions = @RotaryPositions()", "--gin_param=GPT.attention_layers = "
-      "None", "--gin_param=RotaryPositions.interleaved = True",
-      "--gin_param=GPT.shared_layer_norm = True", "--gin_param=GPT.parallel_residual = True"],
-     "HF GPT-J cannot express this model: GPT.tie_embeddings = True (HF GPT-J: False); "
-     "GPT.lm_head_bias = False (HF GPT-J: True)"),
-    (["--gin_param=GPT.positions = @RotaryPositions()", "--gin_param=GPT.attention_layers = "
-      "None", "--gin_param=GPT.shared_layer_norm = True",
-      "--gin_param=GPT.parallel_residual = True"],
-     "HF GPT-NeoX cannot express this model: GPT.shared_layer_norm = True (HF GPT-NeoX: "
-     "False)"),
 ])
 def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model_dir, args,
                                                             line):
@@ -190,6 +170,37 @@ def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model
   assert_one_line_error(result, "export")
   assert result.stderr.strip().splitlines()[-1] == f"export: error: {line}"
   assert not (tmp_path / "x").exists()
+
+
+_ROTARY = positions_lib.RotaryPositions
+FEATURE_REFUSALS = [  # (GPT knobs beyond tiny ones, --architecture, the line)
+    ({"parallel_residual": True}, "auto", "HF GPT-Neo cannot express this model: "
+     "GPT.parallel_residual = True (HF GPT-Neo: False)"),
+    ({"qkv_bias": True}, "gpt_neo", "HF GPT-Neo (--architecture=gpt_neo) cannot express this "
+     "model: GPT.qkv_bias = True (HF GPT-Neo: False)"),
+    ({"positions": _ROTARY(), "attention_layers": ["global", "local"]}, "gptj", "HF GPT-J "
+     "(--architecture=gptj) cannot express this model: RotaryPositions.interleaved = False "
+     "(HF GPT-J: True); GPT.attention_layers uses ['local'] (HF GPT-J: ['global']); "
+     "GPT.parallel_residual = False (HF GPT-J: True); GPT.shared_layer_norm = False (HF "
+     "GPT-J: True); GPT.tie_embeddings = True (HF GPT-J: False); GPT.lm_head_bias = False "
+     "(HF GPT-J: True)"),
+    ({"positions": _ROTARY(interleaved=True, base=500.0), "parallel_residual": True,
+      "shared_layer_norm": True}, "auto", "HF GPT-J cannot express this model: "
+     "RotaryPositions.base = 500.0 (HF GPT-J: 10000); GPT.tie_embeddings = True (HF GPT-J: "
+     "False); GPT.lm_head_bias = False (HF GPT-J: True)"),
+    ({"positions": _ROTARY(), "parallel_residual": True, "shared_layer_norm": True}, "auto",
+     "HF GPT-NeoX cannot express this model: GPT.shared_layer_norm = True (HF GPT-NeoX: "
+     "False)"),
+]
+
+
+@pytest.mark.parametrize("knobs, architecture, line", FEATURE_REFUSALS)
+def test_export_refuses_a_feature_the_family_lacks(knobs, architecture, line):
+  model = gpt_lib.GPT(n_layer=2, n_embd=32, n_head=4, n_ctx=64, n_vocab=VOCAB, window_size=8,
+                      **knobs)
+  with pytest.raises(UserError) as error:
+    hf.check_exportable(model, architecture)
+  assert str(error.value) == line
 
 
 def test_import_refuses_another_architecture(tmp_path):
