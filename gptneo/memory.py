@@ -104,10 +104,12 @@ def weight_shapes(model):
   moe_layers = set(model.moe.layers) if model.moe is not None else set()
   for layer in range(model.n_layer):
     p = f"h{layer}/"
-    shapes += [(p + "ln_1/g", (emb,)), (p + "ln_1/b", (emb,)),
-               (p + "attn/qkv/w", (emb, ("qkv", 3), ("heads", h), ("kv", kv))),
-               (p + "attn/out/w", (("heads", h), ("kv", kv), emb)), (p + "attn/out/b", (emb,)),
-               (p + "ln_2/g", (emb,)), (p + "ln_2/b", (emb,))]
+    qkv = (("qkv", 3), ("heads", h), ("kv", kv))
+    shapes += [(p + "ln_1/g", (emb,)), (p + "ln_1/b", (emb,)), (p + "attn/qkv/w", (emb, *qkv))]
+    shapes += [(p + "attn/qkv/b", qkv)] if model.qkv_bias else []
+    shapes += [(p + "attn/out/w", (("heads", h), ("kv", kv), emb)), (p + "attn/out/b", (emb,))]
+    if not model.shared_layer_norm:
+      shapes += [(p + "ln_2/g", (emb,)), (p + "ln_2/b", (emb,))]
     if layer in moe_layers:
       experts = ("experts", model.moe.num_experts)
       shapes += [(p + "moe/router/w", (emb, experts)), (p + "moe/wi", (experts, emb, mlp)),
@@ -121,6 +123,7 @@ def weight_shapes(model):
   shapes += [("ln_f/g", (emb,)), ("ln_f/b", (emb,))]
   if not model.tie_embeddings:
     shapes.append(("lm_head/w", (emb, ("vocab", model.n_vocab))))
+    shapes += [("lm_head/b", (("vocab", model.n_vocab),))] if model.lm_head_bias else []
   return shapes
 
 
@@ -140,7 +143,7 @@ def activation_terms(model, batch_size):
   Per block, T = batch * n_ctx tokens, E = n_embd, M = the MLP's width:
     layer norms: the centered input, 2 x centered (square's gradient, made early), the
       normalized input (the gain's product reads it) and the output (the next matmul's
-      input): 4 T E each, ln_1 and ln_2;
+      input): 4 T E each, ln_1 and ln_2 (ln_1 alone with GPT.shared_layer_norm);
     q, k, v (the score and value einsums' inputs): 3 T E for a global layer; a local one keeps
       q and keys and values with the previous block's, [batch, blocks, 2 * window, heads, kv]:
       5 T E; a linear one q, k, v, phi(q), phi(k), the normalizers and the numerator (7 T E)
@@ -195,7 +198,7 @@ def block_activations(model, batch_size, length=None):
   blocks = []
   for layer, layer_type in enumerate(model.layer_types):
     kind = attention.lookup(layer_type)
-    block = {"layer norms": 2 * 4 * t * e}
+    block = {"layer norms": (1 if model.shared_layer_norm else 2) * 4 * t * e}
     if kind.decode == "linear":
       block["q, k, v"] = 7 * t * e + t * h * kv * kv
       scores = 0

@@ -22,6 +22,13 @@ VARIANTS = {
     "axial": ["GPT.positions = @AxialPositions()"],
     "no positions": ["GPT.positions = @NoPositions()", "GPT.tie_embeddings = False"],
     "glu": ["GPT.feed_forward = @glu", "GPT.activation = @silu"],
+    "GPT-J's features": ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.5",
+                         "RotaryPositions.interleaved = True", "GPT.parallel_residual = True",
+                         "GPT.shared_layer_norm = True", "GPT.tie_embeddings = False",
+                         "GPT.lm_head_bias = True"],
+    "Pythia's features": ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.5",
+                          "GPT.qkv_bias = True", "GPT.parallel_residual = True",
+                          "GPT.tie_embeddings = False"],
     "moe": ["GPT.moe = @MoE()", "MoE.layers = [1]", "MoE.num_experts = 4",
             "MoE.capacity_factor = 4.0"],  # no token overflows, as in one-token steps
 }

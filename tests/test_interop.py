@@ -15,6 +15,7 @@ import gin
 import numpy as np
 import pytest
 
+from gptneo import checkpoints
 from gptneo import gin_utils
 from gptneo import hf
 from gptneo import inference
@@ -24,6 +25,7 @@ from gptneo import sample as sample_lib
 from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
+from gptneo.model import positions as positions_lib
 from tests.conftest import REPO, VOCAB, run_binary
 from tests.test_errors import assert_one_line_error
 
@@ -155,11 +157,11 @@ def test_export_writes_gpt_neo_config(exported):
      "GPT.attention_layers uses ['local'] (HF GPT-2: ['global'])"),
     (["--architecture=gpt_neox"], "HF GPT-NeoX (--architecture=gpt_neox) cannot express this "
      "model: GPT.positions = @LearnedPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
-     "HF GPT-NeoX: @RotaryPositions()); GPT.attention_layers uses ['local'] (HF GPT-NeoX: "
-     "['global'])"),
+     "HF GPT-NeoX and GPT-J: @RotaryPositions()); GPT.attention_layers uses ['local'] (HF "
+     "GPT-NeoX: ['global'])"),
     (["--gin_param=GPT.positions = @AxialPositions()"], "HF GPT-Neo cannot express this "
      "model: GPT.positions = @AxialPositions() (HF GPT-Neo and GPT-2: @LearnedPositions(), "
-     "HF GPT-NeoX: @RotaryPositions())"),
+     "HF GPT-NeoX and GPT-J: @RotaryPositions())"),
 ])
 def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model_dir, args,
                                                             line):
@@ -168,6 +170,37 @@ def test_export_refuses_what_the_architecture_cannot_compute(tmp_path, neo_model
   assert_one_line_error(result, "export")
   assert result.stderr.strip().splitlines()[-1] == f"export: error: {line}"
   assert not (tmp_path / "x").exists()
+
+
+_ROTARY = positions_lib.RotaryPositions
+FEATURE_REFUSALS = [  # (GPT knobs beyond tiny ones, --architecture, the line)
+    ({"parallel_residual": True}, "auto", "HF GPT-Neo cannot express this model: "
+     "GPT.parallel_residual = True (HF GPT-Neo: False)"),
+    ({"qkv_bias": True}, "gpt_neo", "HF GPT-Neo (--architecture=gpt_neo) cannot express this "
+     "model: GPT.qkv_bias = True (HF GPT-Neo: False)"),
+    ({"positions": _ROTARY(), "attention_layers": ["global", "local"]}, "gptj", "HF GPT-J "
+     "(--architecture=gptj) cannot express this model: RotaryPositions.interleaved = False "
+     "(HF GPT-J: True); GPT.attention_layers uses ['local'] (HF GPT-J: ['global']); "
+     "GPT.parallel_residual = False (HF GPT-J: True); GPT.shared_layer_norm = False (HF "
+     "GPT-J: True); GPT.tie_embeddings = True (HF GPT-J: False); GPT.lm_head_bias = False "
+     "(HF GPT-J: True)"),
+    ({"positions": _ROTARY(interleaved=True, base=500.0), "parallel_residual": True,
+      "shared_layer_norm": True}, "auto", "HF GPT-J cannot express this model: "
+     "RotaryPositions.base = 500.0 (HF GPT-J: 10000); GPT.tie_embeddings = True (HF GPT-J: "
+     "False); GPT.lm_head_bias = False (HF GPT-J: True)"),
+    ({"positions": _ROTARY(), "parallel_residual": True, "shared_layer_norm": True}, "auto",
+     "HF GPT-NeoX cannot express this model: GPT.shared_layer_norm = True (HF GPT-NeoX: "
+     "False)"),
+]
+
+
+@pytest.mark.parametrize("knobs, architecture, line", FEATURE_REFUSALS)
+def test_export_refuses_a_feature_the_family_lacks(knobs, architecture, line):
+  model = gpt_lib.GPT(n_layer=2, n_embd=32, n_head=4, n_ctx=64, n_vocab=VOCAB, window_size=8,
+                      **knobs)
+  with pytest.raises(UserError) as error:
+    hf.check_exportable(model, architecture)
+  assert str(error.value) == line
 
 
 def test_import_refuses_another_architecture(tmp_path):
@@ -179,8 +212,8 @@ def test_import_refuses_another_architecture(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       f"import_hf: error: {tmp_path / 'llama'} holds a 'llama' model (LlamaForCausalLM); only "
-      f"HF GPT-Neo, HF GPT-2, HF GPT-NeoX (model_type 'gpt_neo', 'gpt2', 'gpt_neox') can be "
-      f"imported")
+      f"HF GPT-Neo, HF GPT-2, HF GPT-NeoX, HF GPT-J (model_type 'gpt_neo', 'gpt2', "
+      f"'gpt_neox', 'gptj') can be imported")
 
 
 def test_import_without_weights_is_one_line(tmp_path, exported):
@@ -331,6 +364,9 @@ SMALL_GPT3 = ["GPT.n_layer = 2", "GPT.n_embd = 64", "GPT.n_head = 4", "GPT.n_ctx
               'DATASET_DIR = "unused"']
 ROTARY = ["GPT.positions = @RotaryPositions()", "RotaryPositions.fraction = 0.25"]
 MIXED = ['GPT.attention_layers = [[["global", "local"], 2]]', "GPT.window_size = 64"]
+GPTJ_KNOBS = ["RotaryPositions.interleaved = True", "GPT.parallel_residual = True",
+              "GPT.shared_layer_norm = True", "GPT.tie_embeddings = False",
+              "GPT.lm_head_bias = True"]
 EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy check[, std])
     "make demo's tiny.gin": (["tiny.gin"], [], "auto", "GPTNeoForCausalLM", True),
     "tiny.gin as GPT-2": (["tiny.gin"], [], "gpt2", "GPT2LMHeadModel", True),
@@ -348,6 +384,9 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy chec
     # std-0.2 weights saturate the softmax, where fp32 rounding alone moves logits by 1e-3.
     "rotary, unscaled": (["tiny.gin"], ROTARY + ["GPT.scale_attention = False"], "auto",
                          "GPTNeoXForCausalLM", False, 0.05),
+    # GPT-J's features trained by us: our attention output bias (random, where an imported
+    # one is zero) is carried by fc_out's. (The families' import and export back: below.)
+    "GPT-J's features": (["tiny.gin"], ROTARY + GPTJ_KNOBS, "auto", "GPTJForCausalLM", True),
 }
 
 
@@ -434,7 +473,9 @@ def hf_test_configs():
           hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
           max_position_embeddings=64, use_parallel_residual=False, hidden_act="gelu_new",
           rope_parameters={"rope_type": "default", "rope_theta": 500.0,
-                           "partial_rotary_factor": 0.5}, **shape)}
+                           "partial_rotary_factor": 0.5}, **shape),
+      "gptj": transformers.GPTJConfig(n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                      rotary_dim=4, **shape)}
 
 
 @pytest.mark.parametrize("model_type, qkv_bias", [("gpt2", "attn.c_attn.bias"),
@@ -450,10 +491,11 @@ def test_import_of_a_random_hf_model_gives_its_logits(tmp_path, exported, model_
 
 
 @pytest.mark.parametrize("model_type, change, line", [
-    ("gpt2", {}, "transformer.h.0.attn.c_attn.bias is not zero, and our query/key/value "
-     "projection has no bias; this model cannot be imported exactly"),
-    ("gpt_neox", {"use_parallel_residual": True}, "config.json: use_parallel_residual = True, "
-     "but ours computes only false (ours adds attention, then the feed-forward); this model "
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "config.json: "
+     "scale_attn_by_inverse_layer_idx = True, but ours computes only false (ours scales q·k "
+     "the same in every layer); this model can't be imported (yet)"),
+    ("gptj", {"tie_word_embeddings": True}, "config.json: tie_word_embeddings = True, but "
+     "ours computes only false (ours ties no output projection that has a bias); this model "
      "can't be imported (yet)"),
 ])
 def test_import_refuses_what_ours_cannot_compute(tmp_path, exported, model_type, change, line):
@@ -599,9 +641,14 @@ GPT2_CONFIG = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n
 NEOX_CONFIG = {"model_type": "gpt_neox", "hidden_size": 32, "num_hidden_layers": 2,
                "num_attention_heads": 4, "max_position_embeddings": 64, "vocab_size": VOCAB,
                "use_parallel_residual": False}
+GPTJ_CONFIG = {"model_type": "gptj", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64,
+               "vocab_size": VOCAB, "rotary_dim": 4}
 UNSUPPORTED = {  # name: (config.json, the start of what the line says)
-    "a parallel residual": (dict(NEOX_CONFIG, use_parallel_residual=True),
-                            "use_parallel_residual = True, but ours computes only false"),
+    "GPT-J tied": (dict(GPTJ_CONFIG, tie_word_embeddings=True),
+                   "tie_word_embeddings = True, but ours computes only false"),
+    "GPT-J rotating more than a head": (dict(GPTJ_CONFIG, rotary_dim=16),
+                                        "ours can't build the model it describes "
+                                        "(RotaryPositions.fraction = 2.0"),
     "no attention bias": (dict(NEOX_CONFIG, attention_bias=False),
                           "attention_bias = False, but ours computes only true"),
     "scaled RoPE": (dict(NEOX_CONFIG, rope_parameters={"rope_type": "linear", "factor": 2.0}),
@@ -642,3 +689,141 @@ def test_import_refuses_a_model_ours_cannot_compute_without_asking_to_edit_it(tm
   assert message.endswith("; this model can't be imported (yet)"), message
   assert not any(word in message for word in ("fix", "set ", "change", "pick")), message
   assert not (tmp_path / "ours").exists()
+
+
+# --- The families researchers fine-tune, from their published config.json (pinned below: the
+# Hub's gpt2, EleutherAI/pythia-160m and EleutherAI/gpt-j-6b) with only the size keys scaled
+# down: a random HF model of each imports exactly (logits, greedy tokens), exports back to
+# the same tensors, and fine-tunes with train.init_from on data prepared with the HF
+# folder's tokenizer.
+
+GPT2_124M = {  # q/k/v bias, sequential residual, tied, learned positions
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+    "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+    "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+    "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+    "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+    "vocab_size": 50257}
+PYTHIA_160M = {  # rotary_pct 0.25 (rotate-half), parallel residual with two norms, untied
+    "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0,
+    "hidden_act": "gelu", "hidden_size": 768, "initializer_range": 0.02,
+    "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048,
+    "model_type": "gpt_neox", "num_attention_heads": 12, "num_hidden_layers": 12,
+    "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": False,
+    "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": True,
+    "use_parallel_residual": True, "vocab_size": 50304}
+GPTJ_6B = {  # interleaved rotary on 64 of 256 dims, parallel residual with one norm, lm_head bias
+    "activation_function": "gelu_new", "architectures": ["GPTJForCausalLM"], "attn_pdrop": 0.0,
+    "bos_token_id": 50256, "embd_pdrop": 0.0, "eos_token_id": 50256,
+    "gradient_checkpointing": False, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
+    "model_type": "gptj", "n_embd": 4096, "n_head": 16, "n_inner": None, "n_layer": 28,
+    "n_positions": 2048, "resid_pdrop": 0.0, "rotary": True, "rotary_dim": 64,
+    "scale_attn_weights": True, "summary_activation": None, "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+    "tie_word_embeddings": False, "tokenizer_class": "GPT2Tokenizer",
+    "transformers_version": "4.18.0.dev0", "use_cache": True, "vocab_size": 50400}
+TOKENS = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0}  # the test tokenizer's
+FAMILIES = {  # name: (published config.json, its size keys scaled down, HF class)
+    "GPT-2 124M": (GPT2_124M, {"n_layer": 2, "n_embd": 48, "n_head": 4, "n_ctx": 64,
+                               "n_positions": 64}, "GPT2LMHeadModel"),
+    "Pythia 160M": (PYTHIA_160M, {"num_hidden_layers": 2, "hidden_size": 64,
+                                  "num_attention_heads": 4, "intermediate_size": 256,
+                                  "max_position_embeddings": 64}, "GPTNeoXForCausalLM"),
+    # 16 heads of 256, 64 rotated -> 4 heads of 16, 4 rotated (the same quarter)
+    "GPT-J 6B": (GPTJ_6B, {"n_embd": 64, "n_head": 4, "n_layer": 2, "rotary_dim": 4,
+                           "n_positions": 64}, "GPTJForCausalLM"),
+}
+
+
+def family_config(name):
+  """The transformers config object of a family's scaled-down published config.json."""
+  _, transformers = hf_libraries()
+  published, scaled, _ = FAMILIES[name]
+  # torch_dtype: Pythia's weights are float16; the comparisons need float32 ones.
+  values = {k: v for k, v in {**published, **scaled, **TOKENS}.items()
+            if k not in ("model_type", "architectures", "transformers_version", "torch_dtype")}
+  return transformers.AutoConfig.for_model(published["model_type"], **values)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported_family(request, tmp_path_factory, exported):
+  """(name, HF model, HF folder, our model dir imported by bin/import_hf) of each family."""
+  root = tmp_path_factory.mktemp("family")
+  hf_model = save_random_hf(root, exported, family_config(request.param))
+  run_binary("import_hf", f"--hf_dir={root / 'hf'}", f"--model_dir={root / 'ours'}",
+             check=True)
+  return request.param, hf_model, root / "hf", str(root / "ours")
+
+
+def test_import_of_each_family_gives_its_logits_and_greedy_tokens(imported_family, exported):
+  name, hf_model, _, ours = imported_family
+  _, transformers = hf_libraries()
+  assert type(hf_model).__name__ == FAMILIES[name][2]
+  ids = random_ids(64)
+  assert np.abs(our_logits(ours, ids) - hf_logits(hf_model, ids)).max() < 1e-4
+  hf_ids = _hf_greedy(hf_model, transformers.AutoTokenizer.from_pretrained(exported), "def ")
+  assert len(hf_ids) == 32 and _our_greedy(ours, "def ", ids=True) == hf_ids
+
+
+def test_each_family_exports_back_to_the_same_tensors(imported_family, tmp_path):
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  name, hf_model, hf_dir, ours = imported_family
+  _, transformers = hf_libraries()
+  output = export(ours, tmp_path / "back")  # "auto" picks the family's architecture
+  back, info = transformers.AutoModelForCausalLM.from_pretrained(output,
+                                                                 output_loading_info=True)
+  assert type(back).__name__ == FAMILIES[name][2] and not any(info.values()), info
+  original = safetensors.numpy.load_file(hf_dir / hf.WEIGHTS_FILE)
+  exported_back = safetensors.numpy.load_file(os.path.join(output, hf.WEIGHTS_FILE))
+  assert exported_back.keys() == original.keys()
+  for key, array in original.items():
+    np.testing.assert_array_equal(exported_back[key], array, err_msg=key)
+  ids = random_ids(64, rows=1)
+  assert np.abs(hf_logits(back.eval(), ids) - hf_logits(hf_model, ids)).max() < 1e-5
+
+
+def test_each_family_fine_tunes_on_data_prepared_with_its_tokenizer(imported_family,
+                                                                    tmp_path):
+  _, _, hf_dir, ours = imported_family
+  run_binary("prepare_data", f"--input={REPO / 'README.md'}", f"--tokenizer={hf_dir}",
+             f"--output_dir={tmp_path / 'data'}", "--n_ctx=64", "--validation_fraction=0",
+             "--workers=1", check=True)
+  run_binary("train", "--gin_file=tiny.gin", f"--gin_file={os.path.join(ours, hf.MODEL_GIN)}",
+             f"--model_dir={tmp_path / 'tuned'}", f'--gin_param=DATASET_DIR = "{tmp_path / "data"}"',
+             "--gin_param=train.batch_size = 4", "--gin_param=train.train_steps = 2",
+             "--gin_param=train.log_every_n_steps = 1", "--gin_param=train.eval_batches = 0",
+             f'--gin_param=train.init_from = "{ours}"', check=True)
+  with open(tmp_path / "tuned" / "train_metrics.jsonl") as f:
+    losses = [json.loads(line)["loss"] for line in f]
+  assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+  # Every imported weight (std 0.2) started the run: 2 Adam steps move each by ~1e-3, where
+  # a fresh init (std 0.02, LayerNorms 1, biases 0) would be ~0.2 away.
+  imported = tf.train.load_checkpoint(checkpoints.require(ours).path)
+  tuned = tf.train.load_checkpoint(checkpoints.require(str(tmp_path / "tuned")).path)
+  names = [name for name in imported.get_variable_to_shape_map() if name.startswith("gpt/")]
+  assert names and all(
+      np.abs(tuned.get_tensor(name) - imported.get_tensor(name)).max() < 0.02
+      for name in names)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("GPT-2 124M", {"GPT.n_layer": "12", "GPT.n_ctx": "1024", "GPT.n_vocab": "50257",
+                    "GPT.qkv_bias": "True", "GPT.tie_embeddings": "True",
+                    "GPT.positions": "@LearnedPositions()", "GPT.res_dropout": "0.1"}),
+    ("Pythia 160M", {"GPT.n_ctx": "2048", "GPT.n_vocab": "50304", "GPT.qkv_bias": "True",
+                     "GPT.parallel_residual": "True", "GPT.tie_embeddings": "False",
+                     "RotaryPositions.fraction": "0.25", "RotaryPositions.interleaved": "False",
+                     "GPT.activation": "@gelu"}),
+    ("GPT-J 6B", {"GPT.n_layer": "28", "GPT.n_embd": "4096", "GPT.n_head": "16",
+                  "GPT.mlp_ratio": "4", "GPT.n_vocab": "50400",
+                  "RotaryPositions.fraction": "0.25", "RotaryPositions.interleaved": "True",
+                  "RotaryPositions.base": "10000.0", "GPT.parallel_residual": "True",
+                  "GPT.shared_layer_norm": "True", "GPT.tie_embeddings": "False",
+                  "GPT.lm_head_bias": "True", "GPT.qkv_bias": None}),
+])
+def test_each_published_config_maps_to_our_knobs(name, expected):
+  """The full-size published configs (no torch needed): each family's features as knobs."""
+  bindings = dict(line.split(" = ", 1) for line in hf.gin_bindings(FAMILIES[name][0]))
+  assert {key: bindings.get(key) for key in expected} == expected

@@ -29,6 +29,7 @@ from gptneo import train_graph
 from gptneo.compat import mtf, tf
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
+from gptneo.model import positions as positions_lib
 from gptneo.optim import optimizers
 from tests.conftest import TINY_TEST_BINDINGS, run_binary
 from tests.test_errors import assert_one_line_error
@@ -60,18 +61,19 @@ LAYOUT_FILES = ["cpu2_data.gin", "cpu2_heads.gin", "cpu4_data.gin", "cpu4_model.
                 "cpu4_data_model.gin", "cpu8_data.gin", "cpu8_model.gin", "cpu8_data_model.gin"]
 
 
-def train_steps(spec, update="sgd"):
+def train_steps(spec, update="sgd", variant=()):
   """Losses and gradients of every step, and the weights after the last, as numpy.
 
   `update`: "sgd" (the default, see the module docstring), "adam" (mtf's element-wise Adam)
-  or "fused adam" (optimizers.FusedAdamUpdate's one kernel per slice).
+  or "fused adam" (optimizers.FusedAdamUpdate's one kernel per slice). `variant`: GPT knobs
+  beyond MODEL, as (name, value) pairs.
   """
   graph = tf.Graph()
   with graph.as_default():
     tf.set_random_seed(7)
     adam_step = tf.Variable(1.0, trainable=False)
     mtf_graph, mtf_mesh = runtime.new_mesh()
-    model = gpt_lib.GPT(**MODEL)
+    model = gpt_lib.GPT(**MODEL, **dict(variant))
     dims = model.dims(BATCH)
     windows = np.random.RandomState(0).randint(0, VOCAB, size=(BATCH, N_CTX + 1))
     import_tokens = lambda t, name: mtf.import_tf_tensor(  # noqa: E731
@@ -176,6 +178,35 @@ def test_single_device_training_moves(single_device):
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_split_equals_single_device(case, single_device):
   assert_same_training(train_steps(spec_of(*LAYOUTS[case])), single_device)
+
+
+# The imported families' features (issue 25), each on the splits that cut what it touches:
+# kv (GPT-J's rotated pairs, over whole heads: a partial rotation slices kv, which mtf
+# can't do on a split dimension), heads (q/k/v biases), vocab (the output bias), data.
+FAMILY_VARIANTS = {
+    "GPT-J": (("positions", positions_lib.RotaryPositions(interleaved=True)),
+              ("parallel_residual", True), ("shared_layer_norm", True),
+              ("tie_embeddings", False), ("lm_head_bias", True)),
+    "Pythia": (("positions", positions_lib.RotaryPositions(fraction=0.5)), ("qkv_bias", True),
+               ("parallel_residual", True), ("tie_embeddings", False)),
+}
+FAMILY_SPLITS = ["2 heads,mlp,vocab", "4 data x model"]
+
+
+@pytest.fixture(scope="module")
+def family_single_device():
+  return {family: train_steps(spec_of("", ""), variant=variant)
+          for family, variant in FAMILY_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("family, case", [(family, case) for family in FAMILY_VARIANTS
+                                          for case in FAMILY_SPLITS] + [("GPT-J", "2 kv")])
+def test_imported_families_split_equals_single_device(family, case, family_single_device):
+  single = family_single_device[family]
+  losses = [loss for loss, _ in single[0]]
+  assert losses[-1] < losses[0] - 0.05, losses
+  assert_same_training(train_steps(spec_of(*LAYOUTS[case]), variant=FAMILY_VARIANTS[family]),
+                       single)
 
 
 QKV_SHAPE = [MODEL["n_embd"], 3, MODEL["n_head"], MODEL["n_embd"] // MODEL["n_head"]]

@@ -69,7 +69,9 @@ def test_bfloat16_halves_activations_and_keeps_bfloat16_weights():
 def test_the_weight_shapes_are_the_graphs_variables():
   """weight_shapes lists what gpt.py creates, name for name and shape for shape."""
   for model in (_model(["global", "local"]), _model(["global"], feed_forward=feedforward.glu,
-                                                    tie_embeddings=False)):
+                                                    tie_embeddings=False),
+                _model(["global"], qkv_bias=True, parallel_residual=True,
+                       shared_layer_norm=True, tie_embeddings=False, lm_head_bias=True)):
     graph = tf.Graph()
     with graph.as_default():
       mtf_graph, mtf_mesh = runtime.new_mesh()

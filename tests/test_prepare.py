@@ -20,6 +20,9 @@ import zstandard
 
 from gptneo.data import prepare, sources, workers
 from gptneo.data import tokenizer as tokenizer_lib
+from gptneo.errors import UserError
+from tests.conftest import run_binary
+from tests.test_errors import assert_one_line_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -424,3 +427,121 @@ def test_stats_of_a_dataset_prepared_before_sources_were_recorded_is_one_line():
   with pytest.raises(ValueError, match="'d' was prepared before datasets recorded their "
                                        r"sources; prepare it again \(--overwrite\)"):
     prepare.describe(old, "d")
+
+
+# --------------------------------------------------------------------------- GPT-Neo's tfrecords
+
+
+def write_neo_tfrecords(path, tokenizer, documents, chunk_size=N_CTX + 1, feature="text"):
+  """What GPT-Neo's data/create_tfrecords.py writes: each document's ids and EOS, the stream
+  cut into chunk_size records of one int64 feature `text` (the last one shorter)."""
+  eos = tokenizer_lib.eos_id(tokenizer)
+  stream = []
+  for text in documents:
+    tokenizer.encode_special_tokens = True
+    stream += tokenizer.encode(text, add_special_tokens=False).ids + [eos]
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for start in range(0, len(stream), chunk_size):
+      chunk = stream[start:start + chunk_size]
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          feature: tf.train.Feature(int64_list=tf.train.Int64List(value=chunk))}))
+                   .SerializeToString())
+  return path
+
+
+def test_gpt_neo_tfrecords_are_packed_without_retokenizing(tmp_path, tokenizer_path):
+  """Records cut documents anywhere (chunks of 17, 5 and 40 ids): the documents are found
+  again at each EOS, split by their ids' hash and packed as if tokenized here."""
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  parts = [TEXTS[:50], TEXTS[50:80], TEXTS[80:]]
+  for index, (part, chunk) in enumerate(zip(parts, (N_CTX + 1, 5, 40), strict=True)):
+    write_neo_tfrecords(tmp_path / f"neo_{index}.tfrecords", tokenizer, part, chunk)
+  info = prepare.prepare_dataset([str(tmp_path / "neo_*.tfrecords")], str(tmp_path / "out"),
+                                 N_CTX, tokenizer_path=tokenizer_path, validation_fraction=0.2,
+                                 tokens_per_shard=500, workers=2)
+  streams = {"train": [], "validation": []}
+  documents = 0
+  for source in info["sources"]:  # stream order
+    assert source["format"] == "tfrecord"
+    index = int(os.path.basename(source["path"])[4])
+    for text in parts[index]:
+      ids = tokenizer.encode(text, add_special_tokens=False).ids
+      split = prepare.split_of(workers.token_hash(np.array(ids)), 0.2, 1234)
+      streams[split] += ids + [tokenizer_lib.eos_id(tokenizer)]
+      documents += 1
+  assert info["documents"] == documents == len(TEXTS) and streams["validation"]
+  assert_splits_equal(str(tmp_path / "out"), {k: np.array(v) for k, v in streams.items()})
+  assert info["splits"]["train"]["bytes"] > 0
+
+
+BAD_NEO_TFRECORDS = {  # case: fragments of the one line ({path}: the file)
+    "no text feature": ["{path} record 1 has no int64 feature 'text' (has: tokens "
+                        "(int64_list)); pass GPT-Neo's tfrecords"],
+    "ids beyond the vocabulary": ["{path} record 1 holds the token id 300", "outside the "
+                                  "tokenizer's", "pass the --tokenizer the tfrecords were "
+                                  "made with"],
+    "not a tfrecord": ["{path} is damaged after record 0"],
+    "no tokenizer": ["{path} holds token ids, not text; pass the --tokenizer"],
+}
+
+
+def bad_neo_tfrecord(case, path, tokenizer):
+  """A GPT-Neo tfrecord file with the problem `case` names."""
+  if case == "no text feature":
+    write_neo_tfrecords(path, tokenizer, TEXTS[:3], feature="tokens")
+  elif case == "ids beyond the vocabulary":
+    with tf.io.TFRecordWriter(str(path)) as writer:
+      writer.write(tf.train.Example(features=tf.train.Features(feature={
+          "text": tf.train.Feature(int64_list=tf.train.Int64List(value=[1, 300, 2]))}))
+                   .SerializeToString())
+  elif case == "not a tfrecord":
+    path.write_bytes(b"this is not a TFRecord file at all")
+  else:
+    write_neo_tfrecords(path, tokenizer, TEXTS[:3])
+  return path
+
+
+@pytest.mark.parametrize("case", BAD_NEO_TFRECORDS)
+def test_bad_gpt_neo_tfrecords_are_one_line_and_no_dataset(tmp_path, tokenizer_path, case):
+  path = bad_neo_tfrecord(case, tmp_path / "neo.tfrecords",
+                          tokenizer_lib.load_tokenizer(tokenizer_path))
+  with pytest.raises(UserError) as error:
+    prepare.prepare_dataset([str(path)], str(tmp_path / "out"), N_CTX,
+                            vocab_size=300 if case == "no tokenizer" else None,
+                            tokenizer_path=None if case == "no tokenizer" else tokenizer_path)
+  line = str(error.value)
+  assert "\n" not in line
+  for fragment in BAD_NEO_TFRECORDS[case]:
+    assert fragment.format(path=path) in line, line
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_tfrecord_without_text_stops_bin_prepare_data_with_exit_2(tmp_path, tokenizer_path):
+  path = bad_neo_tfrecord("no text feature", tmp_path / "neo.tfrecords",
+                          tokenizer_lib.load_tokenizer(tokenizer_path))
+  result = run_binary("prepare_data", f"--input={path}", f"--output_dir={tmp_path / 'out'}",
+                      "--n_ctx=16", "--workers=1", f"--tokenizer={tokenizer_path}")
+  assert_one_line_error(result, "prepare_data", BAD_NEO_TFRECORDS["no text feature"][0].format(
+      path=path))
+  assert sorted(os.listdir(tmp_path)) == ["neo.tfrecords"]  # no dataset, no partial one
+
+
+def test_gpt_neo_tfrecords_resume_after_sigkill_to_the_same_bytes(tmp_path, tokenizer_path):
+  tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+  for index, part in enumerate([TEXTS[:60], TEXTS[60:]]):
+    write_neo_tfrecords(tmp_path / f"neo_{index}.tfrecords", tokenizer, part, chunk_size=23)
+  pattern = str(tmp_path / "neo_*.tfrecords")
+  prepare.prepare_dataset([pattern], str(tmp_path / "reference"), N_CTX,
+                          tokenizer_path=tokenizer_path, validation_fraction=0.2,
+                          tokens_per_shard=300, workers=1)
+  flags = [f"--input={pattern}", f"--output_dir={tmp_path / 'out'}", f"--n_ctx={N_CTX}",
+           f"--tokenizer={tokenizer_path}", "--validation_fraction=0.2",
+           "--tokens_per_shard=300", "--workers=1"]
+  killed = run_cli(*flags, env={"GPTNEO_PREPARE_KILL_AFTER_SHARDS": "2"})
+  killed.communicate()
+  assert killed.returncode == -signal.SIGKILL and not (tmp_path / "out").exists()
+  rerun = run_cli(*flags)
+  stdout, stderr = rerun.communicate()
+  assert rerun.returncode == 0, stderr
+  assert "resuming" in stdout
+  assert folder_bytes(str(tmp_path / "out")) == folder_bytes(str(tmp_path / "reference"))

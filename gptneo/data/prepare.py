@@ -331,6 +331,7 @@ class _Plan:
     self.seed, self.reading, self.filters, self.workers = seed, reading, filters, workers
     self.tokenizer_sample_bytes = tokenizer_sample_bytes
     self.sources = stream_order(sources_lib.resolve(inputs), seed)
+    _check_tokenized(self.sources, tokenizer_path, filters)
     sources_lib.check(self.sources, reading)
 
   def settings(self):
@@ -348,6 +349,19 @@ class _Plan:
                  self.tokens_per_shard, self.seed, self.tokenizer_sample_bytes,
                  self.settings(), files]
     return hashlib.sha256(json.dumps(arguments).encode()).hexdigest()
+
+
+def _check_tokenized(sources, tokenizer_path, filters):
+  """Token ids (GPT-Neo's tfrecords) are kept as they are: their vocabulary must be named,
+  and their text can't be fixed."""
+  tokenized = [source.path for source in sources if source.format == "tfrecord"]
+  if tokenized and tokenizer_path is None:
+    raise UserError(f"{tokenized[0]} holds token ids, not text; pass the --tokenizer they "
+                    f"were made with (GPT-Neo's default: GPT-2's, a folder with its "
+                    f"vocab.json + merges.txt)")
+  if tokenized and filters.ftfy:
+    raise UserError(f"--ftfy can't fix {tokenized[0]}, which holds token ids, not text; leave "
+                    f"--ftfy out, or prepare the tfrecords apart")
 
 
 def _check_arguments(n_ctx, vocab_size, tokenizer_path, tokens_per_shard, validation_fraction,
@@ -384,6 +398,7 @@ class _Run:
   def run(self):
     tokenizer, state, pending = self._start()
     self.eos = tokenizer_lib.eos_id(tokenizer)
+    self.token_ids = (self.eos, tokenizer.get_vocab_size(with_added_tokens=True))
     window_length = self.plan.n_ctx + 1
     self.writers = {split: ShardWriter(self.folder, split, window_length,
                                        self.plan.tokens_per_shard, state["splits"][split],
@@ -430,7 +445,7 @@ class _Run:
     done = sum(os.path.getsize(s.path) for s in plan.sources[:state["position"][0]])
     with tqdm.tqdm(total=total, initial=done, desc="preparing", unit="B", unit_scale=True,
                    unit_divisor=1024, smoothing=0.1) as progress:
-      batches = _batches(plan, state["position"])
+      batches = _batches(plan, state["position"], self.token_ids)
       for items, results in workers_lib.map_ordered(batches, plan.workers, tokenizer_json,
                                                      plan.filters):
         results = iter(results)
@@ -599,13 +614,14 @@ def describe(info, dataset_dir):
 _Item = collections.namedtuple("_Item", "source dropped offset end")
 
 
-def _batches(plan, position):
+def _batches(plan, position, token_ids):
   """Yields (items, texts) batches from `position` on: every record is an item (its text
-  in texts unless a meta filter or a bad line dropped it), every source's end one too."""
+  in texts unless a meta filter or a bad line dropped it), every source's end one too.
+  token_ids: (EOS id, vocabulary size), for tokenized sources."""
   items, texts, size = [], [], 0
   for index in range(position[0], len(plan.sources)):
     skip = position[1] if index == position[0] else 0
-    for record in _records_from(plan, plan.sources[index], skip):
+    for record in _records_from(plan, plan.sources[index], skip, token_ids):
       dropped = _meta_dropped(record, plan.filters)
       items.append(_Item(index, dropped, record.offset, False))
       if dropped is None:
@@ -618,9 +634,9 @@ def _batches(plan, position):
   yield items, texts
 
 
-def _records_from(plan, source, skip):
+def _records_from(plan, source, skip, token_ids=None):
   columns = [name.split(".")[0] for name, _ in plan.filters.meta_filter]
-  records = sources_lib.records(source, plan.reading, columns)
+  records = sources_lib.records(source, plan.reading, columns, token_ids)
   for number, record in enumerate(records):
     if number >= skip:
       yield record

@@ -4,14 +4,17 @@ A source is one input file with a format, detected by its name:
 
   *.jsonl, *.jsonl.gz, *.jsonl.zst   one JSON object per line, the text at `text_field`
   *.parquet                          one row per document, the text in column `text_field`
+  *.tfrecords, *.tfrecord            GPT-Neo's tokenized records (data/create_tfrecords.py):
+                                     int64 feature `text`, documents ended by EOS
   anything else                      UTF-8 text: the whole file is one document, or
                                      several with a `document_separator`
 
 A folder stands for every such file below it (hidden entries and binary files skipped), so
 the Pile's layout (a folder of `*.jsonl.zst` shards) is one input. `records(source, ...)`
 yields a source's records in file order without holding the file: each a `Record` with the
-text, the JSON object (or Parquet row) for meta filters, and the byte offset reached, for
-the progress bar. Errors name the file and the line (or row).
+text (a tfrecord's: its token ids, an int array), the JSON object (or Parquet row) for meta
+filters, and the byte offset reached, for the progress bar. Errors name the file and the
+line (or row, or record).
 """
 import codecs
 import collections
@@ -24,6 +27,8 @@ import os
 import re
 import sysconfig
 
+import numpy as np
+
 from gptneo.errors import UserError
 
 STDLIB_SPEC = "stdlib"
@@ -34,12 +39,14 @@ _CHUNK_BYTES = 1 << 20
 _ROWS_PER_BATCH = 1024
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 PARQUET_SUFFIX = ".parquet"
+TFRECORD_SUFFIXES = (".tfrecords", ".tfrecord")
+TFRECORD_FEATURE = "text"  # GPT-Neo's create_tfrecords.py: int64 token ids
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
   path: str
-  format: str  # "text", "jsonl" or "parquet"
+  format: str  # "text", "jsonl", "parquet" or "tfrecord"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +71,11 @@ Record = collections.namedtuple("Record", "text fields offset")  # text None: a 
 
 
 def format_of(path):
-  """'jsonl', 'parquet' or 'text', by the file's name."""
+  """'jsonl', 'parquet', 'tfrecord' or 'text', by the file's name."""
   if path.endswith(JSONL_SUFFIXES):
     return "jsonl"
+  if path.endswith(TFRECORD_SUFFIXES):
+    return "tfrecord"
   return "parquet" if path.endswith(PARQUET_SUFFIX) else "text"
 
 
@@ -158,9 +167,14 @@ def is_utf8_text(path):
 
 
 def check(sources, reading):
-  """Checks what can be checked before reading: every Parquet file has the text column."""
+  """Checks what can be checked before reading: every Parquet file has the text column, every
+  tfrecord file's first record the token ids."""
   column = reading.text_field.split(".")[0]
   for source in sources:
+    if source.format == "tfrecord":
+      for raw in _tfrecord_iterator(source.path):
+        _tfrecord_ids(raw, source.path, 1)
+        break
     if source.format == "parquet":
       names = _parquet_file(source.path).schema_arrow.names
       if column not in names:
@@ -171,14 +185,17 @@ def check(sources, reading):
 # --------------------------------------------------------------------------- reading
 
 
-def records(source, reading, columns=()):
+def records(source, reading, columns=(), token_ids=None):
   """Yields the source's records in file order (see the module docstring).
 
   Args:
     source: a `Source`.
     reading: a `Reading`.
     columns: top-level Parquet columns to read besides the text (for meta filters).
+    token_ids: (EOS id, vocabulary size) of the tokenizer, for tfrecord sources.
   """
+  if source.format == "tfrecord":
+    return _tfrecord_records(source.path, *token_ids)
   if source.format == "jsonl":
     return _jsonl_records(source.path, reading)
   if source.format == "parquet":
@@ -284,6 +301,59 @@ def _parquet_record(fields, path, row, reading, offset):
   kind = "no text" if text is None else f"a {type(text).__name__}, not a string,"
   raise UserError(f"{path} row {row} has {kind} in '{reading.text_field}'; pass "
                   "--text_field=<the text column> or --skip_bad_lines to skip such rows")
+
+
+def _tfrecord_iterator(path):
+  """The serialized records of a TFRecord file, streamed; a damaged one is named in one line."""
+  from gptneo.compat import tf  # pylint: disable=import-outside-toplevel
+  number = 0  # records read whole
+  try:
+    for raw in tf.compat.v1.io.tf_record_iterator(path):
+      number += 1
+      yield raw
+  except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as error:
+    raise UserError(f"{path} is damaged after record {number} ({_first_line(error)}); "
+                    "replace the file (or leave it out)") from None
+
+
+def _tfrecord_ids(raw, path, number):
+  """The int64 `text` ids of one serialized tf.train.Example, as an int64 array."""
+  from tensorflow.core.example import example_pb2  # pylint: disable=import-outside-toplevel
+  from google.protobuf import message  # pylint: disable=import-outside-toplevel
+  fix = "pass GPT-Neo's tfrecords (data/create_tfrecords.py), or text, JSONL or Parquet"
+  try:
+    features = example_pb2.Example.FromString(raw).features.feature
+  except message.DecodeError:
+    raise UserError(f"{path} record {number} is not a tf.train.Example; {fix}") from None
+  feature = features.get(TFRECORD_FEATURE)
+  if feature is None or feature.WhichOneof("kind") != "int64_list":
+    has = ", ".join(f"{name} ({features[name].WhichOneof('kind')})" for name in sorted(features))
+    raise UserError(f"{path} record {number} has no int64 feature '{TFRECORD_FEATURE}' (has: "
+                    f"{has or 'nothing'}); {fix}")
+  return np.asarray(feature.int64_list.value, np.int64)
+
+
+def _tfrecord_records(path, eos_id, vocab_size):
+  """GPT-Neo's records hold chunks of one token stream of documents each ended by EOS
+  (create_tfrecords.py): the documents, their ids without EOS, re-cut at each EOS (a document
+  continued in the next file is two)."""
+  pieces, offset = [], 0
+  for number, raw in enumerate(_tfrecord_iterator(path), start=1):
+    ids = _tfrecord_ids(raw, path, number)
+    offset += len(raw) + 16  # each record's length, data and two CRCs
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+      raise UserError(f"{path} record {number} holds the token id {bad}, outside the "
+                      f"tokenizer's {vocab_size} ids; pass the --tokenizer the tfrecords were "
+                      f"made with")
+    start = 0
+    for end in np.flatnonzero(ids == eos_id):
+      pieces.append(ids[start:end])
+      yield Record(np.concatenate(pieces), None, offset)
+      pieces, start = [], end + 1
+    pieces.append(ids[start:])
+  if sum(piece.size for piece in pieces):
+    yield Record(np.concatenate(pieces), None, offset)
 
 
 def _text_records(path, separator):

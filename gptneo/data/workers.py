@@ -83,14 +83,24 @@ def encode_literally(tokenizer, texts):
     tokenizer.encode_special_tokens = saved
 
 
+def token_hash(ids):
+  """content_hash of a document given as token ids (a tfrecord's): over the ids."""
+  return hashlib.blake2b(np.asarray(ids, "<i4").tobytes(), digest_size=16).digest()
+
+
 class Encoder:
-  """Turns a batch of texts into Results: the kept ones hashed and tokenized."""
+  """Turns a batch of texts into Results: the kept ones hashed and tokenized. A text that is
+  an int array (a tfrecord's document) is tokenized already: kept as is, its text's size
+  decoded for the statistics."""
 
   def __init__(self, tokenizer_json, filters):
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     self.tokenizer, self.filters = Tokenizer.from_str(tokenizer_json), filters
 
   def __call__(self, texts):
+    if any(isinstance(text, np.ndarray) for text in texts):
+      return [self._tokenized(text) if isinstance(text, np.ndarray) else self([text])[0]
+              for text in texts]
     cleaned = [clean(text, self.filters) for text in texts]
     kept = [text for text, _ in cleaned if text is not None]
     encodings = iter(encode_literally(self.tokenizer, kept))
@@ -102,6 +112,16 @@ class Encoder:
         ids = np.asarray(next(encodings).ids, dtype=np.int32)
         results.append(Result(None, content_hash(text), len(text.encode("utf-8")), ids))
     return results
+
+
+  def _tokenized(self, ids):
+    """The Result of a document's ids: dropped if empty or shorter than min_chars."""
+    text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+    if not ids.size:
+      return Result("empty", None, 0, None)
+    if len(text) < self.filters.min_chars:
+      return Result("short", None, 0, None)
+    return Result(None, token_hash(ids), len(text.encode("utf-8")), ids.astype(np.int32))
 
 
 Result = collections.namedtuple("Result", "dropped digest num_bytes ids")

@@ -1,9 +1,9 @@
-"""HuggingFace interop: export our checkpoints as HF GPT-Neo, GPT-2 or GPT-NeoX folders and
-import such folders as our checkpoints. Neither direction needs torch or transformers.
+"""HuggingFace interop: export our checkpoints as HF GPT-Neo, GPT-2, GPT-NeoX or GPT-J folders
+and import such folders as our checkpoints. Neither direction needs torch or transformers.
 
 Only models an HF architecture computes exactly are exported: anything else is refused in
 one line naming the knob, rather than written as a model that computes something different.
-architectures.py holds the three architectures' weight tables and configs.
+architectures.py holds the architectures' weight tables and configs.
 """
 import json
 import os
@@ -80,8 +80,8 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   Args:
     model_dir: a trained model's folder (a flag).
     output_dir: the folder to write config.json, model.safetensors and the tokenizer to.
-    architecture: "gpt_neo", "gpt2", "gpt_neox", or "auto" (GPT-NeoX for rotary positions,
-      GPT-Neo otherwise); a flag, bin/export --architecture.
+    architecture: "gpt_neo", "gpt2", "gpt_neox", "gptj", or "auto" (architectures.choose);
+      a flag, bin/export --architecture.
     model: the model, as trained (read from the operative config).
     dtype: "float32" or "bfloat16" weights.
 
@@ -98,8 +98,10 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   reader = tf.train.load_checkpoint(checkpoint)
   factor = architectures.query_factor(arch, model)
   tensors = {}
-  for ours, names, kind in arch.weight_pairs(model.n_layer, model.tie_embeddings):
-    arrays = _to_hf(kind, _scaled_queries(reader.get_tensor(ours), ours, factor))
+  for ours, names, kind in arch.model_weight_pairs(model):
+    array = sum(_scaled_queries(reader.get_tensor(name), name, factor)
+                for name in architectures.our_names(ours))
+    arrays = _to_hf(kind, array)
     tensors.update({name: np.ascontiguousarray(array, EXPORT_DTYPES[dtype])
                     for name, array in zip(names, arrays, strict=True)})
   os.makedirs(output_dir, exist_ok=True)
@@ -112,11 +114,13 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
 
 
 def _scaled_queries(array, ours, factor):
-  """A qkv weight [embd, 3, heads, kv] with its queries times `factor` (other weights as is)."""
-  if factor == 1.0 or not ours.endswith("attn/qkv/w"):
+  """A qkv weight [embd, 3, heads, kv] or bias [3, heads, kv] with its queries times `factor`
+  (other weights as is)."""
+  if factor == 1.0 or not ours.endswith(("attn/qkv/w", "attn/qkv/b")):
     return array
   array = array.astype(np.float64)
-  array[:, 0] *= factor
+  queries = (slice(None), 0) if ours.endswith("/w") else (0,)
+  array[queries] *= factor
   return array.astype(np.float32)
 
 
@@ -218,8 +222,9 @@ def hf_shapes(arch, model):
   ours = {"gpt/" + name: tuple(size for _, size in shape)
           for name, shape in memory.weight_shapes(model)}
   shapes = {}
-  for name, names, kind in arch.weight_pairs(model.n_layer, model.tie_embeddings):
-    stand_in = np.broadcast_to(np.float32(0), ours[name])  # a shape, without its memory
+  for name, names, kind in arch.model_weight_pairs(model):
+    first = architectures.our_names(name)[0]  # summed weights have one shape
+    stand_in = np.broadcast_to(np.float32(0), ours[first])  # a shape, without its memory
     shapes.update({hf_name: array.shape
                    for hf_name, array in zip(names, _to_hf(kind, stand_in), strict=True)})
   return shapes
@@ -269,10 +274,13 @@ def our_weights(arch, model, hf_tensors, sources=None, hf_dir="the HF folder"):
   hf_tensors = {aliases.get(name, name): array for name, array in hf_tensors.items()}
   sources = {aliases.get(name, name): path for name, path in (sources or {}).items()}
   check_weights(arch, model, hf_tensors, sources, hf_dir)
-  pairs = arch.weight_pairs(model.n_layer, model.tie_embeddings)
-  return {ours: architectures.CONVERSIONS[kind][1](
-      [hf_tensors[n].astype(np.float32) for n in names], model.n_head, names)
-          for ours, names, kind in pairs}
+  weights = {}
+  for ours, names, kind in arch.model_weight_pairs(model):
+    array = architectures.CONVERSIONS[kind][1](
+        [hf_tensors[n].astype(np.float32) for n in names], model.n_head, names)
+    first, *summed = architectures.our_names(ours)  # the sum's other terms: zero
+    weights.update({first: array, **{name: np.zeros_like(array) for name in summed}})
+  return weights
 
 
 def build_model(config_path):

@@ -1,12 +1,15 @@
-"""The HF architectures we export to and import from: GPT-Neo, GPT-2 and GPT-NeoX.
+"""The HF architectures we export to and import from: GPT-Neo, GPT-2, GPT-NeoX and GPT-J.
 
 Each is one `Architecture`: a table of (our weight, HF weight(s), conversion) rows, what it
 cannot express (in our knobs' names), its config.json from our model and our bindings from
 its config.json. The conversions are shared: CONVERSIONS maps a kind to (ours -> HF arrays,
-HF arrays -> ours).
+HF arrays -> ours). A row's "our weight" may be a tuple of our weights whose sum is the HF
+one (GPT-J's fc_out bias: its attention output has no bias, and with a parallel residual
+ours adds to the residual as the feed-forward's does); imported, the first gets it all.
 
-Ours: qkv w [embd, 3, heads, kv] (no bias), out w [heads, kv, embd], dense w [in, out].
-HF nn.Linear weights are [out, in]; GPT-2's Conv1D weights are [in, out], as ours.
+Ours: qkv w [embd, 3, heads, kv] and b [3, heads, kv] (GPT.qkv_bias), out w [heads, kv,
+embd], dense w [in, out]. HF nn.Linear weights are [out, in]; GPT-2's Conv1D weights are
+[in, out], as ours.
 """
 import dataclasses
 from collections.abc import Callable
@@ -17,7 +20,6 @@ from gptneo.errors import UserError
 from gptneo.hf import fields
 from gptneo.hf.fields import Reference
 from gptneo.model import attention
-from gptneo.model import feedforward
 from gptneo.model import positions as positions_lib
 
 # Our activation (by function name) <-> HF's activation names (ACT2FN keys).
@@ -48,7 +50,11 @@ def _conv1d_from(arrays, n_head, names):
 def _fused_from(arrays, n_head, names):  # GPT-NeoX: [heads, (q, k, v), kv] rows
   weight, bias = arrays
   _zero_bias(bias, names[1])
-  return np.moveaxis(weight.T.reshape(weight.shape[1], n_head, 3, -1), 2, 1)
+  return _fused_weight_from([weight], n_head, names)
+
+
+def _fused_weight_from(arrays, n_head, names):
+  return np.moveaxis(arrays[0].T.reshape(arrays[0].shape[1], n_head, 3, -1), 2, 1)
 
 
 CONVERSIONS = {
@@ -63,6 +69,17 @@ CONVERSIONS = {
     # -> Linear [heads * 3 * kv, embd], per head q, k, v, and a zero bias (GPT-NeoX)
     "qkv_fused": (lambda a: [np.moveaxis(a, 1, 2).reshape(a.shape[0], -1).T,
                              np.zeros(a[0].size, a.dtype)], _fused_from),
+    # With GPT.qkv_bias: the weight alone, and the bias [3, heads, kv] in the same order.
+    "qkv_conv1d_weight": (lambda a: [a.reshape(a.shape[0], -1)],
+                          lambda arrays, n_head, names: arrays[0].reshape(
+                              arrays[0].shape[0], 3, n_head, -1)),
+    "qkv_conv1d_bias": (lambda a: [a.reshape(-1)],
+                        lambda arrays, n_head, names: arrays[0].reshape(3, n_head, -1)),
+    "qkv_fused_weight": (lambda a: [np.moveaxis(a, 1, 2).reshape(a.shape[0], -1).T],
+                         _fused_weight_from),
+    "qkv_fused_bias": (lambda a: [np.moveaxis(a, 0, 1).reshape(-1)],
+                       lambda arrays, n_head, names: np.moveaxis(
+                           arrays[0].reshape(n_head, 3, -1), 1, 0)),
     # [heads, kv, embd] -> Linear [embd, heads * kv]
     "out": (lambda a: [a.reshape(-1, a.shape[-1]).T],
             lambda arrays, n_head, names: arrays[0].T.reshape(n_head, -1, arrays[0].shape[0])),
@@ -106,6 +123,20 @@ TRANSFORMER_TOP = [  # GPT-Neo's and GPT-2's
     ("gpt/wpe", ("transformer.wpe.weight",), "copy"), *_norm("gpt/ln_f", "transformer.ln_f")]
 GPT_NEOX_TOP = [("gpt/wte", ("gpt_neox.embed_in.weight",), "copy"),
                 *_norm("gpt/ln_f", "gpt_neox.final_layer_norm")]
+GPT2_QKV_BIAS = [("attn/qkv/w", ("attn.c_attn.weight",), "qkv_conv1d_weight"),
+                 ("attn/qkv/b", ("attn.c_attn.bias",), "qkv_conv1d_bias")]
+GPT_NEOX_QKV_BIAS = [
+    ("attn/qkv/w", ("attention.query_key_value.weight",), "qkv_fused_weight"),
+    ("attn/qkv/b", ("attention.query_key_value.bias",), "qkv_fused_bias")]
+GPTJ_LAYER = [  # one LayerNorm (GPT.shared_layer_norm), no attention biases
+    *_norm("ln_1", "ln_1"),
+    ("attn/qkv/w", tuple(f"attn.{n}_proj.weight" for n in "qkv"), "qkv"),
+    ("attn/out/w", ("attn.out_proj.weight",), "out"),
+    *_dense("mlp/fc", "mlp.fc_in", "linear"),
+    ("mlp/proj/w", ("mlp.fc_out.weight",), "linear"),
+    (("mlp/proj/b", "attn/out/b"), ("mlp.fc_out.bias",), "copy")]
+GPTJ_TOP = [("gpt/wte", ("transformer.wte.weight",), "copy"),
+            *_norm("gpt/ln_f", "transformer.ln_f")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +151,9 @@ class Architecture:
       per block (names relative to gpt/h{i} and layer_prefix).
     layer_prefix: the HF name prefix of block i, with {i}.
     head: the HF name of an untied output projection (ours: gpt/lm_head/w).
+    qkv_bias_layer: the rows replacing `layer`'s attn/qkv/w row for a model with
+      GPT.qkv_bias (None: the architecture has no such bias).
+    head_bias: the HF name of the output projection's bias (ours: gpt/lm_head/b), if any.
     problems: function(model) -> what it cannot express, one phrase per knob.
     config: function(model) -> its config.json fields for `model` (shape and knobs).
     values: function(config, path) -> {our binding: value} for an HF config.json.
@@ -138,17 +172,40 @@ class Architecture:
   values: Callable
   hf_scale: Callable
   aliases: dict = dataclasses.field(default_factory=dict)
+  qkv_bias_layer: list = None
+  head_bias: str = None
 
-  def weight_pairs(self, n_layer, tied=True):
-    """(our name, HF names, kind) of every weight of an n_layer model."""
+  def weight_pairs(self, n_layer, tied=True, qkv_bias=False, head_bias=False):
+    """(our name or names, HF names, kind) of every weight of an n_layer model (with the
+    q/k/v and output biases if asked)."""
     pairs = list(self.top)
     if not tied:
       pairs.append(("gpt/lm_head/w", (self.head,), "linear"))
+    if head_bias:
+      pairs.append(("gpt/lm_head/b", (self.head_bias,), "copy"))
+    layer = self.layer
+    if qkv_bias:
+      layer = [row for row in layer if row[0] != "attn/qkv/w"] + self.qkv_bias_layer
     for i in range(n_layer):
       prefix = self.layer_prefix.format(i=i)
-      pairs += [(f"gpt/h{i}/{ours}", tuple(f"{prefix}.{n}" for n in names), kind)
-                for ours, names, kind in self.layer]
+      pairs += [(_prefixed(f"gpt/h{i}/", ours), tuple(f"{prefix}.{n}" for n in names), kind)
+                for ours, names, kind in layer]
     return pairs
+
+  def model_weight_pairs(self, model):
+    """weight_pairs of the weights `model` holds."""
+    return self.weight_pairs(model.n_layer, model.tie_embeddings, model.qkv_bias,
+                             model.lm_head_bias)
+
+
+def our_names(ours):
+  """A row's our weights as a tuple (one name, or the names summed into one HF weight)."""
+  return ours if isinstance(ours, tuple) else (ours,)
+
+
+def _prefixed(prefix, ours):
+  names = tuple(prefix + name for name in our_names(ours))
+  return names if isinstance(ours, tuple) else names[0]
 
 
 # --- What each architecture cannot express, in our knobs' names.
@@ -162,18 +219,34 @@ def _common_problems(model, title):
   if _name(model.activation) not in ACTIVATIONS:
     problems.append(f"GPT.activation = {_name(model.activation)} ({title}: "
                     f"{sorted(ACTIVATIONS)})")
-  if model.feed_forward is not feedforward.mlp:
+  if _name(model.feed_forward) != "mlp":  # by name: gin's @mlp is a wrapper of it
     problems.append(f"GPT.feed_forward = @{_name(model.feed_forward)} ({title}: @mlp)")
   if model.moe is not None:
     problems.append("GPT.moe is set (no HF architecture here has experts)")
   return problems
 
 
-def _positions_problem(model, wanted):
-  if type(model.positions) is wanted:
-    return []
-  return [f"GPT.positions = @{type(model.positions).__name__}() (HF GPT-Neo and GPT-2: "
-          f"@LearnedPositions(), HF GPT-NeoX: @RotaryPositions())"]
+def _positions_problem(model, wanted, title="", interleaved=False):
+  """What `model`'s positions differ in from `wanted` (rotary: and its pairing)."""
+  if type(model.positions) is not wanted:
+    return [f"GPT.positions = @{type(model.positions).__name__}() (HF GPT-Neo and GPT-2: "
+            f"@LearnedPositions(), HF GPT-NeoX and GPT-J: @RotaryPositions())"]
+  if wanted is ROTARY and model.positions.interleaved != interleaved:
+    return [f"RotaryPositions.interleaved = {model.positions.interleaved} ({title}: "
+            f"{interleaved})"]
+  return []
+
+
+def _knob_problems(model, title, allowed):
+  """The GPT knobs whose value `title` cannot compute: allowed is {knob: [values]}."""
+  return [f"GPT.{knob} = {getattr(model, knob)} ({title}: "
+          f"{' or '.join(map(str, values))})"
+          for knob, values in allowed.items() if getattr(model, knob) not in values]
+
+
+# The features of the families beyond GPT-2's (GPT.<knob>: values without them).
+SEQUENTIAL = {"parallel_residual": [False], "shared_layer_norm": [False],
+              "lm_head_bias": [False]}
 
 
 def _attention_problem(model, title, names):
@@ -192,24 +265,44 @@ def hf_attention_names():
 def _gpt_neo_problems(model):
   title = "HF GPT-Neo"
   return (_common_problems(model, title) + _positions_problem(model, LEARNED)
-          + _attention_problem(model, title, set(hf_attention_names())))
+          + _attention_problem(model, title, set(hf_attention_names()))
+          + _knob_problems(model, title, {**SEQUENTIAL, "qkv_bias": [False]}))
 
 
 def _gpt2_problems(model):
   title = "HF GPT-2"
   return (_common_problems(model, title) + _positions_problem(model, LEARNED)
-          + _attention_problem(model, title, {"global"}))
+          + _attention_problem(model, title, {"global"})
+          + _knob_problems(model, title, SEQUENTIAL))
 
 
 def _gpt_neox_problems(model):
   title = "HF GPT-NeoX"
-  return (_common_problems(model, title) + _positions_problem(model, ROTARY)
-          + _attention_problem(model, title, {"global"}))
+  return (_common_problems(model, title) + _positions_problem(model, ROTARY, title)
+          + _attention_problem(model, title, {"global"})
+          + _knob_problems(model, title, {**SEQUENTIAL, "parallel_residual": [False, True]}))
+
+
+def _gptj_problems(model):
+  title = "HF GPT-J"
+  rotary = type(model.positions) is ROTARY
+  base = ([f"RotaryPositions.base = {model.positions.base} ({title}: 10000)"]
+          if rotary and model.positions.base != GPTJ_ROTARY_BASE else [])
+  return (_common_problems(model, title) + _positions_problem(model, ROTARY, title, True)
+          + base + _attention_problem(model, title, {"global"})
+          + _knob_problems(model, title, {
+              "qkv_bias": [False], "parallel_residual": [True], "shared_layer_norm": [True],
+              "tie_embeddings": [False], "lm_head_bias": [True]}))
+
+
+def head_scale(model):
+  """1/sqrt(d_head): the q·k scale GPT-NeoX and GPT-J always apply."""
+  return (model.n_embd // model.n_head) ** -0.5
 
 
 def our_scale(model):
   """The q·k scale our model applies."""
-  return (model.n_embd // model.n_head) ** -0.5 if model.scale_attention else 1.0
+  return head_scale(model) if model.scale_attention else 1.0
 
 
 # --- config.json of each architecture for our model.
@@ -256,13 +349,27 @@ def _gpt_neox_config(model):
           "num_attention_heads": model.n_head,
           "intermediate_size": model.n_embd * model.mlp_ratio,
           "hidden_act": ACTIVATIONS[model.activation.__name__],
-          "use_parallel_residual": False, "attention_bias": True,
+          "use_parallel_residual": model.parallel_residual, "attention_bias": True,
           # transformers 5 reads rope_parameters; 4.x reads rotary_pct and rotary_emb_base.
           "rope_parameters": {"rope_type": "default", "rope_theta": base,
                               "partial_rotary_factor": fraction},
           "rotary_pct": fraction, "rotary_emb_base": base,
           "layer_norm_eps": model.layer_norm_epsilon, "initializer_range": model.init_std,
           "hidden_dropout": model.res_dropout, "attention_dropout": model.attn_dropout}
+
+
+GPTJ_ROTARY_BASE = 10000.0  # HF GPT-J's rotation frequencies: not in its config
+
+
+def _gptj_config(model):
+  return {"vocab_size": model.n_vocab, "n_positions": model.n_ctx, "n_embd": model.n_embd,
+          "n_layer": model.n_layer, "n_head": model.n_head,
+          "rotary_dim": int(model.positions.rotary_size(model.n_embd // model.n_head)),
+          "n_inner": model.n_embd * model.mlp_ratio,
+          "activation_function": ACTIVATIONS[model.activation.__name__],
+          "layer_norm_epsilon": model.layer_norm_epsilon, "initializer_range": model.init_std,
+          "embd_pdrop": model.embed_dropout, "attn_pdrop": model.attn_dropout,
+          "resid_pdrop": model.res_dropout}
 
 
 # --- Our bindings from each architecture's config.json (every value type-checked).
@@ -322,11 +429,9 @@ def _gpt_neo_values(config, path):
                            ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
 
 
-def _gpt2_values(config, path):
-  field = _field(config, path)
-  field("scale_attn_by_inverse_layer_idx",
-        fields.equal_to(False, "ours scales q·k the same in every layer"), False)
-  field("add_cross_attention", fields.equal_to(False, "ours is a decoder only"), False)
+def _gpt2_shaped(field, path, dropout):
+  """The bindings GPT-2's and GPT-J's config.json share (GPT-J's keys are GPT-2's); `dropout`
+  the default of their dropout rates."""
   hidden = field("n_embd", fields.POSITIVE_INT)
   return {"GPT.n_layer": field("n_layer", fields.POSITIVE_INT), "GPT.n_embd": hidden,
           **_knobs(field, [("n_head", "n_head", fields.POSITIVE_INT),
@@ -338,15 +443,24 @@ def _gpt2_values(config, path):
           "GPT.activation": Reference(HF_ACTIVATIONS[field("activation_function", _ACTIVATION,
                                                            "gelu_new")]),
           "GPT.attention_layers": None,
-          "GPT.scale_attention": field("scale_attn_weights", fields.BOOL, True),
-          "GPT.positions": Reference("LearnedPositions()"),
-          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True),
           **_knobs(field, [("layer_norm_epsilon", "layer_norm_epsilon", fields.POSITIVE_REAL,
                             1e-5),
-                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, 0.1),
-                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, 0.1),
-                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, 0.1),
+                           ("embed_dropout", "embd_pdrop", fields.PROBABILITY, dropout),
+                           ("attn_dropout", "attn_pdrop", fields.PROBABILITY, dropout),
+                           ("res_dropout", "resid_pdrop", fields.PROBABILITY, dropout),
                            ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)])}
+
+
+def _gpt2_values(config, path):
+  field = _field(config, path)
+  field("scale_attn_by_inverse_layer_idx",
+        fields.equal_to(False, "ours scales q·k the same in every layer"), False)
+  field("add_cross_attention", fields.equal_to(False, "ours is a decoder only"), False)
+  return {**_gpt2_shaped(field, path, dropout=0.1),
+          "GPT.scale_attention": field("scale_attn_weights", fields.BOOL, True),
+          "GPT.positions": Reference("LearnedPositions()"),
+          "GPT.qkv_bias": True,  # c_attn's bias
+          "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, True)}
 
 
 def _rotary(config, path, field):
@@ -365,8 +479,6 @@ def _rotary(config, path, field):
 
 def _gpt_neox_values(config, path):
   field = _field(config, path)
-  field("use_parallel_residual",
-        fields.equal_to(False, "ours adds attention, then the feed-forward"), True)
   field("attention_bias", fields.equal_to(True, "ours has an attention output bias"), True)
   hidden = field("hidden_size", fields.POSITIVE_INT)
   fraction, base = _rotary(config, path, field)
@@ -384,12 +496,30 @@ def _gpt_neox_values(config, path):
           "GPT.attention_layers": None, "GPT.scale_attention": True,
           "GPT.positions": Reference("RotaryPositions()"),
           "RotaryPositions.fraction": float(fraction), "RotaryPositions.base": float(base),
+          "RotaryPositions.interleaved": False, "GPT.qkv_bias": True,
+          "GPT.parallel_residual": field("use_parallel_residual", fields.BOOL, True),
           "GPT.tie_embeddings": field("tie_word_embeddings", fields.BOOL, False),
           **_knobs(field, [("layer_norm_epsilon", "layer_norm_eps", fields.POSITIVE_REAL,
                             1e-5),
                            ("attn_dropout", "attention_dropout", fields.PROBABILITY, 0.0),
                            ("init_std", "initializer_range", fields.POSITIVE_REAL, 0.02)]),
           "GPT.embed_dropout": dropout, "GPT.res_dropout": dropout}
+
+
+def _gptj_values(config, path):
+  field = _field(config, path)
+  field("tie_word_embeddings", fields.equal_to(False, "ours ties no output projection that "
+                                                      "has a bias"), False)
+  bindings = _gpt2_shaped(field, path, dropout=0.0)
+  head_size = bindings["GPT.n_embd"] // bindings["GPT.n_head"]
+  rotary_dim = field("rotary_dim", fields.OPTIONAL_POSITIVE_INT, 64)
+  return {**bindings, "GPT.scale_attention": True,
+          "GPT.positions": Reference("RotaryPositions()"),
+          # rotary_dim null: the whole head (a fraction above 1 is refused by build_model)
+          "RotaryPositions.fraction": rotary_dim / head_size if rotary_dim else 1.0,
+          "RotaryPositions.base": GPTJ_ROTARY_BASE, "RotaryPositions.interleaved": True,
+          "GPT.parallel_residual": True, "GPT.shared_layer_norm": True,
+          "GPT.tie_embeddings": False, "GPT.lm_head_bias": True}
 
 
 def _field(config, path):
@@ -406,21 +536,30 @@ GPT2 = Architecture(
     name="gpt2", title="HF GPT-2", hf_class="GPT2LMHeadModel", top=TRANSFORMER_TOP,
     layer=GPT2_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
     problems=_gpt2_problems, config=_gpt2_config, values=_gpt2_values,
-    hf_scale=our_scale)  # scale_attn_weights = GPT.scale_attention
+    hf_scale=our_scale,  # scale_attn_weights = GPT.scale_attention
+    qkv_bias_layer=GPT2_QKV_BIAS)
 GPT_NEOX = Architecture(
     name="gpt_neox", title="HF GPT-NeoX", hf_class="GPTNeoXForCausalLM", top=GPT_NEOX_TOP,
     layer=GPT_NEOX_LAYER, layer_prefix="gpt_neox.layers.{i}", head="embed_out.weight",
     problems=_gpt_neox_problems, config=_gpt_neox_config, values=_gpt_neox_values,
-    hf_scale=lambda model: (model.n_embd // model.n_head) ** -0.5,  # always scaled
-    aliases={"lm_head.weight": "embed_out.weight"})  # what transformers 5 saves
-ARCHITECTURES = {arch.name: arch for arch in (GPT_NEO, GPT2, GPT_NEOX)}
+    hf_scale=head_scale, aliases={"lm_head.weight": "embed_out.weight"},  # transformers 5's
+    qkv_bias_layer=GPT_NEOX_QKV_BIAS)
+GPTJ = Architecture(
+    name="gptj", title="HF GPT-J", hf_class="GPTJForCausalLM", top=GPTJ_TOP,
+    layer=GPTJ_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
+    problems=_gptj_problems, config=_gptj_config, values=_gptj_values, hf_scale=head_scale,
+    head_bias="lm_head.bias")
+ARCHITECTURES = {arch.name: arch for arch in (GPT_NEO, GPT2, GPT_NEOX, GPTJ)}
 
 
 def choose(model, name="auto"):
-  """The Architecture to export `model` to: `name`, or for "auto" GPT-NeoX for rotary
-  positions, GPT-Neo otherwise; a one-line UserError if it cannot express the model."""
+  """The Architecture to export `model` to: `name`, or for "auto" GPT-J for interleaved rotary
+  positions, GPT-NeoX for other rotary ones, GPT-2 for a q/k/v bias, GPT-Neo otherwise; a
+  one-line UserError if it cannot express the model."""
   if name == "auto":
-    arch = GPT_NEOX if type(model.positions) is ROTARY else GPT_NEO
+    rotary = type(model.positions) is ROTARY
+    arch = ((GPTJ if model.positions.interleaved else GPT_NEOX) if rotary
+            else GPT2 if model.qkv_bias else GPT_NEO)
     forced = ""
   elif name in ARCHITECTURES:
     arch, forced = ARCHITECTURES[name], f" (--architecture={name})"
@@ -433,8 +572,8 @@ def choose(model, name="auto"):
 
 
 def query_factor(arch, model):
-  """What the exported query weights are multiplied by so HF's q·k scale gives ours: exact,
-  as our query projection has no bias (1/sqrt(d_head) folded in for GPT-Neo)."""
+  """What the exported query weights (and bias) are multiplied by so HF's q·k scale gives
+  ours: exact, as the query is linear in them (1/sqrt(d_head) folded in for GPT-Neo)."""
   return our_scale(model) / arch.hf_scale(model)
 
 

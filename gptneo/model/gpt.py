@@ -1,4 +1,4 @@
-"""The GPT: token + position embeddings, pre-LayerNorm blocks, tied output projection.
+"""The GPT: token + position embeddings, pre-LayerNorm blocks, an output projection (tied or not).
 
 Every tensor has named dimensions (`batch`, `sequence`, `memory`, `embd`, `heads`, `kv`,
 `mlp`, `vocab`, and `experts` with a mixture of experts): a layout in gin/layouts/ maps
@@ -76,6 +76,15 @@ class GPT:
     scale_by_depth: divide the init std of residual projections by sqrt(2 * n_layer).
     scale_by_in: also divide the init std of every projection by sqrt(its fan-in).
     tie_embeddings: reuse the token embedding as the output projection.
+    lm_head_bias: a bias on the untied output projection (GPT-J's lm_head); needs
+      tie_embeddings = False.
+    qkv_bias: a bias on the query/key/value projection (GPT-2, GPT-NeoX and Pythia have
+      one; GPT-Neo and GPT-J do not).
+    parallel_residual: attention and feed-forward read the same block input and both add to
+      the residual (x + attn(ln_1(x)) + mlp(ln_2(x)): GPT-J, GPT-NeoX, Pythia), instead of
+      the feed-forward reading the residual after attention (GPT-2, GPT-Neo).
+    shared_layer_norm: with parallel_residual, one LayerNorm (ln_1) feeds both attention and
+      the feed-forward (GPT-J); False gives each its own (GPT-NeoX, Pythia).
     layer_norm_epsilon: added to the variance in every LayerNorm.
     name: variable scope of the model's weights.
   """
@@ -86,7 +95,9 @@ class GPT:
                moe=None, recompute_grad=False, z_loss=0.0, embed_dropout=0.0,
                attn_dropout=0.0, res_dropout=0.0, init_std=0.02, scale_by_depth=True,
                scale_by_in=False,
-               tie_embeddings=True, layer_norm_epsilon=1e-5, name="gpt"):
+               tie_embeddings=True, lm_head_bias=False, qkv_bias=False,
+               parallel_residual=False, shared_layer_norm=False, layer_norm_epsilon=1e-5,
+               name="gpt"):
     self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
     self.n_ctx, self.n_vocab, self.mlp_ratio = n_ctx, n_vocab, mlp_ratio
     self.activation, self.feed_forward = activation, feed_forward
@@ -98,8 +109,10 @@ class GPT:
         embed_dropout, attn_dropout, res_dropout)
     self.init_std, self.scale_by_depth, self.scale_by_in = (
         init_std, scale_by_depth, scale_by_in)
-    self.tie_embeddings, self.layer_norm_epsilon, self.name = (
-        tie_embeddings, layer_norm_epsilon, name)
+    self.tie_embeddings, self.lm_head_bias, self.qkv_bias = (
+        tie_embeddings, lm_head_bias, qkv_bias)
+    self.parallel_residual, self.shared_layer_norm = parallel_residual, shared_layer_norm
+    self.layer_norm_epsilon, self.name = layer_norm_epsilon, name
     self.validate()
 
   def validate(self):
@@ -113,6 +126,16 @@ class GPT:
     for knob in ("embed_dropout", "attn_dropout", "res_dropout"):
       if not 0.0 <= getattr(self, knob) < 1.0:
         raise UserError(f"GPT.{knob} = {getattr(self, knob)}; it must be in [0, 1)")
+    for knob in ("tie_embeddings", "lm_head_bias", "qkv_bias", "parallel_residual",
+                 "shared_layer_norm"):
+      if type(getattr(self, knob)) is not bool:
+        raise UserError(f"GPT.{knob} = {getattr(self, knob)!r}; it must be True or False")
+    if self.lm_head_bias and self.tie_embeddings:
+      raise UserError("GPT.lm_head_bias = True needs GPT.tie_embeddings = False (the bias "
+                      "belongs to an untied output projection); set both or neither")
+    if self.shared_layer_norm and not self.parallel_residual:
+      raise UserError("GPT.shared_layer_norm = True needs GPT.parallel_residual = True (one "
+                      "LayerNorm feeding both branches); set both or neither")
     self.layer_types = attention.expand_pattern(self.attention_layers, self.n_layer)
     attention.validate_pattern(self.layer_types, self.n_layer, self.window_size, self.n_ctx)
     self.positions.validate(self.n_ctx, self.n_embd // self.n_head)
@@ -141,13 +164,14 @@ class GPT:
   def num_parameters(self):
     """Trainable parameters, counted analytically (the embedding counted once if tied)."""
     e, m = self.n_embd, self.n_embd * self.mlp_ratio
-    per_block = 4 * e + (3 * e * e) + (e * e + e)
+    norms = 1 if self.shared_layer_norm else 2
+    per_block = 2 * e * norms + (3 * e * e + 3 * e * self.qkv_bias) + (e * e + e)
     dense = feedforward.num_parameters(self.feed_forward, e, m)
     experts = self.moe.num_parameters(e, m) if self.moe else 0
     moe_layers = len(self.moe.layers) if self.moe else 0
     blocks = self.n_layer * per_block + (self.n_layer - moe_layers) * dense + moe_layers * experts
     embeddings = self.n_vocab * e + self.positions.num_parameters(self.n_ctx, e)
-    output = 0 if self.tie_embeddings else self.n_vocab * e
+    output = 0 if self.tie_embeddings else self.n_vocab * (e + self.lm_head_bias)
     return blocks + embeddings + 2 * e + output
 
   def __call__(self, tokens, dtype, dropout, cache=None):
@@ -203,11 +227,18 @@ class GPT:
   def _block(self, x, layer, dims, dtype, dropout, cache):
     """Returns (x,) or, in a mixture-of-experts block, (x, balancing loss)."""
     eps = self.layer_norm_epsilon
-    x += dropout(self._attention(ops.layer_norm(x, dims.embd, eps, dtype, "ln_1"), layer,
-                                 dims, dtype, dropout, cache), self.res_dropout)
-    h, *moe_loss = self._feed_forward(ops.layer_norm(x, dims.embd, eps, dtype, "ln_2"), layer,
-                                      dims, dtype)
-    return (x + dropout(h, self.res_dropout), *moe_loss)
+    normed = ops.layer_norm(x, dims.embd, eps, dtype, "ln_1")
+    attended = dropout(self._attention(normed, layer, dims, dtype, dropout, cache),
+                       self.res_dropout)
+    if self.parallel_residual:  # both branches read the block's input (GPT-J, GPT-NeoX)
+      ff_input = normed if self.shared_layer_norm else ops.layer_norm(x, dims.embd, eps,
+                                                                      dtype, "ln_2")
+    else:
+      x = x + attended
+      ff_input = ops.layer_norm(x, dims.embd, eps, dtype, "ln_2")
+    h, *moe_loss = self._feed_forward(ff_input, layer, dims, dtype)
+    h = dropout(h, self.res_dropout)
+    return (x + attended + h if self.parallel_residual else x + h, *moe_loss)
 
   def _feed_forward(self, x, layer, dims, dtype):
     """(output,) of the feed-forward, or (output, balancing loss) of the experts."""
@@ -226,7 +257,7 @@ class GPT:
       # One [embd, 3, heads, kv] weight (GPT-2's c_attn): one matmul instead of three, which
       # a one-token decoding step, bound by reading weights, runs ~15% faster.
       qkv = ops.dense(x, [dims.embd], [QKV, dims.heads, dims.kv], std, dtype, "qkv",
-                      use_bias=False)
+                      use_bias=self.qkv_bias)
       q, k, v = mtf.unstack(qkv, QKV)
       positions = cache.positions if cache else None
       q, k = self.positions.rotate(q, dims, positions), self.positions.rotate(k, dims, positions)
@@ -249,7 +280,7 @@ class GPT:
     if self.tie_embeddings:
       return ops.matmul(x, wte, [dims.embd])
     return ops.dense(x, [dims.embd], [dims.vocab], self._std(dims.embd.size), dtype,
-                     "lm_head", use_bias=False)
+                     "lm_head", use_bias=self.lm_head_bias)
 
   def _aux_losses(self, logits, dims, moe_losses):
     """Weighted auxiliary losses for the training objective, by the name they are logged as."""

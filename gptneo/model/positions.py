@@ -73,22 +73,32 @@ class NoPositions(_Positions):
 class RotaryPositions(_Positions):
   """Rotary position embedding (RoPE, Su et al. 2021) on part of each head.
 
-  The first `fraction` of every query and key head is rotated pairwise (GPT-NeoX's
-  rotate-half layout) by angles proportional to the position; the rest passes unchanged.
+  The first `fraction` of every query and key head is rotated pairwise by angles
+  proportional to the position; the rest passes unchanged.
 
   Args:
     fraction: share of the head dimension (n_embd / n_head) that is rotated; the product
       must be an even integer. GPT-J and GPT-NeoX use 0.25.
     base: wavelength base of the rotation frequencies.
+    interleaved: which dims form a rotated pair: False pairs dim j with dim j + size / 2
+      (GPT-NeoX's and Pythia's rotate-half), True pairs dims 2j and 2j + 1 (GPT-J's
+      rotate-every-two). The same model either way, up to a fixed permutation of the
+      query and key weights; pick the one of the checkpoint you import.
   """
 
-  def __init__(self, fraction=1.0, base=10000.0):
+  def __init__(self, fraction=1.0, base=10000.0, interleaved=False):
     if not 0.0 < fraction <= 1.0:
       raise UserError(f"RotaryPositions.fraction = {fraction}; it must be in (0, 1]")
-    self.fraction, self.base = fraction, base
+    if type(interleaved) is not bool:
+      raise UserError(f"RotaryPositions.interleaved = {interleaved!r}; it must be True or "
+                      f"False")
+    self.fraction, self.base, self.interleaved = fraction, base, interleaved
 
   def rotary_size(self, head_size):
-    return self.fraction * head_size
+    """Dims rotated per head; a fraction read from a checkpoint's config (rotary_dim /
+    head size) may miss an integer by a rounding, which does not count."""
+    size = self.fraction * head_size
+    return round(size) if math.isclose(size, round(size), rel_tol=1e-9) else size
 
   def validate(self, n_ctx, head_size):
     size = self.rotary_size(head_size)
@@ -99,20 +109,37 @@ class RotaryPositions(_Positions):
 
   def rotate(self, x, dims, positions=None):
     size = int(self.rotary_size(dims.kv.size))
-    rotated = mtf.slice(x, 0, size, dims.kv.name)
-    half = mtf.Dimension(dims.kv.name, size // 2)
-    first = mtf.slice(rotated, 0, half.size, dims.kv.name)
-    second = mtf.slice(rotated, half.size, half.size, dims.kv.name)
+    # mtf slices no split dimension: the whole head is taken as is (a layout may split kv).
+    rotated = x if size == dims.kv.size else mtf.slice(x, 0, size, dims.kv.name)
     if positions is None:
       positions = mtf.mtf_range(x.mesh, dims.sequence, tf.int32)
-    cos, sin = self._cos_sin(positions, half, x.dtype)
-    rotated = (rotated * mtf.concat([cos, cos], dims.kv.name)
-               + mtf.concat([-second, first], dims.kv.name) * mtf.concat([sin, sin],
-                                                                       dims.kv.name))
+    rotate_pairs = self._rotate_every_two if self.interleaved else self._rotate_half
+    rotated = rotate_pairs(rotated, dims.kv, positions)
     if size == dims.kv.size:
       return rotated
     rest = mtf.slice(x, size, dims.kv.size - size, dims.kv.name)
     return mtf.concat([rotated, rest], dims.kv.name)
+
+  def _rotate_half(self, x, kv, positions):
+    """x [..., kv: size] with dim j paired with dim j + size / 2 (GPT-NeoX)."""
+    half = mtf.Dimension(kv.name, x.shape.get_dim_by_name(kv.name).size // 2)
+    first = mtf.slice(x, 0, half.size, kv.name)
+    second = mtf.slice(x, half.size, half.size, kv.name)
+    cos, sin = self._cos_sin(positions, half, x.dtype)
+    return (x * mtf.concat([cos, cos], kv.name)
+            + mtf.concat([-second, first], kv.name) * mtf.concat([sin, sin], kv.name))
+
+  def _rotate_every_two(self, x, kv, positions):
+    """x [..., kv: size] with dims 2j and 2j + 1 paired (GPT-J): kv reshaped to [pairs, 2]
+    (its own dimension names: a layout splitting kv gathers it for the rotation)."""
+    size = x.shape.get_dim_by_name(kv.name).size
+    pairs, two = mtf.Dimension("rotary_pairs", size // 2), mtf.Dimension("rotary_two", 2)
+    at = x.shape.dims.index(x.shape.get_dim_by_name(kv.name))
+    split_shape = x.shape.dims[:at] + [pairs, two] + x.shape.dims[at + 1:]
+    even, odd = mtf.unstack(mtf.reshape(x, split_shape), two)
+    cos, sin = self._cos_sin(positions, pairs, x.dtype)
+    rotated = mtf.stack([even * cos - odd * sin, odd * cos + even * sin], two.name, at + 1)
+    return mtf.reshape(rotated, x.shape)
 
   def _cos_sin(self, positions, half, dtype):
     """cos and sin of position * base^(-2j / size), each positions.shape + [half]."""
