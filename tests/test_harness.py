@@ -297,3 +297,16 @@ def test_a_task_yaml_that_is_no_task_is_named_when_its_task_is_not_found(tmp_pat
       f"harness task 'mine' not found in {specs_lib.TASK_DIR}, {tmp_path} nor among lm-eval's "
       f"tasks; {tmp_path / 'mine.yaml'} could not be read as a task ({why}); name a task: field "
       f"of a YAML file there (e.g. gptneo_lambada)")
+
+
+def test_a_comment_after_the_task_name_is_no_part_of_it(tmp_path):
+  yaml = (specs_lib.TASK_DIR / "gptneo_lambada.yaml").read_text()
+  (tmp_path / "mine.yaml").write_text(yaml.replace(
+      "task: gptneo_lambada", "task: mine   # lambada_openai's data, read offline"))
+  (tmp_path / "other.yaml").write_text("task: other  # a comment\n"
+                                       "process_docs: !function utils.process_docs\n")
+  (tmp_path / "gptneo_lambada.jsonl").write_text('{"text": "a b c"}\n')
+  [config] = specs_lib.find(["mine"], [tmp_path])
+  assert config["task"] == "mine"
+  assert specs_lib._index([tmp_path]) == (  # pylint: disable=protected-access
+      {"mine": tmp_path / "mine.yaml", "other": tmp_path / "other.yaml"}, [])
