@@ -114,7 +114,7 @@ def require(model_dir):
     return found
   if not found.skipped:
     raise UserError(f"model dir {model_dir!r} has no checkpoint; train one with "
-                    f"bin/train --model_dir={model_dir} first")
+                    f"gptneo-train --model_dir={model_dir} first")
   raise _none_intact(model_dir, found)
 
 

@@ -191,7 +191,7 @@ def check_first_records(dataset_dir, split, n_ctx):
 
 
 def _check_first_record(path, n_ctx):
-  rerun = "prepare the dataset again (bin/prepare_data --overwrite)"
+  rerun = "prepare the dataset again (gptneo-prepare-data --overwrite)"
   try:
     record = next(iter(tf.io.tf_record_iterator(path)), None)
     example = tf.train.Example.FromString(record) if record is not None else None

@@ -278,7 +278,7 @@ def test_model_dir_without_checkpoint_is_one_line(tmp_path, neo_model_dir):
   (empty / "operative_config.gin").write_text(
       open(os.path.join(neo_model_dir, "operative_config.gin")).read())
   message = (f"model dir '{empty}' has no checkpoint; train one with "
-             f"bin/train --model_dir={empty} first")
+             f"gptneo-train --model_dir={empty} first")
   result = run_binary("sample", f"--model_dir={empty}", "--prompt=x")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == f"sample: error: {message}"

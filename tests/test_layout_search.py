@@ -429,3 +429,9 @@ def test_the_layout_file_writes_the_command_and_names_as_gin_strings():
   assert [(s.selector, s.arg_name, s.value) for s in gin_utils.statements(text, "test")] == [
       ("mesh", "mesh_shape", "x:2"), ("mesh", "layout", "batch:x"),
       ("train", "microbatches_per_batch", 2)]
+
+
+def test_the_default_output_is_in_the_working_directory_not_the_checkouts_gin():
+  from gptneo.layout_search import configured  # pylint: disable=g-import-not-at-top
+  assert configured.default_output(["gin/gpt3_xl.gin"], 8, "") == "search_gpt3_xl_8.gin"
+  assert configured.default_output([], None, "x:2,y:4") == "search_model_x2_y4.gin"
