@@ -166,14 +166,20 @@ TRAINING_FIXES = ("lower train.batch_size or raise train.microbatches_per_batch,
                   "over more devices (gptneo-search-layout --gin_file=... --devices=N)")
 
 
-def check_memory(s):
-  """A step's estimated memory (gptneo/memory.py) must fit the mesh's devices; analytic,
-  before anything is built or allocated."""
+def training_estimate(s):
+  """A step's estimated memory (gptneo/memory.py) on one device of the mesh's layout."""
   micro = s.batch_size // s.microbatches_per_batch
-  estimate = memory.per_device(
+  return memory.per_device(
       memory.training_memory_bytes(s.model, micro, s.precision, s.optimizer),
       cost_model.Workload.of(s.model, s.batch_size, s.microbatches_per_batch), s.mesh,
       s.optimizer)
+
+
+def check_memory(s):
+  """A step's estimated memory must fit the mesh's devices; analytic, before anything is
+  built or allocated."""
+  micro = s.batch_size // s.microbatches_per_batch
+  estimate = training_estimate(s)
   what = (f"training {s.model.num_parameters() / 1e6:.0f}M parameters on batches of {micro} x "
           f"{s.model.n_ctx} tokens (train.batch_size / train.microbatches_per_batch, GPT.n_ctx)")
   memory.check(estimate, s.mesh, what, TRAINING_FIXES)
@@ -352,6 +358,7 @@ def train(model_dir, run_settings=None, force=False):
   s = run_settings or configured_settings()
   if not s.mesh.is_peer:  # a peer only serves its devices: task 0 checks and drives
     s.check()
+    logging.info("%s", start_summary(s, model_dir))
   with runtime.started(s.mesh) as rt, Preemption(enabled=not s.mesh.is_peer) as preemption:
     if s.mesh.is_peer:
       rt.serve_until_released()
@@ -370,6 +377,29 @@ def train(model_dir, run_settings=None, force=False):
   elif s.mesh.implementation == "simd" and s.eval_batches != 0:
     logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
+
+
+def start_summary(s, model_dir) -> str:
+  """What the run is about to do, in three lines, logged before the graph is built.
+
+  Args:
+    s: the run's checked Settings.
+    model_dir: the model dir, as the user named it.
+  """
+  mesh = s.mesh
+  layout = ",".join(f"{tensor}:{mesh_dim}" for tensor, mesh_dim in mesh.layout) or "none"
+  shape = ",".join(f"{name}:{size}" for name, size in mesh.shape) or "one device"
+  every = (f"validation every {s.eval_every_n_steps}" if s.eval_every_n_steps else
+           "validation at the end" if s.final_eval_batches is not None else "no validation")
+  return "\n".join([
+      f"model: {s.model.num_parameters() / 1e6:.2f}M parameters, "
+      f"{flops.training_flops_per_token(s.model) / 1e6:.1f} MFLOP per token trained; "
+      f"{s.tokens_per_step:,} tokens per step ({s.batch_size} x {s.model.n_ctx}); "
+      f"about {cost_model.format_bytes(training_estimate(s).peak)} per device",
+      f"mesh: {shape} ({mesh.size} {mesh.device_type} device(s), {mesh.implementation}), "
+      f"layout {layout}, {s.precision}; {s.train_steps} steps, checkpoint every "
+      f"{s.steps_per_checkpoint}, {every}",
+      f"effective config: {os.path.join(model_dir, 'operative_config.gin')} (every binding)"])
 
 
 def _train_in(s, remote_dir, rt, preemption, init_from):
@@ -558,7 +588,7 @@ class Loop:
     latest = self.graph.checkpoints.latest() or "none yet"
     return UserError(f"dataset shard {shard or 'of ' + repr(self.settings.dataset_dir)} is "
                      f"corrupt ({_record_error(error)}) at step {self.step}; the last checkpoint "
-                     f"({latest}) is intact: prepare the dataset again (bin/prepare_data "
+                     f"({latest}) is intact: prepare the dataset again (gptneo-prepare-data "
                      f"--overwrite) and run the same command to resume")
 
   def take_steps(self):
@@ -610,7 +640,8 @@ class Loop:
     metrics = self.evaluate(self.settings.eval_steps)
     self.progress.scalars(step, {f"eval/{name}": metrics[name]
                                  for name in ("loss", "perplexity", "bits_per_byte", "accuracy")})
-    record = {"step": int(step), "task": "lm", "split": "validation", **metrics}
+    record = {"step": int(step), "task": "lm", "split": "validation", **metrics,
+              "batches": self.settings.eval_steps}
     evaluate_lib.append_result(self.model_dir, record)
     logging.info("step %d  validation loss %.4f  bits/byte %.4f  accuracy %.4f", step,
                  metrics["loss"], metrics["bits_per_byte"], metrics["accuracy"])
@@ -631,9 +662,33 @@ class Loop:
     batches = self.settings.final_eval_batches
     if not self.graph.eval_fetches or batches is None:
       return None
+    if last_periodic is None and step == self._start:  # a finished run resumed: no new weights
+      recorded = self.recorded_validation(step)
+      if recorded is None or recorded["batches"] != batches:
+        logging.info("step %d was reached before: not evaluated again (gptneo-eval scores the "
+                     "checkpoint)", step)
+        return None
+      return recorded
     if last_periodic and last_periodic["step"] == step and batches == self.settings.eval_steps:
       return last_periodic
     return {"step": int(step), **self.evaluate(batches)}
+
+  def recorded_validation(self, step):
+    """The periodic evaluation eval.jsonl holds of `step` (the newest), or None."""
+    found = None
+    try:
+      with model_dir_lib.open_file(os.path.join(self.model_dir, "eval.jsonl"), "r") as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except ValueError:  # a line cut short by a crash: not this record
+            continue
+          if (isinstance(record, dict) and record.get("step") == step and record.get("task") == "lm" and
+              record.get("split") == "validation" and "batches" in record):
+            found = record
+    except FileNotFoundError:
+      return None
+    return found
 
   def evaluate(self, batches):
     """lm metrics over the validation split's first `batches` batches (0: all of it), each
