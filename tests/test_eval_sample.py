@@ -300,3 +300,23 @@ def test_training_evaluates_periodically(tmp_path, small_dataset):
             for e in tf_train.summary_iterator(str(path))]
   tags = {(e.step, v.tag) for e in events for v in e.summary.value}
   assert {(3, "eval/loss"), (6, "eval/bits_per_byte"), (6, "eval/accuracy")} <= tags
+
+
+def _tensorboard_scalars(logdir):
+  """{(step, tag): value} of every events file in logdir."""
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  return {(e.step, v.tag): v.simple_value for path in logdir.glob("events.out.tfevents.*")
+          for e in tf_train.summary_iterator(str(path)) for v in e.summary.value}
+
+
+def test_eval_results_reach_tensorboard_a_partial_one_under_its_own_tag(neo_model_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "run"
+  shutil.copytree(neo_model_dir, model_dir)
+  record = json.loads(run_binary("eval", f"--model_dir={model_dir}",
+                                 "--gin_param=evaluate.max_batches = 2", check=True).stdout)
+  scalars = _tensorboard_scalars(model_dir / "eval")
+  assert scalars[(30, "evaluate/lm/data_validation_first2/loss")] == pytest.approx(
+      record["loss"])
+  assert {tag for _, tag in scalars} == {f"evaluate/lm/data_validation_first2/{name}" for name in
+                                         ("loss", "perplexity", "bits_per_byte", "accuracy")}

@@ -310,3 +310,16 @@ def test_a_comment_after_the_task_name_is_no_part_of_it(tmp_path):
   assert config["task"] == "mine"
   assert specs_lib._index([tmp_path]) == (  # pylint: disable=protected-access
       {"mine": tmp_path / "mine.yaml", "other": tmp_path / "other.yaml"}, [])
+
+
+def test_a_limited_run_has_its_own_tensorboard_tags_beside_a_full_one(neo_model_dir, tmp_path):
+  from tests.test_eval_sample import _tensorboard_scalars  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "run"
+  shutil.copytree(neo_model_dir, model_dir)
+  [record] = [json.loads(line) for line in run_binary(
+      "lm_eval", f"--model_dir={model_dir}", "--limit=3", "--tasks=gptneo_lambada",
+      check=True).stdout.splitlines()]
+  tags = {tag for step, tag in _tensorboard_scalars(model_dir / "eval")
+          if step == record["step"]}
+  assert "harness_limit3/gptneo_lambada/acc" in tags
+  assert not any(tag.startswith("harness/") for tag in tags)
