@@ -28,6 +28,13 @@ def define_gin_flags():
   flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'GPT.n_layer = 4'; repeatable.")
 
 
+def define_checkpoint_step_flag():
+  """--checkpoint_step, for the programs that read a model dir's weights."""
+  flags.DEFINE_integer("checkpoint_step", None, "Read the checkpoint of this step (it must be "
+                       "kept and intact) instead of the newest; train.init_from_step does the "
+                       "same for train.init_from.", lower_bound=0)
+
+
 def parse(argv: list | None = None) -> list:
   """Reads the command line into FLAGS once: help printed (exit 0), errors refused in one line.
 

@@ -66,6 +66,7 @@ class Settings:
   harness_every_n_steps: int
   harness_limit: object  # int or None
   peak_flops: object  # None, FLOP/s per device, or a device name of flops.PEAK_FLOPS
+  init_from_step: object  # None (the newest) or a checkpoint step of init_from
 
   @property
   def tokens_per_step(self):
@@ -116,6 +117,8 @@ def check_ranges(s):
     _check_number(f"train.{name}", getattr(s, name), int, 1, "a positive integer")
   for name in ("eval_every_n_steps", "eval_steps"):
     _check_number(f"train.{name}", getattr(s, name), int, 0, "0 or a positive integer")
+  if s.init_from_step is not None:
+    _check_number("train.init_from_step", s.init_from_step, int, 0, "None (the newest) or a step")
   if s.eval_batches is not None:
     _check_number("train.eval_batches", s.eval_batches, int, 0,
                   "None (as train.eval_steps), or 0 or a positive integer")
@@ -251,7 +254,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              keep_checkpoints=5, log_every_n_steps=10, eval_batches=None, eval_every_n_steps=0,
              eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
              checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10,
-             harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None):
+             harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None,
+             init_from_step=None):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -286,6 +290,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
       split) and reports the same numbers.
     init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
+    init_from_step: the step of init_from's checkpoint to start from (None: its newest), as
+      the reading programs' --checkpoint_step.
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
       the TPU; a loop also ends at each log, checkpoint and the last step.
     sampling: how training windows are cut from the packed token stream: "fixed" (the
@@ -363,7 +369,7 @@ def train(model_dir, run_settings=None, force=False):
     if s.mesh.is_peer:
       rt.serve_until_released()
       return None
-    init_from = _init_from(s.init_from)
+    init_from = _init_from(s.init_from, s.init_from_step)
     # The one writer, however the run ends (the kernel frees the lock if the process dies); a
     # refusal below leaves the model dir as it was: the lock goes with its file.
     with model_dir_lib.lock(model_dir, force):
@@ -438,12 +444,16 @@ def _log_preempted(preempted, remote_dir):
                   signal.Signals(signum).name, step, saved)
 
 
-def _init_from(model_dir):
-  """The local copy of train.init_from's model dir, which must hold a checkpoint, or None."""
+def _init_from(model_dir, step=None):
+  """The local copy of train.init_from's model dir, which must hold a checkpoint (of `step`,
+  train.init_from_step, if given), or None."""
   if not model_dir:
     return None
   local = storage.local_copy(model_dir)
-  if not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
+  checkpoints_lib.choose(local, step, "train.init_from_step")  # None: the newest
+  if step is not None:
+    checkpoints_lib.require(local)  # that step there, intact, or one line saying which are
+  elif not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
     raise UserError(f"train.init_from = {local!r} has no checkpoint (none intact); point it "
                     f"at a model dir that bin/train or bin/import_hf wrote")
   return local

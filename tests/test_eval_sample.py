@@ -12,6 +12,7 @@ from gptneo import gin_utils
 from gptneo import inference
 from gptneo import sample as sample_lib
 from tests.conftest import run_binary
+from tests.test_errors import assert_one_line_error
 
 ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
 LAST_WORD_TEXTS = ["def main(argv): return the value of self", "import os and then import sys",
@@ -320,3 +321,24 @@ def test_eval_results_reach_tensorboard_a_partial_one_under_its_own_tag(neo_mode
       record["loss"])
   assert {tag for _, tag in scalars} == {f"evaluate/lm/data_validation_first2/{name}" for name in
                                          ("loss", "perplexity", "bits_per_byte", "accuracy")}
+
+
+def test_checkpoint_step_chooses_the_checkpoint_read(tmp_path, small_dataset):
+  from tests.test_train import logged_losses, train_in_process  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  train_in_process(run, small_dataset, 4, "train.steps_per_checkpoint = 2")
+  record = json.loads(run_binary("eval", f"--model_dir={run}", "--checkpoint_step=2",
+                                 check=True).stdout)
+  assert record["step"] == 2
+  for program, args in (("eval", []), ("sample", ["--prompt=x"])):
+    result = run_binary(program, f"--model_dir={run}", "--checkpoint_step=3", *args)
+    assert_one_line_error(result, program, "--checkpoint_step = 3: model dir",
+                          "has no checkpoint of that step; it has [2, 4]")
+  from_2 = train_in_process(tmp_path / "from_2", small_dataset, 1, f'train.init_from = "{run}"',
+                            "train.init_from_step = 2")
+  from_4 = train_in_process(tmp_path / "from_4", small_dataset, 1, f'train.init_from = "{run}"')
+  assert from_2["loss"] != from_4["loss"]
+  assert logged_losses(tmp_path / "from_4") != logged_losses(tmp_path / "from_2")
+  with pytest.raises(ValueError, match=r"train.init_from_step = 3: .* it has \[2, 4\]"):
+    train_in_process(tmp_path / "from_3", small_dataset, 1, f'train.init_from = "{run}"',
+                     "train.init_from_step = 3")
