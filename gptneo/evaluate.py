@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+from absl import logging
 import gin
 import numpy as np
 
@@ -234,6 +235,10 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
     inputs.check_model_tokenizer(dataset_dir, model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)
               if task == "lambada" else None)
+  what = (task_file if task == "lambada" else
+          f"{dataset_dir} {split} ({f'first {max_batches} batches' if max_batches else 'whole'}"
+          f" split, batches of {batch_size})")
+  logging.info("evaluating %s (%s) on %s ...", model_dir, task, what)
   with runtime.started(mesh) as rt:
     restored = inference.RestoredModel(model, rt, model_dir, batch_size, precision)
     checkpoint = restored.restore()

@@ -327,9 +327,9 @@ def test_checkpoint_step_chooses_the_checkpoint_read(tmp_path, small_dataset):
   from tests.test_train import logged_losses, train_in_process  # pylint: disable=g-import-not-at-top
   run = tmp_path / "run"
   train_in_process(run, small_dataset, 4, "train.steps_per_checkpoint = 2")
-  record = json.loads(run_binary("eval", f"--model_dir={run}", "--checkpoint_step=2",
-                                 check=True).stdout)
-  assert record["step"] == 2
+  result = run_binary("eval", f"--model_dir={run}", "--checkpoint_step=2", check=True)
+  assert json.loads(result.stdout)["step"] == 2
+  assert f"evaluating {run} (lm) on {small_dataset} validation (whole split" in result.stderr
   for program, args in (("eval", []), ("sample", ["--prompt=x"])):
     result = run_binary(program, f"--model_dir={run}", "--checkpoint_step=3", *args)
     assert_one_line_error(result, program, "--checkpoint_step = 3: model dir",
