@@ -308,6 +308,7 @@ MODEL = ("gptneo.model.",)
 # and the TPU mesh call); a model dir never chooses them for another program, whose own gin
 # files and flags set its runtime.
 TRAINING_ONLY = ("gptneo.train.train", "gptneo.mesh.mesh", "gptneo.optim.optimizers.",
+                 "gptneo.loggers.",
                  "mesh_tensorflow.optimize.", "mesh_tensorflow.layers.unit_scaling_convention",
                  "mesh_tensorflow.simd_mesh_impl.SimdMeshImpl")
 _GPT, _TRAIN = "gptneo.model.gpt.GPT", "gptneo.train.train"

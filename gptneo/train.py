@@ -23,6 +23,7 @@ from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
 from gptneo import flops
 from gptneo import gin_utils
+from gptneo import loggers as loggers_lib
 from gptneo import memory
 from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
@@ -67,6 +68,7 @@ class Settings:
   harness_limit: object  # int or None
   peak_flops: object  # None, FLOP/s per device, or a device name of flops.PEAK_FLOPS
   init_from_step: object  # None (the newest) or a checkpoint step of init_from
+  loggers: object  # names of gptneo.loggers.LOGGERS
 
   @property
   def tokens_per_step(self):
@@ -132,6 +134,7 @@ def check_ranges(s):
     raise UserError(f"train.sampling = {s.sampling!r} is unknown; use one of "
                     f"{list(inputs.SAMPLINGS)}")
   flops.check_peak_setting(s.peak_flops)
+  loggers_lib.check(s.loggers)
   _check_learning_rate()
 
 
@@ -255,7 +258,7 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
              checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10,
              harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None,
-             init_from_step=None):
+             init_from_step=None, loggers=()):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -292,6 +295,9 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
     init_from_step: the step of init_from's checkpoint to start from (None: its newest), as
       the reading programs' --checkpoint_step.
+    loggers: where else the logged scalars go, beside TensorBoard and train_metrics.jsonl:
+      ["wandb"] adds Weights & Biases, offline unless wandb.mode says otherwise
+      (gptneo/loggers.py).
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
       the TPU; a loop also ends at each log, checkpoint and the last step.
     sampling: how training windows are cut from the packed token stream: "fixed" (the
@@ -430,7 +436,11 @@ def _train_in(s, remote_dir, rt, preemption, init_from):
     _warn_if_bfloat16_is_emulated(s)
     loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
                 preemption, harness=harness_run.training_scorer(s, rt, model_dir))
-    loss, evaluation = loop.run(start)
+    try:
+      loss, evaluation = loop.run(start)
+    finally:
+      if loop.progress:
+        loop.progress.close()
   storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
   return loss, evaluation, loop.preempted
 
@@ -566,7 +576,8 @@ class Loop:
     self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start,
                              flops.training_flops_per_token(s.model),
                              flops.peak_flops(s.mesh, s.peak_flops,
-                                             precision=s.precision))
+                                             precision=s.precision),
+                             loggers_lib.make(s.loggers, self.model_dir, _plain_knobs(s)))
     self.step, self._start, self._since_log = int(start), int(start), []
     self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
     evaluation = None
@@ -797,8 +808,9 @@ class Progress:
   summaries."""
 
   def __init__(self, model_dir, train_steps, tokens_per_step, first_step, flops_per_token,
-               peak_flops):
+               peak_flops, loggers=()):
     self._writer = tf.summary.FileWriter(model_dir)
+    self._loggers = loggers  # train.loggers' (gptneo/loggers.py)
     self._metrics = model_dir_lib.open_file(os.path.join(model_dir, "train_metrics.jsonl"), "a")
     self._train_steps, self._tokens_per_step = train_steps, tokens_per_step
     self._flops_per_token, self._peak_flops = flops_per_token, peak_flops
@@ -830,6 +842,19 @@ class Progress:
                                 for k, v in values.items()])
     self._writer.add_summary(summary, step)
     self._writer.flush()
+    for logger in self._loggers:
+      logger.scalars(step, values)
+
+  def close(self):
+    for logger in self._loggers:
+      logger.close()
+
+
+def _plain_knobs(s):
+  """The train.* knobs that are plain values, and the model's size: a logger's run config."""
+  knobs = {name: value for name, value in vars(s).items()
+           if isinstance(value, (bool, int, float, str)) or value is None}
+  return {**knobs, "parameters": s.model.num_parameters(), "n_ctx": s.model.n_ctx}
 
 
 def _clock(seconds):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gptneo import gin_utils
+from gptneo import model_dir as model_dir_lib
 from gptneo import storage
 from gptneo import train as train_lib
 from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
@@ -218,3 +219,21 @@ def test_the_start_summary_comes_before_the_first_step(tmp_path, small_dataset):
   summary = log.index("M parameters")
   assert summary < log.index("step 1") and "tokens per step (8 x 32)" in log
   assert f"effective config: {tmp_path / 'run' / 'operative_config.gin'}" in log
+
+
+def test_wandb_logs_the_runs_scalars_offline_and_a_resume_continues_its_run(
+    tmp_path, small_dataset, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  (tmp_path / "wandb_dir").mkdir()
+  run = tmp_path / "run"
+  train_in_process(run, small_dataset, 2, 'train.loggers = ["wandb"]')
+  train_in_process(run, small_dataset, 3, 'train.loggers = ["wandb"]')
+  run_id = (run / "wandb_run_id.txt").read_text().strip()
+  assert list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}"))
+  files = list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+  assert len(files) == 2  # the first run and its resume, one W&B run id
+  assert all(b"tokens_per_sec" in path.read_bytes() for path in files)  # the logged scalars
+  model_dir_lib.check_links(str(run))  # nothing of W&B's in the model dir
