@@ -71,7 +71,7 @@ def parse(argv: list | None = None) -> list:
 
 
 def usage(program_path: str) -> str:
-  """The short help: the program's docstring, its own flags, the gin flags if it has them.
+  """The short help: the program's docstring, its own flags, the common ones it has.
 
   Args:
     program_path: sys.argv[0], under which absl files the main program's flags.
@@ -79,8 +79,9 @@ def usage(program_path: str) -> str:
   doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
   parts = [doc] if doc else []
   parts.append(FLAGS.module_help(program_path))
-  if "gin_file" in FLAGS:
-    parts.append(FLAGS.module_help(__name__))
+  # The flags defined here (gin's, --checkpoint_step) that this program has, if any; absl
+  # heads them with this module's name.
+  parts.append(FLAGS.module_help(__name__).replace(f"{__name__}:", "common flags:", 1))
   parts.append(f"{HELP_FULL}: every flag, absl's too.")
   return "\n\n".join(part for part in parts if part.strip())
 
