@@ -247,7 +247,7 @@ def check_loop(spec, steps_per_loop, eval_every_n_steps):
                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
   if spec.implementation == "simd" and eval_every_n_steps:
     raise UserError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
-                    f"periodic evaluation yet; set it to 0 and run bin/eval on the checkpoints")
+                    f"periodic evaluation yet; set it to 0 and run gptneo-eval on the checkpoints")
 
 
 @gin.configurable("train")
@@ -387,7 +387,7 @@ def train(model_dir, run_settings=None, force=False):
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
   elif s.mesh.implementation == "simd" and s.eval_batches != 0:
-    logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
+    logging.info("no validation loss: the TPU loop has no evaluation yet; run gptneo-eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
 
 
@@ -465,7 +465,7 @@ def _init_from(model_dir, step=None):
     checkpoints_lib.require(local)  # that step there, intact, or one line saying which are
   elif not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
     raise UserError(f"train.init_from = {local!r} has no checkpoint (none intact); point it "
-                    f"at a model dir that bin/train or bin/import_hf wrote")
+                    f"at a model dir that gptneo-train or gptneo-import-hf wrote")
   return local
 
 
