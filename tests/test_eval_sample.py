@@ -313,7 +313,7 @@ def _tensorboard_scalars(logdir):
 def test_eval_results_reach_tensorboard_a_partial_one_under_its_own_tag(neo_model_dir, tmp_path):
   import shutil  # pylint: disable=g-import-not-at-top
   model_dir = tmp_path / "run"
-  shutil.copytree(neo_model_dir, model_dir)
+  shutil.copytree(neo_model_dir, model_dir, ignore=shutil.ignore_patterns("eval"))  # others'
   record = json.loads(run_binary("eval", f"--model_dir={model_dir}",
                                  "--gin_param=evaluate.max_batches = 2", check=True).stdout)
   scalars = _tensorboard_scalars(model_dir / "eval")

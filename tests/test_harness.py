@@ -315,7 +315,7 @@ def test_a_comment_after_the_task_name_is_no_part_of_it(tmp_path):
 def test_a_limited_run_has_its_own_tensorboard_tags_beside_a_full_one(neo_model_dir, tmp_path):
   from tests.test_eval_sample import _tensorboard_scalars  # pylint: disable=g-import-not-at-top
   model_dir = tmp_path / "run"
-  shutil.copytree(neo_model_dir, model_dir)
+  shutil.copytree(neo_model_dir, model_dir, ignore=shutil.ignore_patterns("eval"))  # others'
   [record] = [json.loads(line) for line in run_binary(
       "lm_eval", f"--model_dir={model_dir}", "--limit=3", "--tasks=gptneo_lambada",
       check=True).stdout.splitlines()]
