@@ -107,14 +107,52 @@ def newest(model_dir):
   return Newest(None, False, tuple(skipped))
 
 
+_CHOSEN = {}  # model dir (normalized) -> (step, the flag or knob that chose it)
+
+
+def choose(model_dir: str, step: int | None, knob: str = ""):
+  """Makes this process read checkpoint `step` of `model_dir` (require) instead of the newest.
+
+  Set at the edges: the reading programs' --checkpoint_step, training's train.init_from_step.
+  Training's own resume (Checkpoints.latest) always takes the newest.
+
+  Args:
+    model_dir: the local model dir (a gs:// one's mirror) the process reads.
+    step: the checkpoint's step; None: the newest again.
+    knob: the flag or gin binding that chose it, for the messages.
+  """
+  _CHOSEN.pop(os.path.normpath(model_dir), None)
+  if step is not None:
+    _CHOSEN[os.path.normpath(model_dir)] = (int(step), knob)
+
+
+def _chosen(model_dir, step, knob):
+  """Newest of checkpoint `step`, refused in one line unless it is there and intact."""
+  model_dir_lib.check_links(model_dir)
+  steps = _listing(model_dir)
+  saved = sorted(s for s, names in steps.items() if names & {_index(s), _manifest(s)})
+  if step not in saved:
+    raise UserError(f"{knob} = {step}: model dir {model_dir!r} has no checkpoint of that step; "
+                    f"it has {saved or 'none'}")
+  committed = _committed(steps)
+  problem = _problem(model_dir, step, steps[step], committed)
+  if problem:
+    raise UserError(f"{knob} = {step}: checkpoint {path_of(model_dir, step)} is not intact "
+                    f"({problem}); choose another of {saved}")
+  return Newest(path_of(model_dir, step), step not in committed, ())
+
+
 def require(model_dir):
-  """newest(model_dir), refused in one line if it holds no intact checkpoint."""
+  """The checkpoint this process reads of model_dir: the one `choose` named, else the newest
+  intact; refused in one line if there is none."""
+  if os.path.normpath(model_dir) in _CHOSEN:
+    return _chosen(model_dir, *_CHOSEN[os.path.normpath(model_dir)])
   found = newest(model_dir)
   if found.path:
     return found
   if not found.skipped:
     raise UserError(f"model dir {model_dir!r} has no checkpoint; train one with "
-                    f"bin/train --model_dir={model_dir} first")
+                    f"gptneo-train --model_dir={model_dir} first")
   raise _none_intact(model_dir, found)
 
 

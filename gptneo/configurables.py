@@ -7,6 +7,7 @@ never imports it. gin_reference derives the README's reference from what is list
 from gptneo import gin_utils  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
 from gptneo import evaluate  # pylint: disable=g-bad-import-order
 from gptneo import hf
+from gptneo import loggers
 from gptneo import memory
 from gptneo import mesh
 from gptneo import sample
@@ -20,7 +21,8 @@ from gptneo.model import positions
 from gptneo.optim import optimizers
 
 # Modules whose configurables have knobs, in the order the README's reference lists them.
-KNOBS = (train, gpt, positions, moe, optimizers, mesh, memory, sample, evaluate, harness_run, hf)
+KNOBS = (train, gpt, positions, moe, optimizers, mesh, memory, sample, evaluate, harness_run, hf,
+         loggers)
 
 # What a reference-valued knob accepts: everything one module registers, e.g. the
 # activations of ops for `GPT.activation = @gelu`; (title, knob, module).

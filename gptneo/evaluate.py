@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+from absl import logging
 import gin
 import numpy as np
 
@@ -166,6 +167,35 @@ def append_result(model_dir, record):
     f.write(json.dumps(record) + "\n")
 
 
+EVAL_LOGDIR = "eval"  # under the model dir: TensorBoard's run of bin/eval and bin/lm_eval
+
+
+def write_scalars(logdir: str, step: int, values: dict):
+  """values {tag: number} at `step` to a new TensorBoard events file in logdir."""
+  writer = tf.summary.FileWriter(logdir)
+  writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=tag, simple_value=value)
+                                       for tag, value in values.items()]), step)
+  writer.close()
+
+
+def scalars(record: dict, max_batches: int = 0) -> dict:
+  """bin/eval's TensorBoard tags of a record: evaluate/<task>/<what>/<metric>, `what` the
+  dataset and split (and "first<N>" batches when not the whole split) or the task file, so
+  a different or partial evaluation never lands on another's curve.
+
+  Args:
+    record: evaluate()'s result.
+    max_batches: evaluate.max_batches of the run (0: the whole split).
+  """
+  if record["task"] == "lm":
+    what = f"{os.path.basename(str(record['dataset_dir']).rstrip('/'))}_{record['split']}"
+    what += f"_first{max_batches}" if max_batches else ""
+  else:
+    what = os.path.splitext(os.path.basename(record["task_file"]))[0]
+  return {f"evaluate/{record['task']}/{what}/{name}": value for name, value in record.items()
+          if isinstance(value, float) and name != "seconds"}
+
+
 @gin.configurable(denylist=["model_dir", "task", "task_file"])
 def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.REQUIRED,
              dataset_dir=None, split="validation", batch_size=8, max_batches=0,
@@ -205,6 +235,10 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
     inputs.check_model_tokenizer(dataset_dir, model_dir)
   examples = (read_last_word_examples(task_file, tokenizer, model.n_ctx)
               if task == "lambada" else None)
+  what = (task_file if task == "lambada" else
+          f"{dataset_dir} {split} ({f'first {max_batches} batches' if max_batches else 'whole'}"
+          f" split, batches of {batch_size})")
+  logging.info("evaluating %s (%s) on %s ...", model_dir, task, what)
   with runtime.started(mesh) as rt:
     restored = inference.RestoredModel(model, rt, model_dir, batch_size, precision)
     checkpoint = restored.restore()
@@ -218,6 +252,8 @@ def evaluate(model_dir, task="lm", task_file=None, model=gin.REQUIRED, mesh=gin.
   record = {"step": _step_of(checkpoint), "task": task, **metrics,
             "seconds": round(time.time() - start, 3)}
   append_result(model_dir, record)
+  write_scalars(os.path.join(model_dir, EVAL_LOGDIR), record["step"],
+                scalars(record, max_batches))
   return record
 
 

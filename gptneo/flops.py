@@ -12,7 +12,8 @@ The peak: `train.peak_flops`, a number (FLOP/s per device) or a device name of P
 Unset, a CPU mesh uses this machine's matmul rate at the run's activation precision (float32,
 or bfloat16 for `train.precision = "bfloat16"`: oneDNN runs it about twice as fast on CPUs
 with AVX512_BF16 or AMX, and slower than float32 on those without); half a second to measure,
-the first few runs measure it and the best is cached per machine and precision. A GPU is
+the first few runs measure it and the best is cached per machine (the cores we may use) and
+precision, only when other processes left those cores alone meanwhile. A GPU is
 looked up by its name; a TPU must be named (its runtime does not say which chip it is).
 """
 import json
@@ -36,8 +37,9 @@ PEAK_FLOPS = {
     "h100": 989e12,    # NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 tensor core, dense
 }
 _GPU_NAMES = {"A100": "a100", "H100": "h100"}  # a substring of TF's device name -> its kind
-RATE_CACHE = "matmul_rate.json"
+RATE_CACHE = "matmul_rate_v2.json"  # v1 kept rates measured under load: not read again
 MEASUREMENTS = 3  # runs that measure the CPU's rate before the cached best is trusted
+MAX_OTHERS_SHARE = 0.1  # of our cores' time used by other processes: more, and not cached
 
 
 def attended_keys(layer_type, n_ctx, window_size, d_head):
@@ -130,8 +132,10 @@ def machine_key():
 def cpu_matmul_rate(cache_dir=None, precision="float32"):
   """This machine's matmul FLOP/s in TF on the cores we may use, cached per machine.
 
-  A neighbour busy during a measurement lowers it, so the first MEASUREMENTS runs each
-  measure again and the cache keeps the best; later runs only read it.
+  A neighbour busy on our cores during a measurement lowers it (a sweep's parallel points:
+  MFU above 100% for good), so a measurement is cached only if other processes used less
+  than MAX_OTHERS_SHARE of those cores meanwhile; a loaded one serves this run alone. The
+  first MEASUREMENTS unloaded measurements are kept at their best; later runs only read it.
 
   Args:
     cache_dir: the cache root (default: storage's).
@@ -152,11 +156,53 @@ def cpu_matmul_rate(cache_dir=None, precision="float32"):
           and isinstance(entry.get("samples"), int)):
     entry = {"rate": 0.0, "samples": 0}
   if entry["samples"] < MEASUREMENTS:
-    entry = {"rate": max(entry["rate"], measure_matmul_rate(precision=precision)),
-             "samples": entry["samples"] + 1}
+    cores = os.sched_getaffinity(0)
+    before = _core_times(cores), os.times()
+    rate = measure_matmul_rate(precision=precision)
+    others = others_share(before, (_core_times(cores), os.times()))
+    if others is not None and others > MAX_OTHERS_SHARE:
+      return float(max(rate, entry["rate"]))  # the cache's unloaded best, or this run's
+    entry = {"rate": max(entry["rate"], rate), "samples": entry["samples"] + 1}
     rates[key] = entry
     storage.atomic_write(path, lambda temporary: _write_json(temporary, rates))
   return float(entry["rate"])
+
+
+def _core_times(cores, stat="/proc/stat"):
+  """(busy, all) seconds of CPU time so far, summed over `cores`; None where unknown."""
+  try:
+    with open(stat) as f:
+      lines = [line.split() for line in f if line.startswith("cpu") and line[3].isdigit()]
+  except (OSError, IndexError):
+    return None
+  busy = total = 0
+  for fields in lines:
+    if int(fields[0][3:]) in cores:
+      ticks = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq ...
+      total += sum(ticks)
+      busy += sum(ticks) - ticks[3] - ticks[4]
+  hertz = os.sysconf("SC_CLK_TCK")
+  return busy / hertz, total / hertz
+
+
+def others_share(before, after) -> float | None:
+  """The share of our cores' time that other processes used between two readings.
+
+  Args:
+    before, after: (_core_times(cores), os.times()) before and after a measurement.
+
+  Returns:
+    0 (idle neighbours) to 1 (every core busy with others); None if /proc/stat is unreadable
+    or the interval too short to tell (under 0.1 core-seconds: a few clock ticks).
+  """
+  (cores_before, own_before), (cores_after, own_after) = before, after
+  if cores_before is None or cores_after is None:
+    return None
+  capacity = cores_after[1] - cores_before[1]
+  if capacity < 0.1:
+    return None
+  own = (own_after.user + own_after.system) - (own_before.user + own_before.system)
+  return max(0.0, (cores_after[0] - cores_before[0] - own) / capacity)
 
 
 def _write_json(path, value):

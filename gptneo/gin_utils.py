@@ -1,7 +1,8 @@
 """The gin helper every binary shares: flags, search path, parsing, errors, operative config,
 what a model dir's config may set, and the one writer of gin values (gin_literal).
 
-A leaf: of gptneo it imports only errors. What parse can bind is what is registered when it
+A leaf: of gptneo it imports only errors and command_line (the flags, read before it loads
+TensorFlow). What parse can bind is what is registered when it
 runs; binaries (and tests) import gptneo.configurables, the one registration point, first.
 """
 import contextlib
@@ -21,6 +22,7 @@ from absl import flags
 import gin
 from gin import config_parser
 
+from gptneo import command_line
 from gptneo.errors import EXIT_DIVERGED, Diverged, UserError
 
 
@@ -45,14 +47,6 @@ with _native_stderr_silenced():
 
 FLAGS = flags.FLAGS
 OUR_PACKAGE = "gptneo"
-
-
-def define_flags():
-  """--gin_file and --gin_param, for the binaries configured with gin."""
-  flags.DEFINE_multi_string("gin_file", [], "Gin file to load; repeatable. Looked up relative "
-                            "to the working directory, then in the shipped gin/ folder "
-                            "(gin/tiny.gin works from any folder).")
-  flags.DEFINE_multi_string("gin_param", [], "Gin binding, e.g. 'GPT.n_layer = 4'; repeatable.")
 
 
 def shipped_gin_dir():
@@ -314,6 +308,7 @@ MODEL = ("gptneo.model.",)
 # and the TPU mesh call); a model dir never chooses them for another program, whose own gin
 # files and flags set its runtime.
 TRAINING_ONLY = ("gptneo.train.train", "gptneo.mesh.mesh", "gptneo.optim.optimizers.",
+                 "gptneo.loggers.",
                  "mesh_tensorflow.optimize.", "mesh_tensorflow.layers.unit_scaling_convention",
                  "mesh_tensorflow.simd_mesh_impl.SimdMeshImpl")
 _GPT, _TRAIN = "gptneo.model.gpt.GPT", "gptneo.train.train"
@@ -558,36 +553,7 @@ def run(main):
       print(f"{program}: internal error: {BUG_REPORT}", file=sys.stderr)
       sys.exit(1)
   graph_mode()
-  app.run(guarded_main, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, its errors (unknown flag, missing value) in our one line, exit 2.
-
-  No program takes positional arguments: one left after the flags (`extra`, a `false` meant
-  for a boolean flag) is refused here, for every program, rather than silently ignored.
-
-  Args:
-    argv: the command line, program name first.
-
-  Returns:
-    [program]: what absl passes on to the program's main.
-  """
-  program = os.path.basename(argv[0])
-  try:
-    remaining = FLAGS(argv)
-  except flags.Error as error:
-    _refuse_flags(program, str(error).strip().splitlines()[0])
-  if len(remaining) > 1:
-    _refuse_flags(program, f"unexpected arguments {remaining[1:]}; every input is a flag "
-                           f"(--name=value; bindings go in --gin_param)")
-  return remaining
-
-
-def _refuse_flags(program, message):
-  """Our one line for a command line absl can't take, exit 2."""
-  print(f"{program}: error: {message} (see --helpshort)", file=sys.stderr)
-  sys.exit(2)
+  app.run(guarded_main, flags_parser=command_line.parse)
 
 
 def check_output(path, flag="--output", overwrite=False, folder=False):

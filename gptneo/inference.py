@@ -31,8 +31,8 @@ def check_model_dir(model_dir):
   is not intact."""
   config = os.path.join(model_dir, OPERATIVE_CONFIG)
   if not tf.io.gfile.exists(config):
-    raise UserError(f"{config} not found; --model_dir must be a folder bin/train or "
-                    f"bin/import_hf wrote")
+    raise UserError(f"{config} not found; --model_dir must be a folder gptneo-train or "
+                    f"gptneo-import-hf wrote")
   found = checkpoints_lib.require(model_dir)
   line = checkpoints_lib.describe(found, "loading")
   if (found.skipped or found.legacy) and line not in _told:

@@ -30,7 +30,7 @@ from gptneo.errors import UserError
 # What bin/train and bin/import_hf write into a model dir: what --overwrite deletes.
 MODEL_FILES = ("model.ckpt-*", "checkpoint", "checkpoint.tmp*", "events.out.tfevents.*",
                "train_metrics.jsonl", "eval.jsonl", "operative_config.gin", "model.gin",
-               "command.txt", "tokenizer.json")
+               "command.txt", "tokenizer.json", "wandb_run_id.txt")
 
 
 def contents(model_dir):

@@ -185,7 +185,7 @@ def local_copy(uri, cache_dir=None, must_exist=True, only=None):
     blobs = {_relative_name(blob, prefix): blob for blob in _list_objects(bucket, prefix)}
     if not blobs and must_exist:
       raise UserError(f"{uri.rstrip('/')} holds no files; check the path or run "
-                      f"bin/prepare_data --output_dir={uri.rstrip('/')}")
+                      f"gptneo-prepare-data --output_dir={uri.rstrip('/')}")
     cached = read_manifest(folder)
     _remove_vanished(folder, cached, blobs)
     missing = {name: blob for name, blob in blobs.items()

@@ -23,6 +23,7 @@ from gptneo import checkpoints as checkpoints_lib
 from gptneo import evaluate as evaluate_lib
 from gptneo import flops
 from gptneo import gin_utils
+from gptneo import loggers as loggers_lib
 from gptneo import memory
 from gptneo import model_dir as model_dir_lib
 from gptneo import runtime
@@ -66,6 +67,8 @@ class Settings:
   harness_every_n_steps: int
   harness_limit: object  # int or None
   peak_flops: object  # None, FLOP/s per device, or a device name of flops.PEAK_FLOPS
+  init_from_step: object  # None (the newest) or a checkpoint step of init_from
+  loggers: object  # names of gptneo.loggers.LOGGERS
 
   @property
   def tokens_per_step(self):
@@ -116,6 +119,8 @@ def check_ranges(s):
     _check_number(f"train.{name}", getattr(s, name), int, 1, "a positive integer")
   for name in ("eval_every_n_steps", "eval_steps"):
     _check_number(f"train.{name}", getattr(s, name), int, 0, "0 or a positive integer")
+  if s.init_from_step is not None:
+    _check_number("train.init_from_step", s.init_from_step, int, 0, "None (the newest) or a step")
   if s.eval_batches is not None:
     _check_number("train.eval_batches", s.eval_batches, int, 0,
                   "None (as train.eval_steps), or 0 or a positive integer")
@@ -129,6 +134,7 @@ def check_ranges(s):
     raise UserError(f"train.sampling = {s.sampling!r} is unknown; use one of "
                     f"{list(inputs.SAMPLINGS)}")
   flops.check_peak_setting(s.peak_flops)
+  loggers_lib.check(s.loggers)
   _check_learning_rate()
 
 
@@ -166,14 +172,20 @@ TRAINING_FIXES = ("lower train.batch_size or raise train.microbatches_per_batch,
                   "over more devices (gptneo-search-layout --gin_file=... --devices=N)")
 
 
-def check_memory(s):
-  """A step's estimated memory (gptneo/memory.py) must fit the mesh's devices; analytic,
-  before anything is built or allocated."""
+def training_estimate(s):
+  """A step's estimated memory (gptneo/memory.py) on one device of the mesh's layout."""
   micro = s.batch_size // s.microbatches_per_batch
-  estimate = memory.per_device(
+  return memory.per_device(
       memory.training_memory_bytes(s.model, micro, s.precision, s.optimizer),
       cost_model.Workload.of(s.model, s.batch_size, s.microbatches_per_batch, s.precision),
       s.mesh, s.optimizer)
+
+
+def check_memory(s):
+  """A step's estimated memory must fit the mesh's devices; analytic, before anything is
+  built or allocated."""
+  micro = s.batch_size // s.microbatches_per_batch
+  estimate = training_estimate(s)
   what = (f"training {s.model.num_parameters() / 1e6:.0f}M parameters on batches of {micro} x "
           f"{s.model.n_ctx} tokens (train.batch_size / train.microbatches_per_batch, GPT.n_ctx)")
   memory.check(estimate, s.mesh, what, TRAINING_FIXES)
@@ -191,7 +203,7 @@ def check_first_records(dataset_dir, split, n_ctx):
 
 
 def _check_first_record(path, n_ctx):
-  rerun = "prepare the dataset again (bin/prepare_data --overwrite)"
+  rerun = "prepare the dataset again (gptneo-prepare-data --overwrite)"
   try:
     record = next(iter(tf.io.tf_record_iterator(path)), None)
     example = tf.train.Example.FromString(record) if record is not None else None
@@ -235,7 +247,7 @@ def check_loop(spec, steps_per_loop, eval_every_n_steps):
                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
   if spec.implementation == "simd" and eval_every_n_steps:
     raise UserError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
-                    f"periodic evaluation yet; set it to 0 and run bin/eval on the checkpoints")
+                    f"periodic evaluation yet; set it to 0 and run gptneo-eval on the checkpoints")
 
 
 @gin.configurable("train")
@@ -245,7 +257,8 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
              keep_checkpoints=5, log_every_n_steps=10, eval_batches=None, eval_every_n_steps=0,
              eval_steps=0, init_from=None, steps_per_loop=1, sampling="fixed",
              checkpoint_every_secs=None, on_nonfinite="stop", max_nonfinite_steps=10,
-             harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None):
+             harness_tasks=(), harness_every_n_steps=0, harness_limit=None, peak_flops=None,
+             init_from_step=None, loggers=()):
   """Trains `model` on `dataset_dir` until `train_steps`, resuming from the model dir.
 
   Args:
@@ -280,6 +293,11 @@ def settings(model=gin.REQUIRED, dataset_dir=gin.REQUIRED, train_steps=gin.REQUI
       split) and reports the same numbers.
     init_from: a model dir (e.g. from bin/import_hf) whose latest weights start a new run:
       fine-tuning, with fresh optimizer state; unused once model_dir has a checkpoint.
+    init_from_step: the step of init_from's checkpoint to start from (None: its newest), as
+      the reading programs' --checkpoint_step.
+    loggers: where else the logged scalars go, beside TensorBoard and train_metrics.jsonl:
+      ["wandb"] adds Weights & Biases, offline unless wandb.mode says otherwise
+      (gptneo/loggers.py).
     steps_per_loop: with mesh.implementation = "simd" (TPU): steps per session.run, looped on
       the TPU; a loop also ends at each log, checkpoint and the last step.
     sampling: how training windows are cut from the packed token stream: "fixed" (the
@@ -352,11 +370,12 @@ def train(model_dir, run_settings=None, force=False):
   s = run_settings or configured_settings()
   if not s.mesh.is_peer:  # a peer only serves its devices: task 0 checks and drives
     s.check()
+    logging.info("%s", start_summary(s, model_dir))
   with runtime.started(s.mesh) as rt, Preemption(enabled=not s.mesh.is_peer) as preemption:
     if s.mesh.is_peer:
       rt.serve_until_released()
       return None
-    init_from = _init_from(s.init_from)
+    init_from = _init_from(s.init_from, s.init_from_step)
     # The one writer, however the run ends (the kernel frees the lock if the process dies); a
     # refusal below leaves the model dir as it was: the lock goes with its file.
     with model_dir_lib.lock(model_dir, force):
@@ -368,8 +387,31 @@ def train(model_dir, run_settings=None, force=False):
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
   elif s.mesh.implementation == "simd" and s.eval_batches != 0:
-    logging.info("no validation loss: the TPU loop has no evaluation yet; run bin/eval")
+    logging.info("no validation loss: the TPU loop has no evaluation yet; run gptneo-eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
+
+
+def start_summary(s, model_dir) -> str:
+  """What the run is about to do, in three lines, logged before the graph is built.
+
+  Args:
+    s: the run's checked Settings.
+    model_dir: the model dir, as the user named it.
+  """
+  mesh = s.mesh
+  layout = ",".join(f"{tensor}:{mesh_dim}" for tensor, mesh_dim in mesh.layout) or "none"
+  shape = ",".join(f"{name}:{size}" for name, size in mesh.shape) or "one device"
+  every = (f"validation every {s.eval_every_n_steps}" if s.eval_every_n_steps else
+           "validation at the end" if s.final_eval_batches is not None else "no validation")
+  return "\n".join([
+      f"model: {s.model.num_parameters() / 1e6:.2f}M parameters, "
+      f"{flops.training_flops_per_token(s.model) / 1e6:.1f} MFLOP per token trained; "
+      f"{s.tokens_per_step:,} tokens per step ({s.batch_size} x {s.model.n_ctx}); "
+      f"about {cost_model.format_bytes(training_estimate(s).peak)} per device",
+      f"mesh: {shape} ({mesh.size} {mesh.device_type} device(s), {mesh.implementation}), "
+      f"layout {layout}, {s.precision}; {s.train_steps} steps, checkpoint every "
+      f"{s.steps_per_checkpoint}, {every}",
+      f"effective config: {os.path.join(model_dir, 'operative_config.gin')} (every binding)"])
 
 
 def _train_in(s, remote_dir, rt, preemption, init_from):
@@ -394,7 +436,11 @@ def _train_in(s, remote_dir, rt, preemption, init_from):
     _warn_if_bfloat16_is_emulated(s)
     loop = Loop(session, graph, s, model_dir, lambda: storage.sync_up(model_dir, remote_dir),
                 preemption, harness=harness_run.training_scorer(s, rt, model_dir))
-    loss, evaluation = loop.run(start)
+    try:
+      loss, evaluation = loop.run(start)
+    finally:
+      if loop.progress:
+        loop.progress.close()
   storage.sync_up(model_dir, remote_dir)  # what was written after the last checkpoint
   return loss, evaluation, loop.preempted
 
@@ -408,14 +454,18 @@ def _log_preempted(preempted, remote_dir):
                   signal.Signals(signum).name, step, saved)
 
 
-def _init_from(model_dir):
-  """The local copy of train.init_from's model dir, which must hold a checkpoint, or None."""
+def _init_from(model_dir, step=None):
+  """The local copy of train.init_from's model dir, which must hold a checkpoint (of `step`,
+  train.init_from_step, if given), or None."""
   if not model_dir:
     return None
   local = storage.local_copy(model_dir)
-  if not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
+  checkpoints_lib.choose(local, step, "train.init_from_step")  # None: the newest
+  if step is not None:
+    checkpoints_lib.require(local)  # that step there, intact, or one line saying which are
+  elif not checkpoints_lib.newest(local).path:  # found by listing, verified: as for resuming
     raise UserError(f"train.init_from = {local!r} has no checkpoint (none intact); point it "
-                    f"at a model dir that bin/train or bin/import_hf wrote")
+                    f"at a model dir that gptneo-train or gptneo-import-hf wrote")
   return local
 
 
@@ -526,7 +576,8 @@ class Loop:
     self.progress = Progress(self.model_dir, s.train_steps, s.tokens_per_step, start,
                              flops.training_flops_per_token(s.model),
                              flops.peak_flops(s.mesh, s.peak_flops,
-                                             precision=s.precision))
+                                             precision=s.precision),
+                             loggers_lib.make(s.loggers, self.model_dir, _plain_knobs(s)))
     self.step, self._start, self._since_log = int(start), int(start), []
     self._saved = (self.step, time.monotonic())  # step and time of the last checkpoint
     evaluation = None
@@ -558,7 +609,7 @@ class Loop:
     latest = self.graph.checkpoints.latest() or "none yet"
     return UserError(f"dataset shard {shard or 'of ' + repr(self.settings.dataset_dir)} is "
                      f"corrupt ({_record_error(error)}) at step {self.step}; the last checkpoint "
-                     f"({latest}) is intact: prepare the dataset again (bin/prepare_data "
+                     f"({latest}) is intact: prepare the dataset again (gptneo-prepare-data "
                      f"--overwrite) and run the same command to resume")
 
   def take_steps(self):
@@ -610,7 +661,8 @@ class Loop:
     metrics = self.evaluate(self.settings.eval_steps)
     self.progress.scalars(step, {f"eval/{name}": metrics[name]
                                  for name in ("loss", "perplexity", "bits_per_byte", "accuracy")})
-    record = {"step": int(step), "task": "lm", "split": "validation", **metrics}
+    record = {"step": int(step), "task": "lm", "split": "validation", **metrics,
+              "batches": self.settings.eval_steps}
     evaluate_lib.append_result(self.model_dir, record)
     logging.info("step %d  validation loss %.4f  bits/byte %.4f  accuracy %.4f", step,
                  metrics["loss"], metrics["bits_per_byte"], metrics["accuracy"])
@@ -631,9 +683,33 @@ class Loop:
     batches = self.settings.final_eval_batches
     if not self.graph.eval_fetches or batches is None:
       return None
+    if last_periodic is None and step == self._start:  # a finished run resumed: no new weights
+      recorded = self.recorded_validation(step)
+      if recorded is None or recorded["batches"] != batches:
+        logging.info("step %d was reached before: not evaluated again (gptneo-eval scores the "
+                     "checkpoint)", step)
+        return None
+      return recorded
     if last_periodic and last_periodic["step"] == step and batches == self.settings.eval_steps:
       return last_periodic
     return {"step": int(step), **self.evaluate(batches)}
+
+  def recorded_validation(self, step):
+    """The periodic evaluation eval.jsonl holds of `step` (the newest), or None."""
+    found = None
+    try:
+      with model_dir_lib.open_file(os.path.join(self.model_dir, "eval.jsonl"), "r") as f:
+        for line in f:
+          try:
+            record = json.loads(line)
+          except ValueError:  # a line cut short by a crash: not this record
+            continue
+          if (isinstance(record, dict) and record.get("step") == step and record.get("task") == "lm" and
+              record.get("split") == "validation" and "batches" in record):
+            found = record
+    except FileNotFoundError:
+      return None
+    return found
 
   def evaluate(self, batches):
     """lm metrics over the validation split's first `batches` batches (0: all of it), each
@@ -732,8 +808,9 @@ class Progress:
   summaries."""
 
   def __init__(self, model_dir, train_steps, tokens_per_step, first_step, flops_per_token,
-               peak_flops):
+               peak_flops, loggers=()):
     self._writer = tf.summary.FileWriter(model_dir)
+    self._loggers = loggers  # train.loggers' (gptneo/loggers.py)
     self._metrics = model_dir_lib.open_file(os.path.join(model_dir, "train_metrics.jsonl"), "a")
     self._train_steps, self._tokens_per_step = train_steps, tokens_per_step
     self._flops_per_token, self._peak_flops = flops_per_token, peak_flops
@@ -765,6 +842,19 @@ class Progress:
                                 for k, v in values.items()])
     self._writer.add_summary(summary, step)
     self._writer.flush()
+    for logger in self._loggers:
+      logger.scalars(step, values)
+
+  def close(self):
+    for logger in self._loggers:
+      logger.close()
+
+
+def _plain_knobs(s):
+  """The train.* knobs that are plain values, and the model's size: a logger's run config."""
+  knobs = {name: value for name, value in vars(s).items()
+           if isinstance(value, (bool, int, float, str)) or value is None}
+  return {**knobs, "parameters": s.model.num_parameters(), "n_ctx": s.model.n_ctx}
 
 
 def _clock(seconds):

@@ -24,7 +24,7 @@ TINY_TEST_BINDINGS = [
     "GPT.n_layer = 2", "GPT.n_embd = 32", "GPT.n_head = 4", f"GPT.n_ctx = {N_CTX}",
     f"GPT.n_vocab = {VOCAB}", "train.batch_size = 8", "train.log_every_n_steps = 1",
     "train.eval_batches = 2", "learning_rate_schedule.learning_rate = 3e-3",
-    "learning_rate_schedule.warmup_steps = 5",
+    "learning_rate_schedule.warmup_steps = 5", "train.eval_every_n_steps = 0",  # tiny.gin: 200
 ]
 
 

@@ -233,7 +233,7 @@ def test_corrupt_shards_are_named_before_the_model_dir_is_touched(tmp_path, smal
     _scramble(shard)
   result = _train(tmp_path / "run", data)
   assert_one_line_error(result, "train", f"dataset shard {data}/train-00000.tfrecord is corrupt",
-                        "bin/prepare_data --overwrite")
+                        "gptneo-prepare-data --overwrite")
   assert not (tmp_path / "run").exists()
 
 

@@ -12,6 +12,7 @@ from gptneo import gin_utils
 from gptneo import inference
 from gptneo import sample as sample_lib
 from tests.conftest import run_binary
+from tests.test_errors import assert_one_line_error
 
 ONE_DEVICE = ['mesh.mesh_shape = ""', 'mesh.layout = ""']
 LAST_WORD_TEXTS = ["def main(argv): return the value of self", "import os and then import sys",
@@ -278,7 +279,7 @@ def test_model_dir_without_checkpoint_is_one_line(tmp_path, neo_model_dir):
   (empty / "operative_config.gin").write_text(
       open(os.path.join(neo_model_dir, "operative_config.gin")).read())
   message = (f"model dir '{empty}' has no checkpoint; train one with "
-             f"bin/train --model_dir={empty} first")
+             f"gptneo-train --model_dir={empty} first")
   result = run_binary("sample", f"--model_dir={empty}", "--prompt=x")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == f"sample: error: {message}"
@@ -300,3 +301,44 @@ def test_training_evaluates_periodically(tmp_path, small_dataset):
             for e in tf_train.summary_iterator(str(path))]
   tags = {(e.step, v.tag) for e in events for v in e.summary.value}
   assert {(3, "eval/loss"), (6, "eval/bits_per_byte"), (6, "eval/accuracy")} <= tags
+
+
+def _tensorboard_scalars(logdir):
+  """{(step, tag): value} of every events file in logdir."""
+  from tensorflow.compat.v1 import train as tf_train  # pylint: disable=g-import-not-at-top
+  return {(e.step, v.tag): v.simple_value for path in logdir.glob("events.out.tfevents.*")
+          for e in tf_train.summary_iterator(str(path)) for v in e.summary.value}
+
+
+def test_eval_results_reach_tensorboard_a_partial_one_under_its_own_tag(neo_model_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "run"
+  shutil.copytree(neo_model_dir, model_dir, ignore=shutil.ignore_patterns("eval"))  # others'
+  record = json.loads(run_binary("eval", f"--model_dir={model_dir}",
+                                 "--gin_param=evaluate.max_batches = 2", check=True).stdout)
+  scalars = _tensorboard_scalars(model_dir / "eval")
+  assert scalars[(30, "evaluate/lm/data_validation_first2/loss")] == pytest.approx(
+      record["loss"])
+  assert {tag for _, tag in scalars} == {f"evaluate/lm/data_validation_first2/{name}" for name in
+                                         ("loss", "perplexity", "bits_per_byte", "accuracy")}
+
+
+def test_checkpoint_step_chooses_the_checkpoint_read(tmp_path, small_dataset):
+  from tests.test_train import logged_losses, train_in_process  # pylint: disable=g-import-not-at-top
+  run = tmp_path / "run"
+  train_in_process(run, small_dataset, 4, "train.steps_per_checkpoint = 2")
+  result = run_binary("eval", f"--model_dir={run}", "--checkpoint_step=2", check=True)
+  assert json.loads(result.stdout)["step"] == 2
+  assert f"evaluating {run} (lm) on {small_dataset} validation (whole split" in result.stderr
+  for program, args in (("eval", []), ("sample", ["--prompt=x"])):
+    result = run_binary(program, f"--model_dir={run}", "--checkpoint_step=3", *args)
+    assert_one_line_error(result, program, "--checkpoint_step = 3: model dir",
+                          "has no checkpoint of that step; it has [2, 4]")
+  from_2 = train_in_process(tmp_path / "from_2", small_dataset, 1, f'train.init_from = "{run}"',
+                            "train.init_from_step = 2")
+  from_4 = train_in_process(tmp_path / "from_4", small_dataset, 1, f'train.init_from = "{run}"')
+  assert from_2["loss"] != from_4["loss"]
+  assert logged_losses(tmp_path / "from_4") != logged_losses(tmp_path / "from_2")
+  with pytest.raises(ValueError, match=r"train.init_from_step = 3: .* it has \[2, 4\]"):
+    train_in_process(tmp_path / "from_3", small_dataset, 1, f'train.init_from = "{run}"',
+                     "train.init_from_step = 3")

@@ -1,6 +1,9 @@
 """FLOPs per token against hand counts; the peak from train.peak_flops, a GPU's name or this
 CPU's measured (and cached) matmul rate."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -150,3 +153,17 @@ def test_an_unknown_peak_is_refused_before_anything_is_written(tmp_path, small_d
   with pytest.raises(UserError, match="train.peak_flops = 'tpu_v9' is no device we know"):
     _train(tmp_path / "run", small_dataset, 'train.peak_flops = "tpu_v9"')
   assert not (tmp_path / "run").exists()
+
+
+def test_a_rate_measured_while_others_load_our_cores_is_not_cached(tmp_path):
+  """A sweep's parallel points measured each other's load and kept it: MFU above 100%."""
+  busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+          for _ in os.sched_getaffinity(0)]  # they inherit our cores
+  try:
+    rate = flops.peak_flops(_spec(["/cpu:0"]), cache_dir=str(tmp_path))
+  finally:
+    for process in busy:
+      process.kill()
+      process.wait()
+  assert rate > 0
+  assert not (tmp_path / flops.RATE_CACHE).exists()

@@ -12,6 +12,7 @@ from absl import flags
 import gin
 import pytest
 
+from gptneo import command_line
 from gptneo import gin_utils
 from gptneo.errors import UserError
 from tests.conftest import REPO, run_binary
@@ -30,6 +31,7 @@ PRINT_TRAIN_STEPS = """
 import gin
 import gptneo.configurables
 import shutil
+from gptneo import command_line
 from gptneo import gin_utils
 gin_utils.parse(["tiny.gin"], [])
 print(gin.query_parameter("train.train_steps"))
@@ -80,7 +82,7 @@ print([int(x) for x in tf.data.Dataset.range(3).map(lambda x: x * 2)])
   assert result.stdout.split() == ["[0,", "2,", "4]"]
 
 
-def test_gin_utils_imports_nothing_of_gptneo_but_errors():
+def test_gin_utils_imports_nothing_of_gptneo_but_errors_and_command_line():
   code = """
 import sys
 from gptneo import gin_utils
@@ -88,7 +90,8 @@ print(sorted(name for name in sys.modules if name.startswith("gptneo")))
 """
   result = run_python(code, REPO)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split() == ["['gptneo',", "'gptneo.errors',", "'gptneo.gin_utils']"]
+  assert result.stdout.split() == ["['gptneo',", "'gptneo.command_line',", "'gptneo.errors',",
+                                   "'gptneo.gin_utils']"]
 
 
 # --- A model dir's config runs no code of its author's ---------------------------------------
@@ -336,6 +339,7 @@ def test_a_reference_holds_only_a_name(text):
 PRINT_STEPS_OF = """
 import gin
 import gptneo.configurables
+from gptneo import command_line
 from gptneo import gin_utils
 gin_utils.parse([{name!r}], ['DATASET_DIR = "/data"'])
 print(gin.query_parameter("train.train_steps"))
@@ -375,9 +379,9 @@ def test_a_gin_param_gin_cannot_parse_is_named(param, says):
 def test_every_programs_command_line_is_refused_in_one_line(monkeypatch, capsys, argv, culprit):
   program_flags = flags.FlagValues()  # the programs' global FLAGS stays untouched
   flags.DEFINE_bool("verbose", False, "a flag of the program", flag_values=program_flags)
-  monkeypatch.setattr(gin_utils, "FLAGS", program_flags)
+  monkeypatch.setattr(command_line, "FLAGS", program_flags)
   with pytest.raises(SystemExit) as exit_:
-    gin_utils._parse_flags(argv)  # pylint: disable=protected-access
+    command_line.parse(argv)
   assert exit_.value.code == 2
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"{argv[0]}: error: ") and culprit in lines[0]
@@ -386,8 +390,8 @@ def test_every_programs_command_line_is_refused_in_one_line(monkeypatch, capsys,
 def test_a_command_line_of_flags_only_passes(monkeypatch):
   program_flags = flags.FlagValues()
   flags.DEFINE_bool("verbose", False, "a flag of the program", flag_values=program_flags)
-  monkeypatch.setattr(gin_utils, "FLAGS", program_flags)
-  assert gin_utils._parse_flags(["gptneo-sample", "--verbose"]) == ["gptneo-sample"]  # pylint: disable=protected-access
+  monkeypatch.setattr(command_line, "FLAGS", program_flags)
+  assert command_line.parse(["gptneo-sample", "--verbose"]) == ["gptneo-sample"]
   assert program_flags.verbose
 
 

@@ -297,3 +297,29 @@ def test_a_task_yaml_that_is_no_task_is_named_when_its_task_is_not_found(tmp_pat
       f"harness task 'mine' not found in {specs_lib.TASK_DIR}, {tmp_path} nor among lm-eval's "
       f"tasks; {tmp_path / 'mine.yaml'} could not be read as a task ({why}); name a task: field "
       f"of a YAML file there (e.g. gptneo_lambada)")
+
+
+def test_a_comment_after_the_task_name_is_no_part_of_it(tmp_path):
+  yaml = (specs_lib.TASK_DIR / "gptneo_lambada.yaml").read_text()
+  (tmp_path / "mine.yaml").write_text(yaml.replace(
+      "task: gptneo_lambada", "task: mine   # lambada_openai's data, read offline"))
+  (tmp_path / "other.yaml").write_text("task: other  # a comment\n"
+                                       "process_docs: !function utils.process_docs\n")
+  (tmp_path / "gptneo_lambada.jsonl").write_text('{"text": "a b c"}\n')
+  [config] = specs_lib.find(["mine"], [tmp_path])
+  assert config["task"] == "mine"
+  assert specs_lib._index([tmp_path]) == (  # pylint: disable=protected-access
+      {"mine": tmp_path / "mine.yaml", "other": tmp_path / "other.yaml"}, [])
+
+
+def test_a_limited_run_has_its_own_tensorboard_tags_beside_a_full_one(neo_model_dir, tmp_path):
+  from tests.test_eval_sample import _tensorboard_scalars  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "run"
+  shutil.copytree(neo_model_dir, model_dir, ignore=shutil.ignore_patterns("eval"))  # others'
+  [record] = [json.loads(line) for line in run_binary(
+      "lm_eval", f"--model_dir={model_dir}", "--limit=3", "--tasks=gptneo_lambada",
+      check=True).stdout.splitlines()]
+  tags = {tag for step, tag in _tensorboard_scalars(model_dir / "eval")
+          if step == record["step"]}
+  assert "harness_limit3/gptneo_lambada/acc" in tags
+  assert not any(tag.startswith("harness/") for tag in tags)

@@ -536,3 +536,9 @@ def test_bfloat16_costs_activations_at_2_bytes_and_gathers_float32_masters():
   assert bf16["comm"] < f32["comm"]  # the activation allreduces halve, the gathers don't
   gin_utils.parse(["gpt3_1t.gin"], ['DATASET_DIR = "unused"'])
   assert configured.workload_from_gin().activation_bytes == 2
+
+
+def test_the_default_output_is_in_the_working_directory_not_the_checkouts_gin():
+  from gptneo.layout_search import configured  # pylint: disable=g-import-not-at-top
+  assert configured.default_output(["gin/gpt3_xl.gin"], 8, "") == "search_gpt3_xl_8.gin"
+  assert configured.default_output([], None, "x:2,y:4") == "search_model_x2_y4.gin"

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from gptneo import programs
-from tests.conftest import REPO
+from tests.conftest import REPO, run_binary
 from tests.test_errors import assert_one_line_error
 
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -30,7 +30,7 @@ def test_installed_command_runs_and_names_itself():
   assert not (command.parent / "train").exists(), "a stale `train` script: run `make install`"
   result = subprocess.run([str(command), "--helpshort"], capture_output=True, text=True,
                           check=False, cwd=REPO)
-  assert result.returncode == 1, result.stderr[-2000:]  # absl's help exits 1
+  assert result.returncode == 0, result.stderr[-2000:]  # help is no error
   assert f"{command.name}:" in result.stdout and "--model_dir" in result.stdout
   assert "bin/train:" not in result.stdout
 
@@ -62,7 +62,7 @@ def _run(python, program_path, *args):
 @pytest.mark.skipif(not VENV_PYTHON.exists(), reason="no .venv in the checkout")
 def test_bin_program_reruns_itself_in_the_checkouts_venv(bare_python):
   result = _run(bare_python, REPO / "bin" / "eval", "--helpshort")
-  assert result.returncode == 1, result.stderr[-2000:]  # absl's help exits 1
+  assert result.returncode == 0, result.stderr[-2000:]  # help is no error
   assert "bin/eval:" in result.stdout and "--model_dir" in result.stdout
 
 
@@ -78,3 +78,32 @@ def test_bin_program_whose_venv_lacks_them_too_stops_instead_of_looping(bare_pyt
   (checkout / ".venv").symlink_to(bare_python.parent.parent)
   result = _run(bare_python, checkout / "bin" / "eval", "--helpshort")
   assert_one_line_error(result, "eval", "neither can", "make install")
+
+
+@pytest.fixture(scope="module")
+def no_tensorflow(tmp_path_factory):
+  """A folder whose `tensorflow` package fails to import: a program that loads TensorFlow
+  from it stops with exit code 97 and says so."""
+  folder = tmp_path_factory.mktemp("no_tf")
+  (folder / "tensorflow").mkdir()
+  (folder / "tensorflow" / "__init__.py").write_text(
+      "import sys\nprint('TensorFlow was imported', file=sys.stderr)\nsys.exit(97)\n")
+  return folder
+
+
+@pytest.mark.parametrize("program", programs.PROGRAMS)
+def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(program,
+                                                                           no_tensorflow):
+  result = run_binary(program, "--help", pythonpath=[no_tensorflow])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"bin/{program}:" in result.stdout and "--helpfull" in result.stdout
+  gin_programs = set(programs.PROGRAMS) - {"import_hf", "prepare_data"}
+  assert ("--gin_file" in result.stdout) == ("--gin_param" in result.stdout) == (
+      program in gin_programs)
+
+
+@pytest.mark.parametrize("program, flag", [("train", "--model_dir"), ("eval", "--model_dir"),
+                                           ("sweep", "--root")])
+def test_a_missing_flag_is_reported_before_tensorflow_loads(program, flag, no_tensorflow):
+  result = run_binary(program, pythonpath=[no_tensorflow])
+  assert_one_line_error(result, program, flag)

@@ -1,4 +1,4 @@
-"""Tests of gptneo.storage and bin/prepare_data --output_dir=gs://..., against the emulator.
+"""Tests of gptneo.storage and gptneo-prepare-data --output_dir=gs://..., against the emulator.
 
 The `gcs` fixture (conftest.py) runs gcp-storage-emulator and points the client at it.
 """
@@ -274,7 +274,7 @@ def test_empty_prefix_is_one_line(gcs):
   with pytest.raises(ValueError) as error:
     storage.local_copy(uri)
   assert str(error.value) == (f"{uri} holds no files; check the path or run "
-                              f"bin/prepare_data --output_dir={uri}")
+                              f"gptneo-prepare-data --output_dir={uri}")
 
 
 def test_unreachable_storage_is_one_line(monkeypatch, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gptneo import gin_utils
+from gptneo import model_dir as model_dir_lib
 from gptneo import storage
 from gptneo import train as train_lib
 from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
@@ -196,3 +197,43 @@ def test_validation_is_one_number_periodic_end_of_run_and_bin_eval(tmp_path, sma
     for name in ("loss", "bits_per_byte", "accuracy"):
       assert record[name] == pytest.approx(periodic[name], rel=1e-6, abs=0)
   assert end_of_run["validation_loss"] == pytest.approx(periodic["loss"], rel=1e-6, abs=0)
+
+
+def test_a_finished_run_resumed_is_not_evaluated_again(tmp_path, small_dataset, monkeypatch):
+  periodic = ["train.eval_every_n_steps = 2", "train.eval_steps = 2", "train.eval_batches = None"]
+  first = train_in_process(tmp_path / "run", small_dataset, 4, *periodic)
+
+  def evaluate(self, batches):
+    raise AssertionError("evaluated again")
+  monkeypatch.setattr(train_lib.Loop, "evaluate", evaluate)
+  again = train_in_process(tmp_path / "run", small_dataset, 4, *periodic)
+  assert again["validation_loss"] == first["validation_loss"] is not None
+  assert train_in_process(tmp_path / "run", small_dataset, 4, "train.eval_batches = 3",
+                          "train.eval_every_n_steps = 2")["validation_loss"] is None
+
+
+def test_the_start_summary_comes_before_the_first_step(tmp_path, small_dataset):
+  result = subprocess.run(train_command(tmp_path / "run", small_dataset, 1), capture_output=True,
+                          text=True, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  log = result.stderr
+  summary = log.index("M parameters")
+  assert summary < log.index("step 1") and "tokens per step (8 x 32)" in log
+  assert f"effective config: {tmp_path / 'run' / 'operative_config.gin'}" in log
+
+
+def test_wandb_logs_the_runs_scalars_offline_and_a_resume_continues_its_run(
+    tmp_path, small_dataset, monkeypatch):
+  pytest.importorskip("wandb")
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  (tmp_path / "wandb_dir").mkdir()
+  run = tmp_path / "run"
+  train_in_process(run, small_dataset, 2, 'train.loggers = ["wandb"]')
+  train_in_process(run, small_dataset, 3, 'train.loggers = ["wandb"]')
+  run_id = (run / "wandb_run_id.txt").read_text().strip()
+  assert list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}"))
+  files = list((tmp_path / "wandb_dir" / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+  assert len(files) == 2  # the first run and its resume, one W&B run id
+  assert all(b"tokens_per_sec" in path.read_bytes() for path in files)  # the logged scalars
+  model_dir_lib.check_links(str(run))  # nothing of W&B's in the model dir

@@ -120,19 +120,19 @@ def _read_one(spec, folder):
   path = os.path.join(folder, "dataset.json")
   if not tf.io.gfile.exists(path):
     raise UserError(f"dataset '{spec}' has no dataset.json; "
-                    f"run bin/prepare_data --output_dir={spec} first")
+                    f"run gptneo-prepare-data --output_dir={spec} first")
   with tf.io.gfile.GFile(path, "r") as f:
     try:
       info = json.load(f)
     except json.JSONDecodeError as e:
       raise UserError(f"dataset '{spec}' has a corrupt dataset.json ({e}); "
-                      f"rerun bin/prepare_data --output_dir={spec} --overwrite") from e
+                      f"rerun gptneo-prepare-data --output_dir={spec} --overwrite") from e
   _validate_info(info, spec)
   return info
 
 
 def _validate_info(info, dataset_dir):
-  rerun = f"rerun bin/prepare_data --output_dir={dataset_dir} --overwrite"
+  rerun = f"rerun gptneo-prepare-data --output_dir={dataset_dir} --overwrite"
   missing = [field for field in _REQUIRED_FIELDS if field not in info]
   if missing:
     raise UserError(f"dataset '{dataset_dir}' dataset.json lacks {missing}; {rerun}")
@@ -156,7 +156,7 @@ def _check_own_file(spec, folder, name, what):
   if not inside:
     raise UserError(f"dataset '{spec}' dataset.json names {name!r} as {what}, not a file of "
                     f"the dataset's own folder; a dataset reads only its own files: prepare "
-                    f"it again (bin/prepare_data --output_dir={spec} --overwrite)")
+                    f"it again (gptneo-prepare-data --output_dir={spec} --overwrite)")
 
 
 def _checked_tokenizer_identity(spec, folder, info):
@@ -167,7 +167,7 @@ def _checked_tokenizer_identity(spec, folder, info):
       _check_own_file(spec, folder, name, f"a {split} file")
   _check_own_file(spec, folder, info["tokenizer"], "its tokenizer")
   path = os.path.join(folder, info["tokenizer"])
-  again = f"prepare the dataset again (bin/prepare_data --output_dir={spec} --overwrite)"
+  again = f"prepare the dataset again (gptneo-prepare-data --output_dir={spec} --overwrite)"
   if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise UserError(f"dataset '{spec}' has no file {info['tokenizer']}; copy the dataset "
                     f"whole or {again}")

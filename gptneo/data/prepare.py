@@ -52,7 +52,6 @@ TOKEN_FEATURE = "tokens"
 LENGTH_FEATURE = "length"  # only on a partial window: how many of its tokens are real
 STDLIB_SPEC = sources_lib.STDLIB_SPEC
 SPLITS = ("train", "validation")
-TOKENIZER_SAMPLE_BYTES = 256_000_000
 _BATCH_BYTES = 1 << 20  # Text per worker batch: enough for encode_batch, small in memory.
 _STATE = ".prepare_state.npz"
 _DEDUP = ".dedup_hashes"
@@ -244,7 +243,7 @@ def _publish(staging_dir, output_dir, overwrite):
 def prepare_dataset(inputs, output_dir, n_ctx, vocab_size=None, tokenizer_path=None,
                     validation_fraction=0.05, tokens_per_shard=1_000_000, seed=1234,
                     overwrite=False, reading=None, filters=None, workers=1,
-                    tokenizer_sample_bytes=TOKENIZER_SAMPLE_BYTES):
+                    tokenizer_sample_bytes=sources_lib.TOKENIZER_SAMPLE_BYTES):
   """Tokenizes a corpus into a windowed TFRecord dataset in output_dir, atomically, resumably.
 
   dataset.json holds: format (2), n_ctx, n_vocab, eos_id, tokenizer ("tokenizer.json"),

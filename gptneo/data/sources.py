@@ -33,6 +33,9 @@ from gptneo.errors import UserError
 
 STDLIB_SPEC = "stdlib"
 BLANK_LINES = "blank_lines"  # The document_separator that splits at empty lines.
+# At most this much train text (from the inputs' starts) trains the BPE; here, beside the
+# other defaults bin/prepare_data shows before it loads TensorFlow.
+TOKENIZER_SAMPLE_BYTES = 256_000_000
 _BLANK_LINES_PATTERN = re.compile(r"\n(?:[ \t\r]*\n)+")
 _SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")  # Third-party code, not stdlib.
 _CHUNK_BYTES = 1 << 20

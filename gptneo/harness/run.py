@@ -14,7 +14,6 @@ from gptneo import evaluate as evaluate_lib
 from gptneo import harness
 from gptneo import inference
 from gptneo import runtime
-from gptneo.compat import tf
 from gptneo.errors import UserError
 from gptneo.harness import specs as specs_lib
 
@@ -86,10 +85,10 @@ def _metrics(results):
   return table
 
 
-def scalars(records):
-  """TensorBoard tags harness/<task>/<metric> of the records' metrics (no stderr)."""
+def scalars(records, prefix="harness"):
+  """TensorBoard tags <prefix>/<task>/<metric> of the records' metrics (no stderr)."""
   skip = {"step", "examples", "limit", "seconds"}
-  return {f"harness/{r['task']}/{k}": v for r in records for k, v in r.items()
+  return {f"{prefix}/{r['task']}/{k}": v for r in records for k, v in r.items()
           if k not in skip and isinstance(v, float) and not k.endswith("_stderr")}
 
 
@@ -99,14 +98,13 @@ def append(model_dir, records):
 
 
 def write(model_dir, records, logdir):
-  """Appends the records to model_dir/eval.jsonl and their scalars to TensorBoard in logdir."""
+  """Appends the records to model_dir/eval.jsonl and their scalars to TensorBoard in logdir:
+  harness/<task>/<metric>, or harness_limit<N>/... for a run of each task's first N examples
+  (so it never replaces a full run's point at the same step)."""
   append(model_dir, records)
-  writer = tf.summary.FileWriter(logdir)
   for record in records:
-    values = scalars([record])
-    writer.add_summary(tf.Summary(value=[tf.Summary.Value(tag=k, simple_value=v)
-                                         for k, v in values.items()]), record["step"])
-  writer.close()
+    prefix = "harness" if record["limit"] is None else f"harness_limit{record['limit']}"
+    evaluate_lib.write_scalars(logdir, record["step"], scalars([record], prefix))
 
 
 # --- During training: train.harness_tasks, train.harness_every_n_steps, train.harness_limit.
@@ -178,5 +176,5 @@ def lm_eval(model_dir, tasks, limit=None, task_dirs=(), model=gin.REQUIRED,
   with runtime.started(mesh) as rt:
     records = Scorer(model, rt, model_dir, specs, batch_size, precision, limit, max_gen_toks,
                      bootstrap_iters, length_buckets)()
-  write(model_dir, records, os.path.join(model_dir, "eval"))
+  write(model_dir, records, os.path.join(model_dir, evaluate_lib.EVAL_LOGDIR))
   return records

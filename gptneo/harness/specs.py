@@ -52,7 +52,12 @@ def _index(folders):
 
 def _task_name(path):
   """(the task: field of YAML `path`, or None; why a file that names none is no task, or None
-  for one that is something else of lm-eval's: a group or tag)."""
+  for one that is something else of lm-eval's: a group or tag).
+
+  Read as YAML (a comment after the name is no part of it), lm-eval's tags such as
+  `!function` taken as plain values: only the top-level task: field matters here.
+  """
+  import yaml  # pylint: disable=g-import-not-at-top  (lm-eval's dependency, as harness is)
   data = path.read_bytes()
   try:
     text = data.decode("utf-8")
@@ -60,12 +65,31 @@ def _task_name(path):
     text = "\0"
   if "\0" in text:
     return None, "not text"
-  for line in text.splitlines():
-    if line.startswith("task:"):
-      return line.split(":", 1)[1].strip().strip("'\""), None
-    if line.startswith(("group:", "tag:")):
-      return None, None
+  try:
+    config = yaml.load(text, Loader=_task_loader())  # a SafeLoader: builds no Python objects
+  except yaml.YAMLError as error:
+    return None, f"not YAML: {str(error).splitlines()[0]}"
+  if not isinstance(config, dict):
+    return None, "no top-level task: field"
+  if isinstance(config.get("task"), str) and config["task"].strip():
+    return config["task"].strip(), None
+  if "group" in config or "tag" in config:
+    return None, None
   return None, "no top-level task: field"
+
+
+def _any_tag(loader, suffix, node):
+  """A value under a tag only lm-eval resolves (`!function utils.process`): its plain text."""
+  del loader, suffix
+  return str(getattr(node, "value", ""))
+
+
+def _task_loader():
+  """yaml's SafeLoader that also reads lm-eval's tags (as _any_tag)."""
+  import yaml  # pylint: disable=g-import-not-at-top
+  loader = type("TaskLoader", (yaml.SafeLoader,), {})
+  loader.add_multi_constructor("!", _any_tag)
+  return loader
 
 
 def _builtin(names):

@@ -220,9 +220,11 @@ def _whole_dims_line(work, best):
 
 
 def default_output(gin_files, devices, mesh_shape):
+  """bin/search_layout's file without --output: search_<model>_<devices>.gin in the working
+  directory (not the checkout's gin/layouts/, which an update of the checkout owns)."""
   model = os.path.splitext(os.path.basename(gin_files[-1]))[0] if gin_files else "model"
   count = devices or mesh_shape.replace(":", "").replace(",", "_")
-  return os.path.join("gin", "layouts", f"search_{model}_{count}.gin")
+  return f"search_{model}_{count}.gin"
 
 
 def gin_text(work, best, command):
