@@ -2,20 +2,41 @@
 # Every target installs what it needs into .venv first; the programs are .venv/bin/gptneo-*
 # (bin/* from the checkout run the same programs, in .venv).
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+# PROFILE picks the TensorFlow build: cpu (TF 2.21 and the dev tools: the default), tpu
+# (tensorflow-tpu 2.20 + libtpu, for a TPU VM: docs/tpu.md) or gpu (TF 2.21 with CUDA:
+# docs/gpu.md). The venv remembers its profile, so later targets keep it unless told otherwise;
+# another profile makes the venv anew (two TensorFlow builds can't share one).
+PROFILE ?= $(shell cat $(VENV)/.profile 2>/dev/null || echo cpu)
+REQUIREMENTS_cpu := requirements-dev.txt
+REQUIREMENTS_tpu := requirements-tpu.txt
+REQUIREMENTS_gpu := requirements-gpu.txt
+REQUIREMENTS := $(REQUIREMENTS_$(PROFILE))
+$(if $(REQUIREMENTS),,$(error PROFILE=$(PROFILE) is unknown; use cpu, tpu or gpu))
+# What `make test` runs: cpu the whole suite; tpu and gpu its core (training, resume,
+# evaluation, sampling, layouts, the TPU graphs), which needs nothing but their requirements.
+CORE_TESTS := tests/test_train.py tests/test_eval_sample.py tests/test_layouts.py \
+	tests/test_tpu.py tests/test_compat.py
+TESTS_cpu := tests
+TESTS_tpu := $(CORE_TESTS)
+TESTS_gpu := $(CORE_TESTS)
 DATA := data/stdlib
 RUN := runs/tiny
 
 .PHONY: install demo data train sample test faults lint bench clean sweep sweep-report
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(PROFILE)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-interop.txt setup.py
+$(VENV)/.installed-$(PROFILE): $(wildcard requirements*.txt) setup.py
+	@if [ -f $(VENV)/.profile ] && [ "$$(cat $(VENV)/.profile)" != $(PROFILE) ]; then \
+	  echo "$(VENV) holds the $$(cat $(VENV)/.profile) profile: making it anew for $(PROFILE)"; \
+	  rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	echo $(PROFILE) > $(VENV)/.profile
 	touch $@
 
 data: $(DATA)/dataset.json
@@ -44,7 +65,7 @@ sweep-report: install
 	$(BIN)/gptneo-sweep --report --root=$(ROOT)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(TESTS_$(PROFILE))
 
 # The fault suite with a storm of 20 kills (CI runs 5); prints kills, checkpoints verified,
 # leftovers and the largest loss difference from an uninterrupted run.
