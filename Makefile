@@ -14,10 +14,17 @@ REQUIREMENTS_tpu := requirements-tpu.txt
 REQUIREMENTS_gpu := requirements-gpu.txt
 REQUIREMENTS := $(REQUIREMENTS_$(PROFILE))
 $(if $(REQUIREMENTS),,$(error PROFILE=$(PROFILE) is unknown; use cpu, tpu or gpu))
-# What `make test` runs: cpu the whole suite; tpu and gpu its core (training, resume,
-# evaluation, sampling, layouts, the TPU graphs), which needs nothing but their requirements.
-CORE_TESTS := tests/test_train.py tests/test_eval_sample.py tests/test_layouts.py \
-	tests/test_tpu.py tests/test_compat.py
+# What `make test` runs: cpu the whole suite; tpu and gpu its core, chosen to stay short (CI
+# runs it under the TPU profile): training, resume, evaluation (periodic and bin/eval),
+# sampling, a split layout, the shipped layout files, the TPU graphs and checks, the TF shims.
+CORE_TESTS := tests/test_tpu.py tests/test_compat.py \
+	tests/test_train.py::test_loss_falls_and_validation_loss_is_reported \
+	tests/test_train.py::test_periodic_evaluation_after_a_resume_equals_an_uninterrupted_run \
+	tests/test_train.py::test_validation_is_one_number_periodic_end_of_run_and_bin_eval \
+	tests/test_train.py::test_sample_prints_decoded_text \
+	'tests/test_layouts.py::test_split_equals_single_device[4 data x model]' \
+	tests/test_layouts.py::test_shipped_cpu_layout_file_is_a_tested_case \
+	tests/test_layouts.py::test_accelerator_layout_fits_its_slice_and_gpt3_xl
 TESTS_cpu := tests
 TESTS_tpu := $(CORE_TESTS)
 TESTS_gpu := $(CORE_TESTS)
