@@ -112,6 +112,8 @@ def test_mesh_larger_than_the_tpu_is_a_one_line_error():
     (["mesh.implementation = 'simd'"], ["set mesh.tpu"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.eval_every_n_steps = 5"],
      ["train.eval_every_n_steps = 5", "no periodic evaluation", "bin/eval"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.harness_tasks = ['x']"],
+     ["train.harness_tasks = ['x']", "can't score harness tasks", "bin/lm_eval"]),
     (["train.steps_per_loop = 4"], ["train.steps_per_loop = 4", "TPU only"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'"],  # this machine has no TPU
      ["mesh.tpu = 'local'", "no TPU to initialize"]),
