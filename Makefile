@@ -2,20 +2,51 @@
 # Every target installs what it needs into .venv first; the programs are .venv/bin/gptneo-*
 # (bin/* from the checkout run the same programs, in .venv).
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+# PROFILE picks the TensorFlow build: cpu (TF 2.21 and the dev tools: the default), tpu
+# (tensorflow-tpu 2.20 + libtpu, for a TPU VM: docs/tpu.md) or gpu (TF 2.21 with CUDA:
+# docs/gpu.md). The venv remembers its profile, so later targets keep it unless told otherwise;
+# another profile makes the venv anew (two TensorFlow builds can't share one).
+PROFILE ?= $(shell cat $(VENV)/.profile 2>/dev/null || echo cpu)
+REQUIREMENTS_cpu := requirements-dev.txt
+REQUIREMENTS_tpu := requirements-tpu.txt
+REQUIREMENTS_gpu := requirements-gpu.txt
+REQUIREMENTS := $(REQUIREMENTS_$(PROFILE))
+$(if $(REQUIREMENTS),,$(error PROFILE=$(PROFILE) is unknown; use cpu, tpu or gpu))
+# What `make test` runs: cpu the whole suite; tpu and gpu its core, chosen to stay short (CI
+# runs it under the TPU profile): training, resume, evaluation (periodic and bin/eval),
+# sampling, a split layout, the shipped layout files, the TPU graphs and checks, the TF shims.
+CORE_TESTS := tests/test_tpu.py tests/test_compat.py \
+	tests/test_train.py::test_loss_falls_and_validation_loss_is_reported \
+	tests/test_train.py::test_periodic_evaluation_after_a_resume_equals_an_uninterrupted_run \
+	tests/test_train.py::test_validation_is_one_number_periodic_end_of_run_and_bin_eval \
+	tests/test_train.py::test_sample_prints_decoded_text \
+	'tests/test_layouts.py::test_split_equals_single_device[4 data x model]' \
+	tests/test_layouts.py::test_shipped_cpu_layout_file_is_a_tested_case \
+	tests/test_layouts.py::test_accelerator_layout_fits_its_slice_and_gpt3_xl
+TESTS_cpu := tests
+TESTS_tpu := $(CORE_TESTS)
+TESTS_gpu := $(CORE_TESTS)
+# Off a TPU VM, libtpu asks the cloud's metadata server which TPU it is on, retrying for
+# minutes: the tests never use a TPU, so they skip that question.
+TEST_ENV_tpu := TPU_SKIP_MDS_QUERY=1
 DATA := data/stdlib
 RUN := runs/tiny
 
 .PHONY: install demo data train sample test faults lint bench clean sweep sweep-report
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-$(PROFILE)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-interop.txt setup.py
+$(VENV)/.installed-$(PROFILE): $(wildcard requirements*.txt) setup.py
+	@if [ -f $(VENV)/.profile ] && [ "$$(cat $(VENV)/.profile)" != $(PROFILE) ]; then \
+	  echo "$(VENV) holds the $$(cat $(VENV)/.profile) profile: making it anew for $(PROFILE)"; \
+	  rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -r $(REQUIREMENTS)
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	echo $(PROFILE) > $(VENV)/.profile
 	touch $@
 
 data: $(DATA)/dataset.json
@@ -44,7 +75,7 @@ sweep-report: install
 	$(BIN)/gptneo-sweep --report --root=$(ROOT)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(TEST_ENV_$(PROFILE)) $(BIN)/python -m pytest -q $(TESTS_$(PROFILE))
 
 # The fault suite with a storm of 20 kills (CI runs 5); prints kills, checkpoints verified,
 # leftovers and the largest loss difference from an uninterrupted run.

@@ -7,8 +7,14 @@ _HERE = pathlib.Path(__file__).parent
 
 
 def _requirements(name):
-  lines = (_HERE / name).read_text().splitlines()
-  return [line for line in lines if line and not line.startswith(("#", "-r"))]
+  """The pins of requirements file `name`, with those of the files it includes (`-r`)."""
+  pins = []
+  for line in (_HERE / name).read_text().splitlines():
+    if line.startswith("-r "):
+      pins += _requirements(line[3:].strip())
+    elif line and not line.startswith("#"):
+      pins.append(line)
+  return pins
 
 
 def _programs():
@@ -24,7 +30,8 @@ def _console_scripts():
 
 
 def _dev_requirements():
-  return _requirements("requirements-interop.txt") + _requirements("requirements-dev.txt")
+  return [pin for pin in _requirements("requirements-dev.txt")
+          if pin not in _requirements("requirements.txt")]
 
 
 setuptools.setup(

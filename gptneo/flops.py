@@ -33,6 +33,8 @@ PEAK_FLOPS = {
     "tpu_v3": 123e12,  # cloud.google.com/tpu/docs/v3: 123 TFLOP/s per chip
     "tpu_v4": 275e12,  # cloud.google.com/tpu/docs/v4: 275 TFLOP/s per chip
     "tpu_v5e": 197e12,  # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s per chip
+    "tpu_v5p": 459e12,  # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s per chip
+    "tpu_v6e": 918e12,  # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s per chip
     "a100": 312e12,    # NVIDIA A100 datasheet: 312 TFLOP/s bf16 tensor core, dense
     "h100": 989e12,    # NVIDIA H100 SXM datasheet: 989 TFLOP/s bf16 tensor core, dense
 }

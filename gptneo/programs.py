@@ -11,7 +11,7 @@ import sys
 import types
 
 PROGRAMS = ("eval", "export", "import_hf", "lm_eval", "prepare_data", "sample", "search_layout",
-            "sweep", "train")
+            "sweep", "tpu_check", "train")
 
 
 def command(program):
@@ -73,3 +73,4 @@ gptneo_sample = _entry_point("sample")
 gptneo_search_layout = _entry_point("search_layout")
 gptneo_sweep = _entry_point("sweep")
 gptneo_train = _entry_point("train")
+gptneo_tpu_check = _entry_point("tpu_check")

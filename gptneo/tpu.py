@@ -4,15 +4,16 @@ The pieces, each used by gptneo/train_graph.py's SIMD graph:
 - `connect(spec)`: the TPU cluster resolver's master, `tf.tpu.initialize_system()`, and a
   DeviceAssignment of one core per mesh position (mesh larger than the TPU: a one-line error),
   as a `TpuSystem` that runtime.started holds for the process.
-- `Infeed`: the host's tf.data iterator (the same saveable one the placement loop uses) gives
-  each step's batch; the host cuts it into every core's slice of [batch, sequence] as the
-  layout says and enqueues the slices; on the cores, `dequeue` turns them back into mtf
-  tensors with `mtf.import_laid_out_tensor`. One host loop feeds all of a session.run's steps.
+- `Infeed`: every host runs the training pipeline (the same dataset, so the same global
+  batches a single host reads), keeps the rows its own cores hold, cuts them into each core's
+  slice of [batch, sequence] as the layout says and enqueues them; on the cores, `dequeue`
+  turns them back into mtf tensors with `mtf.import_laid_out_tensor`. One loop per host feeds
+  all of a session.run's steps; `IteratorsPosition` saves the hosts' common data position.
 - `device_loop`: `tf.tpu.replicate` of a `tf.while_loop` that builds one training step (mtf
   graph + SIMD lowering) and runs it `loop_steps` times per session.run.
 
-None of this has run on a real TPU; tests/test_tpu.py builds the whole graph over a synthetic
-8-core device assignment. docs/tpu.md has the commands.
+None of this has run on a real TPU; tests/test_tpu.py builds the whole graph over synthetic
+device assignments (one host of 8 cores, 4 hosts of 8 cores). docs/tpu.md has the commands.
 """
 import contextlib
 import dataclasses
@@ -23,6 +24,7 @@ from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 from mesh_tensorflow.experimental import input_reader  # pylint: disable=g-bad-import-order
 from tensorflow.python.tpu import tpu_feed  # pylint: disable=g-direct-tensorflow-import
+from tensorflow.python.training.saving import saveable_object  # pylint: disable=g-direct-tensorflow-import
 
 MAX_METRICS = 16  # scalars a step may report (loss, learning rate, norm, auxiliary losses)
 
@@ -94,23 +96,27 @@ def device_assignment(spec, topology):
   return tf.tpu.experimental.DeviceAssignment.build(topology, num_replicas=spec.size)
 
 
-def synthetic_topology(num_chips, cores_per_chip=2):
-  """The topology of a made-up single-host TPU, so SIMD graphs build without one."""
-  coordinates = [[x, 0, 0, core] for x in range(num_chips) for core in range(cores_per_chip)]
+def synthetic_topology(num_chips, cores_per_chip=2, num_hosts=1):
+  """The topology of a made-up TPU of `num_hosts` hosts with `num_chips` chips each in a row,
+  so SIMD graphs build without one."""
+  coordinates = [[[x, 0, 0, core] for x in range(host * num_chips, (host + 1) * num_chips)
+                  for core in range(cores_per_chip)] for host in range(num_hosts)]
   return tf.tpu.experimental.Topology(
-      mesh_shape=[num_chips, 1, 1, cores_per_chip],
-      device_coordinates=np.array([coordinates], dtype=np.int32))
+      mesh_shape=[num_hosts * num_chips, 1, 1, cores_per_chip],
+      device_coordinates=np.array(coordinates, dtype=np.int32))
 
 
-def synthetic_device_assignment(num_chips, cores_per_chip=2):
+def synthetic_device_assignment(num_chips, cores_per_chip=2, num_hosts=1):
   """A DeviceAssignment of every core of `synthetic_topology`."""
   return tf.tpu.experimental.DeviceAssignment.build(
-      synthetic_topology(num_chips, cores_per_chip), num_replicas=num_chips * cores_per_chip)
+      synthetic_topology(num_chips, cores_per_chip, num_hosts),
+      num_replicas=num_hosts * num_chips * cores_per_chip)
 
 
-def synthetic_system(num_chips, cores_per_chip=2):
+def synthetic_system(num_chips, cores_per_chip=2, num_hosts=1):
   """A TpuSystem of `synthetic_device_assignment`: SIMD graphs build on it, never run."""
-  return TpuSystem("", None, None, synthetic_device_assignment(num_chips, cores_per_chip))
+  return TpuSystem("", None, None,
+                   synthetic_device_assignment(num_chips, cores_per_chip, num_hosts))
 
 
 def host_devices(rt):
@@ -127,45 +133,101 @@ def variable_placer(rt):
 class Infeed:
   """Feeds each step's [batch, n_ctx + 1] windows to the cores, sliced as the layout says.
 
+  Every host reads its cores' input itself: each runs the training pipeline (its own iterator
+  of the same dataset, so the same global batches, in the same order, as one host would read),
+  keeps the batch's rows its own cores hold, slices them per core and enqueues them from that
+  host. Nothing of the input crosses hosts.
+
   Args:
     rt: a runtime.Runtime of a "simd" mesh, with its TpuSystem.
-    next_batch: a function returning the host's next [batch, n_ctx + 1] int32 tensor.
+    make_iterator: a function returning a new initializable iterator of the training pipeline's
+      [batch, n_ctx + 1] int32 batches; called once per host, under that host's device.
     shape: the mtf.Shape of tokens and targets, [batch, sequence].
     loop_steps: int32 tf scalar, the batches one session.run enqueues.
   """
 
-  def __init__(self, rt, next_batch, shape, loop_steps):
+  def __init__(self, rt, make_iterator, shape, loop_steps):
     self._impl, self._shape = rt.mesh_impl(), shape
     self._devices = input_reader.ProcessDevices(self._impl)
-    slice_shape = self._impl.slice_shape(shape)
-    self._queue = tpu_feed.InfeedQueue(number_of_tuple_elements=2,
-                                       tuple_types=[tf.int32, tf.int32],
-                                       tuple_shapes=[slice_shape, slice_shape])
-    with tf.device(host_devices(rt)[0]):
-      self.enqueue = tf.while_loop(
-          lambda i: i < loop_steps, lambda i: self._enqueue_one(next_batch(), i),
-          [tf.constant(0)], parallel_iterations=1, name="infeed_loop")
+    self.hosts = list(dict.fromkeys(self._devices.ordered_hosts))
+    # The cores' queue, as each host's enqueues and the cores' dequeue see it (an InfeedQueue
+    # object generates one set of enqueue ops: one object per host, one for the dequeue).
+    self._queues = {key: self._new_queue() for key in [*self.hosts, "cores"]}
+    self.iterators, loops = [], []
+    for host in self.hosts:
+      with tf.device(host):
+        iterator = make_iterator()
+        self.iterators.append(iterator)
+        loops.append(tf.while_loop(
+            lambda i: i < loop_steps,
+            lambda i, host=host, iterator=iterator: self._enqueue_one(host, iterator, i),
+            [tf.constant(0)], parallel_iterations=1, name="infeed_loop"))
+    self.enqueue = tf.group(loops)
 
-  def _enqueue_one(self, batch, i):
-    """Enqueues one batch's slices on every core; returns i + 1 once they are enqueued."""
-    tokens, targets = batch[:, :-1], batch[:, 1:]
-    per_core = [[self._slice(tokens, p), self._slice(targets, p)] for p in range(self._impl.size)]
-    enqueue_ops = self._queue.generate_enqueue_ops(
-        per_core, tpu_ordinal_function=lambda p: self._devices.ordered_ordinals[p],
-        placement_function=lambda p: self._devices.ordered_hosts[p])
+  def _new_queue(self):
+    slice_shape = self._impl.slice_shape(self._shape)
+    return tpu_feed.InfeedQueue(number_of_tuple_elements=2, tuple_types=[tf.int32, tf.int32],
+                                tuple_shapes=[slice_shape, slice_shape])
+
+  def host_pnums(self, host):
+    """The mesh positions (pnums) whose cores are on `host`, in order."""
+    return [p for p in range(self._impl.size) if self._devices.ordered_hosts[p] == host]
+
+  def host_rows(self, host):
+    """The rows of the global batch that `host`'s cores hold, in order."""
+    rows_per_slice = self._impl.slice_shape(self._shape)[0]
+    starts = sorted({self._impl.slice_begin(self._shape, p)[0] for p in self.host_pnums(host)})
+    return [row for start in starts for row in range(start, start + rows_per_slice)]
+
+  def host_slices(self, host, batch):
+    """{pnum: [tokens, targets]} of each of `host`'s cores, from the global `batch` (only its
+    rows are read: the others never leave the host's pipeline)."""
+    rows = self.host_rows(host)
+    mine = tf.gather(batch, rows)
+    slices = {}
+    for pnum in self.host_pnums(host):
+      begin = self._impl.slice_begin(self._shape, pnum)
+      local = [rows.index(begin[0]), begin[1]]
+      size = self._impl.slice_shape(self._shape)
+      slices[pnum] = [tf.slice(mine[:, :-1], local, size), tf.slice(mine[:, 1:], local, size)]
+    return slices
+
+  def _enqueue_one(self, host, iterator, i):
+    """Enqueues one batch's slices on the host's cores; returns i + 1 once they are enqueued."""
+    slices = self.host_slices(host, iterator.get_next())
+    pnums = sorted(slices)
+    enqueue_ops = self._queues[host].generate_enqueue_ops(
+        [slices[p] for p in pnums],
+        tpu_ordinal_function=lambda k: self._devices.ordered_ordinals[pnums[k]],
+        placement_function=lambda k: host)
     with tf.control_dependencies(enqueue_ops):
       return i + 1
 
-  def _slice(self, tensor, pnum):
-    begin = self._impl.slice_begin(self._shape, pnum)
-    return tf.slice(tensor, begin, self._impl.slice_shape(self._shape))
-
   def dequeue(self, mtf_mesh):
     """On a core: this step's tokens and targets as mtf tensors of `shape`."""
-    tokens, targets = self._queue.generate_dequeue_op()
+    tokens, targets = self._queues["cores"].generate_dequeue_op()
     laid_out = mtf.simd_mesh_impl.SimdMeshImpl.LaidOutTensor
     return (mtf.import_laid_out_tensor(mtf_mesh, laid_out([tokens]), self._shape, "tokens"),
             mtf.import_laid_out_tensor(mtf_mesh, laid_out([targets]), self._shape, "targets"))
+
+
+class IteratorsPosition(saveable_object.SaveableObject):
+  """The data position of several hosts' iterators of one pipeline, all in the same state:
+  saved from the first (under the name a single iterator's position has), restored into all.
+
+  Args:
+    iterators: initializable iterators of the same dataset, the first saved.
+    external_state_policy: as tf.data.experimental.make_saveable_from_iterator's.
+  """
+
+  def __init__(self, iterators, external_state_policy):
+    self._each = [tf.data.experimental.make_saveable_from_iterator(
+        iterator, external_state_policy=external_state_policy) for iterator in iterators]
+    first = self._each[0]
+    super().__init__(first.op, first.specs, first.name)
+
+  def restore(self, restored_tensors, restored_shapes):
+    return tf.group([each.restore(restored_tensors, restored_shapes) for each in self._each])
 
 
 def device_loop(rt, body, start, loop_steps):

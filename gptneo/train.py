@@ -98,7 +98,7 @@ class Settings:
                       f"divide train.batch_size = {self.batch_size}")
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     runtime.variable_dtype(self.precision)
-    check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps)
+    check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps, self.harness_tasks)
     check_memory(self)
     info = inputs.read_dataset_info(self.dataset_dir)
     check_dataset(self.model, info, self.dataset_dir)
@@ -240,14 +240,18 @@ def corrupt_shard(dataset_dir, splits):
   return None
 
 
-def check_loop(spec, steps_per_loop, eval_every_n_steps):
-  """Loops on the device exist on the TPU only, and have no periodic evaluation yet."""
+def check_loop(spec, steps_per_loop, eval_every_n_steps, harness_tasks=()):
+  """Loops on the device exist on the TPU only, and have no periodic evaluation yet (nor the
+  harness, whose restored model runs on a placement mesh only)."""
   if spec.implementation != "simd" and steps_per_loop != 1:
     raise UserError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
   if spec.implementation == "simd" and eval_every_n_steps:
     raise UserError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
                     f"periodic evaluation yet; set it to 0 and run gptneo-eval on the checkpoints")
+  if spec.implementation == "simd" and harness_tasks:
+    raise UserError(f"train.harness_tasks = {list(harness_tasks)!r}: the TPU loop can't score "
+                    f"harness tasks yet; drop them and run gptneo-lm-eval on the checkpoints")
 
 
 @gin.configurable("train")

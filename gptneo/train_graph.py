@@ -231,12 +231,15 @@ def _train_iterator(settings):
       s.dataset_dir, "train", s.batch_size, seed=s.seed, sampling=s.sampling))
 
 
-def _checkpoints(lowering, iterator, settings, model_dir):
-  """Mesh variables plus the data position, so a resumed run sees the same batches."""
+def _checkpoints(lowering, iterators, settings, model_dir):
+  """Mesh variables plus the data position, so a resumed run sees the same batches.
+
+  `iterators`: the training pipeline's, one per host that reads it (all in the same state:
+  the first is saved, every one restored).
+  """
   # The one external state a pipeline has is shard_cache's fetching of gs:// shards, which
   # a restored iterator does again for the shard it was reading.
-  saveable = tf.data.experimental.make_saveable_from_iterator(
-      iterator, external_state_policy="ignore")
+  saveable = tpu.IteratorsPosition(iterators, external_state_policy="ignore")
   return checkpoints_lib.Checkpoints(lowering, model_dir, settings.keep_checkpoints, [saveable])
 
 
@@ -257,7 +260,7 @@ def build_placement(settings, model_dir, rt):
       train_op = tf.assign_add(step, 1).op
     graph_parts = TrainGraph(graph, step, lowered.loss, step_graph.learning_rate,
                              lowered.grad_norm, train_op, [iterator.initializer],
-                             _checkpoints(lowering, iterator, s, model_dir), lowered.aux_losses)
+                             _checkpoints(lowering, [iterator], s, model_dir), lowered.aux_losses)
     if validation:
       graph_parts.eval_fetches = {**validation.tf_fetches, **{
           name: lowering.export_to_tf_tensor(value) for name, value in validation.mtf.items()}}
@@ -297,19 +300,18 @@ def build_simd(settings, model_dir, rt):
   """The SIMD (TPU) mesh's training graph: up to `steps_per_loop` steps per session.run.
 
   The same step as build_placement (mtf_step, lower_step), built inside tpu.device_loop on
-  every core; batches come from the same saveable iterator through tpu.Infeed. Needs rt.tpu
-  (runtime.started, or tpu.synthetic_system to only build).
+  every core; batches come from the same pipeline, read on every host, through tpu.Infeed.
+  Needs rt.tpu (runtime.started, or tpu.synthetic_system to only build).
   """
   s, graph = settings, tf.Graph()
   with graph.as_default(), tpu.v1_control_flow():
     tf.set_random_seed(s.seed)
     with tf.device(tpu.host_devices(rt)[0]):
       step = tf.train.get_or_create_global_step()
-      iterator = _train_iterator(s)
       loop_steps = tf.placeholder_with_default(1, [], "loop_steps")
       start = tf.identity(step)
     dims = s.model.dims(s.batch_size)
-    infeed = tpu.Infeed(rt, iterator.get_next, mtf.Shape([dims.batch, dims.sequence]),
+    infeed = tpu.Infeed(rt, lambda: _train_iterator(s), mtf.Shape([dims.batch, dims.sequence]),
                         loop_steps)
     built = {}
 
@@ -326,8 +328,9 @@ def build_simd(settings, model_dir, rt):
     loss, learning_rate, norm, *aux = tpu.device_loop(rt, body, start, loop_steps)
     with tf.control_dependencies([loss, learning_rate, norm, *aux]):
       train_op = tf.assign_add(step, tf.cast(loop_steps, step.dtype)).op
-    return TrainGraph(graph, step, loss, learning_rate, norm, train_op, [iterator.initializer],
-                      _checkpoints(built["lowering"], iterator, s, model_dir),
+    return TrainGraph(graph, step, loss, learning_rate, norm, train_op,
+                      [iterator.initializer for iterator in infeed.iterators],
+                      _checkpoints(built["lowering"], infeed.iterators, s, model_dir),
                       dict(zip(built["aux"], aux, strict=True)), steps_per_run=s.steps_per_loop,
                       loop_steps=loop_steps, enqueue=infeed.enqueue)
 

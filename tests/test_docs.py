@@ -39,3 +39,57 @@ def test_every_registered_configurable_is_in_the_reference():
   for configurable in gin_utils.registered():
     assert f"`{configurable.name}" in reference or f"`@{configurable.name}" in reference, (
         configurable.name)
+
+
+def pins(name):
+  """{package: version} of a requirements file's exact pins (its includes left out)."""
+  lines = (REPO / name).read_text().splitlines()
+  return dict(re.fullmatch(r"([\w\-\[\]]+)==(\S+)", line).groups() for line in lines
+              if "==" in line and not line.startswith("#"))
+
+
+def doc_commands(text):
+  """The shell commands of a doc's indented or fenced blocks, continuation lines joined."""
+  blocks = re.findall(r"(?m)^(?: {4}.*\n?)+", text) + re.findall(r"```sh\n(.*?)```", text, re.S)
+  commands = []
+  for block in blocks:
+    commands += [line.strip() for line in re.sub(r"\\\n\s*", " ", block).splitlines()
+                 if line.strip()]
+  return commands
+
+
+def test_tpu_doc_is_consistent_with_the_tpu_profile():
+  """docs/tpu.md's runtime image, install command, libtpu, layout files, chip names and
+  programs are those of requirements-tpu.txt, the Makefile and the code."""
+  from gptneo import flops  # pylint: disable=g-import-not-at-top
+  from gptneo import programs  # pylint: disable=g-import-not-at-top
+  doc = (REPO / "docs" / "tpu.md").read_text()
+  commands = doc_commands(doc)
+  tpu_pins = pins("requirements-tpu.txt")
+  images = re.findall(r"tpu-vm-tf-([\d.]+)-(?:pod-)?pjrt", doc)
+  assert images and set(images) == {tpu_pins["tensorflow-tpu"]}
+  assert "make install PROFILE=tpu" in commands
+  assert "REQUIREMENTS_tpu := requirements-tpu.txt" in (REPO / "Makefile").read_text()
+  assert f"libtpu=={tpu_pins['libtpu']}" in doc
+  for layout in re.findall(r"layouts/([\w{},]+)\.gin", doc):
+    stem, _, sizes = layout.partition("{")
+    for name in [stem + size for size in sizes.rstrip("}").split(",")] if sizes else [stem]:
+      if not name.startswith("search_"):  # what gptneo-search-layout writes
+        assert (REPO / "gin" / "layouts" / f"{name}.gin").is_file(), name
+  for chip in re.findall(r"tpu_v\d\w?(?=['`\"])", doc):
+    assert chip in flops.PEAK_FLOPS, chip
+  for command in commands:
+    program = re.match(r"\.venv/bin/gptneo-([\w-]+)", command)
+    if program:
+      name = program.group(1).replace("-", "_")
+      assert name in programs.PROGRAMS, command
+      defined = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', (REPO / "bin" / name).read_text()))
+      for flag in re.findall(r"--(\w+)=", command):
+        assert flag in defined | {"gin_file", "gin_param"}, (flag, command)
+
+
+def test_gpu_profile_pins_tensorflow_with_cuda_at_the_cpu_profiles_version():
+  assert pins("requirements-gpu.txt")["tensorflow[and-cuda]"] == pins(
+      "requirements.txt")["tensorflow"]
+  doc = (REPO / "docs" / "gpu.md").read_text()
+  assert "make install PROFILE=gpu" in doc and "compute_90" in doc

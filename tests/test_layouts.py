@@ -283,8 +283,13 @@ def test_shipped_cpu_layout_file_is_a_tested_case(layout_file):
 
 TPU_LAYOUTS = ["tpu_v3_8.gin", "tpu_v3_32.gin", "tpu_v3_128.gin", "tpu_v3_256.gin",
                "tpu_v3_512.gin", "tpu_v4_8.gin", "tpu_v4_32.gin", "tpu_v4_128.gin",
-               "tpu_v4_256.gin", "tpu_v4_512.gin"]
-DEVICES = {"v3": lambda cores: cores, "v4": lambda cores: cores // 2}  # v4: megacore chips
+               "tpu_v4_256.gin", "tpu_v4_512.gin", "tpu_v5e_8.gin", "tpu_v5p_8.gin",
+               "tpu_v6e_8.gin"]
+# A slice's name counts TensorCores (v3, v4, v5p) or chips (v5e, v6e); a device is a core
+# (v3), a megacore chip of 2 cores (v4, v5p) or a chip of one core (v5e, v6e).
+DEVICES = {"v3": lambda cores: cores, "v4": lambda cores: cores // 2,
+           "v5p": lambda cores: cores // 2, "v5e": lambda chips: chips,
+           "v6e": lambda chips: chips}
 
 
 @pytest.mark.parametrize("layout_file", TPU_LAYOUTS + ["gpu8.gin", "gpu8_data.gin"])
@@ -297,7 +302,8 @@ def test_accelerator_layout_fits_its_slice_and_gpt3_xl(layout_file):
     assert spec.size == 8
   else:
     spec = mesh_lib.mesh()
-    generation, cores = layout_file[4:6], int(layout_file[:-4].split("_")[-1])
+    _, generation, cores = layout_file[:-4].split("_")
+    cores = int(cores)
     assert (spec.implementation, spec.size) == ("simd", DEVICES[generation](cores))
     spec.validate(gpt_lib.GPT().dims(512).sizes())
     assert spec.devices == [""] * spec.size

@@ -1,6 +1,8 @@
 """The TPU training loop, as far as it can be checked without a TPU: the whole graph (infeed,
-replicated device loop, checkpoint saver) builds over a synthetic 8-core device assignment,
-and bad TPU configs are one-line errors before the model dir is touched."""
+replicated device loop, checkpoint saver) builds over synthetic device assignments (one host
+of 8 cores; a pod of 4 hosts of 8 cores, each reading its own cores' input), and bad TPU
+configs are one-line errors before the model dir is touched."""
+import numpy as np
 import pytest
 
 from gptneo import mesh as mesh_lib
@@ -8,7 +10,8 @@ from gptneo import runtime
 from gptneo import tpu
 from gptneo import train as train_lib
 from gptneo import train_graph
-from gptneo.compat import tf
+from gptneo.compat import mtf, tf
+from gptneo.data import inputs
 from gptneo.model import gpt as gpt_lib
 from gptneo.optim import optimizers
 from tests.conftest import N_CTX, TINY_TEST_BINDINGS, VOCAB, run_binary
@@ -24,8 +27,9 @@ def simd_spec(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y"):
 
 def settings(model, spec, dataset_dir, **knobs):
   """The knobs both loops are built with here (eval_batches 0: the TPU loop has none)."""
+  knobs = {"batch_size": BATCH, **knobs}
   return train_lib.settings(model=model, optimizer=optimizers.Adam(), mesh=spec,
-                            dataset_dir=dataset_dir, batch_size=BATCH, train_steps=100, seed=1,
+                            dataset_dir=dataset_dir, train_steps=100, seed=1,
                             precision="bfloat16", microbatches_per_batch=2, clip_norm=1.0,
                             eval_batches=0, keep_checkpoints=3, **knobs)
 
@@ -108,6 +112,8 @@ def test_mesh_larger_than_the_tpu_is_a_one_line_error():
     (["mesh.implementation = 'simd'"], ["set mesh.tpu"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.eval_every_n_steps = 5"],
      ["train.eval_every_n_steps = 5", "no periodic evaluation", "bin/eval"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.harness_tasks = ['x']"],
+     ["train.harness_tasks = ['x']", "can't score harness tasks", "bin/lm_eval"]),
     (["train.steps_per_loop = 4"], ["train.steps_per_loop = 4", "TPU only"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'"],  # this machine has no TPU
      ["mesh.tpu = 'local'", "no TPU to initialize"]),
@@ -122,3 +128,114 @@ def test_bad_tpu_config_stops_before_touching_the_model_dir(bindings, fragments,
                       *[f"--gin_param={p}" for p in params])
   assert_one_line_error(result, "train", *fragments)
   assert not model_dir.exists() or not any(model_dir.iterdir())
+
+
+@pytest.mark.parametrize("layout, fragments", [
+    ("layouts/tpu_v3_8.gin", ["mesh.tpu = 'local'", "no TPU to initialize"]),  # none here
+    ("layouts/cpu2_data.gin", ["--layout=layouts/cpu2_data.gin", "not a TPU layout"]),
+])
+def test_first_run_check_without_a_tpu_stops_in_one_line(layout, fragments, tmp_path):
+  work_dir = tmp_path / "check"
+  result = run_binary("tpu_check", "--tpu=local", f"--layout={layout}",
+                      f"--work_dir={work_dir}")
+  assert_one_line_error(result, "tpu_check", *fragments)
+  assert not work_dir.exists()
+
+
+# A pod: 4 hosts of 4 chips x 2 cores. The batch is split 8-way over x, heads 4-way over y.
+POD = dict(num_chips=4, cores_per_chip=2, num_hosts=4)
+POD_BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def pod(small_dataset, tmp_path_factory):
+  """The training graph over the 4-host pod, and its runtime."""
+  rt = runtime.Runtime(simd_spec("x:8,y:4"), tpu=tpu.synthetic_system(**POD))
+  knobs = dict(steps_per_loop=10, batch_size=POD_BATCH)
+  built = train_graph.build(settings(gpt_lib.GPT(**MODEL), rt.spec, small_dataset, **knobs),
+                            str(tmp_path_factory.mktemp("pod_run")), rt)
+  return built, rt
+
+
+def data_inputs(op, stop):
+  """The ops `op` reads data from (not control), transitively, short of `stop` ops' types."""
+  seen, todo = set(), [t.op for t in op.inputs]
+  while todo:
+    current = todo.pop()
+    if current not in seen:
+      seen.add(current)
+      if current.type not in stop:
+        todo.extend(t.op for t in current.inputs)
+  return seen
+
+
+def test_every_host_reads_and_enqueues_only_its_own_cores_input(pod):
+  built, rt = pod
+  ops = built.graph.get_operations()
+  hosts = [f"/task:{task}/device:CPU:0" for task in range(4)]
+  readers = [op for op in ops if op.type == "IteratorGetNext"]
+  assert sorted(op.device for op in readers) == hosts  # one pipeline per host, on it
+  enqueues = [op for op in ops if op.type == "InfeedEnqueueTuple"]
+  assert len(enqueues) == 32
+  assignment = rt.tpu.device_assignment
+  for op in enqueues:
+    host = op.device
+    # every tensor the enqueue's data comes from was made on its own host: none crossed
+    assert {x.device for x in data_inputs(op, stop={"IteratorV2"})} == {host}, op.name
+    ordinal = op.get_attr("device_ordinal")
+    cores = [p for p in range(32) if assignment.host_device(replica=p) == host and
+             assignment.tpu_ordinal(replica=p) == ordinal]
+    assert len(cores) == 1  # the enqueue feeds a core of its own host
+    shapes = [tuple(dim.size for dim in shape.dim) for shape in op.get_attr("shapes")]
+    assert shapes == [(POD_BATCH // 8, N_CTX)] * 2
+
+
+def batches(dataset_dir, steps):
+  """The first `steps` global batches of the training pipeline, as a single host reads them."""
+  with tf.Graph().as_default(), tf.Session() as session:
+    iterator = tf.data.make_initializable_iterator(inputs.make_dataset(
+        dataset_dir, "train", POD_BATCH, seed=1))
+    session.run(iterator.initializer)
+    batch = iterator.get_next()
+    return [session.run(batch) for _ in range(steps)]
+
+
+def test_each_core_gets_the_layouts_slice_of_a_one_host_runs_batches(pod, small_dataset):
+  """Each host's pipeline gives the global batches of a one-host run, in its order, and from
+  them every core gets exactly the [batch, sequence] slice the layout assigns it."""
+  _, rt = pod
+  expected = batches(small_dataset, steps=3)
+  shape = gpt_lib.GPT(**MODEL).dims(POD_BATCH)
+  shape = mtf.Shape([shape.batch, shape.sequence])
+
+  def pipeline():
+    return tf.data.make_initializable_iterator(
+        inputs.make_dataset(small_dataset, "train", POD_BATCH, seed=1))
+
+  with tf.Graph().as_default():  # the pod's Infeed: its enqueues can't run here
+    infeed = tpu.Infeed(rt, pipeline, shape, loop_steps=tf.constant(1))
+  # Each host's pipeline and slicing, as its own loop runs them, here on this machine.
+  with tf.Graph().as_default(), tf.Session() as session:
+    per_host = {}
+    for host in infeed.hosts:
+      iterator = pipeline()
+      session.run(iterator.initializer)
+      per_host[host] = infeed.host_slices(host, iterator.get_next())
+    impl = rt.mesh_impl()
+    for batch in expected:
+      hosts_slices = session.run(list(per_host.values()))
+      fed = {pnum: pair for slices in hosts_slices for pnum, pair in slices.items()}
+      assert sorted(fed) == list(range(32)) == sorted(p for s in hosts_slices for p in s)
+      for pnum, (tokens, targets) in fed.items():
+        (row, column), (rows, columns) = impl.slice_begin(shape, pnum), impl.slice_shape(shape)
+        window = batch[row:row + rows]
+        np.testing.assert_array_equal(tokens, window[:, column:column + columns])
+        np.testing.assert_array_equal(targets, window[:, column + 1:column + columns + 1])
+
+
+def test_the_pods_data_position_is_saved_as_one_hosts_and_restored_on_every_host(
+    pod, tpu_graph):
+  built, _ = pod
+  assert saved_names(built.graph) == saved_names(tpu_graph.graph)
+  restores = [op for op in built.graph.get_operations() if op.type == "DeserializeIterator"]
+  assert sorted(op.device for op in restores) == [f"/task:{t}/device:CPU:0" for t in range(4)]
