@@ -1,7 +1,7 @@
 """The one registration point: importing it registers every gin configurable of gptneo.
 
 Every binary imports it at the top, so any gin file parses in any of them; gin_utils, a leaf,
-never imports it. gin_reference derives the README's reference from what is listed here.
+never imports it. gin_reference derives docs/config_reference.md from what is listed here.
 """
 # gin_utils first: it imports TensorFlow with TF's C++ start-up banner silenced.
 from gptneo import gin_utils  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
@@ -20,7 +20,7 @@ from gptneo.model import ops
 from gptneo.model import positions
 from gptneo.optim import optimizers
 
-# Modules whose configurables have knobs, in the order the README's reference lists them.
+# Modules whose configurables have knobs, in the order docs/config_reference.md lists them.
 KNOBS = (train, gpt, positions, moe, optimizers, mesh, memory, sample, evaluate, harness_run, hf,
          loggers)
 

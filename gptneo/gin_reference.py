@@ -1,8 +1,8 @@
-"""The README's gin reference: what gptneo.configurables registers, from the configurables'
+"""The gin reference (docs/config_reference.md): what gptneo.configurables registers, from the configurables'
 own signatures and docstrings.
 
   python -m gptneo.gin_reference            # print the reference
-  python -m gptneo.gin_reference README.md  # rewrite the README's reference section
+  python -m gptneo.gin_reference docs/config_reference.md  # rewrite its reference section
 """
 import inspect
 import re

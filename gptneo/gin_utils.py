@@ -280,7 +280,7 @@ def binding_problem(selector: str, parameter: str):
   if configurable is None:
     names = sorted({c.name for c in registered()})
     return f"{selector!r} is no configurable of gptneo; " + _fix(
-        selector.rsplit(".", 1)[-1], names, "", "see the gin reference in the README")
+        selector.rsplit(".", 1)[-1], names, "", "see docs/config_reference.md")
   return _parameter_problem(configurable, parameter)
 
 
