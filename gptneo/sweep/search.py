@@ -21,7 +21,9 @@ import dataclasses
 import json
 import logging as std_logging
 import math
+import os
 import signal
+import socket
 import time
 import warnings
 
@@ -133,7 +135,13 @@ def sampler(spec, params):
   import optuna  # pylint: disable=g-import-not-at-top
   samplers = optuna.samplers
   if spec.search == "grid":
-    return samplers.GridSampler({p.name: list(p.choices) for p in params}, seed=spec.random_seed)
+
+    class Grid(samplers.GridSampler):
+      def after_trial(self, *args):
+        """Not Study.stop() once the grid is visited (it works inside Study.optimize only):
+        our driver counts the trials itself."""
+
+    return Grid({p.name: list(p.choices) for p in params}, seed=spec.random_seed)
   make = {"random": samplers.RandomSampler, "tpe": samplers.TPESampler,
           "cmaes": samplers.CmaEsSampler}[spec.search]
   return make(seed=spec.random_seed)
@@ -342,6 +350,7 @@ class SearchDriver(runner.Driver):
     resume = "resumes" in trial.user_attrs
     this = point(self.spec, self.params, trial.params, trial.number)
     trial.set_user_attr("point", this.name)
+    trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")
     if self._settled_as_repeat(trial, this, resume):
       return
     try:
@@ -392,8 +401,9 @@ class SearchDriver(runner.Driver):
                           {"point": this.to_json(), "facts": dataclasses.asdict(facts)})
       (run_dir / root_lib.POINT_GIN).write_text(root_lib.point_gin(this, self.root, run_dir))
     state = self.root.state(this)
-    if state["status"] == "running":  # its driver died: that attempt ended there
-      state["attempts"][-1].setdefault("outcome", "interrupted")
+    if state["status"] == "running":  # its driver died: that attempt ended at its last beat
+      last = state["attempts"][-1]
+      last.update(end=state.get("heartbeat", last["start"]), outcome="interrupted")
     state["trials"] = [*state.get("trials", []), trial.number]
     state.pop("pruned_step", None)
     self.root.write_state(this, {**state, "status": "pending"})
