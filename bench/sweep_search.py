@@ -2,10 +2,10 @@
 
   .venv/bin/python bench/sweep_search.py            # needs data/stdlib (make data)
 
-Both run through bin/sweep on tiny.gin's space of learning rate x width x warmup (3 x 3 x 3 =
-27 points), shortened to STEPS steps of 8 x 256 tokens: first the whole grid, then
---search=tpe --pruner=asha with TRIALS trials (pruning at the validation losses of every
-EVAL_EVERY steps). Tokens spent are each run dir's last step trained (train_metrics.jsonl)
+Both run through bin/sweep on gin/sweeps/tiny_search.gin, tiny.gin's space of learning rate x
+width x warmup (3 x 3 x 3 = 27 points) shortened to 150 steps of 8 x 256 tokens: first the
+whole grid, then --search=tpe --pruner=asha with TRIALS trials (pruning at the validation
+losses of every 25 steps). Tokens spent are each run dir's last step trained (train_metrics.jsonl)
 times its tokens per step: a pruned point counts the steps it ran, a trial repeating a point
 already run counts nothing (its result is copied). The goal (issue 26): the search's best
 final validation loss within 1% of the grid's, with at most a third of its tokens.
@@ -24,19 +24,13 @@ from timing import cpu_line  # noqa: E402  (bench/ is sys.path[0])
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STEPS, EVAL_EVERY, TRIALS = 150, 25, 12
-AXES = ["learning_rate_schedule.learning_rate = [1e-3, 3e-3, 1e-2]",
-        "GPT.n_embd = [32, 64, 128]", "learning_rate_schedule.warmup_steps = [0, 15, 60]"]
-BINDINGS = ["train.batch_size = 8", f"train.train_steps = {STEPS}",
-            f"train.eval_every_n_steps = {EVAL_EVERY}", "train.eval_steps = 8",
-            "train.log_every_n_steps = 25", "train.steps_per_checkpoint = 1000"]
+SWEEP, TRIALS = "tiny_search.gin", 12
 
 
 def run_sweep(root, parallel, extra=()):
   """Runs one sweep into `root`; returns its wall time in seconds."""
-  command = [sys.executable, str(REPO / "bin" / "sweep"), "--gin_file=tiny.gin",
-             *[f"--gin_param={p}" for p in BINDINGS], *[f"--axis={a}" for a in AXES],
-             f"--root={root}", f"--parallel={parallel}", *extra]
+  command = [sys.executable, str(REPO / "bin" / "sweep"), f"--sweep={SWEEP}", f"--root={root}",
+             f"--parallel={parallel}", *extra]
   start = time.time()
   subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO)
   return time.time() - start

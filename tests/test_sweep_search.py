@@ -4,7 +4,6 @@ bad input (samplers, distributions, storage, another sweep's study)."""
 import csv
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -209,5 +208,5 @@ def test_two_drivers_share_a_postgres_study_and_a_killed_ones_trial_is_taken_up(
   for name in rows:  # never two bin/train processes on one run dir at once
     attempts = root_lib.read_json(root / name / root_lib.STATE_JSON)["attempts"]
     spans = sorted((a["start"], a.get("end", a["start"])) for a in attempts)
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])), attempts
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), attempts
   assert json.loads((root / root_lib.SWEEP_JSON).read_text())["storage"] == postgres
