@@ -343,7 +343,9 @@ class SearchDriver(runner.Driver):
         if time.time() < self.hold_until or not (waiting or finished + running < self.target):
           return
         with _quiet_warnings():
-          self._begin(slot, self.study.ask(self.distributions))
+          trial = self.study.ask(self.distributions)
+        self._beat(trial)  # at once: a trial never beaten is never found stale
+        self._begin(slot, trial)
 
   def _begin(self, slot, trial):
     """Runs the trial's point on `slot`, or settles it at once (a repeat, a refused point)."""
@@ -415,10 +417,14 @@ class SearchDriver(runner.Driver):
     run = self.trials[attempt.point.name]
     if now - run.beat >= self.study._storage.get_heartbeat_interval():  # pylint: disable=protected-access
       run.beat = now
-      self.study._storage.record_heartbeat(run.trial._trial_id)  # pylint: disable=protected-access
+      self._beat(run.trial)
     if run.pruned_step is None and attempt.process.poll() is None:
       self._report(attempt, run)
     super()._look(slot, queue)
+
+  def _beat(self, trial):
+    """The trial's heartbeat: its driver is alive (Study.optimize's thread does this there)."""
+    self.study._storage.record_heartbeat(trial._trial_id)  # pylint: disable=protected-access
 
   def _report(self, attempt, run):
     """Reports the run's new validation losses; stops it (SIGTERM) if the pruner says so."""

@@ -179,7 +179,7 @@ class Spec:
   def to_json(self):
     """As sweep.json records it: the search fields only when set (older sweeps lack them)."""
     record = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
-    return {k: v for k, v in record.items() if SEARCH_DEFAULTS.get(k, not v) != v}
+    return {k: v for k, v in record.items() if k not in SEARCH_DEFAULTS or v != SEARCH_DEFAULTS[k]}
 
   def check(self):
     """The parts fit together: random knobs need points, each knob is swept once."""
