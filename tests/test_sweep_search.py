@@ -4,6 +4,7 @@ bad input (samplers, distributions, storage, another sweep's study)."""
 import csv
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import REPO, TINY_TEST_BINDINGS, run_binary
 from gptneo.errors import UserError
+from gptneo.sweep import launch
 from gptneo.sweep import metrics
 from gptneo.sweep import report
 from gptneo.sweep import root as root_lib
@@ -46,6 +48,53 @@ def _trials(url, name):
 def _rows(root):
   with open(root / report.RESULTS_CSV) as f:
     return {r["point"]: r for r in csv.DictReader(f)}
+
+
+# ------------------------------------------------------------------ the space and samplers
+
+
+@pytest.mark.parametrize("sampler", ["grid", "random", "tpe", "cmaes"])
+def test_each_sampler_picks_points_of_the_space(sampler):
+  ranges = sampler == "cmaes"  # CMA-ES takes ranges only; grid takes no range
+  axes = [] if ranges else [f"{LR} = [1e-3, 3e-3]", "GPT.n_embd, GPT.n_head = [32, 64], [2, 4]"]
+  randoms = ["Adam.beta2 = uniform(0.9, 0.99)"] + (
+      [f"{LR} = log_uniform(1e-4, 1e-2)"] if ranges else [])
+  if sampler == "grid":
+    randoms = []
+  spec = sweep_file.spec_from(None, ["tiny.gin"], [], axes, randoms,
+                              {"search": sampler, "trials": 4, "random_seed": 3})
+  params = search.space(spec)
+  study = optuna.create_study(sampler=search.sampler(spec, params))
+  names = set()
+  for _ in range(4):
+    trial = study.ask({p.name: p.distribution for p in params})
+    point = search.point(spec, params, trial.params, trial.number)
+    values = dict(point.values)
+    if ranges:
+      assert 1e-4 <= float(values[LR]) <= 1e-2 and 0.9 <= float(values["Adam.beta2"]) <= 0.99
+      assert float(values[LR]) == float(f"{float(values[LR]):.3g}")
+    else:
+      assert values[LR] in ("0.001", "0.003")
+      assert (values["GPT.n_embd"], values["GPT.n_head"]) in (("32", "2"), ("64", "4"))
+    assert point.gin_params == tuple(f"{n} = {v}" for n, v in point.values)
+    names.add(point.name)
+    study.tell(trial, float(len(names)))
+  if sampler == "grid":
+    assert len(names) == 4  # every grid point once
+  assert search.grid_size(params) == (1 if ranges else 4)
+
+
+def test_slurm_launches_drivers_of_the_one_study(tmp_path):
+  command = ["bin/sweep", "--sweep=tiny_search.gin", "--root=r", "--search=tpe", "--trials=9",
+             "--launcher=slurm", "--sbatch", "--partition=cpu", "--parallel=3",
+             "--storage=postgresql://u@db/s"]
+  script = launch.write_search_slurm(tmp_path / "r", command, ["--partition=cpu"], 3)
+  text = script.read_text()
+  assert "#SBATCH --array=0-2\n" in text and "#SBATCH --partition=cpu\n" in text
+  worker = launch.worker_command(command)
+  assert worker[2:] == ["--sweep=tiny_search.gin", "--root=r", "--search=tpe", "--trials=9",
+                        "--storage=postgresql://u@db/s", "--parallel=1"]
+  assert text.rstrip().endswith(shlex.join(worker))
 
 
 # ------------------------------------------------------------------ bad input
