@@ -236,7 +236,7 @@ def test_two_drivers_share_a_postgres_study_and_a_killed_ones_trial_is_taken_up(
   root = tmp_path / "root"
   axes = [f"{LR} = [3e-3, 1e-3]", "GPT.n_embd = [32, 64]"]
   flags = [*_flags(small_dataset, axes), f"--root={root}", "--search=tpe", "--trials=4",
-           f"--storage={postgres}", "--stale_seconds=4"]
+           f"--storage={postgres}", "--stale_seconds=10"]
   first, second = _driver(flags), _driver(flags)
   cut = _kill_mid_trial(first, postgres, root)
   assert second.wait(timeout=600) == 0, second.stderr.read()[-3000:]

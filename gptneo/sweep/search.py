@@ -276,6 +276,7 @@ class SearchDriver(runner.Driver):
 
   def __init__(self, root, spec, params, study, facts, parallel, max_retries, log,
                poll_seconds=0.5):
+    # The slots' GPUs are sized by the first point's; the points come with the trials.
     super().__init__(root, [], [facts], parallel, max_retries, log, poll_seconds)
     self.facts = []
     self.spec, self.params, self.study = spec, params, study
