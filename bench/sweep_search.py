@@ -3,9 +3,9 @@
   .venv/bin/python bench/sweep_search.py            # needs data/stdlib (make data)
 
 Both run through bin/sweep on gin/sweeps/tiny_search.gin, tiny.gin's space of learning rate x
-width x warmup (3 x 3 x 3 = 27 points) shortened to 150 steps of 8 x 256 tokens: first the
+width x warmup (3 x 3 x 3 = 27 points) shortened to 60 steps of 8 x 256 tokens: first the
 whole grid, then --search=tpe --pruner=asha with TRIALS trials (pruning at the validation
-losses of every 25 steps). Tokens spent are each run dir's last step trained (train_metrics.jsonl)
+losses of every 10 steps). Tokens spent are each run dir's last step trained (train_metrics.jsonl)
 times its tokens per step: a pruned point counts the steps it ran, a trial repeating a point
 already run counts nothing (its result is copied). The goal (issue 26): the search's best
 final validation loss within 1% of the grid's, with at most a third of its tokens.
