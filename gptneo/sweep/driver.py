@@ -55,9 +55,13 @@ def run_search(spec, root_path, parallel, max_retries, command, storage=None, up
   if storage_lib.is_remote(root_path):
     raise UserError(f"--root={root_path}: a search keeps its run dirs in a local folder (one "
                     f"a file system shares between machines); give a local --root")
+  if stale_seconds < 1:
+    raise UserError(f"--stale_seconds={stale_seconds}; use 1 or more (seconds without a "
+                    f"heartbeat before another driver takes a trial up)")
   params = search.space(spec)
   first = search.first_point(spec, params)
   (facts,) = validate.check_all([first])
+  search.pruner(spec, facts)  # a pruner without evaluations is refused before anything is made
   root = root_lib.Root(root_path)
   root.check_same(spec, update)
   if storage is None:

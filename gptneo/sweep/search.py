@@ -158,7 +158,7 @@ def pruner(spec, facts):
   pruners, first = optuna.pruners, max(1, facts.eval_every_n_steps)
   if spec.pruner == "none":
     return pruners.NopPruner()
-  if spec.pruner != "none" and not facts.eval_every_n_steps:
+  if not facts.eval_every_n_steps:
     raise UserError(f"pruner {spec.pruner} needs the validation loss while a point trains; set "
                     f"train.eval_every_n_steps (a divisor of train.train_steps)")
   if spec.pruner == "asha":
@@ -198,7 +198,9 @@ def open_storage(url, stale_seconds):
   import sqlalchemy.exc  # pylint: disable=g-import-not-at-top
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   std_logging.getLogger("alembic").setLevel(std_logging.WARNING)
-  connect = {"connect_timeout": 10} if url.startswith("postgresql") else {"timeout": 60}
+  # Fail fast on a server that doesn't answer; wait out another driver's SQLite write lock.
+  connect = ({"connect_timeout": 10} if url.startswith("postgresql") else
+             {"timeout": 60} if url.startswith("sqlite") else {})
   try:
     with _quiet_warnings():
       return optuna.storages.RDBStorage(
