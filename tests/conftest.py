@@ -1,9 +1,14 @@
 """Shared fixtures: a small prepared dataset and a tiny model config for fast training tests."""
+import glob
 import os
 import pathlib
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import uuid
 
 import gin
@@ -132,6 +137,64 @@ def _count_downloads(server):
 
   backend.get_file = counted
   return downloads
+
+
+def _postgres_bin():
+  """The folder of PostgreSQL's initdb and pg_ctl (Debian keeps them off PATH), or None."""
+  found = shutil.which("initdb")
+  folders = [os.path.dirname(found)] if found else []
+  folders += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+  return next((f for f in folders if os.path.isfile(os.path.join(f, "pg_ctl"))), None)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+  """A PostgreSQL server of this test's own on a loopback port, stopped after the test;
+  yields its URL (user gptneo, no password, database postgres).
+
+  The server comes from the distribution's packages (.ci/run installs them). It refuses to run
+  as root, so as root its folder belongs to the `postgres` user the package creates (or
+  `nobody`) and initdb and pg_ctl run as that user.
+  """
+  bindir = _postgres_bin()
+  if bindir is None:
+    pytest.skip("PostgreSQL's server (initdb, pg_ctl) is not installed: apt-get install "
+                "postgresql (.ci/run does)")
+  folder = tempfile.mkdtemp(prefix="gptneo-postgres-")  # not tmp_path: root's, 0700
+  prefix = []
+  if os.geteuid() == 0:
+    name = next(n for n in ("postgres", "nobody") if _user_exists(n))
+    os.chown(folder, pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid)
+    prefix = ["runuser", "-u", name, "--"]
+  data, port = os.path.join(folder, "data"), _free_port()
+
+  def pg(program, *args):
+    subprocess.run([*prefix, os.path.join(bindir, program), *args], check=True,
+                   capture_output=True, cwd=folder)
+
+  try:
+    pg("initdb", "-D", data, "-U", "gptneo", "--auth=trust", "-E", "UTF8")
+    pg("pg_ctl", "-D", data, "-l", os.path.join(folder, "server.log"), "-w", "-o",
+       f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start")  # -w: until it serves
+    yield f"postgresql://gptneo@127.0.0.1:{port}/postgres"
+  finally:
+    if os.path.isfile(os.path.join(data, "postmaster.pid")):
+      pg("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _user_exists(name):
+  try:
+    pwd.getpwnam(name)
+    return True
+  except KeyError:
+    return False
 
 
 # GPT-Neo's architecture (unscaled attention, global + local layers) at test size, with a

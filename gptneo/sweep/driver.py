@@ -3,6 +3,7 @@ import resource
 
 from absl import logging
 
+from gptneo import storage as storage_lib
 from gptneo.errors import UserError
 from gptneo.sweep import report as report_lib
 from gptneo.sweep import root as root_lib
@@ -34,6 +35,52 @@ def prepare(spec, root_path, command, update=False):
   root = root_lib.Root(root_path)
   root.check_same(spec, update)
   return root, points, facts
+
+
+def run_search(spec, root_path, parallel, max_retries, command, storage=None, update=False,
+               resume_pruned=False, stale_seconds=60):
+  """Runs (or joins, or resumes) a search, then writes its report; returns {trial state: count}.
+
+  Args:
+    spec: a spec.Spec with a search.
+    root_path: --root (a local folder; drivers on other machines share it over a file system).
+    parallel, max_retries, command: as `run`.
+    storage: the study's database URL; None: ROOT/study.db (SQLite).
+    update: make a root and study of another sweep this one.
+    resume_pruned: take the pruned points up again, run to the end.
+    stale_seconds: a trial whose driver's heartbeat is older is taken up by another driver.
+  """
+  from gptneo.sweep import search  # pylint: disable=g-import-not-at-top  (optuna: slow)
+  runner.core_slots(parallel)
+  if storage_lib.is_remote(root_path):
+    raise UserError(f"--root={root_path}: a search keeps its run dirs in a local folder (one "
+                    f"a file system shares between machines); give a local --root")
+  if stale_seconds < 1:
+    raise UserError(f"--stale_seconds={stale_seconds}; use 1 or more (seconds without a "
+                    f"heartbeat before another driver takes a trial up)")
+  params = search.space(spec)
+  first = search.first_point(spec, params)
+  (facts,) = validate.check_all([first])
+  search.pruner(spec, facts)  # a pruner without evaluations is refused before anything is made
+  root = root_lib.Root(root_path)
+  root.check_same(spec, update)
+  if storage is None:
+    root.path.mkdir(parents=True, exist_ok=True)  # our own database, in the root
+  url = storage or search.default_storage(root)
+  opened = search.open_storage(url, stale_seconds)  # a URL that doesn't connect: nothing made
+  study = search.open_study(spec, params, facts, root, opened, update)
+  with root.lock(shared=True):
+    root.check_same(spec, update)
+    root.create(spec, [], [], command, {"storage": url, "stale_seconds": stale_seconds})
+    worker = search.SearchDriver(root, spec, params, study, facts, parallel, max_retries,
+                                 logging.info)
+    if resume_pruned:
+      worker.resume_pruned()
+    counts = worker.run()
+  report_lib.write(root)
+  logging.info("trials: %s; the report is in %s",
+               ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.display)
+  return counts
 
 
 def write_root(spec, root_path, command, update=False, force=False):

@@ -67,7 +67,9 @@ def row(root, point, facts, driver_running=False):
           "bits_per_byte": evals[-1].get("bits_per_byte") if evals else None,
           "tokens_per_s": statistics.median(speeds) if speeds else None,
           "wall_time_s": _wall_time(state), "parameters": facts.parameters,
-          "train_steps": facts.train_steps, "index": point.index}
+          "train_steps": facts.train_steps, "index": point.index,
+          **({"trials": ",".join(map(str, state["trials"]))} if "trials" in state else {}),
+          **({"pruned_step": state["pruned_step"]} if status == "pruned" else {})}
 
 
 def _sort_key(r):
@@ -91,18 +93,29 @@ def rows(root):
 
 
 def axis_keys(table):
-  fixed = {"point", "best", "train_steps", "index", *COLUMNS}
+  fixed = {"point", "best", "train_steps", "index", "trials", "pruned_step", *COLUMNS}
   return [k for k in table[0] if k not in fixed] if table else []
 
 
 def to_csv(table):
   out = io.StringIO()
-  fields = ["point", *axis_keys(table), *COLUMNS, "best"]
+  fields = ["point", *_trials(table), *axis_keys(table), *COLUMNS,
+            *(["pruned_step"] if _trials(table) else []), "best"]
   writer = csv.DictWriter(out, fields, extrasaction="ignore", lineterminator="\n")
   writer.writeheader()
   for r in table:
-    writer.writerow({k: "" if r[k] is None else r[k] for k in fields})  # floats: repr, exact
+    writer.writerow({k: "" if r.get(k) is None else r[k] for k in fields})  # floats: repr
   return out.getvalue()
+
+
+def _trials(table):
+  """["trials"] for a search's table (its points' trial numbers), else []."""
+  return ["trials"] if any("trials" in r for r in table) else []
+
+
+def _status_cell(r):
+  """The status; a pruned point's with the step its pruner stopped it at."""
+  return f"pruned at {r['pruned_step']}" if "pruned_step" in r else r["status"]
 
 
 def _cell(value, digits=4):
@@ -116,12 +129,13 @@ def _cell(value, digits=4):
 def to_markdown(table, fit=None):
   """The table as GitHub markdown, best point in bold; the scaling fit below it, if any."""
   keys = axis_keys(table)
-  head = ["point", *keys, "status", "steps", "train loss", "val loss (best)", "val loss",
+  head = ["point", *_trials(table), *keys, "status", "steps", "train loss", "val loss (best)", "val loss",
           "bits/byte", "tokens/s", "wall time", "params"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in table:
     name = f"**{r['point']}** (best)" if r["best"] else r["point"]
-    cells = [name, *[_cell(r[k]) for k in keys], r["status"], f"{r['steps']}/{r['train_steps']}",
+    cells = [name, *[r.get("trials", "") for _ in _trials(table)], *[_cell(r[k]) for k in keys],
+             _status_cell(r), f"{r['steps']}/{r['train_steps']}",
              *[_cell(r[k]) for k in ("train_loss", "val_loss_best", "val_loss_final",
                                      "bits_per_byte")],
              _cell(r["tokens_per_s"], 0), _clock(r["wall_time_s"]), f"{r['parameters']:,}"]
@@ -160,7 +174,8 @@ def _clock(seconds):
 
 def write(root):
   """Writes results.csv, results.md, loss.png, scaling.png (sizes swept) and the HParams
-  summary into the root; returns the markdown table (with the scaling fit)."""
+  summary into the root (a search: also Optuna's optimization history and parameter
+  importances); returns the markdown table (with the scaling fit)."""
   points, facts = root.points()
   table = rows(root)
   fit = scaling.fit_table(table, {p.name: f for p, f in zip(points, facts, strict=True)})
@@ -171,6 +186,10 @@ def write(root):
   if fit:
     plots.scaling(fit, root.path / plots.SCALING_PNG)
   hparams.write(root, points, table)
+  record = root.read()
+  if record["spec"].get("search"):
+    from gptneo.sweep import search  # pylint: disable=g-import-not-at-top  (optuna: slow)
+    search.plots(root, record)
   root.sync()
   return markdown
 
@@ -180,12 +199,13 @@ def status(path):
   root = open_root(path)
   table = sorted(rows(root), key=lambda r: r["index"])
   counts = {s: sum(r["status"] == s for r in table) for s in
-            ("done", "running", "failed", "diverged", "pending", "unfinished", "interrupted")}
-  summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in root_lib.FINAL)
+            ("done", "running", "pruned", "failed", "diverged", "pending", "unfinished",
+             "interrupted")}
+  summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("done", "diverged"))
   lines = [f"{root.display}: {len(table)} points: {summary}; ETA {_eta(table)}"]
   width = max(len(r["point"]) for r in table)
-  lines += [f"  {r['point']:<{width}}  {r['status']:<11} {r['steps']}/{r['train_steps']}"
-            for r in table]
+  lines += [f"  {r['point']:<{width}}  {_status_cell(r):<11} {r['steps']}/{r['train_steps']}"
+            + (f"  trial {r['trials']}" if r.get("trials") else "") for r in table]
   return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ STATE_JSON = "sweep_state.json"
 POINT_GIN = "point.gin"
 TRAIN_LOG = "train.log"
 LOCK = ".sweep.lock"
-FINAL = ("done", "diverged")  # a point in one of these is never run again
+FINAL = ("done", "diverged", "pruned")  # never run again (pruned: unless --resume_pruned)
 DRIVER_PREFIX = "_sweep"  # a gs:// root's driver files: ROOT/_sweep/
 
 
@@ -134,6 +134,9 @@ class Root:
     if record is None:
       raise UserError(f"--root={self.display} holds no sweep ({SWEEP_JSON}); start one there "
                       f"first")
+    if record["spec"].get("search"):  # a search's points are its trials' run dirs
+      from gptneo.sweep import search  # pylint: disable=g-import-not-at-top
+      return search.points(self)
     return ([spec_lib.Point.from_json(p) for p in record["points"]],
             [validate.Facts(**p["facts"]) for p in record["points"]])
 
@@ -147,8 +150,14 @@ class Root:
                     f"another --root, or --update to make it this sweep (points already run "
                     f"that it still has are kept)")
 
-  def create(self, spec, points, facts, command):
-    """Writes the run dirs (point.gin) and sweep.json; points already there keep their runs."""
+  def create(self, spec, points, facts, command, extra=None):
+    """Writes the run dirs (point.gin) and sweep.json; points already there keep their runs.
+
+    Args:
+      spec, points, facts: the sweep (a search's points come later, with its trials).
+      command: the driver's command line.
+      extra: more of sweep.json (a search: its storage).
+    """
     for point in points:
       if self.uri and point.name == DRIVER_PREFIX:
         raise UserError(f"point {point.index} is named {DRIVER_PREFIX!r}, the folder of a "
@@ -158,7 +167,7 @@ class Root:
       _write_text(run_dir / POINT_GIN, point_gin(point, self, run_dir))
     write_json(self.path / SWEEP_JSON, {
         "spec": spec.to_json(), "git_commit": git_commit(), "command": command,
-        "created": time.time(),
+        "created": time.time(), **(extra or {}),
         "points": [{**p.to_json(), "facts": dataclasses.asdict(f)}
                    for p, f in zip(points, facts, strict=True)]})
     self.sync()
@@ -176,14 +185,15 @@ class Root:
       self.sync()
 
   @contextlib.contextmanager
-  def lock(self, force=False):
+  def lock(self, force=False, shared=False):
     """Held by the one driver running this sweep; the kernel frees it when that one dies.
     A gs:// root also takes the lease of ROOT/_sweep: machines share no kernel; `force`
-    takes over a lease another machine's driver left (one that crashed there)."""
+    takes over a lease another machine's driver left (one that crashed there). `shared`:
+    the drivers of a search, which its study's database keeps apart, hold it together."""
     self.path.mkdir(parents=True, exist_ok=True)
     with open(self.path / LOCK, "a+") as f:
       try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
       except OSError as error:
         if error.errno not in (errno.EAGAIN, errno.EACCES):
           raise

@@ -10,9 +10,15 @@ A sweep file (gin/sweeps/*.gin) is a gin file with four more kinds of line:
   random learning_rate_schedule.learning_rate = log_uniform(1e-4, 1e-2)   # (--random)
   random_points 8                                        # (--random_points, --random_seed)
   seeds 3                                                # train.seed 1234, 1235, 1236
+  search tpe                                             # (--search: grid|random|tpe|cmaes)
+  trials 20                                              # (--trials)
+  pruner asha                                            # (--pruner: asha|hyperband|median|none)
+  objective val_loss_final                               # (--objective)
 
 The points are the cartesian product of the grid axes (the first varies slowest), the
 random points and the seeds. Values are gin text, so `@relu` and `%MACRO` work as in gin.
+With `search`, an Optuna sampler picks the points instead, one trial at a time, from the
+same axes and distributions (gptneo/sweep/search.py).
 """
 import dataclasses
 import hashlib
@@ -31,6 +37,12 @@ SEED = "train.seed"
 SEED_KEY = "seed"  # its key in names and the report
 FIRST_SEED = 1234  # train.seed's default: a one-seed sweep is the unswept run
 DISTRIBUTIONS = ("choice", "uniform", "log_uniform")
+SAMPLERS = ("grid", "random", "tpe", "cmaes")  # --search
+PRUNERS = ("none", "asha", "hyperband", "median")  # --pruner
+# The report's columns a search may minimize (or, tokens/s, maximize): its objective.
+OBJECTIVES = {"val_loss_final": "minimize", "val_loss_best": "minimize", "train_loss": "minimize",
+              "bits_per_byte": "minimize", "tokens_per_s": "maximize", "wall_time_s": "minimize"}
+SEARCH_DEFAULTS = {"search": "", "trials": 0, "pruner": "none", "objective": "val_loss_final"}
 # Short keys for the run dir names of the knobs swept most; any other knob is its last part.
 SHORT_KEYS = {"learning_rate": "lr", "batch_size": "bs", "train_steps": "steps",
               "warmup_steps": "warmup", "weight_decay": "wd", GIN_FILE: "file"}
@@ -159,13 +171,20 @@ class Spec:
   random_points: int = 0
   random_seed: int = 0
   seeds: int = 1
+  search: str = ""  # an Optuna sampler (SAMPLERS) picks the points; "": they are enumerated
+  trials: int = 0
+  pruner: str = "none"
+  objective: str = "val_loss_final"
 
   def to_json(self):
-    return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+    """As sweep.json records it: the search fields only when set (older sweeps lack them)."""
+    record = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as read back
+    return {k: v for k, v in record.items() if k not in SEARCH_DEFAULTS or v != SEARCH_DEFAULTS[k]}
 
   def check(self):
     """The parts fit together: random knobs need points, each knob is swept once."""
-    if self.random and self.random_points < 1:
+    self._check_search()
+    if self.random and self.random_points < 1 and not self.search:
       raise UserError("random knobs are given but random_points is 0; set --random_points "
                       "(or `random_points N` in the sweep file)")
     if self.random_points and not self.random:
@@ -179,6 +198,32 @@ class Spec:
     if twice:
       raise UserError(f"{twice[0]} is swept by more than one axis; sweep each binding once "
                       f"(zip bindings that vary together: 'A, B = [..], [..]')")
+
+  def _check_search(self):
+    """search, trials, pruner and objective: known names, and only with a search."""
+    for field, known in (("search", ("", *SAMPLERS)), ("pruner", PRUNERS),
+                         ("objective", tuple(OBJECTIVES))):
+      if getattr(self, field) not in known:
+        raise UserError(f"{field} {getattr(self, field)!r} is unknown; use one of "
+                        f"{', '.join(k for k in known if k)}")
+    if not self.search:
+      used = [f for f, default in SEARCH_DEFAULTS.items() if getattr(self, f) != default]
+      if used:
+        raise UserError(f"{used[0]} is given without a search; add --search=tpe (or "
+                        f"`search tpe`), or drop it")
+      return
+    if self.trials < 0 or (self.search != "grid" and self.trials < 1):
+      raise UserError(f"trials {self.trials} with search {self.search}; give --trials=N "
+                      f"(N >= 1: the points the sampler picks)")
+    if self.seeds > 1:
+      raise UserError(f"seeds {self.seeds} with search {self.search}: a search picks one run "
+                      f"per point; drop seeds (or bind train.seed)")
+    if self.random_points:
+      raise UserError(f"random_points {self.random_points} with search {self.search}: the "
+                      f"search draws from the random knobs itself; give --trials instead")
+    if self.pruner != "none" and OBJECTIVES[self.objective] != "minimize":
+      raise UserError(f"pruner {self.pruner} stops points by their validation loss, but the "
+                      f"objective {self.objective} is maximized; use --pruner=none")
 
   def all_axes(self):
     """The grid axes, then the random points as one axis, then the seeds."""
@@ -223,6 +268,12 @@ class Point:
   def from_json(cls, record):
     return cls(record["index"], record["name"], tuple(map(tuple, record["values"])),
                tuple(record["gin_files"]), tuple(record["gin_params"]))
+
+
+def point_of(spec, values, index):
+  """One named point binding `values` (the values of each axis: (Axis, one value tuple))."""
+  axes = [Axis(axis.names, (value,)) for axis, value in values]
+  return _named([_point(spec, axes, index, (0,) * len(axes))])[0]
 
 
 def _point(spec, axes, index, combo):

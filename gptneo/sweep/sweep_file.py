@@ -11,7 +11,9 @@ from gptneo.errors import UserError
 from gptneo.sweep import spec as spec_lib
 
 _OPEN, _CLOSE = "([{", ")]}"
-_COUNTS = ("random_points", "random_seed", "seeds")
+_COUNTS = ("random_points", "random_seed", "seeds", "trials")
+_WORDS = {"search": spec_lib.SAMPLERS, "pruner": spec_lib.PRUNERS,  # a one-word value
+          "objective": tuple(spec_lib.OBJECTIVES)}
 
 
 def _scan(line, depth):
@@ -99,12 +101,18 @@ def _statement(parts, where, text):
     parts["random"].append(_located(where, spec_lib.parse_random, rest))
   elif keyword in _COUNTS:
     parts[keyword] = _count(where, keyword, rest.strip())
+  elif keyword in _WORDS and rest.strip().isidentifier():
+    if rest.strip() not in _WORDS[keyword]:
+      raise UserError(f"{where}: {keyword} {rest.strip()!r} is unknown; use one of "
+                      f"{', '.join(_WORDS[keyword])}")
+    parts[keyword] = rest.strip()
   else:
     parts["gin_params"].append(_binding(where, text))
 
 
 _LINES = ("a gin binding 'NAME = VALUE', include 'FILE', axis NAME = [VALUES], random NAME = "
-          "log_uniform(LOW, HIGH), random_points N, random_seed N or seeds N")
+          "log_uniform(LOW, HIGH), random_points N, random_seed N, seeds N, search SAMPLER, "
+          "trials N, pruner PRUNER or objective COLUMN")
 
 
 def _binding(where, text):
@@ -178,7 +186,8 @@ def spec_from(sweep_file=None, gin_files=(), gin_params=(), axes=(), randoms=(),
     gin_params: --gin_param: fixed bindings after the sweep file's.
     axes: --axis texts, e.g. "GPT.n_embd = [64, 128]".
     randoms: --random texts, e.g. "learning_rate_schedule.learning_rate = log_uniform(1e-4, 1e-2)".
-    counts: {random_points, random_seed, seeds} given on the command line (None: unset).
+    counts: {random_points, random_seed, seeds, search, trials, pruner, objective} given on
+      the command line (None: unset).
 
   Returns:
     A checked spec.Spec.
