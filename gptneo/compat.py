@@ -42,4 +42,30 @@ _deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-ac
 
 import mesh_tensorflow as mtf  # noqa: E402  pylint: disable=g-import-not-at-top
 
+
+
+def _generic_grad_lower(self, lowering):
+  """mtf's GenericGradOperation.lower, reading its inputs as laid-out tensors.
+
+  mtf 0.1.21 reads `.tensor_list` of each lowered input, which a LazyAllreduceSum (an
+  einsum's partial sums, all-reduced only when read) doesn't have: the backward pass of a
+  model whose `embd` is split failed to lower ("'LazyAllreduceSum' object has no attribute
+  'tensor_list'"). to_laid_out_tensor() does the pending all-reduce first.
+  """
+  def slices(tensors):
+    return mtf.transpose_list_of_lists(
+        [lowering.tensors[t].to_laid_out_tensor().tensor_list for t in tensors])
+
+  all_ys, all_xs = slices(self._forward_op.outputs), slices(self._forward_op.inputs)
+  all_grad_ys = slices(self._grad_ys)
+  all_grad_xs = [tf.gradients(ys=ys, xs=xs, grad_ys=grad_ys,
+                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                 for ys, xs, grad_ys in zip(all_ys, all_xs, all_grad_ys)]
+  mesh_impl = lowering.mesh_impl(self)
+  for out, grad_x in zip(self.outputs, mtf.transpose_list_of_lists(all_grad_xs)):
+    lowering.set_tensor_lowering(out, mesh_impl.LaidOutTensor.from_tensor_list(grad_x))
+
+
+mtf.GenericGradOperation.lower = _generic_grad_lower
+
 __all__ = ["mtf", "tf"]

@@ -70,7 +70,7 @@ def train_steps(spec, update="sgd"):
   with graph.as_default():
     tf.set_random_seed(7)
     adam_step = tf.Variable(1.0, trainable=False)
-    mtf_graph, mtf_mesh = runtime.new_mesh()
+    mtf_graph, mtf_mesh = runtime.new_mesh(spec=spec)
     model = gpt_lib.GPT(**MODEL)
     dims = model.dims(BATCH)
     windows = np.random.RandomState(0).randint(0, VOCAB, size=(BATCH, N_CTX + 1))
