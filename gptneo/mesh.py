@@ -36,6 +36,19 @@ def shard_dim(weight_dims, split, ways):
                if name in sizes and name not in split and sizes[name] % ways == 0), None)
 
 
+def renamed(x, dims):
+  """mtf tensor `x` with its dimensions renamed, position by position, to `dims`' names.
+
+  Between a weight's stored dimensions and the model's (Sharding.stored_dims), mtf lowers
+  the rename as an all-gather (to the model's) or a slice of the all-reduced sum (to the
+  stored ones) over the rule's mesh dimension.
+  """
+  for old, new in zip(x.shape.dims, dims, strict=True):
+    if old.name != new.name:
+      x = mtf.rename_dimension(x, old.name, new.name)
+  return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Sharding:
   """Which mesh dimension weights (`fsdp`) or optimizer slots (`zero`) are stored split over.

@@ -18,9 +18,13 @@ gradient's scale, 2.8e-8 on a weight):
 A gradient that skips its all-reduce, a gradient 0.1% off or a weight a tenth of an update
 off is caught on every tensor (the tests after test_split_equals_single_device).
 """
+import types
+
+import gin
 import numpy as np
 import pytest
 
+from gptneo import checkpoints as checkpoints_lib
 from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
@@ -176,6 +180,101 @@ def test_single_device_training_moves(single_device):
 @pytest.mark.parametrize("case", list(LAYOUTS))
 def test_split_equals_single_device(case, single_device):
   assert_same_training(train_steps(spec_of(*LAYOUTS[case])), single_device)
+
+
+# The sharded forms (fsdp, zero) and embd splits, over 10 steps of the trainer's own step
+# (train_graph.mtf_step: microbatches, clipping, fused Adam, lower_step's ordering).
+SHARDED = {  # case -> (mesh_shape, layout)
+    "2 fsdp": ("x:2", "batch:x,fsdp:x"),
+    "2 zero": ("x:2", "batch:x,zero:x"),
+    "2 embd": ("x:2", "embd:x"),
+    "4 fsdp": ("x:4", "batch:x,fsdp:x"),
+    "4 zero": ("x:4", "batch:x,zero:x"),
+    "4 data x embd": ("x:2,y:2", "batch:x,embd:y"),
+    "4 data x model, fsdp": ("x:2,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 data x model, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 model x data, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 data x model, zero": ("x:4,y:2", "batch:x,heads:y,mlp:y,zero:x"),
+}
+LONG_STEPS, MICROBATCHES = 10, 2
+LONG_WEIGHT_ATOL = 0.1 * ADAM_LEARNING_RATE
+CLIP_NORM = 0.5  # below the gradients' norm at every step (asserted): the clip acts
+
+
+def trainer_steps(spec, steps, model_dir=None, precision="float32"):
+  """`steps` steps of train_graph.mtf_step on `spec`: (losses, gradient norms, weights).
+
+  With `model_dir`, the run restores its newest checkpoint if any (checkpoints.Checkpoints, as
+  the trainer) and saves one after its last step: a run split in two continues the first.
+  """
+  settings = types.SimpleNamespace(
+      model=gpt_lib.GPT(**MODEL), batch_size=BATCH, seed=7, precision=precision,
+      microbatches_per_batch=MICROBATCHES, clip_norm=CLIP_NORM, train_steps=LONG_STEPS,
+      optimizer=optimizers.Adam(weight_decay=0.1), on_nonfinite="skip")
+  graph = tf.Graph()
+  with graph.as_default():
+    gin.bind_parameter("learning_rate_schedule.learning_rate", ADAM_LEARNING_RATE)
+    tf.set_random_seed(7)
+    step = tf.train.get_or_create_global_step()
+    mtf_graph, mtf_mesh = runtime.new_mesh(spec=spec)
+    dims = settings.model.dims(BATCH)
+    windows = np.random.RandomState(0).randint(0, VOCAB, size=(BATCH, N_CTX + 1))
+    features = {name: mtf.import_tf_tensor(mtf_mesh, tf.constant(t, tf.int32),
+                                           [dims.batch, dims.sequence], name=name)
+                for name, t in (("tokens", windows[:, :-1]), ("targets", windows[:, 1:]))}
+    step_graph = train_graph.mtf_step(settings, features, step)
+    lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    lowered = train_graph.lower_step(lowering, step_graph)
+    with tf.control_dependencies([lowered.updates]):
+      train_op = tf.assign_add(step, 1).op
+    weights = {v.name: lowering.export_to_tf_tensor(v.outputs[0])
+               for v in mtf_graph.trainable_variables}
+    saver = checkpoints_lib.Checkpoints(lowering, model_dir and str(model_dir))
+    with tf.Session(config=spec.session_config()) as session:
+      saver.restore_or_initialize(session)
+      history = [session.run([lowered.loss, lowered.grad_norm, train_op])[:2]
+                 for _ in range(steps)]
+      if model_dir:
+        saver.save(session, session.run(step))
+      return history, session.run(weights)
+
+
+@pytest.fixture(scope="module")
+def single_device_long():
+  return trainer_steps(spec_of("", ""), LONG_STEPS)
+
+
+def long_mismatches(split, single):
+  """What differs between two trainer_steps results beyond float32 rounding, as messages.
+
+  Each step's loss to LOSS_RTOL (module docstring; seen: 3.1e-7). Weights to a tenth of one
+  Adam step, LONG_WEIGHT_ATOL: Adam's update is ~lr whatever the gradient's size, so over 10
+  steps the rounding of near-zero gradients moves weights by a part of lr (seen: 4.9e-5 on
+  "2 heads,mlp,vocab", 2e-5 on "2 data", no sharding at all), while a shard updated with
+  another's moments or gradient, or not gathered, is off by ~lr at once.
+  """
+  (split_history, split_weights), (history, weights) = split, single
+  mismatches = [f"loss at step {step}: {a} != {b}"
+                for step, ((a, _), (b, _)) in enumerate(zip(split_history, history, strict=True))
+                if abs(a - b) > LOSS_RTOL * abs(b)]
+  for name, weight in weights.items():
+    mismatches += _beyond(f"{name} after {len(history)} steps", split_weights[name], weight,
+                          LONG_WEIGHT_ATOL)
+  return mismatches
+
+
+def test_long_single_device_run_learns_and_clips(single_device_long):
+  history, _ = single_device_long
+  losses, norms = [loss for loss, _ in history], [norm for _, norm in history]
+  assert losses[-1] < losses[0] - 0.3, losses
+  assert min(norms) > CLIP_NORM, norms  # every step was clipped
+
+
+@pytest.mark.parametrize("case", list(SHARDED))
+def test_sharded_form_trains_as_one_device_for_10_steps(case, single_device_long):
+  mismatches = long_mismatches(trainer_steps(spec_of(*SHARDED[case]), LONG_STEPS),
+                               single_device_long)
+  assert not mismatches, f"{len(mismatches)} mismatches, first: " + "; ".join(mismatches[:5])
 
 
 QKV_SHAPE = [MODEL["n_embd"], 3, MODEL["n_head"], MODEL["n_embd"] // MODEL["n_head"]]

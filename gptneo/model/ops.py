@@ -4,6 +4,7 @@ import math
 import gin
 from tensorflow import nn as tf_nn  # TF2's nn: tf.compat.v1.nn lacks gelu
 
+from gptneo import mesh as mesh_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 
@@ -60,11 +61,8 @@ def weight(mesh, name, dims, dtype, initializer):
   """
   sharding = getattr(mesh, "sharding", None)
   stored = sharding.stored_dims(dims, "fsdp") if sharding else list(dims)
-  w = mtf.get_variable(mesh, name, stored, dtype=dtype, initializer=initializer)
-  for kept, used in zip(stored, dims, strict=True):
-    if kept != used:
-      w = mtf.rename_dimension(w, kept.name, used.name)
-  return w
+  return mesh_lib.renamed(mtf.get_variable(mesh, name, stored, dtype=dtype,
+                                           initializer=initializer), dims)
 
 
 def layer_norm(x, dim, epsilon, dtype, name):
