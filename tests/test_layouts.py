@@ -31,6 +31,7 @@ from gptneo import runtime
 from gptneo import tpu
 from gptneo import train_graph
 from gptneo.compat import mtf, tf
+from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
 from gptneo.optim import optimizers
@@ -58,6 +59,16 @@ LAYOUTS = {  # case -> (mesh_shape, layout)
     "8 heads,mlp,vocab": ("x:8", "heads:x,mlp:x,vocab:x"),
     "8 data x model": ("x:2,y:4", "batch:x,heads:y,mlp:y,vocab:y"),
     "8 model x data": ("x:4,y:2", "heads:x,mlp:x,vocab:x,batch:y"),
+    # Weights stored split over x (fsdp: gathered where used, gradients sliced), and embd
+    # split (its backward pass lowers through compat's GenericGradOperation fix).
+    "2 fsdp": ("x:2", "batch:x,fsdp:x"),
+    "2 embd": ("x:2", "embd:x"),
+    "4 fsdp": ("x:4", "batch:x,fsdp:x"),
+    "4 data x embd": ("x:2,y:2", "batch:x,embd:y"),
+    "4 data x model, fsdp": ("x:2,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 fsdp": ("x:8", "batch:x,fsdp:x"),
+    "8 data x model, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 model x data, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
 }
 # The shipped CPU layout files: each must be one of the cases above.
 LAYOUT_FILES = ["cpu2_data.gin", "cpu2_heads.gin", "cpu4_data.gin", "cpu4_model.gin",
@@ -277,6 +288,81 @@ def test_sharded_form_trains_as_one_device_for_10_steps(case, single_device_long
   assert not mismatches, f"{len(mismatches)} mismatches, first: " + "; ".join(mismatches[:5])
 
 
+def test_a_gather_that_is_not_one_is_caught(monkeypatch, single_device):
+  """fsdp's weights are whole only through the all-gather of their shards: each device
+  concatenating copies of its own shard instead (right shapes, wrong values) is caught."""
+  impl = mtf.placement_mesh_impl.PlacementMeshImpl
+
+  def own_shard_only(self, x, mesh_axis, concat_axis):
+    ways = self.shape[mesh_axis].size
+    return self.slicewise(lambda t: tf.concat([t] * ways, concat_axis), x)
+
+  monkeypatch.setattr(impl, "allconcat", own_shard_only)
+  mismatches = training_mismatches(train_steps(spec_of(*LAYOUTS["2 fsdp"])), single_device)
+  assert "loss at step 0" in mismatches[0], mismatches[:3]
+
+
+def stored_slices(mesh_shape, layout, names=("gpt/h0/mlp/fc/w", "gpt/h0/mlp/fc/w/adam_m")):
+  """{variable name: its slice's shape on the first device} after one Adam step is built."""
+  spec = spec_of(mesh_shape, layout)
+  with tf.Graph().as_default():
+    mtf_graph, mtf_mesh = runtime.new_mesh(spec=spec)
+    _, _, loss, grads = gpt_graph(mesh=(mtf_graph, mtf_mesh))
+    adam = optimizers.Adam()
+    adam.learning_rate, adam.step = (mtf.constant(mtf_mesh, 0.01), mtf.constant(mtf_mesh, 1.0))
+    adam.apply_grads(grads, mtf_graph.trainable_variables)
+    lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
+    return {v.name: lowering.variables[v].laid_out_tensor.slice_shape
+            for v in mtf_graph.all_variables if v.name in names}
+
+
+@pytest.mark.parametrize("layout, weight, slot", [
+    ("batch:x", [32, 128], [32, 128]),  # data parallel: everything replicated
+    ("batch:x,zero:x", [32, 128], [8, 128]),  # zero: the slots' embd over x, the weight whole
+    ("batch:x,fsdp:x", [8, 128], [8, 128]),  # fsdp: weight and slots alike
+])
+def test_sharded_forms_store_what_they_promise(layout, weight, slot):
+  """The equality tests can't tell a rule that shards nothing from one that works: here the
+  stored slices of mlp/fc/w [embd 32, mlp 128] and its Adam moment on a 4-device mesh."""
+  assert stored_slices("x:4", layout) == {"gpt/h0/mlp/fc/w": weight,
+                                          "gpt/h0/mlp/fc/w/adam_m": slot}
+
+
+@pytest.mark.parametrize("mesh_shape, layout, fragment", [
+    ("x:2", "batch:x,fsdp:q", "'fsdp:q' names mesh dimension 'q'"),
+    ("x:2", "batch:x,fsdp:x,zero:x", "use one of fsdp"),
+    ("x:3", "fsdp:x", "'fsdp:x' can't split any weight"),
+    ("x:2,y:2", "batch:x,memory_length:y,embd:y", "is 'batch:x,embd:y' here"),
+])
+def test_bad_sharding_rule_is_one_line(mesh_shape, layout, fragment):
+  with pytest.raises(UserError) as error:
+    spec_of(mesh_shape, layout)
+  assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_zero_with_adafactor_is_refused_in_one_line():
+  with pytest.raises(UserError, match="write 'fsdp:x' instead"):
+    optimizers.check_sharding(optimizers.Adafactor(), spec_of("x:2", "batch:x,zero:x").sharding())
+  optimizers.check_sharding(optimizers.Adafactor(), spec_of("x:2", "batch:x,fsdp:x").sharding())
+
+
+ONE_DEVICE = ("", "")
+
+
+@pytest.mark.parametrize("first, second", [("4 data x model, fsdp", "1 device"),
+                                           ("1 device", "8 model x data, fsdp"),
+                                           ("2 zero", "4 fsdp")])
+def test_checkpoint_moves_between_shardings(first, second, tmp_path, single_device_long):
+  """Written after 5 steps on one mesh, restored on another, the run goes on as the
+  uninterrupted one-device run: checkpoints hold whole tensors under the same names,
+  whatever stores them split (weights, Adam's slots, the step)."""
+  halves = [trainer_steps(spec_of(*SHARDED.get(case, ONE_DEVICE)), LONG_STEPS // 2, tmp_path)
+            for case in (first, second)]
+  resumed = (halves[0][0] + halves[1][0], halves[1][1])
+  mismatches = long_mismatches(resumed, single_device_long)
+  assert not mismatches, f"{len(mismatches)} mismatches, first: " + "; ".join(mismatches[:5])
+
+
 QKV_SHAPE = [MODEL["n_embd"], 3, MODEL["n_head"], MODEL["n_embd"] // MODEL["n_head"]]
 
 
@@ -409,9 +495,13 @@ def test_simd_without_a_device_assignment_says_how_to_get_one():
     spec.mesh_impl()
 
 
-def gpt_graph(precision="float32"):
-  """A GPT's forward and backward mtf graph (not lowered): (graph, mesh, loss, gradients)."""
-  mtf_graph, mtf_mesh = runtime.new_mesh()
+def gpt_graph(precision="float32", mesh=None):
+  """A GPT's forward and backward mtf graph (not lowered): (graph, mesh, loss, gradients).
+
+  `mesh`: the (mtf graph, mtf mesh) to build on (runtime.new_mesh(spec=...) for a sharded
+  layout); a new unsharded one by default.
+  """
+  mtf_graph, mtf_mesh = mesh or runtime.new_mesh()
   model = gpt_lib.GPT(**MODEL)
   dims = model.dims(BATCH)
   tokens = mtf.import_tf_tensor(mtf_mesh, tf.zeros([BATCH, N_CTX], tf.int32),
