@@ -68,4 +68,64 @@ def _generic_grad_lower(self, lowering):
 
 mtf.GenericGradOperation.lower = _generic_grad_lower
 
+
+def _reduce_scatter(xs, devices, axis):
+  """Each device's partial sums split in len(devices) pieces along `axis`; device i gets the
+  sum of everyone's piece i. Each device receives n - 1 pieces of 1/n: half an all-reduce."""
+  pieces = []
+  for x, device in zip(xs, devices):
+    with tf.device(device):
+      pieces.append(tf.split(x, len(devices), axis=axis))
+  sums = []
+  for i, device in enumerate(devices):
+    with tf.device(device):
+      sums.append(tf.add_n([piece[i] for piece in pieces]))
+  return sums
+
+
+def _scattered_rename(op, lowering):
+  """The lowering of a rename that newly splits a dimension, of partial sums, as a
+  reduce-scatter (then an all-reduce over the sums' other mesh axes), or None if `op` is
+  not that (then mtf's lowering: all-reduce, then slice).
+
+  An fsdp weight's gradient is this rename ("embd" -> "embd_fsdp", the gathered weight's
+  gradient, still a LazyAllreduceSum over the batch's mesh axis, to its stored shard).
+  """
+  mesh_impl, x = lowering.mesh_impl(op), lowering.tensors[op.inputs[0]]
+  old, new = op.inputs[0].shape, op.outputs[0].shape
+  if (not isinstance(mesh_impl, mtf.placement_mesh_impl.PlacementMeshImpl)
+      or not isinstance(x, mtf.LazyAllreduceSum) or old.to_integer_list != new.to_integer_list):
+    return None
+  split = []
+  for axis, (before, after) in enumerate(zip(mesh_impl.mesh_axis_to_cumprod(old),
+                                             mesh_impl.mesh_axis_to_cumprod(new))):
+    if before == after:
+      continue
+    if before is not None or axis not in x.mesh_axes:
+      return None
+    split.append((axis, new.cumprod_to_tensor_axis(after)))
+  if not split:
+    return None
+  laid_out = x.laid_out_input
+  for axis, tensor_axis in split:
+    laid_out = mesh_impl._collective_with_groups(  # pylint: disable=protected-access
+        laid_out, [axis], lambda xs, devices, t=tensor_axis: _reduce_scatter(xs, devices, t))
+  rest = [axis for axis in x.mesh_axes if axis not in dict(split)]
+  return mesh_impl.allreduce(laid_out, rest, "SUM") if rest else laid_out
+
+
+_reshape_lower = mtf.ReshapeOperation.lower
+
+
+def _reshape_lower_scattering(self, lowering):
+  """mtf's ReshapeOperation.lower, but a reduce-scatter where _scattered_rename applies."""
+  scattered = _scattered_rename(self, lowering)
+  if scattered is None:
+    _reshape_lower(self, lowering)
+  else:
+    lowering.set_tensor_lowering(self.outputs[0], scattered)
+
+
+mtf.ReshapeOperation.lower = _reshape_lower_scattering
+
 __all__ = ["mtf", "tf"]

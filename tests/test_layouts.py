@@ -328,6 +328,28 @@ def test_sharded_forms_store_what_they_promise(layout, weight, slot):
                                           "gpt/h0/mlp/fc/w/adam_m": slot}
 
 
+@pytest.mark.parametrize("layout, all_reduced", [("batch:x", True), ("batch:x,fsdp:x", False)])
+def test_fsdp_gradients_are_reduce_scattered(layout, all_reduced, monkeypatch):
+  """A sharded weight's gradient is summed over the batch's devices by a reduce-scatter
+  (compat._scattered_rename): no device all-reduces the whole [embd, mlp] gradient of
+  mlp/fc/w, as data parallelism does (and mtf's own lowering, all-reduce then slice, did)."""
+  impl, reduced = mtf.placement_mesh_impl.PlacementMeshImpl, []
+  allreduce = impl.allreduce
+
+  def recording(self, x, mesh_axes, reduction_fn_string):
+    reduced.append(x.to_laid_out_tensor().tensor_list[0].shape.as_list())
+    return allreduce(self, x, mesh_axes, reduction_fn_string)
+
+  monkeypatch.setattr(impl, "allreduce", recording)
+  spec = spec_of("x:4", layout)
+  with tf.Graph().as_default():
+    mtf_graph, mtf_mesh, _, grads = gpt_graph(mesh=runtime.new_mesh(spec=spec))
+    for variable, grad in zip(mtf_graph.trainable_variables, grads, strict=True):
+      mtf.assign_sub(variable, grad)  # the gradients' reduction happens where they are read
+    runtime.lower(mtf_graph, mtf_mesh, spec)
+  assert ([MODEL["n_embd"], 4 * MODEL["n_embd"]] in reduced) == all_reduced
+
+
 @pytest.mark.parametrize("mesh_shape, layout, fragment", [
     ("x:2", "batch:x,fsdp:q", "'fsdp:q' names mesh dimension 'q'"),
     ("x:2", "batch:x,fsdp:x,zero:x", "use one of fsdp"),
