@@ -18,6 +18,8 @@ gradient's scale, 2.8e-8 on a weight):
 A gradient that skips its all-reduce, a gradient 0.1% off or a weight a tenth of an update
 off is caught on every tensor (the tests after test_split_equals_single_device).
 """
+import json
+import os
 import types
 
 import gin
@@ -26,9 +28,11 @@ import pytest
 
 from gptneo import checkpoints as checkpoints_lib
 from gptneo import gin_utils
+from gptneo import inference
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import tpu
+from gptneo import train as train_lib
 from gptneo import train_graph
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
@@ -369,6 +373,7 @@ def test_zero_with_adafactor_is_refused_in_one_line():
 
 
 ONE_DEVICE = ("", "")
+ONE_DEVICE_BINDINGS = ('mesh.mesh_shape = ""', 'mesh.layout = ""')
 
 
 @pytest.mark.parametrize("first, second", [("4 data x model, fsdp", "1 device"),
@@ -383,6 +388,30 @@ def test_checkpoint_moves_between_shardings(first, second, tmp_path, single_devi
   resumed = (halves[0][0] + halves[1][0], halves[1][1])
   mismatches = long_mismatches(resumed, single_device_long)
   assert not mismatches, f"{len(mismatches)} mismatches, first: " + "; ".join(mismatches[:5])
+
+
+def test_a_sharded_model_dir_resumes_evaluates_and_samples_on_any_mesh(tmp_path, small_dataset):
+  """bin/train's own run on "batch:x,fsdp:x" (weights and Adam's slots stored split): its
+  checkpoint resumes on one device, and scores and decodes (the key/value cache) there as
+  on the sharded mesh."""
+  model_dir, fsdp = str(tmp_path / "run"), ('mesh.mesh_shape = "x:2"',
+                                            'mesh.layout = "batch:x,fsdp:x"')
+  for steps, mesh in ((2, fsdp), (3, ONE_DEVICE_BINDINGS)):
+    gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [
+        f"DATASET_DIR = {small_dataset!r}", f"train.train_steps = {steps}", *mesh])
+    train_lib.train(model_dir)
+  with open(os.path.join(model_dir, "train_metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3]  # resumed after step 2
+  windows = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  outputs = []
+  for mesh in (ONE_DEVICE_BINDINGS, fsdp):
+    gin_utils.parse([os.path.join(model_dir, "operative_config.gin")], list(mesh))
+    restored = inference.RestoredModel(gpt_lib.GPT(), runtime.Runtime(mesh_lib.mesh()),
+                                       model_dir, 2, decode=True)
+    restored.restore()
+    outputs.append((restored.next_logits(windows), restored.start(windows)))
+  for one_device, sharded in zip(*outputs, strict=True):
+    np.testing.assert_allclose(sharded, one_device, rtol=0, atol=1e-5)
 
 
 QKV_SHAPE = [MODEL["n_embd"], 3, MODEL["n_head"], MODEL["n_embd"] // MODEL["n_head"]]
@@ -567,3 +596,21 @@ def test_bin_train_names_both_dimensions_and_touches_nothing(tmp_path, small_dat
                       *[f"--gin_param={p}" for p in params])
   assert_one_line_error(result, "train", "'heads' and 'kv' both on mesh dimension 'x'")
   assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("layout, optimizer, fragment", [
+    ("batch:x,memory_length:y,embd:y", "@Adam()", "is 'batch:x,embd:y' here"),
+    ("batch:x,zero:x", "@Adafactor()", "write 'fsdp:x' instead"),
+])
+def test_bin_train_refuses_what_it_cannot_shard_and_touches_nothing(tmp_path, small_dataset,
+                                                                    layout, optimizer, fragment):
+  """GPT-Neo XL's layout as written (its memory_length split) and zero with Adafactor: one
+  line saying what to write instead, before the model dir exists."""
+  params = TINY_TEST_BINDINGS + [f'DATASET_DIR = "{small_dataset}"', "train.train_steps = 1",
+                                 "mesh.mesh_shape = 'x:2,y:2'", f"mesh.layout = '{layout}'",
+                                 f"train.optimizer = {optimizer}"]
+  result = run_binary("train", "--gin_file=tiny.gin", f"--model_dir={tmp_path / 'run'}",
+                      *[f"--gin_param={p}" for p in params])
+  assert_one_line_error(result, "train", fragment)
+  assert not (tmp_path / "run").exists()
+
