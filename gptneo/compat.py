@@ -43,7 +43,6 @@ _deprecation._PRINT_DEPRECATION_WARNINGS = False  # pylint: disable=protected-ac
 import mesh_tensorflow as mtf  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-
 def _generic_grad_lower(self, lowering):
   """mtf's GenericGradOperation.lower, reading its inputs as laid-out tensors.
 
@@ -60,9 +59,10 @@ def _generic_grad_lower(self, lowering):
   all_grad_ys = slices(self._grad_ys)
   all_grad_xs = [tf.gradients(ys=ys, xs=xs, grad_ys=grad_ys,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                 for ys, xs, grad_ys in zip(all_ys, all_xs, all_grad_ys)]
+                 for ys, xs, grad_ys in zip(all_ys, all_xs, all_grad_ys, strict=True)]
   mesh_impl = lowering.mesh_impl(self)
-  for out, grad_x in zip(self.outputs, mtf.transpose_list_of_lists(all_grad_xs)):
+  for out, grad_x in zip(self.outputs, mtf.transpose_list_of_lists(all_grad_xs),
+                         strict=True):
     lowering.set_tensor_lowering(out, mesh_impl.LaidOutTensor.from_tensor_list(grad_x))
 
 
@@ -73,7 +73,7 @@ def _reduce_scatter(xs, devices, axis):
   """Each device's partial sums split in len(devices) pieces along `axis`; device i gets the
   sum of everyone's piece i. Each device receives n - 1 pieces of 1/n: half an all-reduce."""
   pieces = []
-  for x, device in zip(xs, devices):
+  for x, device in zip(xs, devices, strict=True):
     with tf.device(device):
       pieces.append(tf.split(x, len(devices), axis=axis))
   sums = []
@@ -98,7 +98,8 @@ def _scattered_rename(op, lowering):
     return None
   split = []
   for axis, (before, after) in enumerate(zip(mesh_impl.mesh_axis_to_cumprod(old),
-                                             mesh_impl.mesh_axis_to_cumprod(new))):
+                                             mesh_impl.mesh_axis_to_cumprod(new),
+                                             strict=True)):
     if before == after:
       continue
     if before is not None or axis not in x.mesh_axes:

@@ -268,7 +268,9 @@ def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=
 
   Args:
     mesh_shape: named mesh dimensions and sizes, e.g. "x:2,y:4"; "" is one device.
-    layout: tensor dimension to mesh dimension rules, e.g. "batch:x,heads:y".
+    layout: tensor dimension to mesh dimension rules, e.g. "batch:x,heads:y"; "fsdp:x"
+      stores weights, gradients and optimizer state split over x, "zero:x" the optimizer
+      state only (docs/large_models.md).
     device_type: "cpu" (one CPU device per mesh position) or "gpu" (placement only).
     cpu_devices: how many CPU devices this process may use (default: the mesh size).
     gpu_ids: GPU ids to place the mesh on, in mesh order (default: 0 .. size-1).

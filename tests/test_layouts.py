@@ -71,8 +71,8 @@ LAYOUTS = {  # case -> (mesh_shape, layout)
     "4 data x embd": ("x:2,y:2", "batch:x,embd:y"),
     "4 data x model, fsdp": ("x:2,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
     "8 fsdp": ("x:8", "batch:x,fsdp:x"),
-    "8 data x model, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 model x data, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 data 2 x model 4, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
+    "8 data 4 x model 2, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
 }
 # The shipped CPU layout files: each must be one of the cases above.
 LAYOUT_FILES = ["cpu2_data.gin", "cpu2_heads.gin", "cpu4_data.gin", "cpu4_model.gin",
@@ -199,17 +199,13 @@ def test_split_equals_single_device(case, single_device):
 
 # The sharded forms (fsdp, zero) and embd splits, over 10 steps of the trainer's own step
 # (train_graph.mtf_step: microbatches, clipping, fused Adam, lower_step's ordering).
-SHARDED = {  # case -> (mesh_shape, layout)
-    "2 fsdp": ("x:2", "batch:x,fsdp:x"),
+SHARDED = {  # case -> (mesh_shape, layout): LAYOUTS' fsdp and embd cases, and zero's
+    **{case: LAYOUTS[case] for case in ("2 fsdp", "2 embd", "4 fsdp", "4 data x embd",
+                                        "4 data x model, fsdp", "8 data 2 x model 4, fsdp",
+                                        "8 data 4 x model 2, fsdp")},
     "2 zero": ("x:2", "batch:x,zero:x"),
-    "2 embd": ("x:2", "embd:x"),
-    "4 fsdp": ("x:4", "batch:x,fsdp:x"),
     "4 zero": ("x:4", "batch:x,zero:x"),
-    "4 data x embd": ("x:2,y:2", "batch:x,embd:y"),
-    "4 data x model, fsdp": ("x:2,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 data x model, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 model x data, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 data x model, zero": ("x:4,y:2", "batch:x,heads:y,mlp:y,zero:x"),
+    "8 data 4 x model 2, zero": ("x:4,y:2", "batch:x,heads:y,mlp:y,zero:x"),
 }
 LONG_STEPS, MICROBATCHES = 10, 2
 LONG_WEIGHT_ATOL = 0.1 * ADAM_LEARNING_RATE
@@ -391,7 +387,7 @@ ONE_DEVICE_BINDINGS = ('mesh.mesh_shape = ""', 'mesh.layout = ""')
 
 
 @pytest.mark.parametrize("first, second", [("4 data x model, fsdp", "1 device"),
-                                           ("1 device", "8 model x data, fsdp"),
+                                           ("1 device", "8 data 4 x model 2, fsdp"),
                                            ("2 zero", "4 fsdp")])
 def test_checkpoint_moves_between_shardings(first, second, tmp_path, single_device_long):
   """Written after 5 steps on one mesh, restored on another, the run goes on as the
