@@ -67,12 +67,9 @@ LAYOUTS = {  # case -> (mesh_shape, layout)
     # split (its backward pass lowers through compat's GenericGradOperation fix).
     "2 fsdp": ("x:2", "batch:x,fsdp:x"),
     "2 embd": ("x:2", "embd:x"),
-    "4 fsdp": ("x:4", "batch:x,fsdp:x"),
     "4 data x embd": ("x:2,y:2", "batch:x,embd:y"),
     "4 data x model, fsdp": ("x:2,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 fsdp": ("x:8", "batch:x,fsdp:x"),
     "8 data 2 x model 4, fsdp": ("x:2,y:4", "batch:x,heads:y,mlp:y,fsdp:x"),
-    "8 data 4 x model 2, fsdp": ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x"),
 }
 # The shipped CPU layout files: each must be one of the cases above.
 LAYOUT_FILES = ["cpu2_data.gin", "cpu2_heads.gin", "cpu4_data.gin", "cpu4_model.gin",
@@ -200,13 +197,17 @@ def test_split_equals_single_device(case, single_device):
 # The sharded forms (fsdp, zero) and embd splits, over 10 steps of the trainer's own step
 # (train_graph.mtf_step: microbatches, clipping, fused Adam, lower_step's ordering).
 SHARDED = {  # case -> (mesh_shape, layout): LAYOUTS' fsdp and embd cases, and zero's
-    **{case: LAYOUTS[case] for case in ("2 fsdp", "2 embd", "4 fsdp", "4 data x embd",
-                                        "4 data x model, fsdp", "8 data 2 x model 4, fsdp",
-                                        "8 data 4 x model 2, fsdp")},
+    **{case: LAYOUTS[case] for case in ("2 fsdp", "2 embd", "4 data x embd",
+                                        "4 data x model, fsdp", "8 data 2 x model 4, fsdp")},
+    "4 fsdp": ("x:4", "batch:x,fsdp:x"),
     "2 zero": ("x:2", "batch:x,zero:x"),
     "4 zero": ("x:4", "batch:x,zero:x"),
     "8 data 4 x model 2, zero": ("x:4,y:2", "batch:x,heads:y,mlp:y,zero:x"),
 }
+# Resumed on (test_checkpoint_moves_between_shardings), not run 10 steps: 4-way fsdp in 2-D.
+FSDP_4_BY_2 = ("x:4,y:2", "batch:x,heads:y,mlp:y,fsdp:x")
+ONE_DEVICE = ("", "")
+ONE_DEVICE_BINDINGS = ('mesh.mesh_shape = ""', 'mesh.layout = ""')
 LONG_STEPS, MICROBATCHES = 10, 2
 LONG_WEIGHT_ATOL = 0.1 * ADAM_LEARNING_RATE
 CLIP_NORM = 0.5  # below the gradients' norm at every step (asserted): the clip acts
@@ -382,8 +383,6 @@ def test_fsdp_with_recompute_and_bfloat16_trains_as_one_device():
     assert abs(split_loss - loss) <= 2.0 ** -8 * abs(loss), (step, split_loss, loss)
 
 
-ONE_DEVICE = ("", "")
-ONE_DEVICE_BINDINGS = ('mesh.mesh_shape = ""', 'mesh.layout = ""')
 
 
 @pytest.mark.parametrize("first, second", [("4 data x model, fsdp", "1 device"),
@@ -393,7 +392,8 @@ def test_checkpoint_moves_between_shardings(first, second, tmp_path, single_devi
   """Written after 5 steps on one mesh, restored on another, the run goes on as the
   uninterrupted one-device run: checkpoints hold whole tensors under the same names,
   whatever stores them split (weights, Adam's slots, the step)."""
-  halves = [trainer_steps(spec_of(*SHARDED.get(case, ONE_DEVICE)), LONG_STEPS // 2, tmp_path)
+  meshes = {**SHARDED, "1 device": ONE_DEVICE, "8 data 4 x model 2, fsdp": FSDP_4_BY_2}
+  halves = [trainer_steps(spec_of(*meshes[case]), LONG_STEPS // 2, tmp_path)
             for case in (first, second)]
   resumed = (halves[0][0] + halves[1][0], halves[1][1])
   mismatches = long_mismatches(resumed, single_device_long)
