@@ -17,6 +17,11 @@ gradient's scale, 2.8e-8 on a weight):
   subtraction on either side.
 A gradient that skips its all-reduce, a gradient 0.1% off or a weight a tenth of an update
 off is caught on every tensor (the tests after test_split_equals_single_device).
+
+The sharded forms (fsdp, zero) and embd splits also run 10 steps of the trainer's own step
+(train_graph.mtf_step: 2 microbatches, clipping that acts, fused AdamW, the non-finite guard)
+against one device: each step's loss to the same rtol, the weights to a tenth of one Adam
+step (long_mismatches says why), and checkpoints written on one sharding resume on another.
 """
 import json
 import os
