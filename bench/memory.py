@@ -81,8 +81,12 @@ def proc_status():
 # --------------------------------------------------------------------------- child
 
 
-def measure(cfg, precision, dataset_dir, model_dir, steps):
-  """One config's memory, in this (fresh) process: a dict of bytes and the estimate."""
+def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout=""):
+  """One config's memory, in this (fresh) process: a dict of bytes and the estimate.
+
+  With a `mesh_shape` of several CPU devices, also each device's weights and optimizer slots
+  (per_device_slices) and TF's allocator's view of them (per_device_measured).
+  """
   import resource  # pylint: disable=g-import-not-at-top
 
   from gptneo import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -101,7 +105,8 @@ def measure(cfg, precision, dataset_dir, model_dir, steps):
   root.setLevel(logging.CRITICAL)  # gin logs "Path not found" for each include it resolves
   try:
     gin_utils.parse([cfg.gin_file], [f'DATASET_DIR = "{dataset_dir}"', "train.eval_batches = 0",
-                                     f'train.precision = "{precision}"', *cfg.gin_params])
+                                     f'train.precision = "{precision}"', *cfg.gin_params,
+                                     *mesh_bindings(mesh_shape, layout)])
   finally:
     root.setLevel(level)
   settings = train_lib.settings(keep_checkpoints=1)
@@ -142,7 +147,11 @@ def measure(cfg, precision, dataset_dir, model_dir, steps):
                         for node in device.node_stats for m in node.memory), default=0)
   loss = float(session.run(graph.loss))
   session.close()
+  slices = slice_bytes_by_device(graph.graph)
   return {"config": cfg.name, "precision": precision, "params": model.num_parameters(),
+          "mesh_shape": mesh_shape, "layout": layout,
+          "per_device_slices": max(slices.values(), default=variable_bytes),
+          "all_slices": sum(slices.values()),
           "baseline": baseline, "built_graph": built_graph, "initialized": initialized,
           "peak": status["VmHWM"], "ru_maxrss": maxrss, "allocator_peak": allocator_peak,
           "variable_bytes": variable_bytes, "held_after_init": held_after_init,
@@ -151,6 +160,29 @@ def measure(cfg, precision, dataset_dir, model_dir, steps):
           "phases": {"persistent": sum(estimate.persistent.values()),
                      "backward start": sum(estimate.backward_start.values()),
                      "backward end": sum(estimate.backward_end.values())}}
+
+
+def mesh_bindings(mesh_shape, layout):
+  """gin bindings of the mesh to measure on ("" and "": the preset's own)."""
+  if not mesh_shape:
+    return []
+  return [f'mesh.mesh_shape = "{mesh_shape}"', f'mesh.layout = "{layout}"']
+
+
+def slice_bytes_by_device(graph):
+  """{device: bytes of the mesh variables' slices (weights, optimizer slots) placed on it}.
+
+  mtf's slice variables (named <variable>_slice_<position>) are in no collection: found as
+  the graph's VarHandleOps.
+  """
+  from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
+  totals = {}
+  for op in graph.get_operations():
+    if op.type == "VarHandleOp" and "_slice_" in op.name:
+      shape = tf.TensorShape(op.get_attr("shape"))
+      size = shape.num_elements() * tf.as_dtype(op.get_attr("dtype")).size
+      totals[op.device] = totals.get(op.device, 0) + size
+  return totals
 
 
 # --------------------------------------------------------------------------- parent
@@ -176,10 +208,11 @@ def _prepare_child(folder, n_ctx, tokenizer_path):
                   tokenizer_path or ""], check=True, capture_output=True)
 
 
-def run_child(name, precision, dataset_dir, model_dir, steps):
+def run_child(name, precision, dataset_dir, model_dir, steps, mesh_shape="", layout=""):
   command = [sys.executable, os.path.abspath(__file__), f"--child={name}",
              f"--precisions={precision}", f"--data_dir={dataset_dir}",
-             f"--model_dir={model_dir}", f"--steps={steps}"]
+             f"--model_dir={model_dir}", f"--steps={steps}", f"--mesh_shape={mesh_shape}",
+             f"--layouts={layout}"]
   child = subprocess.run(command, capture_output=True, text=True, check=False)
   if child.returncode:
     raise SystemExit(f"{name} {precision} failed:\n{child.stderr[-3000:]}")
@@ -216,18 +249,35 @@ def report(rows):
   return "\n".join(lines)
 
 
+def report_per_device(rows):
+  """Each device's weights and optimizer slots, per layout: counted and seen by TF's allocator."""
+  header = ("config", "mesh", "layout", "per-device weights + slots (MiB)",
+            "masters + all slices (MiB)", "allocator between steps (MiB)")
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  for r in rows:
+    lines.append(f"| {r['config']} | {r['mesh_shape'] or '-'} | {r['layout'] or '-'} | "
+                 f"{r['per_device_slices'] / MIB:.1f} | "
+                 f"{(r['variable_bytes'] + r['all_slices']) / MIB:.0f} | "
+                 f"{r['held_between_steps'] / MIB:.0f} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default="20m,125m", help=f"comma list of {list(CONFIGS)}")
   parser.add_argument("--precisions", default="float32", help="comma list: float32, bfloat16")
   parser.add_argument("--steps", type=int, default=3, help="steps before the traced one")
   parser.add_argument("--data_dir", default=None, help="reuse/keep the prepared data here")
+  parser.add_argument("--mesh_shape", default="", help="a CPU mesh to measure on, e.g. x:4")
+  parser.add_argument("--layouts", default="",
+                      help="with --mesh_shape: layouts to measure, separated by ';', e.g. "
+                           "'batch:x;batch:x,fsdp:x;batch:x,zero:x'")
   parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     print(json.dumps(measure(CONFIGS[args.child], args.precisions, args.data_dir, args.model_dir,
-                             args.steps)))
+                             args.steps, args.mesh_shape, args.layouts)))
     return
   started = time.time()
   print(cpu_line())
@@ -245,9 +295,11 @@ def main():
       tokenizer = tokenizer or os.path.join(folder, "tokenizer.json")
     for name in args.configs.split(","):
       cfg = CONFIGS[name]
-      for precision in args.precisions.split(","):
+      for precision, layout in [(p, layout) for p in args.precisions.split(",")
+                                for layout in args.layouts.split(";")]:
         row = run_child(name, precision, os.path.join(data_root, f"ctx{cfg.n_ctx}"),
-                        os.path.join(workdir, f"model-{name}-{precision}"), args.steps)
+                        os.path.join(workdir, f"model-{name}-{precision}-{len(rows)}"),
+                        args.steps, args.mesh_shape, layout)
         print(f"[{name} {precision}] {json.dumps({k: v for k, v in row.items() if k != 'items'})}",
               file=sys.stderr, flush=True)
         rows.append(row)
@@ -258,6 +310,12 @@ def main():
     print(f"{name}: {CONFIGS[name].note}")
   print()
   print(report(rows))
+  if args.mesh_shape:
+    print()
+    print(report_per_device(rows))
+    print("\nper-device weights + slots: the largest device's mesh-variable slices (the "
+          "graph's slice variables); masters + all slices: what the allocator should hold for "
+          "them; allocator between steps: what TF's allocator holds between two steps")
   print(f"\nratio = (measured peak VmHWM - VmRSS after imports) / estimate; "
         f"allocator / estimate = TF's allocator peak in a traced step / estimate; "
         f"total {time.time() - started:.0f} s")

@@ -100,7 +100,7 @@ class RestoredModel:
       self.session = rt.new_session(self.graph)
 
   def _build(self, rt, precision, decode, chunk):
-    mtf_graph, mtf_mesh = runtime.new_mesh()
+    mtf_graph, mtf_mesh = runtime.new_mesh(spec=rt.spec)
     dims = self.model.dims(self.batch_size, self.length)
     shape = [dims.batch, dims.sequence]
     tokens = mtf.import_tf_tensor(mtf_mesh, self.tokens, shape)

@@ -9,33 +9,75 @@ from gptneo.errors import UserError
 
 MESH_NAME = "mesh"
 IMPLEMENTATIONS = ("placement", "simd")
-
-
-# The order in which a weight's own dimensions are tried as the one a `fsdp:x` or `zero:x`
-# layout rule shards it (or its optimizer state) along: shard_dim.
+# Layout rules that split no tensor dimension of the model but its weights' storage:
+# "fsdp:x" (ZeRO-3) stores every weight, its gradient and its optimizer slots split over x;
+# "zero:x" (ZeRO-1/2) only the optimizer's slots and update (docs/large_models.md).
+SHARDING_RULES = ("fsdp", "zero")
+# The order in which a weight's dimensions are tried as its shard dimension (shard_dim).
 PREFERENCE = ("embd", "mlp", "vocab", "heads", "kv", "sequence", "experts")
-SHARDED_FORMS = ("fsdp", "zero")  # the layout rules that shard weights or optimizer state
 
 
 def shard_dim(weight_dims: tuple, split: dict, ways: int) -> str | None:
-  """The dimension a `fsdp`/`zero` rule shards a weight along, or None: the weight stays whole.
+  """The dimension a weight is stored split along under `fsdp`/`zero` over `ways` devices.
 
-  Model, optimizer and the layout search's cost model all ask this one function.
+  The one choice of it, for the model, the optimizer and the cost model alike.
 
   Args:
-    weight_dims: ((dimension name, size), ...) of the weight, as the model makes it.
-    split: {tensor dimension: mesh size} of what the layout already splits.
+    weight_dims: the weight's ((dimension name, size), ...).
+    split: {tensor dimension name: mesh size} of the dimensions the layout already splits.
     ways: the size of the mesh dimension the rule names.
 
   Returns:
-    The first of the weight's dimensions, in PREFERENCE order, that the layout does not
-    split and whose size `ways` divides (1-D weights included); None if none qualifies.
+    The first of the weight's dimensions in PREFERENCE order that the layout does not split
+    and whose size `ways` divides, or None: the weight stays whole.
   """
   sizes = dict(weight_dims)
-  for name in PREFERENCE:
-    if name in sizes and name not in split and sizes[name] % ways == 0:
-      return name
-  return None
+  return next((name for name in PREFERENCE
+               if name in sizes and name not in split and sizes[name] % ways == 0), None)
+
+
+def renamed(x, dims):
+  """mtf tensor `x` with its dimensions renamed, position by position, to `dims`' names.
+
+  Between a weight's stored dimensions and the model's (Sharding.stored_dims), mtf lowers
+  the rename as an all-gather (to the model's) or a slice of the all-reduced sum (to the
+  stored ones) over the rule's mesh dimension.
+  """
+  for old, new in zip(x.shape.dims, dims, strict=True):
+    if old.name != new.name:
+      x = mtf.rename_dimension(x, old.name, new.name)
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """Which mesh dimension weights (`fsdp`) or optimizer slots (`zero`) are stored split over.
+
+  Built by MeshSpec.sharding(); carried by the mtf mesh (runtime.new_mesh) to the model's
+  weights (ops.weight) and the optimizer.
+  """
+  fsdp: str = None  # mesh dimension name, or None
+  zero: str = None
+  mesh_sizes: dict = dataclasses.field(default_factory=dict)  # mesh dim -> size
+  split: dict = dataclasses.field(default_factory=dict)  # tensor dim -> mesh size
+  placed: dict = dataclasses.field(default_factory=dict)  # tensor dim -> mesh dim
+
+  def mesh_dim(self, kind):
+    """The mesh dimension of `kind` ("fsdp" or "zero"), or None."""
+    return getattr(self, kind)
+
+  def stored_dims(self, dims, kind):
+    """`dims` (mtf.Dimensions of a weight) with its shard dimension renamed "<d>_<kind>".
+
+    Unchanged without a `kind` rule, when no dimension qualifies (shard_dim), or when one of
+    the weight's dimensions already lies on that mesh dimension (it is split over it then).
+    """
+    mesh_dim = self.mesh_dim(kind)
+    if mesh_dim is None or any(self.placed.get(d.name) == mesh_dim for d in dims):
+      return list(dims)
+    name = shard_dim(tuple((d.name, d.size) for d in dims), self.split,
+                     self.mesh_sizes[mesh_dim])
+    return [mtf.Dimension(f"{d.name}_{kind}", d.size) if d.name == name else d for d in dims]
 
 
 def parse_mesh_shape(text):
@@ -90,6 +132,24 @@ class MeshSpec:
       return "tpu"
     return "gpu" if any("/gpu:" in d for d in self.devices) else "cpu"
 
+  @property
+  def model_layout(self):
+    """The layout's rules over the model's tensor dimensions (no fsdp/zero rule)."""
+    return [(t, m) for t, m in self.layout if t not in SHARDING_RULES]
+
+  def sharding(self):
+    """The Sharding of the layout's `fsdp` / `zero` rules (a Sharding of neither if none)."""
+    rules, sizes = dict(self.layout), dict(self.shape)
+    return Sharding(rules.get("fsdp"), rules.get("zero"), sizes,
+                    {t: sizes[m] for t, m in self.model_layout}, dict(self.model_layout))
+
+  def mtf_rules(self):
+    """The rules mtf lays tensors out by: `fsdp:x` becomes `<d>_fsdp:x` for every d of
+    PREFERENCE (weights' stored dimensions, Sharding.stored_dims), `zero:x` alike."""
+    expanded = [(f"{d}_{kind}", m) for kind, m in self.layout if kind in SHARDING_RULES
+                for d in PREFERENCE]
+    return self.model_layout + expanded
+
   def validate(self, dim_sizes=None, tensor_shapes=()):
     """Raises ValueError if the layout can't apply to tensor dimensions `dim_sizes`.
 
@@ -106,7 +166,7 @@ class MeshSpec:
     """Two dimensions of one tensor on one mesh dimension: mtf's LayoutRules reject it."""
     on = {}
     for dim in dims:
-      for tensor_dim, mesh_dim in self.layout:
+      for tensor_dim, mesh_dim in self.mtf_rules():
         if tensor_dim == dim and mesh_dim in on:
           raise UserError(f"layout puts {on[mesh_dim]!r} and {dim!r} both on mesh dimension "
                           f"{mesh_dim!r}, but tensor {name} has both ({', '.join(dims)}); "
@@ -115,7 +175,13 @@ class MeshSpec:
           on[mesh_dim] = dim
 
   def _validate_rules(self, dim_sizes, mesh_sizes):
-    for tensor_dim, mesh_dim in self.layout:
+    self._validate_sharding(dim_sizes, mesh_sizes)
+    for tensor_dim, mesh_dim in self.model_layout:
+      if tensor_dim == "memory_length":  # GPT-Neo's name of the keys' length
+        raise UserError(f"layout rule 'memory_length:{mesh_dim}' (GPT-Neo's) splits the "
+                        f"keys' length, which attention reduces over in every layer; this "
+                        f"model has no such split: drop it (e.g. GPT-Neo XL's "
+                        f"'batch:x,memory_length:y,embd:y' is 'batch:x,embd:y' here)")
       if tensor_dim not in dim_sizes:
         raise UserError(f"layout names tensor dimension {tensor_dim!r}, which the model "
                         f"doesn't have; use one of {sorted(dim_sizes)}")
@@ -127,11 +193,31 @@ class MeshSpec:
                         f"{mesh_dim!r} (size {mesh_sizes[mesh_dim]}), which doesn't divide it; "
                         f"change the layout or the size")
 
+  def _validate_sharding(self, dim_sizes, mesh_sizes):
+    """fsdp / zero: at most one of them, once, on a mesh dimension some weight can split over."""
+    rules = [(kind, m) for kind, m in self.layout if kind in SHARDING_RULES]
+    if len(rules) > 1:
+      written = ",".join(f"{kind}:{m}" for kind, m in rules)
+      raise UserError(f"layout has {written!r}: use one of fsdp (weights, gradients and "
+                      f"optimizer state sharded) or zero (optimizer state only), once; "
+                      f"fsdp already shards the optimizer state")
+    for kind, mesh_dim in rules:
+      if mesh_dim not in mesh_sizes:
+        raise UserError(f"layout rule '{kind}:{mesh_dim}' names mesh dimension {mesh_dim!r}, "
+                        f"which mesh_shape doesn't define; use one of {sorted(mesh_sizes)}")
+      ways, split = mesh_sizes[mesh_dim], {t: mesh_sizes[m] for t, m in self.model_layout}
+      candidates = {d: dim_sizes[d] for d in PREFERENCE if d in dim_sizes and d not in split}
+      if not any(size % ways == 0 for size in candidates.values()):
+        raise UserError(f"layout rule '{kind}:{mesh_dim}' can't split any weight: none of "
+                        f"{candidates or 'its unsplit dimensions'} divides by {mesh_dim!r}'s "
+                        f"size {ways}; name a mesh dimension whose size divides one of them, "
+                        f"or drop the rule")
+
   def mtf_shape(self):
     return mtf.Shape([mtf.Dimension(name, size) for name, size in self.shape])
 
   def mtf_layout(self):
-    return mtf.LayoutRules(self.layout)
+    return mtf.LayoutRules(self.mtf_rules())
 
   def mesh_impl(self, device_assignment=None):
     """mtf's placement (one device of this process per position) or SIMD (TPU) mesh.
@@ -182,7 +268,9 @@ def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=
 
   Args:
     mesh_shape: named mesh dimensions and sizes, e.g. "x:2,y:4"; "" is one device.
-    layout: tensor dimension to mesh dimension rules, e.g. "batch:x,heads:y".
+    layout: tensor dimension to mesh dimension rules, e.g. "batch:x,heads:y"; "fsdp:x"
+      stores weights, gradients and optimizer state split over x, "zero:x" the optimizer
+      state only (docs/large_models.md).
     device_type: "cpu" (one CPU device per mesh position) or "gpu" (placement only).
     cpu_devices: how many CPU devices this process may use (default: the mesh size).
     gpu_ids: GPU ids to place the mesh on, in mesh order (default: 0 .. size-1).

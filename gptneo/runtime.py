@@ -11,7 +11,7 @@ import time
 from gptneo import tpu as tpu_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
-from gptneo.mesh import MESH_NAME
+from gptneo.mesh import MESH_NAME, Sharding
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -40,10 +40,27 @@ def cpu_has_native_bfloat16(cpuinfo="/proc/cpuinfo"):
   return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def new_mesh(variable_placer=None):
-  """An mtf graph and its mesh; `variable_placer` puts master weights (TPU: tpu.py)."""
+class Mesh(mtf.Mesh):
+  """An mtf mesh that knows how the layout shards weights and optimizer slots (fsdp, zero)."""
+
+  def __init__(self, graph, name, variable_placer=None, sharding=None):
+    super().__init__(graph, name, variable_placer)
+    self._sharding = sharding or Sharding()
+
+  @property
+  def sharding(self):
+    """The mesh.Sharding of the layout's fsdp / zero rules (one of neither without them)."""
+    return self._sharding
+
+
+def new_mesh(variable_placer=None, spec=None):
+  """An mtf graph and its mesh; `variable_placer` puts master weights (TPU: tpu.py).
+
+  With `spec` (a MeshSpec) the mesh carries its layout's Sharding: the model then stores its
+  weights, and the optimizer its slots, as the fsdp / zero rules say.
+  """
   graph = mtf.Graph()
-  return graph, mtf.Mesh(graph, MESH_NAME, variable_placer)
+  return graph, Mesh(graph, MESH_NAME, variable_placer, spec.sharding() if spec else None)
 
 
 def lower(mtf_graph, mtf_mesh, spec, device_assignment=None):

@@ -250,7 +250,7 @@ def build_placement(settings, model_dir, rt):
     tf.set_random_seed(s.seed)
     step = tf.train.get_or_create_global_step()
     iterator = _train_iterator(s)
-    mtf_graph, mtf_mesh = runtime.new_mesh()
+    mtf_graph, mtf_mesh = runtime.new_mesh(spec=rt.spec)
     tokens, targets = _import_batch(mtf_mesh, iterator.get_next(), s.model.dims(s.batch_size))
     step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, step)
     validation = _validation(s, mtf_mesh)
@@ -316,7 +316,7 @@ def build_simd(settings, model_dir, rt):
     built = {}
 
     def body(current):
-      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt))
+      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt), rt.spec)
       tokens, targets = infeed.dequeue(mtf_mesh)
       step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, current)
       built["lowering"] = rt.lower(mtf_graph, mtf_mesh)

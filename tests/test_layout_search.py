@@ -542,3 +542,8 @@ def test_the_default_output_is_in_the_working_directory_not_the_checkouts_gin():
   from gptneo.layout_search import configured  # pylint: disable=g-import-not-at-top
   assert configured.default_output(["gin/gpt3_xl.gin"], 8, "") == "search_gpt3_xl_8.gin"
   assert configured.default_output([], None, "x:2,y:4") == "search_model_x2_y4.gin"
+
+
+def test_the_cost_models_sharded_forms_are_the_meshs_sharding_rules():
+  from gptneo import mesh  # pylint: disable=g-import-not-at-top  (cost_model can't: no TF there)
+  assert cost_model.SHARDED_FORMS == mesh.SHARDING_RULES

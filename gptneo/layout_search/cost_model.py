@@ -55,7 +55,7 @@ from gptneo.errors import UserError
 # `embd` (every matmul contracting it reduces its output) comes with kv.
 TIERS = (("batch", "heads", "mlp", "vocab", "experts"), ("kv", "embd"), ("sequence",))
 SPLITTABLE = TIERS[0]
-SHARDED_FORMS = ("fsdp", "zero")  # mesh.SHARDED_FORMS: the pseudo dimensions of the terms
+SHARDED_FORMS = ("fsdp", "zero")  # mesh.SHARDING_RULES (not imported: no TF here); pseudo dims
 # What a sharded form's weights keep whole so that each weight's shard dimension stays the
 # one `with_optimizer` asked mesh.shard_dim for (embd for all but the MLP's bias).
 NOT_WITH_SHARDING = ("embd",)

@@ -198,8 +198,8 @@ class GPT:
     positions = cache.positions if cache else None  # None: 0 .. sequence - 1
     moe_losses = []
     with tf.variable_scope(self.name):
-      wte = mtf.get_variable(tokens.mesh, "wte", [dims.vocab, dims.embd], dtype=dtype,
-                             initializer=tf.random_normal_initializer(stddev=self.init_std))
+      wte = ops.weight(tokens.mesh, "wte", [dims.vocab, dims.embd], dtype,
+                       tf.random_normal_initializer(stddev=self.init_std))
       wpe = self.positions.embed(tokens.mesh, dims, self.n_ctx, dtype, self.init_std,
                                  positions)
       x = ops.embedding_lookup(wte, tokens, dims.vocab)

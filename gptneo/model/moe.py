@@ -71,10 +71,10 @@ class MoE:
 
   def _experts(self, x, dims, experts, activation, std, out_std, dtype):
     """Each expert's MLP (no biases) on its own tokens."""
-    w_in = mtf.get_variable(x.mesh, "wi", [experts, dims.embd, dims.mlp], dtype=dtype,
-                            initializer=tf.random_normal_initializer(stddev=std))
-    w_out = mtf.get_variable(x.mesh, "wo", [experts, dims.mlp, dims.embd], dtype=dtype,
-                             initializer=tf.random_normal_initializer(stddev=out_std))
+    w_in = ops.weight(x.mesh, "wi", [experts, dims.embd, dims.mlp], dtype,
+                      tf.random_normal_initializer(stddev=std))
+    w_out = ops.weight(x.mesh, "wo", [experts, dims.mlp, dims.embd], dtype,
+                       tf.random_normal_initializer(stddev=out_std))
     hidden_shape = [d for d in x.shape.dims if d != dims.embd] + [dims.mlp]
     h = activation(mtf.einsum([x, w_in], hidden_shape))
     return mtf.einsum([h, w_out], x.shape)

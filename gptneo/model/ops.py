@@ -4,6 +4,7 @@ import math
 import gin
 from tensorflow import nn as tf_nn  # TF2's nn: tf.compat.v1.nn lacks gelu
 
+from gptneo import mesh as mesh_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 
@@ -42,11 +43,33 @@ def silu(x):
 gin.register("swish")(silu)
 
 
+def weight(mesh, name, dims, dtype, initializer):
+  """A trainable weight of `dims`, made the one way every weight of the model is.
+
+  The variable is stored with the mesh's sharding (mesh.Sharding.stored_dims: under an
+  `fsdp:x` layout rule one dimension is renamed "<d>_fsdp" and so split over x) and returned
+  under the model's own dimensions: mtf lowers that rename as an all-gather over x, and the
+  gradient's way back as a slice of its sum. The checkpoint holds the whole tensor under the
+  same name either way, so it restores on any mesh.
+
+  Args:
+    mesh: the mtf mesh (runtime.new_mesh's, which carries the sharding; any other: unsharded).
+    name: the variable's name in the current variable scope.
+    dims: its mtf.Dimensions, as the model uses it.
+    dtype: an mtf.VariableDType.
+    initializer: a tf initializer of the whole tensor.
+  """
+  sharding = getattr(mesh, "sharding", None)
+  stored = sharding.stored_dims(dims, "fsdp") if sharding else list(dims)
+  return mesh_lib.renamed(mtf.get_variable(mesh, name, stored, dtype=dtype,
+                                           initializer=initializer), dims)
+
+
 def layer_norm(x, dim, epsilon, dtype, name):
   """Normalizes `x` over `dim`, then applies a learned gain `g` and bias `b`."""
   with tf.variable_scope(name):
-    gain = mtf.get_variable(x.mesh, "g", [dim], initializer=tf.ones_initializer(), dtype=dtype)
-    bias = mtf.get_variable(x.mesh, "b", [dim], initializer=tf.zeros_initializer(), dtype=dtype)
+    gain = weight(x.mesh, "g", [dim], dtype, tf.ones_initializer())
+    bias = weight(x.mesh, "b", [dim], dtype, tf.zeros_initializer())
   centered = x - mtf.reduce_mean(x, reduced_dim=dim)
   variance = mtf.reduce_mean(mtf.square(centered), reduced_dim=dim)
   return centered * mtf.rsqrt(variance + epsilon) * gain + bias
@@ -55,10 +78,9 @@ def layer_norm(x, dim, epsilon, dtype, name):
 def dense(x, reduced_dims, new_dims, std, dtype, name, use_bias=True):
   """x @ w (+ b), with `w` of shape reduced_dims + new_dims drawn from N(0, std)."""
   with tf.variable_scope(name):
-    w = mtf.get_variable(x.mesh, "w", reduced_dims + new_dims, dtype=dtype,
-                         initializer=tf.random_normal_initializer(stddev=std))
-    b = mtf.get_variable(x.mesh, "b", new_dims, dtype=dtype,
-                         initializer=tf.zeros_initializer()) if use_bias else None
+    w = weight(x.mesh, "w", reduced_dims + new_dims, dtype,
+               tf.random_normal_initializer(stddev=std))
+    b = weight(x.mesh, "b", new_dims, dtype, tf.zeros_initializer()) if use_bias else None
   return matmul(x, w, reduced_dims, b)
 
 

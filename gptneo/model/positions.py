@@ -59,8 +59,8 @@ class LearnedPositions(_Positions):
     return n_ctx * n_embd
 
   def embed(self, mesh, dims, n_ctx, dtype, std, positions=None):
-    table = mtf.get_variable(mesh, "wpe", [_table_rows(dims, n_ctx), dims.embd], dtype=dtype,
-                             initializer=tf.random_normal_initializer(stddev=std / 2))
+    table = ops.weight(mesh, "wpe", [_table_rows(dims, n_ctx), dims.embd], dtype,
+                       tf.random_normal_initializer(stddev=std / 2))
     return _rows_at(table, dims, positions)
 
 
@@ -184,8 +184,8 @@ class AxialPositions(_Positions):
   def embed(self, mesh, dims, n_ctx, dtype, std, positions=None):
     rows, columns = (mtf.Dimension(f"axial_{i}", size)
                      for i, size in enumerate(self.factors(n_ctx)))
-    tables = [mtf.get_variable(mesh, f"wpe_axial_{i}", [axis, dims.embd], dtype=dtype,
-                               initializer=tf.random_normal_initializer(stddev=std / 2))
+    tables = [ops.weight(mesh, f"wpe_axial_{i}", [axis, dims.embd], dtype,
+                         tf.random_normal_initializer(stddev=std / 2))
               for i, axis in enumerate((rows, columns))]
     grid = mtf.add(tables[0], tables[1], output_shape=[rows, columns, dims.embd]) * 0.5
     return _rows_at(mtf.reshape(grid, [_table_rows(dims, n_ctx), dims.embd]), dims, positions)

@@ -12,6 +12,7 @@ import math
 
 import gin
 
+from gptneo import mesh as mesh_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 
@@ -112,27 +113,56 @@ class Adam(_ScheduledOptimizer):
 
   def apply_grad(self, grad, var, learning_rate, step):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
-    m = mtf.get_variable(var.mesh, var.name + "/adam_m", var.shape,
+    shard = _zero_dims(var)
+    m = mtf.get_variable(var.mesh, var.name + "/adam_m", shard or var.shape,
                          initializer=unfolded_zeros, trainable=False)
-    v = mtf.get_variable(var.mesh, var.name + "/adam_v", var.shape,
+    v = mtf.get_variable(var.mesh, var.name + "/adam_v", shard or var.shape,
                          initializer=unfolded_zeros, trainable=False)
-    if self.fused:
+    if self.fused and not shard:
       return [FusedAdamUpdate(self, grad, var, m, v, learning_rate, step)]
     return self.assigns(grad, var, m, v, learning_rate, step)
 
   def assigns(self, grad, var, m, v, learning_rate, step):
-    """The update as mtf element-wise ops: three mtf.Assigns (var, m, v)."""
+    """The update as mtf element-wise ops: three mtf.Assigns (var, m, v).
+
+    Under a `zero` layout rule m and v are stored split (_zero_dims): the gradient and the
+    weight are sliced to their shape, the update computed on the shard and the new weight
+    gathered back (mtf renames: a slice, and an all-gather over the rule's mesh dimension).
+    """
     value = var.value if var.value.dtype == var.master_dtype else mtf.cast(var.value,
                                                                            var.master_dtype)
+    shard_value, grad = mesh_lib.renamed(value, m.shape.dims), mesh_lib.renamed(grad,
+                                                                               m.shape.dims)
     new_m = m * self.beta1 + grad * (1.0 - self.beta1)
     new_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
     m_hat = new_m / (1.0 - mtf.exp(step * math.log(self.beta1)))
     v_hat = new_v / (1.0 - mtf.exp(step * math.log(self.beta2)))
     update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
     if self.weight_decay and var.shape.ndims >= 2:
-      update += value * self.weight_decay
-    return [mtf.assign(var, value - update * learning_rate),
-            mtf.assign(m, new_m), mtf.assign(v, new_v)]
+      update += shard_value * self.weight_decay
+    new_value = mesh_lib.renamed(shard_value - update * learning_rate, var.shape.dims)
+    return [mtf.assign(var, new_value), mtf.assign(m, new_m), mtf.assign(v, new_v)]
+
+
+def _zero_dims(var):
+  """The stored dims of `var`'s optimizer slots under a `zero` rule of its mesh's layout, or
+  None where they are the variable's own (no rule, or no dimension to split)."""
+  sharding = getattr(var.mesh, "sharding", None)
+  dims = sharding.stored_dims(var.shape.dims, "zero") if sharding else var.shape.dims
+  return mtf.Shape(dims) if dims != var.shape.dims else None
+
+
+def check_sharding(optimizer, sharding):
+  """Raises UserError (one line) if `optimizer` can't keep its state as `sharding` says.
+
+  Args:
+    optimizer: the gin-built optimizer (Adam, Adafactor).
+    sharding: the mesh.Sharding of the layout.
+  """
+  if sharding.zero and isinstance(optimizer, Adafactor):
+    raise UserError(f"layout rule 'zero:{sharding.zero}' shards Adam's slots, not "
+                    f"Adafactor's factored ones: write 'fsdp:{sharding.zero}' instead (it "
+                    f"shards Adafactor's slots with the weights) or use @Adam()")
 
 
 class FusedAdamUpdate(mtf.Operation):
@@ -241,6 +271,8 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
   def apply_grads(self, grads, variables, learning_rate, step):
     """mtf's Adafactor, which reads its rates from its own attributes: they are set on a copy,
     so this object keeps no graph's tensors."""
+    if variables:
+      check_sharding(self, getattr(variables[0].mesh, "sharding", None) or mesh_lib.Sharding())
     update = copy.copy(self)
     update._learning_rate = learning_rate  # pylint: disable=protected-access
     if self._decay_rate is None:  # Adafactor's default, 1 - step^-0.8
