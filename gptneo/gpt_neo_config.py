@@ -14,12 +14,11 @@ from gptneo.gin_utils import gin_literal
 
 # GPT-Neo's layout names (mtf.Dimension names in models/) -> ours (gptneo/model/gpt.py's Dims);
 LAYOUT_DIMS = {"batch": "batch", "sequence": "sequence", "heads": "heads", "features_per_head": "kv",
-               "intermediate_expanded": "mlp", "vocab": "vocab"}
+               "intermediate_expanded": "mlp", "vocab": "vocab", "embd": "embd"}
 # Dimensions GPT-Neo's layouts split and ours can't: refused, with the layout to write instead.
 UNSPLIT = {
     "memory_length": "our attention's softmax runs over the keys whole",
     "memory": "our attention's softmax runs over the keys whole",
-    "embd": "mtf can't lower our training step's gradients with embd split",
 }
 # models/activations.py's BASE_FNS that we have (mtf.gelu is the tanh approximation).
 ACTIVATIONS = {"gelu": "@gelu_tanh", "relu": "@relu", "selu": "@selu", "silu": "@silu"}
@@ -300,22 +299,14 @@ def _layout_rules(layout, sizes, shape, source, config):
   if unsplit:
     raise UserError(f"{source} splits {', '.join(f'{d} over {m!r}' for d, m in unsplit)}, "
                     f"which ours can't ({'; '.join(UNSPLIT[d] for d, _ in unsplit)}): convert "
-                    f"with --layout={_without_unsplit(pairs, sizes, config)!r} or another")
+                    f"with --layout={_without_unsplit(pairs)!r} or another")
   return [f"{LAYOUT_DIMS.get(dim, dim)}:{mesh_dim}" for dim, mesh_dim in pairs]
 
 
-def _without_unsplit(pairs, sizes, config):
-  """`pairs` without the dimensions we can't split; an embd split becomes heads and mlp
-  (our model-parallel dimensions) where they divide and the mesh dimension is free."""
-  kept = [(LAYOUT_DIMS.get(dim, dim), mesh_dim) for dim, mesh_dim in pairs
-          if dim not in UNSPLIT]
-  for dim, mesh_dim in pairs:
-    if dim != "embd" or any(m == mesh_dim for _, m in kept):
-      continue
-    kept += [(name, mesh_dim) for name, size in (("heads", config["n_head"]),
-                                                 ("mlp", 4 * config["n_embd"]))
-             if size % sizes[mesh_dim] == 0]
-  return ",".join(f"{dim}:{mesh_dim}" for dim, mesh_dim in kept)
+def _without_unsplit(pairs):
+  """`pairs` without the dimensions we can't split, in our names."""
+  return ",".join(f"{LAYOUT_DIMS.get(dim, dim)}:{mesh_dim}" for dim, mesh_dim in pairs
+                  if dim not in UNSPLIT)
 
 
 def _microbatches(config, sizes, rules):
