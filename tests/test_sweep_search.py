@@ -259,3 +259,25 @@ def test_two_drivers_share_a_postgres_study_and_a_killed_ones_trial_is_taken_up(
     spans = sorted((a["start"], a.get("end", a["start"])) for a in attempts)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), attempts
   assert json.loads((root / root_lib.SWEEP_JSON).read_text())["storage"] == postgres
+
+
+def test_a_trial_whose_driver_died_before_its_first_heartbeat_is_taken_up(tmp_path):
+  """Killed between study.ask and its first heartbeat, a driver leaves a RUNNING trial with
+  no heartbeat: once older than the grace period it is failed and its point enqueued again,
+  as a trial whose heartbeat stopped is (else the other drivers wait for it for good)."""
+  storage = search.open_storage(f"sqlite:///{tmp_path / 'study.db'}", stale_seconds=60)
+  study = optuna.create_study(storage=storage, study_name="s")
+  orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+  beaten = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+  storage.record_heartbeat(beaten._trial_id)  # pylint: disable=protected-access
+  optuna.storages.fail_stale_trials(study)
+  assert study.trials[orphan.number].state == optuna.trial.TrialState.RUNNING  # within grace
+  with storage.engine.begin() as connection:  # its driver died an hour ago
+    connection.exec_driver_sql("UPDATE trials SET datetime_start = datetime('now', '-1 hour') "
+                               f"WHERE number = {orphan.number}")
+  optuna.storages.fail_stale_trials(study)
+  states = [t.state for t in study.trials]
+  assert states[orphan.number] == optuna.trial.TrialState.FAIL
+  assert states[beaten.number] == optuna.trial.TrialState.RUNNING
+  assert study.trials[-1].state == optuna.trial.TrialState.WAITING  # its point, enqueued again
+  assert study.trials[-1].system_attrs["fixed_params"] == orphan.params

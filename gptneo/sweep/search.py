@@ -203,7 +203,7 @@ def open_storage(url, stale_seconds):
              {"timeout": 60} if url.startswith("sqlite") else {})
   try:
     with _quiet_warnings():
-      return optuna.storages.RDBStorage(
+      return _storage_class()(
           url, engine_kwargs={"connect_args": connect},
           heartbeat_interval=max(1, stale_seconds // 4), grace_period=stale_seconds,
           heartbeat_stale_trial_callback=_take_up)
@@ -211,6 +211,38 @@ def open_storage(url, stale_seconds):
     reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
     raise UserError(f"--storage={_shown(url)} does not open ({reason}); give a database URL "
                     f"that connects, e.g. sqlite:///PATH or postgresql://USER@HOST/DB") from None
+
+
+def _storage_class():
+  """Optuna's RDBStorage, whose stale trials also include a RUNNING trial never beaten.
+
+  A driver asks for a trial, then beats its heartbeat; killed between the two, it leaves a
+  trial Optuna never calls stale (it counts only trials with a heartbeat), which every other
+  driver would wait for. Such a trial, started longer than the grace period ago, is stale.
+  """
+  import datetime  # pylint: disable=g-import-not-at-top
+  import optuna  # pylint: disable=g-import-not-at-top
+  from optuna.storages._rdb import models  # pylint: disable=g-import-not-at-top
+
+  class Storage(optuna.storages.RDBStorage):
+
+    def _get_stale_trial_ids(self, study_id):
+      stale = super()._get_stale_trial_ids(study_id)
+      since = (datetime.datetime.now(datetime.timezone.utc)
+               - datetime.timedelta(seconds=self.grace_period))
+      session = self.scoped_session()
+      try:
+        never_beaten = [trial.trial_id for trial in (
+            session.query(models.TrialModel)
+            .filter(models.TrialModel.study_id == study_id)
+            .filter(models.TrialModel.state == optuna.trial.TrialState.RUNNING)
+            .filter(~models.TrialModel.heartbeats.any()).all())
+                        if trial.datetime_start.astimezone(datetime.timezone.utc) < since]
+      finally:
+        self.scoped_session.remove()
+      return stale + never_beaten
+
+  return Storage
 
 
 @contextlib.contextmanager
