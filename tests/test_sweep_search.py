@@ -281,3 +281,29 @@ def test_a_trial_whose_driver_died_before_its_first_heartbeat_is_taken_up(tmp_pa
   assert states[beaten.number] == optuna.trial.TrialState.RUNNING
   assert study.trials[-1].state == optuna.trial.TrialState.WAITING  # its point, enqueued again
   assert study.trials[-1].system_attrs["fixed_params"] == orphan.params
+
+
+@pytest.mark.parametrize("name", ["asha", "hyperband", "median"])
+def test_each_pruner_stops_a_trial_worse_than_the_finished_ones(name):
+  """--pruner's Optuna pruner, rungs from the point's evaluation cadence: after finished
+  trials whose validation losses fall, one whose losses stay high is pruned by the last
+  evaluation (the end-to-end pruning of a sweep is test_grid_search_prunes...)."""
+  import types  # pylint: disable=g-import-not-at-top
+  spec = types.SimpleNamespace(pruner=name)
+  facts = types.SimpleNamespace(eval_every_n_steps=10, train_steps=60)
+  # Named: Hyperband assigns a trial's bracket by a hash of the study's name.
+  study = optuna.create_study(study_name="pruners", pruner=search.pruner(spec, facts))
+  for good in range(9):
+    trial = study.ask()
+    for step in range(10, 61, 10):
+      trial.report(5.0 - step / 100 - good / 1000, step)
+      trial.should_prune()  # the driver asks after every report: the rungs record it
+    study.tell(trial, 5.0 - 0.6 - good / 1000)
+  bad = study.ask()
+  pruned_at = None
+  for step in range(10, 61, 10):
+    bad.report(8.0, step)
+    if bad.should_prune():
+      pruned_at = step
+      break
+  assert pruned_at is not None, f"{name} never pruned a trial 3 nats worse at every step"
