@@ -314,7 +314,7 @@ def test_too_few_windows_for_one_pass(small_dataset):
 
 
 def test_missing_dataset_json(tmp_path):
-  with pytest.raises(ValueError, match="has no dataset.json; run bin/prepare_data"):
+  with pytest.raises(ValueError, match="has no dataset.json; run gptneo-prepare-data"):
     inputs.read_dataset_info(tmp_path / "nowhere")
 
 
