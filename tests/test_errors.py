@@ -52,7 +52,7 @@ BAD_BINDINGS = {
     "mesh larger than the devices": (['mesh.mesh_shape = "x:2"', "mesh.cpu_devices = 1"],
                                      ["2 cpu devices", "1 are available"]),
     "missing data path": (['DATASET_DIR = "/nonexistent/data"'],
-                          ["/nonexistent/data", "prepare_data"]),
+                          ["/nonexistent/data", "gptneo-prepare-data"]),
     "dataset vocab larger than n_vocab": (["GPT.n_vocab = 100"], ["GPT.n_vocab = 100", "512"]),
     "missing required value": (["train.train_steps = %gin.REQUIRED"],
                                ["train.train_steps", "--gin_param"]),
