@@ -348,9 +348,8 @@ def stored_slices(mesh_shape, layout, names=("gpt/h0/mlp/fc/w", "gpt/h0/mlp/fc/w
   with tf.Graph().as_default():
     mtf_graph, mtf_mesh = runtime.new_mesh(spec=spec)
     _, _, loss, grads = gpt_graph(mesh=(mtf_graph, mtf_mesh))
-    adam = optimizers.Adam()
-    adam.learning_rate, adam.step = (mtf.constant(mtf_mesh, 0.01), mtf.constant(mtf_mesh, 1.0))
-    adam.apply_grads(grads, mtf_graph.trainable_variables)
+    optimizers.Adam().apply_grads(grads, mtf_graph.trainable_variables,
+                                  mtf.constant(mtf_mesh, 0.01), mtf.constant(mtf_mesh, 1.0))
     lowering = runtime.lower(mtf_graph, mtf_mesh, spec)
     return {v.name: lowering.variables[v].laid_out_tensor.slice_shape
             for v in mtf_graph.all_variables if v.name in names}
