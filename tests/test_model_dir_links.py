@@ -94,6 +94,7 @@ def test_a_linked_folder_in_a_model_dir_is_refused_the_model_dir_itself_may_be_o
   path the user passes is theirs to choose: a model dir that is a link is read and locked."""
   model_dir = tmp_path / "run"
   shutil.copytree(neo_model_dir, model_dir)
+  shutil.rmtree(model_dir / "eval", ignore_errors=True)  # an earlier gptneo-eval's events
   os.symlink(model_dir, tmp_path / "link")
   (tmp_path / "home").mkdir()
   os.symlink(tmp_path / "home", model_dir / "eval")

@@ -42,7 +42,13 @@ def _spec(dataset, **search):
 
 
 def _trials(url, name):
-  return optuna.load_study(study_name=name, storage=url).get_trials()
+  """The study's trials, its connections closed (polled: an engine per call would pile up
+  connections until the server refuses more)."""
+  storage = optuna.storages.RDBStorage(url)
+  try:
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+  finally:
+    storage.engine.dispose()
 
 
 def _rows(root):

@@ -111,9 +111,9 @@ def test_mesh_larger_than_the_tpu_is_a_one_line_error():
 @pytest.mark.parametrize("bindings, fragments", [
     (["mesh.implementation = 'simd'"], ["set mesh.tpu"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.eval_every_n_steps = 5"],
-     ["train.eval_every_n_steps = 5", "no periodic evaluation", "bin/eval"]),
+     ["train.eval_every_n_steps = 5", "no periodic evaluation", "gptneo-eval"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.harness_tasks = ['x']"],
-     ["train.harness_tasks = ['x']", "can't score harness tasks", "bin/lm_eval"]),
+     ["train.harness_tasks = ['x']", "can't score harness tasks", "gptneo-lm-eval"]),
     (["train.steps_per_loop = 4"], ["train.steps_per_loop = 4", "TPU only"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'"],  # this machine has no TPU
      ["mesh.tpu = 'local'", "no TPU to initialize"]),

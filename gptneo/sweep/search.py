@@ -530,11 +530,16 @@ def points(root):
   return [p for p, _ in found], [f for _, f in found]
 
 
-def load_study(root, record):
-  """The study of a search's sweep.json record, read-only use (the report, --status)."""
+@contextlib.contextmanager
+def loaded_study(root, record):
+  """The study of a search's sweep.json record, read-only use (the report); its database
+  connections closed at the end."""
   import optuna  # pylint: disable=g-import-not-at-top
   storage = open_storage(record["storage"], record.get("stale_seconds", 60))
-  return optuna.load_study(study_name=root.name, storage=storage)
+  try:
+    yield optuna.load_study(study_name=root.name, storage=storage)
+  finally:
+    storage.engine.dispose()
 
 
 def plots(root, record):
@@ -543,20 +548,20 @@ def plots(root, record):
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   from optuna.visualization import matplotlib as optuna_plots  # pylint: disable=g-import-not-at-top
-  study = load_study(root, record)
-  complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
   drawn = []
-  for name, draw, needs in ((HISTORY_PNG, optuna_plots.plot_optimization_history, 1),
-                            (IMPORTANCES_PNG, optuna_plots.plot_param_importances, 2)):
-    if len(complete) < needs or (name == IMPORTANCES_PNG and not _varied(complete)):
-      continue
-    with _quiet_warnings():
-      axes = draw(study)
-    axes.figure.set_size_inches(8, 5)
-    axes.figure.tight_layout()
-    axes.figure.savefig(root.path / name, dpi=110)
-    plt.close(axes.figure)
-    drawn.append(name)
+  with loaded_study(root, record) as study:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    for name, draw, needs in ((HISTORY_PNG, optuna_plots.plot_optimization_history, 1),
+                              (IMPORTANCES_PNG, optuna_plots.plot_param_importances, 2)):
+      if len(complete) < needs or (name == IMPORTANCES_PNG and not _varied(complete)):
+        continue
+      with _quiet_warnings():
+        axes = draw(study)
+      axes.figure.set_size_inches(8, 5)
+      axes.figure.tight_layout()
+      axes.figure.savefig(root.path / name, dpi=110)
+      plt.close(axes.figure)
+      drawn.append(name)
   return drawn
 
 
