@@ -26,6 +26,7 @@ from tests.test_errors import assert_one_line_error
 LR = "learning_rate_schedule.learning_rate"
 # Three learning rates: one that learns, two too small to (their losses stay where they start).
 AXES = [f"{LR} = [3e-3, 1e-7, 2e-7]"]
+LONG = 200  # test_grid_search_prunes...: steps of its points
 RUN = ["train.train_steps = 60", "train.steps_per_checkpoint = 10", "train.eval_every_n_steps = 10",
        "train.eval_steps = 4", "train.log_every_n_steps = 10"]
 
@@ -167,7 +168,10 @@ def test_a_study_of_another_sweep_is_refused_unless_update(small_dataset, tmp_pa
 def test_grid_search_prunes_the_hopeless_points_then_resume_pruned_finishes_them(
     small_dataset, tmp_path):
   root = tmp_path / "root"
-  flags = [*_flags(small_dataset), f"--root={root}", "--search=grid", "--pruner=asha"]
+  # 200 steps, pruned from step 10 on: a loaded machine may starve the driver for seconds, and
+  # a hopeless point must still be running when its SIGTERM comes (60 steps could finish first).
+  run = [r.replace("train.train_steps = 60", f"train.train_steps = {LONG}") for r in RUN]
+  flags = [*_flags(small_dataset, run=run), f"--root={root}", "--search=grid", "--pruner=asha"]
   run_binary("sweep", *flags, check=True)
   url = f"sqlite:///{root / search.STUDY_DB}"
   trials = _trials(url, "root")
@@ -181,7 +185,7 @@ def test_grid_search_prunes_the_hopeless_points_then_resume_pruned_finishes_them
       # Stopped by SIGTERM at a step boundary past the pruning step, a checkpoint saved there.
       assert row["status"] == "pruned" and int(row["pruned_step"]) == state["pruned_step"]
       stopped = metrics.train(root / name)[-1]["step"]
-      assert state["pruned_step"] <= stopped < 60
+      assert state["pruned_step"] <= stopped < LONG
       assert (root / name / f"model.ckpt-{stopped}.index").is_file()
       log = (root / name / root_lib.TRAIN_LOG).read_text()
       assert f"preempted (SIGTERM) at step {stopped}" in log
@@ -199,7 +203,7 @@ def test_grid_search_prunes_the_hopeless_points_then_resume_pruned_finishes_them
   run_binary("sweep", *flags, "--resume_pruned", check=True)
   rows = _rows(root)
   for name in pruned:
-    assert rows[name]["status"] == "done" and rows[name]["steps"] == "60"
+    assert rows[name]["status"] == "done" and rows[name]["steps"] == str(LONG)
     assert "resumed from" in (root / name / root_lib.TRAIN_LOG).read_text()
   resumed = [t for t in _trials(url, "root") if "resumes" in t.user_attrs]
   assert sorted(t.user_attrs["point"] for t in resumed) == sorted(pruned)
