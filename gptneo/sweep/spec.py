@@ -43,9 +43,19 @@ PRUNERS = ("none", "asha", "hyperband", "median")  # --pruner
 OBJECTIVES = {"val_loss_final": "minimize", "val_loss_best": "minimize", "train_loss": "minimize",
               "bits_per_byte": "minimize", "tokens_per_s": "maximize", "wall_time_s": "minimize"}
 SEARCH_DEFAULTS = {"search": "", "trials": 0, "pruner": "none", "objective": "val_loss_final"}
+SEARCH_NAMES = {"search": SAMPLERS, "pruner": PRUNERS, "objective": tuple(OBJECTIVES)}
 # Short keys for the run dir names of the knobs swept most; any other knob is its last part.
 SHORT_KEYS = {"learning_rate": "lr", "batch_size": "bs", "train_steps": "steps",
               "warmup_steps": "warmup", "weight_decay": "wd", GIN_FILE: "file"}
+
+
+def check_name(field: str, value: str, shown: str) -> None:
+  """UserError naming `shown` (how the user wrote it) unless `value` is a known `field`
+  (SEARCH_NAMES: search, pruner or objective)."""
+  if value not in SEARCH_NAMES[field]:
+    raise UserError(f"{shown} is unknown; use one of {', '.join(SEARCH_NAMES[field])}")
+
+
 _NAME = re.compile(r"^[A-Za-z_][\w./]*$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
 _MAX_NAME = 96
@@ -201,11 +211,10 @@ class Spec:
 
   def _check_search(self):
     """search, trials, pruner and objective: known names, and only with a search."""
-    for field, known in (("search", ("", *SAMPLERS)), ("pruner", PRUNERS),
-                         ("objective", tuple(OBJECTIVES))):
-      if getattr(self, field) not in known:
-        raise UserError(f"{field} {getattr(self, field)!r} is unknown; use one of "
-                        f"{', '.join(k for k in known if k)}")
+    for field in SEARCH_NAMES:
+      value = getattr(self, field)
+      if value or field != "search":  # "": no search
+        check_name(field, value, f"{field} {value!r}")
     if not self.search:
       used = [f for f, default in SEARCH_DEFAULTS.items() if getattr(self, f) != default]
       if used:
