@@ -8,6 +8,7 @@ or refused in one line naming the key; keys of no effect on training (where GPT-
 import json
 import math
 
+from gptneo import errors
 from gptneo.errors import UserError
 from gptneo.gin_utils import Reference
 from gptneo.gin_utils import gin_literal
@@ -49,13 +50,7 @@ def read_config(path: str) -> dict:
   Args:
     path: a GPT-Neo model config (configs/<name>.json).
   """
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  except OSError as error:
-    raise UserError(f"cannot read {path}: {error.strerror}") from None
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise UserError(f"{path} is not JSON ({error}); give a GPT-Neo configs/*.json") from None
+  config = errors.read_json(path, "give a GPT-Neo configs/*.json")
   if not isinstance(config, dict):
     raise UserError(f"{path} holds a JSON {type(config).__name__}, not a GPT-Neo config object")
   return config
