@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing import plugin_event_multiplexer as events
 from tensorboard.plugins.hparams import metadata
@@ -21,6 +22,7 @@ from gptneo.sweep import driver
 from gptneo.sweep import hparams
 from gptneo.sweep import launch
 from gptneo.sweep import metrics
+from gptneo.sweep import plots
 from gptneo.sweep import report
 from gptneo.sweep import root as root_lib
 from gptneo.sweep import runner
@@ -398,7 +400,7 @@ def test_hparams_summary_reads_in_tensorboard(finished_sweep):
   session = metadata.parse_session_start_info_plugin_data(
       content["lr=3e-3,n_embd=64"][metadata.SESSION_START_INFO_TAG])
   assert session.hparams["lr"].number_value == 0.003
-  assert session.hparams["n_embd"].number_value == 64
+  assert session.hparams["n_embd"].string_value == "64"  # an integer stays one
   # The session's metrics are the run's own summaries, which bin/train wrote beside it.
   assert {"loss", "eval/loss"} <= set(multiplexer.GetAccumulator("lr=3e-3,n_embd=64")
                                       .Tags()["tensors"])
@@ -621,3 +623,97 @@ def test_an_empty_or_binary_sweep_file_is_one_line_naming_it(tmp_path, content, 
   with pytest.raises(UserError) as error:
     sweep_file.spec_from(str(path))
   assert str(error.value).startswith(f"sweep file {path} {says}"), str(error.value)
+
+
+# ------------------------------------------------------------------ plots and HParams
+
+LR_WIDTH = [f"{LR} = [1e-3, 3e-3, 1e-2]", "GPT.n_embd, GPT.n_head = [32, 64, 128], [1, 2, 4]"]
+
+
+def _lr_width_points(tmp_path):
+  """tiny_lr.gin's 9 points (not validated: no dataset needed), each with fake logs whose
+  final validation loss is lowest at lr=3e-3 and falls with width; and their report table."""
+  points = sweep_file.spec_from(None, ["tiny.gin"], [], LR_WIDTH).expand()
+  root = root_lib.Root(str(tmp_path / "root"))
+  table = []
+  for point in points:
+    run_dir = root.run_dir(point)
+    run_dir.mkdir(parents=True)
+    lr, width = float(point.labels["lr"]), int(point.labels["n_embd"])
+    final = 5.0 + abs(math.log10(lr / 3e-3)) - width / 1000
+    _fake_run(run_dir, [6.0 - s / 100 for s in range(150)], [final + 0.2, final + 0.1, final])
+    table.append({"point": point.name, "status": "done", "val_loss_final": final,
+                  "parameters": 1000 * width, "best": False})
+  table.sort(key=lambda r: r["val_loss_final"])
+  table[0]["best"] = True
+  return root, points, table
+
+
+def test_loss_png_colours_points_by_their_values_with_a_line_per_width(tmp_path):
+  root, points, table = _lr_width_points(tmp_path)
+  styles = plots.point_styles(points)
+  colors = [tuple(np.round(styles.colors[p.name], 3)) for p in points]
+  assert len(set(colors)) == 9
+  # Neighbours in the legend and in the grid are told apart: no two colours close.
+  closest = min(np.linalg.norm(np.subtract(a, b)) for i, a in enumerate(colors)
+                for b in colors[i + 1:])
+  assert closest > 0.1, closest
+  assert styles.x_key == "lr" and list(styles.groups) == [
+      "n_embd=32,n_head=1", "n_embd=64,n_head=2", "n_embd=128,n_head=4"]
+  fig = plots.loss_figure(root, points, table)
+  try:
+    train, val, final = fig.axes
+    assert len(fig.legends) == 1 and len(fig.legends[0].get_texts()) == 9  # shared: every point
+    assert len(train.lines) == len(val.lines) == 9
+    assert final.get_xscale() == "log" and final.get_xlabel() == "lr"
+    assert [line.get_label() for line in final.lines] == list(styles.groups)
+    assert [list(line.get_xdata()) for line in final.lines] == [[1e-3, 3e-3, 1e-2]] * 3
+  finally:
+    plots.plt.close(fig)
+
+
+def _texts(fig):
+  return " ".join(t.get_text() for t in [fig.axes[0].title, *fig.axes[0].texts])
+
+
+def test_scaling_fits_three_sizes_or_more_and_says_so_on_the_plot():
+  table = [{"point": f"p{n}", "status": "done", "val_loss_final": 6.0 - n / 100}
+           for n in (1, 2)]
+  facts = {f"p{n}": validate.Facts(300, 1, 10_000 * n + 5, 5, 50, "cpu", 1) for n in (1, 2)}
+  two = scaling.fit_table(table, facts)
+  assert not two.fitted and two.sizes == (10_000, 20_000)
+  assert "no fit: 2 model sizes" in report.to_markdown([], two)
+  fig = plots.scaling_figure(two)
+  try:
+    assert not fig.axes[0].lines and "no fit: 2 model sizes" in _texts(fig)
+  finally:
+    plots.plt.close(fig)
+  three = scaling.Fit(*scaling.fit([1e4, 3e4, 1e5], [6.0, 5.5, 5.1]), (1e4, 3e4, 1e5),
+                      (6.0, 5.5, 5.1), ((1e4, 6.0, "a"), (3e4, 5.5, "b"), (1e5, 5.1, "c")))
+  fig = plots.scaling_figure(three)
+  try:
+    assert len(fig.axes[0].lines) == 1 and "rough: 3 sizes, 1 degree(s)" in _texts(fig)
+  finally:
+    plots.plt.close(fig)
+
+
+def test_hparams_keep_integers_integers(tmp_path):
+  """TensorBoard's table prints a number as a float (64 as 64.000): integers go as their text,
+  the experiment declaring an integer column a string one."""
+  root, points, table = _lr_width_points(tmp_path)
+  hparams.write(root, points, table)
+  multiplexer = events.EventMultiplexer()
+  multiplexer.AddRunsFromDirectory(str(root.path))
+  multiplexer.Reload()
+  content = multiplexer.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+  experiment = metadata.parse_experiment_plugin_data(content["."][metadata.EXPERIMENT_TAG])
+  infos = {h.name: h for h in experiment.hparam_infos}
+  assert {v.string_value for v in infos["n_embd"].domain_discrete.values} == {"32", "64", "128"}
+  assert {v.string_value for v in infos["parameters"].domain_discrete.values} == {
+      "32000", "64000", "128000"}
+  assert not infos["lr"].HasField("domain_discrete")
+  session = metadata.parse_session_start_info_plugin_data(
+      content["lr=3e-3,n_embd=64,n_head=2"][metadata.SESSION_START_INFO_TAG])
+  assert session.hparams["n_embd"].string_value == "64"
+  assert session.hparams["parameters"].string_value == "64000"
+  assert session.hparams["lr"].number_value == 0.003

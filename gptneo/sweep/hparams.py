@@ -4,6 +4,11 @@ The root's events file declares the experiment (the axes and the metrics); each 
 dir gets a session start naming its axis values. The metrics are the point's own summaries,
 which bin/train writes into the same folder (loss, eval/loss, eval/bits_per_byte). A gs://
 root works the same: the experiment in ROOT/_sweep, the sessions in the bucket's model dirs.
+
+TensorBoard has no integer type (a number is a float64, which its table prints as 64.000), so
+an integer (an axis value, the parameter count) goes in as its decimal text, and the
+experiment declares an all-integer column as those texts: 64 stays 64. The events files are written with
+TensorBoard's own record writer: the report needs no TensorFlow.
 """
 import os
 import tempfile
@@ -11,9 +16,9 @@ import time
 
 from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp
+from tensorboard.summary.writer import record_writer
 
 from gptneo import storage
-from gptneo.compat import tf
 from gptneo.sweep import root as root_lib
 from gptneo.sweep import spec as spec_lib
 
@@ -22,19 +27,36 @@ METRICS = (("loss", "training loss"), ("eval/loss", "validation loss"),
            ("eval/bits_per_byte", "bits per byte"))
 
 
+PARAMETERS = "parameters"
+
+
 def _value(text):
+  """An axis value as TensorBoard takes it: a number, bool or string; an integer as its text."""
   value = spec_lib.parse_value(text, "hparam")
-  return value if isinstance(value, (bool, int, float, str)) else text
+  if not isinstance(value, (bool, int, float, str)):
+    return text
+  return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def _point_hparams(point):
-  return {key: _value(text) for key, (_, text) in zip(point.labels, point.values, strict=True)}
+def _point_hparams(point, parameters):
+  """{hparam: value} of the point: its axis values, then its parameter count."""
+  return {**{key: _value(text) for key, (_, text) in zip(point.labels, point.values,
+                                                          strict=True)},
+          PARAMETERS: str(parameters)}
+
+
+def _hparam(name, values):
+  """The experiment's declaration of a column: an integer one as its texts (a string type)."""
+  if all(isinstance(v, str) and v.lstrip("-").isdigit() for v in values):
+    return hp.HParam(name, hp.Discrete(sorted(set(values))))
+  return hp.HParam(name)
 
 
 def _write_events(folder, summary):
   """One events file of one summary, written whole under its fixed name."""
   def write(temporary):
-    with tf.io.TFRecordWriter(temporary) as writer:
+    with open(temporary, "wb") as f:
+      writer = record_writer.RecordWriter(f)
       writer.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
                    .SerializeToString())
       writer.write(event_pb2.Event(wall_time=time.time(), step=0, summary=summary)
@@ -48,8 +70,7 @@ def write_session(folder, point, parameters):
   that folder is this machine's mirror of the point, so bin/train's own sync takes it up."""
   if not os.path.isfile(os.path.join(folder, EVENTS_FILE)):
     os.makedirs(folder, exist_ok=True)
-    summary = hp.hparams_pb({**_point_hparams(point), "parameters": parameters},
-                            trial_id=point.name)
+    summary = hp.hparams_pb(_point_hparams(point, parameters), trial_id=point.name)
     _write_events(folder, summary)
 
 
@@ -68,14 +89,12 @@ def _upload_session(root, point, parameters):
 def write(root, points, table):
   """The experiment at the root (for gs://, in ROOT/_sweep), and each point's session in its
   run: TensorBoard pairs a session with the metrics of the run that holds it."""
-  values = [_point_hparams(p) for p in points]
-  names = list(values[0]) if values else []
-  config = hp.hparams_config_pb(
-      [hp.HParam(name) for name in names] + [hp.HParam("parameters")],
-      [hp.Metric(tag, display_name=title)
-       for tag, title in METRICS])
-  _write_events(str(root.path), config)
   rows = {r["point"]: r for r in table}
+  values = [_point_hparams(p, rows[p.name]["parameters"]) for p in points]
+  names = list(values[0]) if values else []
+  config = hp.hparams_config_pb([_hparam(n, [v[n] for v in values]) for n in names],
+                                [hp.Metric(tag, display_name=title) for tag, title in METRICS])
+  _write_events(str(root.path), config)
   for point in points:
     row = rows[point.name]
     if not root.uri:
