@@ -3,8 +3,8 @@
 Every binary imports it at the top, so any gin file parses in any of them; gin_utils, a leaf,
 never imports it. gin_reference derives docs/config_reference.md from what is listed here.
 """
-# gin_utils first: it imports TensorFlow with TF's C++ start-up banner silenced.
-from gptneo import gin_utils  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
+# TensorFlow first, with its C++ start-up banner silenced: every program imports this first.
+from gptneo import quiet_tensorflow  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
 from gptneo import evaluate  # pylint: disable=g-bad-import-order
 from gptneo import hf
 from gptneo import loggers

@@ -1,9 +1,10 @@
 """The gin helper every binary shares: flags, search path, parsing, errors, operative config,
 what a model dir's config may set, and the one writer of gin values (gin_literal).
 
-A leaf: of gptneo it imports only errors and command_line (the flags, read before it loads
-TensorFlow). What parse can bind is what is registered when it
-runs; binaries (and tests) import gptneo.configurables, the one registration point, first.
+A leaf: of gptneo it imports only errors and command_line (the flags), and no TensorFlow
+(configurables loads it), so what only reads gin text or JSON (gptneo-sweep --status) starts
+at once. What parse can bind is what is registered when it runs; binaries (and tests) import
+gptneo.configurables, the one registration point, first.
 """
 import contextlib
 import difflib
@@ -25,25 +26,6 @@ from gin import config_parser
 from gptneo import command_line
 from gptneo.errors import EXIT_DIVERGED, Diverged, UserError
 
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-  """Drops what C++ writes to fd 2: TF's start-up banner ignores TF_CPP_MIN_LOG_LEVEL."""
-  saved_stderr = os.dup(2)
-  devnull = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    yield
-  finally:  # restored before any Python exception is reported, so real errors still show
-    os.dup2(saved_stderr, 2)
-    os.close(saved_stderr)
-    os.close(devnull)
-
-
-with _native_stderr_silenced():
-  import tensorflow  # pylint: disable=g-import-not-at-top
-  # Probing devices now (absl's app.run would, via a TF hook) keeps its cuInit noise quiet.
-  tensorflow.config.list_physical_devices()
 
 FLAGS = flags.FLAGS
 OUR_PACKAGE = "gptneo"
@@ -527,6 +509,7 @@ def graph_mode():
   inside `with graph.as_default()`, but checkpoints are restored and saved (tf.train.Saver,
   checkpoints.Checkpoints) outside it, which only graph mode allows.
   """
+  import tensorflow  # pylint: disable=g-import-not-at-top  (loaded by configurables already)
   tensorflow.compat.v1.disable_eager_execution()  # resource variables stay on
 
 
@@ -534,10 +517,16 @@ BUG_REPORT = ("this is a bug in gptneo, not in your input: please report it with
               "traceback above and the command line")
 
 
-def run(main):
+def run(main, graph=True):
   """Like `absl.app.run`: bad input (UserError) ends in one line on stderr and exit code 2;
   a run that diverged (Diverged) in one line and EXIT_DIVERGED; anything else is a bug, shown
-  with its traceback, a line saying so, and exit code 1."""
+  with its traceback, a line saying so, and exit code 1.
+
+  Args:
+    main: the program's main(argv).
+    graph: switch TensorFlow to graph mode first (graph_mode); False for a program that may
+      end without loading TensorFlow (gptneo-sweep --status), which switches it itself.
+  """
   def guarded_main(argv):
     program = os.path.basename(sys.argv[0])
     try:
@@ -552,7 +541,8 @@ def run(main):
       traceback.print_exc()
       print(f"{program}: internal error: {BUG_REPORT}", file=sys.stderr)
       sys.exit(1)
-  graph_mode()
+  if graph:
+    graph_mode()
   app.run(guarded_main, flags_parser=command_line.parse)
 
 

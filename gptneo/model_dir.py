@@ -149,9 +149,11 @@ class Writer:
     if self.lease:
       self.lease.release()
     # Deleted while still locked: a process that opened it meanwhile sees it unlinked once it
-    # gets the lock, and locks a new one (_flock).
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(os.path.join(self.folder, LOCK_NAME))
+    # gets the lock, and locks a new one (_flock). Not while a shared holder still holds it:
+    # a new file would let an exclusive one in beside it.
+    if _sole_holder(self._fd):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(self.folder, LOCK_NAME))
     os.close(self._fd)
     self._fd = None
     _held.pop(os.path.realpath(self.folder), None)
@@ -166,7 +168,8 @@ class Writer:
     self.release()
 
 
-def lock(model_dir, force=False):
+def lock(model_dir, force=False, shared=False, what="model dir",
+         fix="wait for it to end, or use another --model_dir"):
   """Makes this process the one writer of model_dir; refuses in one line one that another
   process writes.
 
@@ -174,6 +177,9 @@ def lock(model_dir, force=False):
     model_dir: a folder, or gs://bucket/prefix: its mirror is locked and its lease taken.
     force: take over a gs:// lease another machine holds (a run there that died recently);
       a local lock is held by a live process only and is never taken over.
+    shared: hold the lock together with other shared holders (the drivers of one sweep
+      search, which its study keeps apart); an exclusive holder excludes them all.
+    what, fix: the refusal's words: "{what} {model_dir} is being written by ...; {fix}".
 
   Returns:
     the Writer (the same one if this process holds it already).
@@ -186,7 +192,7 @@ def lock(model_dir, force=False):
   created = not os.path.exists(folder)
   try:
     os.makedirs(folder, exist_ok=True)
-    fd = _flock(folder, model_dir)
+    fd = _flock(folder, f"{what} {model_dir}", fix, shared)
   except (FileExistsError, NotADirectoryError):
     raise UserError(f"model dir {folder} is a file, or inside one; pass a folder as "
                     f"--model_dir") from None
@@ -204,24 +210,51 @@ def lock(model_dir, force=False):
   return writer
 
 
-def _flock(folder, model_dir):
-  """An open descriptor of folder/.lock, locked; refuses in one line a lock held already."""
+def _flock(folder, locked, fix, shared):
+  """An open descriptor of folder/.lock, locked (shared: LOCK_SH); refuses in one line a lock
+  held already: "{locked} is being written by {holder}; {fix}" (a shared lock's record names
+  its latest holder)."""
   path = os.path.join(folder, LOCK_NAME)
   while True:
     fd = _open_no_follow(path, os.O_RDWR | os.O_CREAT)  # a link made since check_links
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = _holder(fd)
       os.close(fd)
-      raise UserError(f"model dir {model_dir} is being written by {holder}; wait for it to "
-                      f"end, or use another --model_dir") from None
+      raise UserError(f"{locked} is being written by {holder}; {fix}") from None
     if _is_linked(fd, path):
       break
     os.close(fd)  # its holder released it meanwhile, and deleted it
   os.ftruncate(fd, 0)
   os.write(fd, json.dumps(_me()).encode())
   return fd
+
+
+def is_locked(folder: str) -> bool:
+  """Whether a process holds the lock of a local folder (see `lock`); this one too, through
+  another open file.
+
+  Args:
+    folder: a local model dir, or a gs:// one's mirror.
+  """
+  try:
+    fd = _open_no_follow(os.path.join(folder, LOCK_NAME), os.O_RDONLY)
+  except (FileNotFoundError, NotADirectoryError):
+    return False
+  try:
+    return not _sole_holder(fd)
+  finally:
+    os.close(fd)  # and with it, the lock _sole_holder took
+
+
+def _sole_holder(fd):
+  """Whether no other process holds the lock of fd's file; takes it exclusively if so."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return False
+  return True
 
 
 def _is_linked(fd, path):

@@ -5,7 +5,10 @@ import json
 import math
 import os
 import pathlib
+import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +18,8 @@ import pytest
 from tensorboard.backend.event_processing import plugin_event_multiplexer as events
 from tensorboard.plugins.hparams import metadata
 
-from conftest import REPO, TINY_TEST_BINDINGS, run_binary
+from conftest import N_CTX, REPO, TINY_TEST_BINDINGS, VOCAB, run_binary
+from gptneo import model_dir as model_dir_lib
 from gptneo import storage
 from gptneo.errors import UserError
 from gptneo.sweep import driver
@@ -231,7 +235,7 @@ def test_a_root_holding_another_sweep_is_refused_unless_updated(small_dataset, t
 def test_gpu_points_get_disjoint_visible_gpus(monkeypatch):
   """The split only (no GPU here): each slot's CUDA_VISIBLE_DEVICES, from the GPUs visible."""
   def facts(device_type, devices):
-    return validate.Facts(10, 64, 1000, 100, 0, device_type, devices)
+    return root_lib.Facts(10, 64, 1000, 100, 0, device_type, devices)
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,4,5,6")
   assert runner.gpu_slots(2, [facts("gpu", 2), facts("gpu", 1)]) == ["0,1", "4,5"]
   assert runner.gpu_slots(2, [facts("cpu", 2)]) == [None, None]
@@ -384,6 +388,9 @@ def test_a_finished_sweep_is_skipped_and_status_says_done(finished_sweep, small_
   result = run_binary("sweep", *_flags(small_dataset), f"--root={finished_sweep}",
                       "--parallel=2", check=True)
   assert "0 of 6 points to run" in result.stderr and time.time() - started < 60
+  # It ends with the table (make sweep shows it): the report's own, best point in bold.
+  assert result.stdout == (finished_sweep / report.RESULTS_MD).read_text() + "\n"
+  assert "| **lr=" in result.stdout
   status = run_binary("sweep", f"--root={finished_sweep}", "--status", check=True).stdout
   assert "6 points: 4 done, 2 diverged; ETA 0:00:00" in status
 
@@ -599,7 +606,7 @@ def test_a_gs_root_another_machine_drives_is_refused_unless_force(gcs, tmp_path)
     with root.lock():
       pass
   with root.lock(force=True):
-    assert (root.path / root_lib.LOCK).is_file()
+    assert (root.path / model_dir_lib.LOCK_NAME).is_file()
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"spec": {}}'])
@@ -679,7 +686,7 @@ def _texts(fig):
 def test_scaling_fits_three_sizes_or_more_and_says_so_on_the_plot():
   table = [{"point": f"p{n}", "status": "done", "val_loss_final": 6.0 - n / 100}
            for n in (1, 2)]
-  facts = {f"p{n}": validate.Facts(300, 1, 10_000 * n + 5, 5, 50, "cpu", 1) for n in (1, 2)}
+  facts = {f"p{n}": root_lib.Facts(300, 1, 10_000 * n + 5, 5, 50, "cpu", 1) for n in (1, 2)}
   two = scaling.fit_table(table, facts)
   assert not two.fitted and two.sizes == (10_000, 20_000)
   assert "no fit: 2 model sizes" in report.to_markdown([], two)
@@ -717,3 +724,95 @@ def test_hparams_keep_integers_integers(tmp_path):
   assert session.hparams["n_embd"].string_value == "64"
   assert session.hparams["parameters"].string_value == "64000"
   assert session.hparams["lr"].number_value == 0.003
+
+
+# ------------------------------------------------------------------ the bookkeeping's weight
+
+TRAINING_STACK = ("tensorflow", "mesh_tensorflow", "ortools")
+
+
+def _imported(*args):
+  """The top-level packages `bin/sweep *args` imported (python -X importtime), and its result."""
+  result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "bin" / "sweep"),
+                           *args], env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO,
+                          capture_output=True, text=True, check=False)
+  names = re.findall(r"(?m)^import time:\s+\d+ \|\s+\d+ \|\s*([\w.]+)$", result.stderr)
+  return {name.split(".")[0] for name in names}, result
+
+
+def test_status_and_report_load_no_training_stack(tmp_path):
+  """--status and --report read JSON and logs: no TensorFlow, mtf or OR-Tools loads."""
+  root, points, table = _lr_width_points(tmp_path)
+  facts = [root_lib.Facts(150, 64, r["parameters"], 0, 50, "cpu", 1)
+           for r in sorted(table, key=lambda r: [p.name for p in points].index(r["point"]))]
+  root.create(sweep_file.spec_from(None, ["tiny.gin"], [], LR_WIDTH), points, facts, ["t"])
+  loaded, result = _imported(f"--root={root.path}", "--status")
+  assert result.returncode == 0 and "9 points: 9 done" in result.stdout, result.stderr[-2000:]
+  assert "gptneo" in loaded and not loaded & set(TRAINING_STACK), loaded & set(TRAINING_STACK)
+  loaded, result = _imported(f"--root={root.path}", "--report")
+  assert result.returncode == 0 and "| **lr=3e-3,n_embd=128" in result.stdout
+  assert (root.path / plots.LOSS_PNG).is_file() and (root.path / hparams.EVENTS_FILE).is_file()
+  assert not loaded & set(TRAINING_STACK), loaded & set(TRAINING_STACK)
+
+
+def _holder(root, shared):
+  """A process holding the sweep's lock (shared or not) until its stdin closes."""
+  code = ("import sys; from gptneo.sweep import root; "
+          f"root.Root(sys.argv[1]).lock(shared={shared}); print('held', flush=True); "
+          "sys.stdin.read()")
+  process = subprocess.Popen([sys.executable, "-c", code, str(root.path)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert process.stdout.readline() == "held\n"
+  return process
+
+
+def test_the_sweeps_lock_is_the_model_dirs_naming_its_holder_and_sharable(tmp_path):
+  """Root.lock is model_dir.lock: a refusal names the holder; search drivers share it, and one
+  of them leaving does not let an exclusive driver in beside the others."""
+  root = root_lib.Root(str(tmp_path / "root"))
+  other = _holder(root, shared=True)
+  try:
+    with root.lock(shared=True):
+      assert root.driver_running()
+    assert root.driver_running()  # the other still holds it
+    with pytest.raises(UserError) as refusal:
+      root.lock()
+    # Named as model_dir.lock names a holder (a shared lock: its latest one).
+    assert re.fullmatch(rf"sweep {re.escape(str(root.path))} is being written by \S+ \(pid "
+                        rf"\d+ on {re.escape(socket.gethostname())}, since [\d-]+ [\d:]+ UTC\); "
+                        rf"wait for it \(gptneo-sweep --status --root={re.escape(str(root.path))}"
+                        rf"\)", str(refusal.value)), str(refusal.value)
+  finally:
+    other.stdin.close()
+    other.wait()
+  assert not root.driver_running()
+  with root.lock():
+    assert (root.path / model_dir_lib.LOCK_NAME).is_file()
+  assert not (root.path / model_dir_lib.LOCK_NAME).exists()
+
+
+def _documented_sweeps():
+  """(doc, command) of every command-line grid sweep README.md and docs/sweeps.md show."""
+  from tests.test_docs import doc_commands  # pylint: disable=g-import-not-at-top
+  found = []
+  for doc in ("README.md", "docs/sweeps.md"):
+    found += [(doc, c) for c in doc_commands((REPO / doc).read_text())
+              if "gptneo-sweep" in c and "--axis=" in c and "--search" not in c]
+  return found
+
+
+def test_documented_sweeps_report_a_final_validation_loss(small_dataset):
+  """Each point of the docs' sweep commands validates at its last step, so the report's
+  validation loss is the trained model's (train.eval_every_n_steps dividing train_steps)."""
+  documented = _documented_sweeps()
+  assert {doc for doc, _ in documented} == {"README.md", "docs/sweeps.md"}
+  for doc, command in documented:
+    args = shlex.split(command)[1:]
+    values = {flag: [a.split("=", 1)[1] for a in args if a.startswith(f"--{flag}=")]
+              for flag in ("gin_file", "gin_param", "axis")}
+    data = [f'DATASET_DIR = "{small_dataset}"', f"GPT.n_ctx = {N_CTX}", f"GPT.n_vocab = {VOCAB}"]
+    spec = sweep_file.spec_from(None, values["gin_file"], [*values["gin_param"], *data],
+                                values["axis"])
+    for point, facts in zip(spec.expand(), validate.check_all(spec.expand()), strict=True):
+      assert facts.validates_at_end, (doc, point.name, facts)

@@ -29,9 +29,12 @@ def prepare(spec, root_path, command, update=False):
     if not isinstance(fact.train_steps, int) or fact.train_steps < 1:
       raise UserError(f"point {point.index} ({point.name}): train.train_steps = "
                       f"{fact.train_steps!r}; bind it to a positive integer")
-  if not any(f.eval_every_n_steps for f in facts):
-    logging.warning("train.eval_every_n_steps is 0: the report has no validation loss; set "
-                    "it (a divisor of train.train_steps) to compare points by it")
+  late = [p.name for p, f in zip(points, facts, strict=True) if not f.validates_at_end]
+  if late:
+    logging.warning("%d of %d points (e.g. %s) validate no last step (train.eval_every_n_steps "
+                    "is 0 or does not divide train.train_steps): the report's validation loss "
+                    "of those is an earlier step's, or none; bind it to a divisor of "
+                    "train.train_steps to compare points by it", len(late), len(points), late[0])
   root = root_lib.Root(root_path)
   root.check_same(spec, update)
   return root, points, facts
@@ -39,7 +42,8 @@ def prepare(spec, root_path, command, update=False):
 
 def run_search(spec, root_path, parallel, max_retries, command, storage=None, update=False,
                resume_pruned=False, stale_seconds=60):
-  """Runs (or joins, or resumes) a search, then writes its report; returns {trial state: count}.
+  """Runs (or joins, or resumes) a search, then writes its report; returns ({trial state:
+  count}, the report's markdown table).
 
   Args:
     spec: a spec.Spec with a search.
@@ -77,10 +81,10 @@ def run_search(spec, root_path, parallel, max_retries, command, storage=None, up
     if resume_pruned:
       worker.resume_pruned()
     counts = worker.run()
-  report_lib.write(root)
+  table = report_lib.write(root)
   logging.info("trials: %s; the report is in %s",
                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.display)
-  return counts
+  return counts, table
 
 
 def write_root(spec, root_path, command, update=False, force=False):
@@ -93,16 +97,17 @@ def write_root(spec, root_path, command, update=False, force=False):
 
 
 def run(spec, root_path, parallel, max_retries, command, update=False, force=False):
-  """Runs (or resumes) the sweep, then writes its report; returns {status: count}."""
+  """Runs (or resumes) the sweep, then writes its report; returns ({status: count}, the
+  report's markdown table)."""
   runner.core_slots(parallel)  # a bad --parallel is refused before anything is created
   root, points, facts = prepare(spec, root_path, command, update)
   with root.lock(force):
     root.check_same(spec, update)  # another driver may have written it meanwhile
     root.create(spec, points, facts, command)
     counts = runner.Driver(root, points, facts, parallel, max_retries, logging.info).run()
-  report_lib.write(root)
+  table = report_lib.write(root)
   own = resource.getrusage(resource.RUSAGE_SELF)  # not the children: the driver's own cost
   logging.info("%s; the report is in %s; the driver itself used %.1f s of CPU",
                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), root.display,
                own.ru_utime + own.ru_stime)
-  return counts
+  return counts, table

@@ -62,7 +62,7 @@ def point_styles(points) -> Styles:
     colors = {p.name: palette(i % palette.N) for i, p in enumerate(points)}
     return Styles(colors, None, {})
   colors, ordered = {}, {}
-  for family, (label, members) in zip(_FAMILIES, groups.items()):
+  for family, (label, members) in zip(_FAMILIES, groups.items(), strict=False):  # fewer groups
     xs = sorted({_number(p.labels[x_key]) for p in members})
     for point in members:
       rank = xs.index(_number(point.labels[x_key]))  # darker = larger x

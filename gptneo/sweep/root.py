@@ -15,12 +15,8 @@ it up whenever a point's status changes and after the report; a lease object the
 Every file is written whole (a temporary, then a rename), so a driver killed at any moment
 leaves each file as it was before or after.
 """
-import contextlib
 import dataclasses
-import errno
-import fcntl
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -28,18 +24,36 @@ import time
 
 from gptneo import errors
 from gptneo import gin_utils
+from gptneo import model_dir as model_dir_lib
 from gptneo import storage
 from gptneo.errors import UserError
 from gptneo.sweep import spec as spec_lib
-from gptneo.sweep import validate
 
 SWEEP_JSON = "sweep.json"
 STATE_JSON = "sweep_state.json"
 POINT_GIN = "point.gin"
 TRAIN_LOG = "train.log"
-LOCK = ".sweep.lock"
 FINAL = ("done", "diverged", "pruned")  # never run again (pruned: unless --resume_pruned)
 DRIVER_PREFIX = "_sweep"  # a gs:// root's driver files: ROOT/_sweep/
+TRIAL_JSON = "trial.json"  # in a search's run dir: its point and facts (sweep.json has none)
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What the driver and the report need to know of a checked point."""
+  train_steps: int
+  tokens_per_step: int
+  parameters: int  # all weights, as the layout search counts them
+  embedding_parameters: int  # the token and position tables
+  eval_every_n_steps: int
+  device_type: str
+  devices: int
+
+  @property
+  def validates_at_end(self) -> bool:
+    """Whether a periodic validation falls on the last step: the report's final validation
+    loss is the trained model's (eval.jsonl holds periodic validations only)."""
+    return bool(self.eval_every_n_steps) and self.train_steps % self.eval_every_n_steps == 0
 
 
 def write_json(path, value):
@@ -135,10 +149,18 @@ class Root:
       raise UserError(f"--root={self.display} holds no sweep ({SWEEP_JSON}); start one there "
                       f"first")
     if record["spec"].get("search"):  # a search's points are its trials' run dirs
-      from gptneo.sweep import search  # pylint: disable=g-import-not-at-top
-      return search.points(self)
+      return self._trial_points()
     return ([spec_lib.Point.from_json(p) for p in record["points"]],
-            [validate.Facts(**p["facts"]) for p in record["points"]])
+            [Facts(**p["facts"]) for p in record["points"]])
+
+  def _trial_points(self):
+    """(points, facts) of a search's run dirs (their trial.json), in trial order."""
+    found = []
+    for path in sorted(self.path.glob(f"*/{TRIAL_JSON}")):
+      record = read_json(path, "delete its run dir to run that point again")
+      found.append((spec_lib.Point.from_json(record["point"]), Facts(**record["facts"])))
+    found.sort(key=lambda pair: pair[0].index)
+    return [p for p, _ in found], [f for _, f in found]
 
   def check_same(self, spec, update):
     """Refuses a root that holds another sweep, unless `update`."""
@@ -184,41 +206,24 @@ class Root:
     if sync:
       self.sync()
 
-  @contextlib.contextmanager
   def lock(self, force=False, shared=False):
-    """Held by the one driver running this sweep; the kernel frees it when that one dies.
-    A gs:// root also takes the lease of ROOT/_sweep: machines share no kernel; `force`
-    takes over a lease another machine's driver left (one that crashed there). `shared`:
-    the drivers of a search, which its study's database keeps apart, hold it together."""
-    self.path.mkdir(parents=True, exist_ok=True)
-    with open(self.path / LOCK, "a+") as f:
-      try:
-        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-      except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):
-          raise
-        raise UserError(f"another bin/sweep is running the sweep in {self.display}; wait for "
-                        f"it (bin/sweep --status --root={self.display})") from None
-      with self._lease(force):
-        yield
+    """Held by the one driver running this sweep (model_dir.lock of the driver's folder: the
+    kernel frees it when that one dies; a gs:// root also takes the lease of ROOT/_sweep, as
+    machines share no kernel). `force` takes over a lease another machine's driver left (one
+    that crashed there). `shared`: the drivers of a search, which its study's database keeps
+    apart, hold it together.
 
-  @contextlib.contextmanager
-  def _lease(self, force):
-    if not self.uri:
-      yield
-      return
-    holder = {"program": "bin/sweep", "pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.time(), "mirror": str(self.path)}
-    lease = storage.Lease(self._driver_uri(), holder).acquire(force)
-    try:
-      yield
-    finally:
-      lease.release()
+    Returns:
+      the model_dir.Writer: a context manager that releases it.
+    """
+    return model_dir_lib.lock(
+        self._driver_uri() if self.uri else str(self.path), force, shared, what="sweep",
+        fix=f"wait for it (gptneo-sweep --status --root={self.display})")
 
   def driver_running(self):
     """Whether a driver holds this sweep now: the lock on this machine, or for a gs:// root
     a live lease of ROOT/_sweep, which a driver on another machine renews while it runs."""
-    if self._lock_held():
+    if model_dir_lib.is_locked(str(self.path)):
       return True
     if not self.uri:
       return False
@@ -226,17 +231,6 @@ class Root:
     # A lease of this machine's mirror, its lock free: a driver here that died.
     return record is not None and [record.get("host"), record.get("mirror")] != [
         socket.gethostname(), str(self.path)]
-
-  def _lock_held(self):
-    if not (self.path / LOCK).is_file():
-      return False
-    with open(self.path / LOCK, "a+") as f:
-      try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError:
-        return True
-      fcntl.flock(f, fcntl.LOCK_UN)
-      return False
 
 
 def _write_text(path, text):

@@ -120,7 +120,7 @@ class Driver:
 
   Args:
     root: the sweep's root_lib.Root (its lock held).
-    points, facts: the points and their validate.Facts.
+    points, facts: the points and their root_lib.Facts.
     parallel: points at once, each on its own cores (and GPUs).
     max_retries: runs of a failed point after its first (counted over restarts).
     log: called with one line per event.

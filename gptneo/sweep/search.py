@@ -36,7 +36,6 @@ from gptneo.sweep import spec as spec_lib
 from gptneo.sweep import validate
 
 STUDY_DB = "study.db"  # the default storage: SQLite in the root
-TRIAL_JSON = "trial.json"  # in a search's run dir: its point and facts (sweep.json has none)
 HISTORY_PNG, IMPORTANCES_PNG = "optimization_history.png", "param_importances.png"
 _DROPPED_HOLD_SECONDS = 5.0  # after dropping a repeated point, before asking again
 
@@ -152,7 +151,7 @@ def pruner(spec, facts):
 
   Args:
     spec: the spec.
-    facts: validate.Facts of a point (its eval_every_n_steps and train_steps).
+    facts: root_lib.Facts of a point (its eval_every_n_steps and train_steps).
   """
   import optuna  # pylint: disable=g-import-not-at-top
   pruners, first = optuna.pruners, max(1, facts.eval_every_n_steps)
@@ -304,7 +303,7 @@ class SearchDriver(runner.Driver):
     root: the sweep's root_lib.Root (its shared lock held).
     spec, params: the spec and its space (`space`).
     study: the open study (open_study).
-    facts: the checked first point's validate.Facts (its device needs).
+    facts: the checked first point's root_lib.Facts (its device needs).
     parallel, max_retries, log, poll_seconds: as runner.Driver.
   """
 
@@ -433,8 +432,8 @@ class SearchDriver(runner.Driver):
     """The point joins the root: its run dir, point.gin and trial.json (its first trial's)."""
     run_dir = self.root.run_dir(this)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / TRIAL_JSON).is_file():
-      root_lib.write_json(run_dir / TRIAL_JSON,
+    if not (run_dir / root_lib.TRIAL_JSON).is_file():
+      root_lib.write_json(run_dir / root_lib.TRIAL_JSON,
                           {"point": this.to_json(), "facts": dataclasses.asdict(facts)})
       (run_dir / root_lib.POINT_GIN).write_text(root_lib.point_gin(this, self.root, run_dir))
     state = self.root.state(this)
@@ -518,16 +517,6 @@ class SearchDriver(runner.Driver):
 def _state(name):
   from optuna.trial import TrialState  # pylint: disable=g-import-not-at-top
   return TrialState[name]
-
-
-def points(root):
-  """(points, facts) of a search's run dirs (their trial.json), in trial order."""
-  found = []
-  for path in sorted(root.path.glob(f"*/{TRIAL_JSON}")):
-    record = root_lib.read_json(path, "delete its run dir to run that point again")
-    found.append((spec_lib.Point.from_json(record["point"]), validate.Facts(**record["facts"])))
-  found.sort(key=lambda pair: pair[0].index)
-  return [p for p, _ in found], [f for _, f in found]
 
 
 @contextlib.contextmanager

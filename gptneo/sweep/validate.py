@@ -4,26 +4,13 @@ A point is parsed as bin/train parses it (gin_utils.parse), its `train.*` settin
 checked (train.Settings.check: dataset, microbatches, mesh and layout, precision, loop); no
 graph is built. gin's state is global, so the points go one after another.
 """
-import dataclasses
-
 import gin
 
 from gptneo import gin_utils
 from gptneo import train
 from gptneo.errors import UserError
 from gptneo.layout_search import configured
-
-
-@dataclasses.dataclass(frozen=True)
-class Facts:
-  """What the driver and the report need to know of a checked point."""
-  train_steps: int
-  tokens_per_step: int
-  parameters: int  # all weights, as the layout search counts them
-  embedding_parameters: int  # the token and position tables
-  eval_every_n_steps: int
-  device_type: str
-  devices: int
+from gptneo.sweep.root import Facts
 
 
 def check(point):
