@@ -509,7 +509,8 @@ def graph_mode():
   inside `with graph.as_default()`, but checkpoints are restored and saved (tf.train.Saver,
   checkpoints.Checkpoints) outside it, which only graph mode allows.
   """
-  import tensorflow  # pylint: disable=g-import-not-at-top  (loaded by configurables already)
+  # pylint: disable-next=g-import-not-at-top  (TensorFlow, its start-up banner silenced)
+  from gptneo.quiet_tensorflow import tensorflow
   tensorflow.compat.v1.disable_eager_execution()  # resource variables stay on
 
 
