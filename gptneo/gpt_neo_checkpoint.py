@@ -284,9 +284,10 @@ def export_checkpoint(model_dir: str, output_dir: str, config_path: str) -> str:
   for name, shape in memory.weight_shapes(model):
     shape = [size for _, size in shape]
     if stored.get("gpt/" + name) != shape:
-      held = f"of shape {stored['gpt/' + name]}" if "gpt/" + name in stored else "none"
-      raise UserError(f"{path} holds {held} for gpt/{name}, but the model of {config_path} "
-                      f"needs {shape}; is it the config of this model dir's model?")
+      held = (f"gpt/{name} of shape {stored['gpt/' + name]}" if "gpt/" + name in stored
+              else f"no gpt/{name}")
+      raise UserError(f"{path} has {held}, but the model of {config_path} needs {shape}; is "
+                      f"it the config of this model dir's model?")
   step, arrays = neo_arrays(reader, path, model, MASTER_DTYPES[precision(config)])
   os.makedirs(output_dir, exist_ok=True)
   name = f"model.ckpt-{step}"

@@ -10,6 +10,9 @@ same tensors.
 import json
 import os
 import re
+import shlex
+import subprocess
+import sys
 
 import gin
 import ml_dtypes
@@ -28,7 +31,8 @@ from gptneo.data import inputs
 from gptneo.data import prepare
 from gptneo.errors import UserError
 from gptneo.model import gpt as gpt_lib
-from tests.conftest import VOCAB, run_binary, stdlib_files
+from tests.conftest import REPO, VOCAB, run_binary, stdlib_files
+from tests.test_docs import doc_commands
 from tests.test_errors import assert_one_line_error
 from tests.test_interop import ONE_DEVICE, hf_libraries, our_logits
 
@@ -212,10 +216,10 @@ def neo_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def imported(neo_run, tmp_path_factory):
+  """neo_run imported (the programs: test_docs_commands_work_as_written)."""
   _, run_dir, config, _ = neo_run
   model_dir = str(tmp_path_factory.mktemp("ours") / "neo")
-  run_binary("import_gpt_neo", f"--checkpoint_dir={run_dir}", f"--config={config}",
-             f"--model_dir={model_dir}", check=True)
+  gpt_neo_checkpoint.import_checkpoint(run_dir, config, model_dir)
   return model_dir
 
 
@@ -250,8 +254,7 @@ def test_import_carries_step_and_adam_slots_and_export_gives_the_same_tensors(
   *_, config, state = neo_run
   assert checkpoints.require(imported).path.endswith(f"model.ckpt-{STEP}")
   output = tmp_path / "back"
-  run_binary("export", "--format=gpt_neo", f"--model_dir={imported}", f"--config={config}",
-             f"--output={output}", check=True)
+  gpt_neo_checkpoint.export_checkpoint(imported, str(output), config)
   assert tf.train.latest_checkpoint(str(output)).endswith(f"model.ckpt-{STEP}")
   _assert_same_tensors(read_tf_checkpoint(str(output / f"model.ckpt-{STEP}")), state)
 
@@ -348,3 +351,99 @@ def _as_gpt_neo(ours):
       for neo, part in zip(names, gpt_neo_checkpoint.CONVERSIONS[kind][0](ours[name + suffix])):
         arrays[neo + suffix] = part
   return arrays
+
+
+# --- Bad input: one line naming the culprit, nothing written.
+
+def _without(name):
+  return lambda state, config: ({n: a for n, a in state.items() if n != name}, config)
+
+
+def _reshaped(name, shape):
+  return lambda state, config: ({**state, name: np.zeros(shape, state[name].dtype)}, config)
+
+
+BAD_RUNS = {
+    "missing slot": (_without("gpt2/h1/attn/k/adam_v"), ["lacks gpt2/h1/attn/k/adam_v"]),
+    "missing step": (_without("global_step"), ["no integer scalar global_step"]),
+    "misshapen": (_reshaped("gpt2/wpe", [N_CTX // 2, 32]), ["gpt2/wpe has shape [32, 32]",
+                                                             "needs [64, 32]"]),
+    "unpadded vocab": (_reshaped("gpt2/wte", [HF_VOCAB, 32]), ["gpt2/wte has shape [500, 32]"]),
+    "extra weight": (lambda state, config: ({**state, "gpt2/h2/attn/q": state["gpt2/h1/attn/q"]},
+                                            config), ["holds gpt2/h2/attn/q"]),
+    "slot of another dtype": (lambda state, config: (
+        {**state, "gpt2/wte/adam_m": state["gpt2/wte/adam_m"].astype(np.float16)}, config),
+        ["gpt2/wte/adam_m holds float16"]),
+    "unknown config key": (lambda state, config: (state, {**config, "mlp_glu": True}),
+                           ["config key 'mlp_glu' has no equivalent"]),
+    "adafactor": (lambda state, config: (state, {**config, "opt_name": "adafactor"}),
+                  ["opt_name 'adafactor'", "adam_m, adam_v"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_run_is_one_line_and_writes_nothing(case, neo_run, tmp_path):
+  change, fragments = BAD_RUNS[case]
+  state, config = change(dict(neo_run[3]), dict(CONFIG))
+  run_dir, config_path = write_run(tmp_path, state, config)
+  with pytest.raises(UserError) as error:
+    gpt_neo_checkpoint.import_checkpoint(run_dir, config_path, str(tmp_path / "ours"))
+  for fragment in fragments:
+    assert fragment in str(error.value)
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / "ours").exists()
+
+
+def test_folder_without_checkpoint_is_one_line_exit_2(neo_run, tmp_path):
+  """bin/import_gpt_neo: exit 2, one line, nothing written; TF's `checkpoint` file, which may
+  name any path (here another run's checkpoint), is never followed."""
+  *_, config, _ = neo_run
+  (tmp_path / "run").mkdir()
+  other = os.path.join(neo_run[1], f"model.ckpt-{STEP}")
+  (tmp_path / "run" / "checkpoint").write_text(f'model_checkpoint_path: "{other}"\n')
+  result = run_binary("import_gpt_neo", f"--checkpoint_dir={tmp_path / 'run'}",
+                      f"--config={config}", f"--model_dir={tmp_path / 'ours'}")
+  assert_one_line_error(result, "import_gpt_neo", "holds no TF checkpoint (model.ckpt-N.index)")
+  assert not (tmp_path / "ours").exists()
+
+
+def test_export_refuses_a_config_of_another_model(neo_run, imported, tmp_path):
+  config = tmp_path / "wider.json"
+  config.write_text(json.dumps({**CONFIG, "n_embd": 64}))
+  with pytest.raises(UserError, match="has gpt/wte of shape \\[512, 32\\], but the model of .* needs \\[512, 64\\]"):
+    gpt_neo_checkpoint.export_checkpoint(imported, str(tmp_path / "back"), str(config))
+  assert not (tmp_path / "back").exists()
+  result = run_binary("export", "--format=gpt_neo", f"--model_dir={imported}",
+                      f"--output={tmp_path / 'back'}")
+  assert_one_line_error(result, "export", "--config goes with --format=gpt_neo")
+
+
+def test_docs_commands_work_as_written(tmp_path):
+  """docs/import_models.md's GPT-Neo checkpoint commands, run as written from a folder holding
+  neo_run/ (a random state of the config's model), neo_config.json and data/tiny: import,
+  one more training step, export; the export holds the step after GPT-Neo's."""
+  doc = (REPO / "docs" / "import_models.md").read_text()
+  section = doc[doc.index("## GPT-Neo's own training checkpoints"):]
+  commands = doc_commands(section[:section.index("\n## ", 1) if "\n## " in section[1:] else None])
+  config = {**CONFIG, "train_steps": STEP + 1}
+  (tmp_path / "neo_config.json").write_text(json.dumps(config))
+  _, _, model = gpt_neo_checkpoint.read_model(str(tmp_path / "neo_config.json"))
+  gin.clear_config()
+  rng = np.random.default_rng(0)
+  weights = {name: rng.normal(0, 0.2, shape).astype(np.float32)
+             for name, shape in gpt_neo_checkpoint.neo_shapes(model).items()}
+  os.makedirs(tmp_path / "neo_run")
+  write_tf_checkpoint(str(tmp_path / "neo_run" / f"model.ckpt-{STEP}"), training_state(weights))
+  prepare.prepare_dataset(stdlib_files(2), str(tmp_path / "data" / "tiny"), n_ctx=N_CTX,
+                          vocab_size=VOCAB, validation_fraction=0.0)
+  assert [command.split()[0] for command in commands] == [
+      "gptneo-import-gpt-neo", "gptneo-train", "gptneo-export"]
+  for command in commands:
+    program, *args = shlex.split(command)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bin" / program.removeprefix("gptneo-").replace("-", "_")),
+         *args], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+        text=True, check=False)
+    assert result.returncode == 0, (command, result.stderr[-3000:])
+  back = read_tf_checkpoint(str(tmp_path / "neo_run_back" / f"model.ckpt-{STEP + 1}"))
+  assert int(back["global_step"]) == STEP + 1 and sorted(back) == sorted(training_state(weights))
