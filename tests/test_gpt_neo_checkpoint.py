@@ -60,7 +60,7 @@ def load_tf_weights_in_gpt_neo(model, config, gpt_neo_checkpoint_path):
   init_vars = tf.train.list_variables(tf_path)
   names = []
   arrays = []
-  for name, shape in init_vars:
+  for name, shape in init_vars:  # noqa: B007  (the reference, as written)
     if "global_step" not in name and "adam" not in name:
       array = tf.train.load_variable(tf_path, name)
       array = np.asarray(array.squeeze(), np.float32)  # was tf.dtypes.cast(...).numpy()
@@ -79,7 +79,7 @@ def load_tf_weights_in_gpt_neo(model, config, gpt_neo_checkpoint_path):
       names.append(name)
       arrays.append(array)
 
-  for name, array in zip(names, arrays):
+  for name, array in zip(names, arrays):  # noqa: B905  (the reference, as written)
     name = name[5:]  # skip "gpt2/"
     name = name.split("/")
     pointer = model.transformer
@@ -89,12 +89,12 @@ def load_tf_weights_in_gpt_neo(model, config, gpt_neo_checkpoint_path):
       else:
         scope_names = [m_name]
       if scope_names[0] == "w" or scope_names[0] == "g":
-        pointer = getattr(pointer, "weight")
+        pointer = getattr(pointer, "weight")  # noqa: B009  (the reference, as written)
       elif scope_names[0] == "b":
-        pointer = getattr(pointer, "bias")
+        pointer = getattr(pointer, "bias")  # noqa: B009  (the reference, as written)
       elif scope_names[0] == "wpe" or scope_names[0] == "wte":
         pointer = getattr(pointer, scope_names[0])
-        pointer = getattr(pointer, "weight")
+        pointer = getattr(pointer, "weight")  # noqa: B009  (the reference, as written)
       else:
         pointer = getattr(pointer, scope_names[0])
       if len(scope_names) >= 2:
@@ -348,7 +348,8 @@ def _as_gpt_neo(ours):
   arrays = {}
   for name, names, kind in gpt_neo_checkpoint.weight_pairs(CONFIG["n_layer"]):
     for suffix in ("", "/adam_m", "/adam_v"):
-      for neo, part in zip(names, gpt_neo_checkpoint.CONVERSIONS[kind][0](ours[name + suffix])):
+      for neo, part in zip(names, gpt_neo_checkpoint.CONVERSIONS[kind][0](ours[name + suffix]),
+                           strict=True):
         arrays[neo + suffix] = part
   return arrays
 
@@ -410,7 +411,8 @@ def test_folder_without_checkpoint_is_one_line_exit_2(neo_run, tmp_path):
 def test_export_refuses_a_config_of_another_model(neo_run, imported, tmp_path):
   config = tmp_path / "wider.json"
   config.write_text(json.dumps({**CONFIG, "n_embd": 64}))
-  with pytest.raises(UserError, match="has gpt/wte of shape \\[512, 32\\], but the model of .* needs \\[512, 64\\]"):
+  with pytest.raises(UserError, match=r"has gpt/wte of shape \[512, 32\], but the model of "
+                                      r".* needs \[512, 64\]"):
     gpt_neo_checkpoint.export_checkpoint(imported, str(tmp_path / "back"), str(config))
   assert not (tmp_path / "back").exists()
   result = run_binary("export", "--format=gpt_neo", f"--model_dir={imported}",
