@@ -72,7 +72,11 @@ LAYER = [("ln_1/g", ("norm_1/g",), "copy"), ("ln_1/b", ("norm_1/b",), "copy"),
 
 
 def weight_pairs(n_layer: int) -> list:
-  """(our weight, GPT-Neo's weights, kind) of every weight of an n_layer model, full names."""
+  """(our weight, GPT-Neo's weights, kind) of every weight of an n_layer model, full names.
+
+  Args:
+    n_layer: the model's layers (GPT.n_layer, GPT-Neo's n_layer).
+  """
   pairs = [(f"gpt/{ours}", tuple(SCOPE + n for n in neo), kind) for ours, neo, kind in TOP]
   for layer in range(n_layer):
     pairs += [(f"gpt/h{layer}/{ours}", tuple(f"{SCOPE}h{layer}/{n}" for n in neo), kind)
@@ -91,7 +95,11 @@ def _pairs(model):
 
 
 def neo_shapes(model) -> dict:
-  """{GPT-Neo variable: shape} of the model's weights (each also has its two Adam slots)."""
+  """{GPT-Neo variable: shape} of the model's weights (each also has its two Adam slots).
+
+  Args:
+    model: our GPT of a GPT-Neo config (read_model).
+  """
   ours = {"gpt/" + name: tuple(size for _, size in shape)
           for name, shape in memory.weight_shapes(model)}
   shapes = {}
@@ -136,7 +144,11 @@ def precision(config: dict) -> str:
 
 def find_checkpoint(checkpoint_dir: str) -> str:
   """The newest `model.ckpt-N` prefix in `checkpoint_dir`, found by listing it (TF's
-  `checkpoint` file, which may name any path, is not read)."""
+  `checkpoint` file, which may name any path, is not read).
+
+  Args:
+    checkpoint_dir: GPT-Neo's model_path, a local folder.
+  """
   fix = "point --checkpoint_dir at the model_path of a GPT-Neo run (its model.ckpt-N files)"
   if not os.path.isdir(checkpoint_dir):
     raise UserError(f"--checkpoint_dir={checkpoint_dir} is not a folder; {fix}")
@@ -167,7 +179,14 @@ def _tensor(reader, prefix, name):
 def check_variables(reader, prefix: str, model, config_path: str) -> None:
   """Refuses (one line) a GPT-Neo checkpoint that is not the config's model's: a weight or
   Adam slot missing, one of another shape or dtype, a weight the model has no place for, or no
-  global_step."""
+  global_step.
+
+  Args:
+    reader: TF's CheckpointReader of `prefix`.
+    prefix: the checkpoint's path, to name it.
+    model: our GPT of the config (read_model).
+    config_path: the config's path, to name it.
+  """
   stored, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
   agree = f"is {config_path} the config of the run that wrote it?"
   if STEP not in stored or stored[STEP] != [] or not dtypes[STEP].is_integer:
@@ -195,7 +214,11 @@ def check_variables(reader, prefix: str, model, config_path: str) -> None:
 
 def our_arrays(reader, prefix: str, model, config_path: str) -> tuple[int, dict]:
   """(step, {our checkpoint key: array}) of a GPT-Neo checkpoint, once check_variables accepts
-  it: the weights (float32), their Adam slots and global_step."""
+  it: the weights (float32), their Adam slots and global_step.
+
+  Args:
+    reader, prefix, model, config_path: as check_variables'.
+  """
   check_variables(reader, prefix, model, config_path)
   arrays = {}
   for ours, names, kind in _pairs(model):
@@ -247,7 +270,14 @@ def import_checkpoint(checkpoint_dir: str, config_path: str, model_dir: str,
 def neo_arrays(reader, path: str, model, master_dtype) -> tuple[int, dict]:
   """(step, {GPT-Neo checkpoint key: array}) of our checkpoint `path`: masters in
   `master_dtype`, Adam's moments float32 (zeros where ours has none: an HF import's step 0),
-  global_step."""
+  global_step.
+
+  Args:
+    reader: TF's CheckpointReader of our checkpoint `path`.
+    path: its path (its step, where it holds no global_step).
+    model: our GPT of the GPT-Neo config exported for.
+    master_dtype: the weights' numpy dtype in GPT-Neo's checkpoint (MASTER_DTYPES).
+  """
   stored = reader.get_variable_to_shape_map()
   arrays = {}
   for ours, names, kind in _pairs(model):

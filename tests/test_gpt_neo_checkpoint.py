@@ -317,7 +317,7 @@ def test_training_continues_from_the_imported_step_and_adam_state(neo_run, impor
   with open(os.path.join(imported, "train_metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   assert [entry["step"] for entry in logged] == [STEP + 1]
-  np.testing.assert_allclose(logged[0]["loss"], float(loss), rtol=1e-5)
+  np.testing.assert_allclose(logged[0]["loss"], loss.item(), rtol=1e-5)
   grads = {"gpt2/wte": full.transformer.wte.weight.grad.numpy(),
            "gpt2/h0/attn/q": full.transformer.h[0].attn.attention.q_proj.weight.grad.numpy().T,
            "gpt2/h1/attn/o": full.transformer.h[1].attn.attention.out_proj.weight.grad.numpy().T,
