@@ -191,12 +191,6 @@ def write_run(folder, state, config=None):
   return str(folder / "run"), str(folder / "config.json")
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  yield
-  gin.clear_config()
-
-
 @pytest.fixture(scope="module")
 def neo_run(tmp_path_factory):
   """(HF model, GPT-Neo run dir, config path, the state written) of a random HF GPT-Neo."""
