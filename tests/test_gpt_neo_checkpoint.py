@@ -305,8 +305,10 @@ def test_training_continues_from_the_imported_step_and_adam_state(neo_run, impor
   write_tf_checkpoint(full_path, reference)
   load_tf_weights_in_gpt_neo(full, full.config, full_path)
   tokens = torch.tensor(batch.astype(np.int64))
-  loss = torch.nn.functional.cross_entropy(
-      full(tokens[:, :-1]).logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+  logits = full(tokens[:, :-1]).logits.reshape(-1, VOCAB)
+  # GPT-Neo's loss: mtf's softmax cross-entropy with its z-loss (1e-4 * log_z^2 per token)
+  loss = (torch.nn.functional.cross_entropy(logits, tokens[:, 1:].reshape(-1))
+          + 1e-4 * torch.logsumexp(logits, -1).square().mean())
   loss.backward()
   with open(os.path.join(imported, "train_metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
