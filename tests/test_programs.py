@@ -107,6 +107,7 @@ def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(progra
 # TensorFlow loads, so the paths need not exist).
 STARTS = {"convert_config": ["--config=c.json", "--output=c.gin"], "eval": ["--model_dir=m"],
           "export": ["--model_dir=m", "--output=o"], "import_hf": ["--hf_dir=h", "--model_dir=m"],
+          "import_gpt_neo": ["--checkpoint_dir=n", "--config=c.json", "--model_dir=m"],
           "lm_eval": ["--model_dir=m", "--tasks=gptneo_lambada"], "prepare_data": [],
           "sample": ["--model_dir=m", "--prompt=a"], "search_layout": [], "sweep": ["--root=r"],
           "tpu_check": ["--layout=x"], "train": ["--model_dir=m"]}
