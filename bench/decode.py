@@ -80,8 +80,9 @@ def hf_model_dir(torch, transformers, name, folder):
 def ours(hf_path, folder, batch_size):
   """Our RestoredModel (decode ops) of the imported HF folder."""
   model_dir = os.path.join(folder, "ours")
-  gin_utils.parse(["layouts/single.gin"], [])
-  hf.import_hf(hf_path, model_dir, mesh_lib.mesh())
+  source = hf.read_source(hf_path)  # as bin/import_hf does
+  gin_utils.parse(["layouts/single.gin"], list(source.bindings))
+  hf.import_hf(source, hf.build_model(source), model_dir, mesh_lib.mesh())
   gin_utils.parse(["layouts/single.gin"], [],
                   model_config=os.path.join(model_dir, "operative_config.gin"))
   model = gpt_lib.GPT()

@@ -4,6 +4,8 @@
   . .venv/bin/activate && export PYTHONPATH=$PWD
   python bench/memory.py                          # 20m and 125m-shaped, float32, ~5 min on 2 cores
   python bench/memory.py --configs=20m --precisions=float32,bfloat16
+  python bench/memory.py --configs=20m --mesh_shape=x:4 --layouts="batch:x;batch:x,fsdp:x" \
+      --processes                                 # each device's own allocator, ~5 min
 
 Each (config, precision) runs in a fresh child process (so peaks don't mix), which builds the
 train step exactly as bench/train_throughput.py's `Ours` does (gin -> train.settings() ->
@@ -16,6 +18,12 @@ and TF's CPU allocator peak: the largest `allocator_bytes_in_use` in one traced 
 RunMetadata step_stats (the tensors and variables TF allocated, no framework code or graph),
 and what the allocator holds after init and between steps (a traced tiny run at each).
 The estimate is gptneo.memory.training_memory_bytes(model, batch, precision, optimizer).
+
+Per device (--mesh_shape, --processes): the CPU devices of one process share one allocator,
+so its figures are the mesh's total. With --processes each device is its own process (task 0
+measures; tasks 1.. are bare TF servers of one CPU device, a mesh.cluster over loopback), and
+the traced step's step_stats give each device's allocator peak, set against
+train.training_estimate (memory.per_device: the estimate Settings.check uses).
 
 ratio = (peak - baseline) / estimate: what the step adds above the imported framework, over
 what the model's weights, optimizer state, gradients and kept activations should take.
@@ -32,6 +40,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -81,12 +90,17 @@ def proc_status():
 # --------------------------------------------------------------------------- child
 
 
-def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout=""):
+def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout="",
+            processes=False):
   """One config's memory, in this (fresh) process: a dict of bytes and the estimate.
 
   With a `mesh_shape` of several CPU devices, also each device's weights and optimizer slots
-  (per_device_slices) and TF's allocator's view of them (per_device_measured).
+  (per_device_slices) and TF's allocator's view of them (per_device_measured). With
+  `processes`, this process is task 0 of a loopback mesh.cluster whose other tasks are bare
+  TF servers of one CPU device each (`serve`): every device has its own process, so its own
+  allocator, and the traced step's allocator peak of each device is that device's own.
   """
+  import contextlib  # pylint: disable=g-import-not-at-top
   import resource  # pylint: disable=g-import-not-at-top
 
   from gptneo import configurables  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
@@ -106,7 +120,7 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
   try:
     gin_utils.parse([cfg.gin_file], [f'DATASET_DIR = "{dataset_dir}"', "train.eval_batches = 0",
                                      f'train.precision = "{precision}"', *cfg.gin_params,
-                                     *mesh_bindings(mesh_shape, layout)])
+                                     *mesh_bindings(mesh_shape, layout, processes)])
   finally:
     root.setLevel(level)
   settings = train_lib.settings(keep_checkpoints=1)
@@ -114,10 +128,15 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
   model = settings.model
   estimate = memory.training_memory_bytes(model, settings.batch_size, settings.precision,
                                           settings.optimizer)
-  rt = runtime.Runtime(settings.mesh)
+  peers = [subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                             f"--serve={json.dumps(settings.mesh.cluster)}", f"--task={task}"])
+           for task in range(1, settings.mesh.num_tasks)]
+  stack = contextlib.ExitStack()
+  stack.callback(lambda: [(peer.kill(), peer.wait()) for peer in peers])
+  rt = stack.enter_context(runtime.started(settings.mesh))
   graph = train_graph.build(settings, model_dir, rt)
   built_graph = proc_status()["VmRSS"]
-  session = tf.Session(graph=graph.graph, config=rt.session_config())
+  session = stack.enter_context(rt.session(graph.graph))
   with graph.graph.as_default():
     graph.checkpoints.restore_or_initialize(session, graph.init_ops)
     variable_bytes = sum(v.shape.num_elements() * v.dtype.base_dtype.size
@@ -143,10 +162,12 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
   metadata = tf.RunMetadata()
   session.run(graph.train_op, options=tf.RunOptions(trace_level=tf.RunOptions.FULL_TRACE),
               run_metadata=metadata)
-  allocator_peak = max((m.allocator_bytes_in_use for device in metadata.step_stats.dev_stats
-                        for node in device.node_stats for m in node.memory), default=0)
+  device_peaks = {device.device: max((m.allocator_bytes_in_use for node in device.node_stats
+                                       for m in node.memory), default=0)
+                  for device in metadata.step_stats.dev_stats}
+  allocator_peak = max(device_peaks.values(), default=0)
   loss = float(session.run(graph.loss))
-  session.close()
+  stack.close()
   slices = slice_bytes_by_device(graph.graph)
   return {"config": cfg.name, "precision": precision, "params": model.num_parameters(),
           "mesh_shape": mesh_shape, "layout": layout,
@@ -157,16 +178,33 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
           "variable_bytes": variable_bytes, "held_after_init": held_after_init,
           "held_between_steps": held_between_steps, "step_seconds": step_seconds, "loss": loss,
           "estimate": estimate.peak, "items": estimate.items(),
+          "device_estimate": train_lib.training_estimate(settings).peak,
+          "device_allocator_peaks": device_peaks if processes else {},
           "phases": {"persistent": sum(estimate.persistent.values()),
                      "backward start": sum(estimate.backward_start.values()),
                      "backward end": sum(estimate.backward_end.values())}}
 
 
-def mesh_bindings(mesh_shape, layout):
-  """gin bindings of the mesh to measure on ("" and "": the preset's own)."""
+def mesh_bindings(mesh_shape, layout, processes=False):
+  """gin bindings of the mesh to measure on ("" and "": the preset's own); with `processes`,
+  one task per device over loopback ports (this process task 0)."""
   if not mesh_shape:
     return []
-  return [f'mesh.mesh_shape = "{mesh_shape}"', f'mesh.layout = "{layout}"']
+  bindings = [f'mesh.mesh_shape = "{mesh_shape}"', f'mesh.layout = "{layout}"']
+  if processes:
+    from tests.test_multiprocess import free_ports  # pylint: disable=g-import-not-at-top
+    devices = math.prod(int(size) for _, size in (d.split(":") for d in mesh_shape.split(",")))
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(devices)]}
+    bindings.append(f"mesh.cluster = {cluster!r}")
+  return bindings
+
+
+def serve(cluster, task):
+  """A peer task of a --processes mesh: a bare TF server of one CPU device, until killed."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.compat.v1.disable_eager_execution()
+  tf.distribute.Server(tf.train.ClusterSpec(cluster), job_name="worker", task_index=task,
+                       config=tf.compat.v1.ConfigProto(device_count={"CPU": 1})).join()
 
 
 def slice_bytes_by_device(graph):
@@ -208,11 +246,12 @@ def _prepare_child(folder, n_ctx, tokenizer_path):
                   tokenizer_path or ""], check=True, capture_output=True)
 
 
-def run_child(name, precision, dataset_dir, model_dir, steps, mesh_shape="", layout=""):
+def run_child(name, precision, dataset_dir, model_dir, steps, mesh_shape="", layout="",
+              processes=False):
   command = [sys.executable, os.path.abspath(__file__), f"--child={name}",
              f"--precisions={precision}", f"--data_dir={dataset_dir}",
              f"--model_dir={model_dir}", f"--steps={steps}", f"--mesh_shape={mesh_shape}",
-             f"--layouts={layout}"]
+             f"--layouts={layout}"] + (["--processes"] if processes else [])
   child = subprocess.run(command, capture_output=True, text=True, check=False)
   if child.returncode:
     raise SystemExit(f"{name} {precision} failed:\n{child.stderr[-3000:]}")
@@ -262,6 +301,29 @@ def report_per_device(rows):
   return "\n".join(lines)
 
 
+def report_device_allocators(rows):
+  """--processes: each device's own TF allocator peak in the traced step against the
+  per-device estimate (train.training_estimate, as Settings.check uses it). Task 0 also holds
+  the masters (every tf.global_variable: the checkpoint's whole tensors; on a TPU the host's),
+  which no device of the estimate holds: they are taken off its figure."""
+  header = ("config", "mesh", "layout", "per-device estimate (MiB)",
+            "tasks 1.. allocator peaks (MiB)", "tasks 1.. / estimate",
+            "task 0 allocator peak - masters (MiB)", "task 0 / estimate")
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  for r in rows:
+    peaks = dict(sorted(r["device_allocator_peaks"].items(),
+                        key=lambda item: int(item[0].split("task:")[1].split("/")[0])))
+    measured = list(peaks.values())
+    measured[0] -= r["variable_bytes"]
+    ratios = [m / r["device_estimate"] for m in measured[1:]]
+    lines.append(f"| {r['config']} | {r['mesh_shape']} | {r['layout']} | "
+                 f"{r['device_estimate'] / MIB:.1f} | "
+                 f"{', '.join(f'{m / MIB:.1f}' for m in measured[1:])} | "
+                 f"{min(ratios):.2f}-{max(ratios):.2f} | {measured[0] / MIB:.1f} | "
+                 f"{measured[0] / r['device_estimate']:.2f} |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", default="20m,125m", help=f"comma list of {list(CONFIGS)}")
@@ -272,12 +334,20 @@ def main():
   parser.add_argument("--layouts", default="",
                       help="with --mesh_shape: layouts to measure, separated by ';', e.g. "
                            "'batch:x;batch:x,fsdp:x;batch:x,zero:x'")
+  parser.add_argument("--processes", action="store_true",
+                      help="with --mesh_shape: one process per device, each with its own TF "
+                           "allocator, whose peaks are set against the per-device estimate")
   parser.add_argument("--child", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
   parser.add_argument("--model_dir", help=argparse.SUPPRESS)
+  parser.add_argument("--serve", help=argparse.SUPPRESS)
+  parser.add_argument("--task", type=int, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.serve:
+    serve(json.loads(args.serve), args.task)
+    return
   if args.child:
     print(json.dumps(measure(CONFIGS[args.child], args.precisions, args.data_dir, args.model_dir,
-                             args.steps, args.mesh_shape, args.layouts)))
+                             args.steps, args.mesh_shape, args.layouts, args.processes)))
     return
   started = time.time()
   print(cpu_line())
@@ -299,7 +369,7 @@ def main():
                                 for layout in args.layouts.split(";")]:
         row = run_child(name, precision, os.path.join(data_root, f"ctx{cfg.n_ctx}"),
                         os.path.join(workdir, f"model-{name}-{precision}-{len(rows)}"),
-                        args.steps, args.mesh_shape, layout)
+                        args.steps, args.mesh_shape, layout, args.processes)
         print(f"[{name} {precision}] {json.dumps({k: v for k, v in row.items() if k != 'items'})}",
               file=sys.stderr, flush=True)
         rows.append(row)
@@ -313,6 +383,9 @@ def main():
   if args.mesh_shape:
     print()
     print(report_per_device(rows))
+    if args.processes:
+      print()
+      print(report_device_allocators(rows))
     print("\nper-device weights + slots: the largest device's mesh-variable slices (the "
           "graph's slice variables); masters + all slices: what the allocator should hold for "
           "them; allocator between steps: what TF's allocator holds between two steps")

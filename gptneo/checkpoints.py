@@ -21,6 +21,8 @@ import re
 import uuid
 import zlib
 
+from absl import logging
+
 from gptneo import model_dir as model_dir_lib
 from gptneo.compat import tf
 from gptneo.errors import UserError
@@ -366,6 +368,7 @@ class Checkpoints:
     # max_to_keep=None: we prune, after the new checkpoint's manifest is written.
     self._saver = tf.train.Saver(self._variables + list(extra_saveables), max_to_keep=None,
                                  sharded=False)
+    self._extra_keys = [spec.name for saveable in extra_saveables for spec in saveable.specs]
     self.found = Newest(None, False, ())
 
   def check(self, warm_start_from=None):
@@ -404,7 +407,7 @@ class Checkpoints:
     path = self.latest()
     if path:
       check_fits(path, self._variables, "checkpoint")
-      self._saver.restore(session, path)
+      self._saver_for(path).restore(session, path)
     elif warm_start_from:
       _warm_start(session, warm_start_from)
     session.run(self._to_slices)
@@ -415,10 +418,20 @@ class Checkpoints:
     """Restores `path`, by default the newest intact checkpoint; returns the path."""
     path = path or require(self.model_dir).path
     check_fits(path, self._variables, "checkpoint")
-    self._saver.restore(session, path)
+    self._saver_for(path).restore(session, path)
     session.run(self._to_slices)
     release_freed_memory()
     return path
+
+  def _saver_for(self, path):
+    """The saver restoring `path`: the variables alone when it holds no data position (a
+    checkpoint imported from elsewhere, gpt_neo_checkpoint.py: the data starts anew)."""
+    stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    if all(key in stored for key in self._extra_keys):
+      return self._saver
+    logging.warning("%s holds no data position (an imported checkpoint): the run resumes at "
+                    "its step with the data from the start", path)
+    return tf.train.Saver(self._variables, sharded=False)
 
   def save(self, session, step):
     """Writes checkpoint `step` and commits it; prunes to `keep` and deletes what interrupted
@@ -434,6 +447,37 @@ class Checkpoints:
       self._saver.save(session, path, write_meta_graph=False, write_state=False)
       _commit(self.model_dir, step, self.keep)
     return path
+
+
+def save_arrays(model_dir: str, step: int, arrays: dict, keep: int = 5) -> str:
+  """Writes {variable name: numpy array} as checkpoint `step` of a local `model_dir` and
+  commits it, as Checkpoints.save does a graph's (an import writes what no graph of ours
+  trained). Returns its path."""
+  path = path_of(model_dir, step)
+  with _disk_full_is_one_line(model_dir, step):
+    _remove(path + MANIFEST_SUFFIX)
+    write_arrays(path, arrays)
+    _commit(model_dir, step, keep)
+  return path
+
+
+def write_arrays(prefix: str, arrays: dict) -> None:
+  """Writes {name: numpy array} as the TF checkpoint `prefix` (.index, .data-00000-of-00001),
+  each tensor in its array's dtype: what tf.train.Saver writes of variables holding them.
+
+  Args:
+    prefix: the checkpoint's path without suffix, e.g. DIR/model.ckpt-7.
+    arrays: {checkpoint key: array}; fed, not embedded, so no 2 GB graph limit applies.
+  """
+  names = sorted(arrays)
+  with tf.Graph().as_default():
+    feeds = {name: tf.placeholder(tf.as_dtype(arrays[name].dtype), arrays[name].shape)
+             for name in names}
+    save = tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
+                             shape_and_slices=[""] * len(names),
+                             tensors=[feeds[name] for name in names])
+    with tf.Session() as session:
+      session.run(save, {feeds[name]: arrays[name] for name in names})
 
 
 def _warm_start(session, model_dir):

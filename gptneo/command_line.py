@@ -1,13 +1,15 @@
-"""The programs' command lines, read before TensorFlow loads.
+"""The programs' entry: their command lines read before TensorFlow loads, then the heavy
+imports in the one order that works.
 
-Every program in bin/ defines its flags, then calls `parse()` and only then imports what
-loads TensorFlow (5-20 s): `--help` answers at once (exit 0, the program's flags and the gin
-flags), and a bad or missing flag is one line and exit code 2 before any of that wait.
+Every program in bin/ defines its flags, then calls `start()` and only then imports what it
+uses: `--help` answers at once (exit 0, the program's flags and the gin flags), and a bad or
+missing flag is one line and exit code 2 before the 5-20 s TensorFlow takes to load.
 `gin_utils.run` parses through `parse` too (a second call does nothing), for a program or
 test that did not parse first.
 
-Light on purpose: absl and the standard library only.
+Light on purpose: absl and the standard library only, until `start` has read the flags.
 """
+import importlib
 import os
 import sys
 
@@ -68,6 +70,39 @@ def parse(argv: list | None = None) -> list:
     _refuse(program, f"unexpected arguments {remaining[1:]}; every input is a flag "
                      f"(--name=value; bindings go in --gin_param)")
   return remaining
+
+
+def start(argv: list | None = None, training_stack: bool = True) -> list:
+  """Every program's first call, once its flags are defined: the rules of its start in one place.
+
+  1. The command line (`parse`): help and bad flags answered before anything heavy loads.
+  2. `load_training_stack()`, unless training_stack=False: a program that may only read JSON
+     (gptneo-sweep --status, --report) calls it itself when it needs it.
+
+  Args:
+    argv: the command line, program name first (default sys.argv).
+    training_stack: load it now.
+
+  Returns:
+    [program]: what absl passes on to the program's main.
+  """
+  remaining = parse(argv)
+  if training_stack:
+    load_training_stack()
+  return remaining
+
+
+def load_training_stack() -> None:
+  """OR-Tools, then every gin configurable (so TensorFlow), in the one order that works.
+
+  1. OR-Tools, before TensorFlow: loaded the other way round, CP-SAT segfaults (the layout
+     search: bin/train --auto_layout, bin/search_layout).
+  2. gptneo.configurables: every gin configurable registered, TensorFlow loaded (by
+     quiet_tensorflow) with its C++ start-up banner silenced (and TF_CPP_MIN_LOG_LEVEL set by
+     gptneo/__init__.py).
+  """
+  importlib.import_module("gptneo.layout_search.search")  # OR-Tools first: see above
+  importlib.import_module("gptneo.configurables")
 
 
 def usage(program_path: str) -> str:

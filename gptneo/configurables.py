@@ -6,7 +6,7 @@ never imports it. gin_reference derives docs/config_reference.md from what is li
 # TensorFlow first, with its C++ start-up banner silenced: every program imports this first.
 from gptneo import quiet_tensorflow  # noqa: F401  pylint: disable=unused-import,g-bad-import-order
 from gptneo import evaluate  # pylint: disable=g-bad-import-order
-from gptneo import hf
+from gptneo.hf import export as hf_export
 from gptneo import loggers
 from gptneo import memory
 from gptneo import mesh
@@ -21,8 +21,8 @@ from gptneo.model import positions
 from gptneo.optim import optimizers
 
 # Modules whose configurables have knobs, in the order docs/config_reference.md lists them.
-KNOBS = (train, gpt, positions, moe, optimizers, mesh, memory, sample, evaluate, harness_run, hf,
-         loggers)
+KNOBS = (train, gpt, positions, moe, optimizers, mesh, memory, sample, evaluate, harness_run,
+         hf_export, loggers)
 
 # What a reference-valued knob accepts: everything one module registers, e.g. the
 # activations of ops for `GPT.activation = @gelu`; (title, knob, module).

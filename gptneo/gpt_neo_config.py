@@ -116,7 +116,7 @@ def convert(config: dict, name: str, dataset_dirs: dict | None = None,
       "local_attention_radius", "activation_fn", "recompute_grad", "lr_decay", "lr_decay_end",
       "warmup_steps", "beta1", "beta2", "epsilon", "weight_decay", "gradient_clipping",
       "eval_steps", "eval_batch_size", "iterations", "mesh_shape", "layout", "precision",
-      "tokens_per_mb_per_replica", "input_fn"}
+      "tokens_per_mb_per_replica", "input_fn", "z_loss"}
   for key in config:
     if key not in known:
       raise UserError(f"config key {key!r} has no equivalent here (gptneo-convert-config "
@@ -191,6 +191,9 @@ def _model(config, out):
              if key in config else 0.0)
   for key in ("scale_by_depth", "scale_by_in", "recompute_grad"):  # absent: None, falsy
     out.bind(f"GPT.{key}", _flag(config, key) if key in config else False)
+  # models/gpt2/gpt2.py: params.get("z_loss", 1e-4), mtf's softmax_cross_entropy_with_logits
+  # adds z_loss * log_z^2 per token: ours is the same mean, logged apart from the loss.
+  out.bind("GPT.z_loss", _number(config, "z_loss") if "z_loss" in config else 1e-4)
 
 
 def _optimizer(config, out, adafactor):

@@ -30,7 +30,6 @@ from gptneo import runtime
 from gptneo import storage
 from gptneo import train_graph
 from gptneo.harness import run as harness_run
-from gptneo.optim import optimizers
 from gptneo.compat import tf
 from gptneo.data import inputs
 from gptneo.data import prepare
@@ -98,7 +97,6 @@ class Settings:
       raise UserError(f"train.microbatches_per_batch = {self.microbatches_per_batch} does not "
                       f"divide train.batch_size = {self.batch_size}")
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
-    optimizers.check_sharding(self.optimizer, self.mesh.sharding())
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop)
     check_memory(self)

@@ -148,13 +148,13 @@ def skip_unless_finite(update_ops, scalars):
   # A fused optimizer update (optimizers.FusedAdamUpdate) is guarded as its plain Assigns.
   update_ops = [a for op in update_ops for a in (op.assigns() if hasattr(op, "assigns") else [op])]
   for op in update_ops:
-    if op.assign_fn is not mtf.assign_slice:
+    if op.assign_fn not in _GUARDED:
       raise ValueError(f"train.on_nonfinite = 'skip' can't guard {op.name}: it assigns with "
-                       f"{op.assign_fn.__name__}, not mtf.assign_slice")
+                       f"{op.assign_fn.__name__}, which _GUARDED doesn't know")
     values = [mtf.slicewise(_nan_unless, [finite, value], output_shape=value.shape,
                             output_dtype=value.dtype, splittable_dims=value.shape.dims)
               for value in op.inputs]
-    guarded.append(mtf.Assign(op.variables, values, _assign_finite))
+    guarded.append(mtf.Assign(op.variables, values, _GUARDED[op.assign_fn]))
     op.graph.operations.remove(op)
   return guarded
 
@@ -163,11 +163,20 @@ def _nan_unless(finite, value):
   return tf.where_v2(finite, value, tf.constant(float("nan"), value.dtype))
 
 
-def _assign_finite(variable, slice_variable, value):
-  """mtf.assign_slice, but the slice keeps its own value wherever `value` is not finite."""
-  value = tf.cast(value, variable.slice_dtype)
-  return tf.assign(slice_variable, tf.where_v2(tf.math.is_finite(value), value,
-                                               slice_variable))
+def _assign_finite(new_value):
+  """An mtf assign_fn that writes `new_value(slice, value)` (value cast to the slice's dtype)
+  where it is finite and leaves the slice's own value elsewhere."""
+  def assign(variable, slice_variable, value):
+    new = new_value(slice_variable, tf.cast(value, variable.slice_dtype))
+    return tf.assign(slice_variable, tf.where_v2(tf.math.is_finite(new), new, slice_variable))
+  return assign
+
+
+# Each mtf assign_fn an optimizer may use, guarded: mtf.assign (Adam), mtf.assign_sub (mtf's
+# Adafactor subtracts its update from the weight, so bfloat16 slices aren't rounded twice).
+_GUARDED = {mtf.assign_slice: _assign_finite(lambda old, value: value),
+            mtf.assign_sub_slice: _assign_finite(lambda old, value: old - value),
+            mtf.assign_add_slice: _assign_finite(lambda old, value: old + value)}
 
 
 @dataclasses.dataclass

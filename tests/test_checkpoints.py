@@ -309,7 +309,7 @@ def hf_dir(tmp_path_factory, small_dataset):
   for ours, names, kind in hf.weight_pairs(layers):
     shape = next(shapes[end] for end in sorted(shapes, key=len, reverse=True)
                  if ours.endswith(end))
-    arrays = hf._to_hf(kind, rng.normal(0, 0.02, shape).astype(np.float32))  # pylint: disable=protected-access
+    arrays = hf.to_hf(kind, rng.normal(0, 0.02, shape).astype(np.float32))
     tensors.update({name: np.ascontiguousarray(a) for name, a in zip(names, arrays, strict=True)})
   safetensors.numpy.save_file(tensors, str(folder / hf.WEIGHTS_FILE))
   (folder / "config.json").write_text(json.dumps(NEO_CONFIG))

@@ -123,6 +123,7 @@ def test_xl_pile_maps_optimizer_schedule_precision_mesh_and_microbatches(tmp_pat
       # 512 / 128 replicas = 4 sequences of 2048 tokens, 2048 tokens per microbatch
       "train.microbatches_per_batch": 4, "train.eval_batches": 10,
       "train.steps_per_loop": 500, "train.sampling": "fixed",
+      "GPT.z_loss": 1e-4,  # absent from the config: models/gpt2/gpt2.py's default
   }
   assert {key: gin.query_parameter(key) for key in expected} == expected
 
@@ -146,6 +147,7 @@ def test_generic_text_datasets_keep_their_modes_and_weights(tmp_path):
     ({"activation_function": "relu"}, "never read by GPT-Neo (it trains with 'gelu'); write "
                                       "'activation_fn'"),
     ({"opt_name": "sgd"}, "'opt_name' = \"sgd\""),
+    ({"z_loss": -1}, "config key 'z_loss' = -1"),
     ({"datasets": [["pile", 25, "documents_random", 1.0], ["owt", 25, "chunks", 1.0]],
       "input_fn": "generic_text"}, "mixes sampling modes"),
 ])

@@ -408,8 +408,7 @@ def test_export_gives_our_logits_and_greedy_tokens_and_imports_back(tmp_path, sm
   if greedy:  # random weights (std 0.2) continue with varied tokens
     hf_ids = _hf_greedy(hf_model, transformers.AutoTokenizer.from_pretrained(output), "def ")
     assert len(set(hf_ids)) > 4 and _our_greedy(ours, "def ", ids=True) == hf_ids
-  gin_utils.parse(["layouts/single.gin"], [])  # bin/import_hf's code, in this process
-  hf.import_hf(output, str(tmp_path / "back"), mesh_lib.mesh())
+  _import_in_process(output, tmp_path / "back")
   assert np.abs(our_logits(str(tmp_path / "back"), ids) - logits).max() < 1e-4
 
 
@@ -587,8 +586,24 @@ BAD_HF_FOLDERS = {  # name: (edit of the folder, fragments of the one line ({hf}
 
 
 def _import_in_process(hf_dir, model_dir):
-  gin_utils.parse(["layouts/single.gin"], [])  # bin/import_hf's code, in this process
-  return hf.import_hf(str(hf_dir), str(model_dir), mesh_lib.mesh())
+  """bin/import_hf's code, in this process."""
+  source = hf.read_source(str(hf_dir))
+  gin_utils.parse(["layouts/single.gin"], list(source.bindings))
+  return hf.import_hf(source, hf.build_model(source), str(model_dir), mesh_lib.mesh())
+
+
+
+def test_import_reads_no_gin_the_program_parses_the_folders_bindings(tmp_path, random_hf_neo):
+  """gin is read at the edge: import_hf writes the model it is given, its config untouched."""
+  source = hf.read_source(str(random_hf_neo))
+  assert gin.config_str() == ""  # reading the folder bound nothing
+  gin_utils.parse(["layouts/single.gin"], list(source.bindings))
+  model = hf.build_model(source)
+  parsed = gin.config_str()
+  hf.import_hf(source, model, str(tmp_path / "ours"), mesh_lib.mesh())
+  assert gin.config_str() == parsed
+  written = (tmp_path / "ours" / hf.MODEL_GIN).read_text().splitlines()
+  assert written[1:] == list(source.bindings) and "GPT.n_layer = 2" in written
 
 
 @pytest.mark.parametrize("case", BAD_HF_FOLDERS)

@@ -7,6 +7,7 @@ import pytest
 from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
+from gptneo import train_graph
 from gptneo.compat import mtf, tf
 from gptneo.model import gpt as gpt_lib
 from gptneo.optim import optimizers
@@ -128,6 +129,40 @@ def test_one_optimizer_serves_two_graphs_each_with_its_own_learning_rate(optimiz
   assert not [name for name, value in vars(optimizer).items() if isinstance(value, mtf.Tensor)]
   np.testing.assert_allclose(run(*second), np.full([2, 3], 0.5), rtol=1e-5)
   np.testing.assert_allclose(run(*first), np.full([2, 3], 0.9), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", [
+    optimizers.Adam(), optimizers.Adam(fused=False), optimizers.Adafactor(beta1=0.9)],
+    ids=["fused-adam", "adam", "adafactor"])
+def test_skip_guard_keeps_weights_and_slots_on_a_nonfinite_step(optimizer):
+  """train.on_nonfinite = "skip" guards every optimizer's writes (Adafactor's weight update is
+  an mtf.assign_sub, Adam's assigns or a fused kernel): a step whose loss is NaN leaves the
+  weight and every slot bit for bit, a finite one moves them all."""
+  with tf.Graph().as_default():
+    mtf_graph, mesh = runtime.new_mesh()
+    dims = [mtf.Dimension("rows", 2), mtf.Dimension("cols", 3)]
+    mtf.get_variable(mesh, "w", dims, initializer=tf.ones_initializer())
+    loss = tf.placeholder(tf.float32, [])
+    updates = train_graph.skip_unless_finite(optimizer.apply_grads(
+        [mtf.constant(mesh, 1.0, dims)], mtf_graph.trainable_variables, mtf.constant(mesh, 0.1),
+        mtf.constant(mesh, 1.0)), [mtf.import_fully_replicated(mesh, loss, [], "loss")])
+    impl = mtf.placement_mesh_impl.PlacementMeshImpl(mtf.Shape([]), mtf.LayoutRules([]),
+                                                     ["/cpu:0"])
+    lowering = mtf.Lowering(mtf_graph, {mesh: impl})
+    update = tf.group([lowering.lowered_operation(op) for op in updates])
+    values = {v.name: lowering.export_to_tf_tensor(v.outputs[0])
+              for v in mtf_graph.all_variables}
+    with tf.Session() as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      history = [session.run(values)]
+      for step_loss in (1.0, float("nan")):
+        session.run(update, {loss: step_loss})
+        history.append(session.run(values))
+  assert len(history[0]) > 1  # the weight and its slots
+  for name, before in history[0].items():
+    assert not np.array_equal(history[1][name], before), f"{name}: the finite step kept it"
+    np.testing.assert_array_equal(history[2][name], history[1][name], err_msg=name)
 
 
 def test_microbatches_give_the_full_batch_losses(tmp_path, small_dataset):

@@ -97,9 +97,42 @@ def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(progra
   result = run_binary(program, "--help", pythonpath=[no_tensorflow])
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"bin/{program}:" in result.stdout and "--helpfull" in result.stdout
-  gin_programs = set(programs.PROGRAMS) - {"convert_config", "import_hf", "prepare_data", "tpu_check"}
+  gin_programs = set(programs.PROGRAMS) - {"convert_config", "import_gpt_neo", "import_hf",
+                                           "prepare_data", "tpu_check"}
   assert ("--gin_file" in result.stdout) == ("--gin_param" in result.stdout) == (
       program in gin_programs)
+
+
+# Each program's smallest command line that gets past its flags (nothing is read before
+# TensorFlow loads, so the paths need not exist).
+STARTS = {"convert_config": ["--config=c.json", "--output=c.gin"], "eval": ["--model_dir=m"],
+          "export": ["--model_dir=m", "--output=o"], "import_hf": ["--hf_dir=h", "--model_dir=m"],
+          "import_gpt_neo": ["--checkpoint_dir=n", "--config=c.json", "--model_dir=m"],
+          "lm_eval": ["--model_dir=m", "--tasks=gptneo_lambada"], "prepare_data": [],
+          "sample": ["--model_dir=m", "--prompt=a"], "search_layout": [], "sweep": ["--root=r"],
+          "tpu_check": ["--layout=x"], "train": ["--model_dir=m"]}
+
+
+@pytest.fixture(scope="module")
+def tensorflow_spy(tmp_path_factory):
+  """A `tensorflow` package that, imported, says which of OR-Tools and gptneo.configurables
+  were loaded before it (on stdout: quiet_tensorflow silences fd 2 while TensorFlow loads), exit 97."""
+  folder = tmp_path_factory.mktemp("tf_spy")
+  (folder / "tensorflow").mkdir()
+  (folder / "tensorflow" / "__init__.py").write_text(
+      "import sys\nprint('ortools' in sys.modules, 'gptneo.configurables' in sys.modules)\n"
+      "sys.stdout.flush()\nsys.exit(97)\n")
+  return folder
+
+
+@pytest.mark.parametrize("program", programs.PROGRAMS)
+def test_every_program_loads_or_tools_then_configurables_before_tensorflow(program,
+                                                                            tensorflow_spy):
+  """One entry (command_line.start): CP-SAT segfaults in a process that loaded TensorFlow
+  first, and every program is one that may search a layout or parse any gin file."""
+  result = run_binary(program, *STARTS[program], pythonpath=[tensorflow_spy])
+  assert result.returncode == 97, result.stderr[-2000:]  # TensorFlow was reached, once
+  assert result.stdout.split() == ["True", "True"]
 
 
 @pytest.mark.parametrize("program, flag", [("train", "--model_dir"), ("eval", "--model_dir"),

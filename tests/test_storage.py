@@ -282,7 +282,7 @@ def test_unreachable_storage_is_one_line(monkeypatch, tmp_path):
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
   monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  monkeypatch.setattr(storage, "_RETRY", storage._RETRY.with_timeout(1))  # Not 2 minutes.
+  monkeypatch.setattr(storage.gcs, "RETRY", storage.gcs.RETRY.with_timeout(1))  # Not 2 minutes.
   with pytest.raises(ValueError, match="gs://b/p: cannot reach Cloud Storage") as error:
     storage.local_copy("gs://b/p", cache_dir=str(tmp_path))
   only_line(str(error.value))
@@ -298,7 +298,7 @@ def test_unreachable_storage_is_one_line(monkeypatch, tmp_path):
 ])
 def test_client_errors_become_one_line_naming_the_uri_and_fix(error, fix):
   with pytest.raises(ValueError) as raised:
-    with storage._gcs_errors("gs://b/p"):  # pylint: disable=protected-access
+    with storage.gcs.errors("gs://b/p"):
       raise error
   line = only_line(str(raised.value))
   assert line.startswith("gs://b/p: ") and fix in line

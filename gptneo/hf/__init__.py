@@ -1,341 +1,39 @@
 """HuggingFace interop: export our checkpoints as HF GPT-Neo, GPT-2, GPT-NeoX or GPT-J folders
-and import such folders as our checkpoints. Neither direction needs torch or transformers.
+(`export.py`) and import such folders as our checkpoints (`import_.py`). Neither direction
+needs torch or transformers. architectures.py holds the architectures' weight tables and
+configs; fields.py checks config.json values and writes them as gin.
 
-Only models an HF architecture computes exactly are exported: anything else is refused in
-one line naming the knob, rather than written as a model that computes something different.
-architectures.py holds the architectures' weight tables and configs.
+This module only re-exports the public names, as `hf.X`.
 """
-import json
-import os
+from gptneo.hf.architectures import ARCHITECTURES
+from gptneo.hf.architectures import GPT_NEO
+from gptneo.hf.architectures import to_hf
+from gptneo.hf.export import check_exportable
+from gptneo.hf.export import EXPORT_DTYPES
+from gptneo.hf.export import export_hf
+from gptneo.hf.export import hf_config
+from gptneo.hf.export import weight_pairs
+from gptneo.hf.export import WEIGHTS_FILE
+from gptneo.hf.export import write_tokenizer
+from gptneo.hf.import_ import build_model
+from gptneo.hf.import_ import check_weights
+from gptneo.hf.import_ import FLOAT_DTYPES
+from gptneo.hf.import_ import gin_bindings
+from gptneo.hf.import_ import HF_BUFFERS
+from gptneo.hf.import_ import hf_shapes
+from gptneo.hf.import_ import import_hf
+from gptneo.hf.import_ import MODEL_GIN
+from gptneo.hf.import_ import our_weights
+from gptneo.hf.import_ import read_hf_config
+from gptneo.hf.import_ import read_source
+from gptneo.hf.import_ import Source
+from gptneo.hf.import_ import WEIGHTS_INDEX
+from gptneo.hf.import_ import write_checkpoint
 
-import gin
-import ml_dtypes
-import numpy as np
-import safetensors
-import safetensors.numpy
-
-from gptneo import checkpoints
-from gptneo import inference
-from gptneo import memory
-from gptneo import model_dir as model_dir_lib
-from gptneo import runtime
-from gptneo.compat import tf
-from gptneo.data import tokenizer as tokenizer_lib
-from gptneo import errors
-from gptneo.errors import UserError
-from gptneo.gin_utils import gin_literal
-from gptneo.hf import architectures
-from gptneo.hf import fields
-from gptneo.hf.architectures import ARCHITECTURES, GPT_NEO  # noqa: F401  (bin/export)
-from gptneo.model import gpt as gpt_lib
-
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's sharded weights
-MODEL_GIN = "model.gin"
-EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-
-
-def weight_pairs(n_layer):
-  """(our name, HF names, kind) of every weight of an n_layer HF GPT-Neo model."""
-  return GPT_NEO.weight_pairs(n_layer)
-
-
-def _to_hf(kind, array):
-  """Our array -> the list of HF arrays it holds (architectures.CONVERSIONS)."""
-  return architectures.CONVERSIONS[kind][0](array)
-
-
-# --- Export.
-
-def check_exportable(model, architecture="auto"):
-  """The Architecture that computes exactly what `model` does (UserError, one line, if none)."""
-  return architectures.choose(model, architecture)
-
-
-def hf_config(model, eos_id, dtype, arch=GPT_NEO):
-  """config.json of the `arch` model that computes `model`."""
-  return {"architectures": [arch.hf_class], "model_type": arch.name, **arch.config(model),
-          "bos_token_id": eos_id, "eos_token_id": eos_id,
-          "tie_word_embeddings": model.tie_embeddings, "use_cache": True, "dtype": dtype}
-
-
-def write_tokenizer(tokenizer, output_dir, n_ctx):
-  """tokenizer.json plus the configs AutoTokenizer needs to load it as a fast GPT-2 BPE."""
-  tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
-  eos = tokenizer_lib.EOS_TOKEN
-  special = {"bos_token": eos, "eos_token": eos, "unk_token": eos}
-  config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": n_ctx,
-            "add_prefix_space": False, "add_bos_token": False, **special}
-  for name, content in (("tokenizer_config.json", config),
-                        ("special_tokens_map.json", special)):
-    with open(os.path.join(output_dir, name), "w") as f:
-      json.dump(content, f, indent=2)
-  return tokenizer_lib.eos_id(tokenizer)
-
-
-@gin.configurable(denylist=["model_dir", "output_dir", "architecture"])
-def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dtype="float32"):
-  """Writes the newest intact checkpoint of `model_dir` as an HF model folder.
-
-  Args:
-    model_dir: a trained model's folder (a flag).
-    output_dir: the folder to write config.json, model.safetensors and the tokenizer to.
-    architecture: "gpt_neo", "gpt2", "gpt_neox", "gptj", or "auto" (architectures.choose);
-      a flag, bin/export --architecture.
-    model: the model, as trained (read from the operative config).
-    dtype: "float32" or "bfloat16" weights.
-
-  Returns:
-    the path of the checkpoint exported.
-  """
-  if dtype not in EXPORT_DTYPES:
-    raise UserError(f"export_hf.dtype = {dtype!r}; use one of {sorted(EXPORT_DTYPES)}")
-  arch = check_exportable(model, architecture)
-  inference.check_model_dir(model_dir)
-  checkpoint = checkpoints.require(model_dir).path
-  tokenizer = inference.load_tokenizer(model_dir)  # read before anything is written
-  tokenizer_lib.eos_id(tokenizer)
-  reader = tf.train.load_checkpoint(checkpoint)
-  factor = architectures.query_factor(arch, model)
-  tensors = {}
-  for ours, names, kind in arch.model_weight_pairs(model):
-    array = sum(_scaled_queries(reader.get_tensor(name), name, factor)
-                for name in architectures.our_names(ours))
-    arrays = _to_hf(kind, array)
-    tensors.update({name: np.ascontiguousarray(array, EXPORT_DTYPES[dtype])
-                    for name, array in zip(names, arrays, strict=True)})
-  os.makedirs(output_dir, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(output_dir, WEIGHTS_FILE),
-                              metadata={"format": "pt"})
-  eos = write_tokenizer(tokenizer, output_dir, model.n_ctx)
-  with open(os.path.join(output_dir, "config.json"), "w") as f:
-    json.dump(hf_config(model, eos, dtype, arch), f, indent=2)
-  return checkpoint
-
-
-def _scaled_queries(array, ours, factor):
-  """A qkv weight [embd, 3, heads, kv] or bias [3, heads, kv] with its queries times `factor`
-  (other weights as is)."""
-  if factor == 1.0 or not ours.endswith(("attn/qkv/w", "attn/qkv/b")):
-    return array
-  array = array.astype(np.float64)
-  queries = (slice(None), 0) if ours.endswith("/w") else (0,)
-  array[queries] *= factor
-  return array.astype(np.float32)
-
-
-# --- Import.
-
-def read_hf_config(hf_dir):
-  """config.json of an HF folder of one of ARCHITECTURES (its values: checked by gin_bindings)."""
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found; --hf_dir must be a folder save_pretrained wrote")
-  config = errors.read_json(path, "--hf_dir must be a folder save_pretrained wrote")
-  if not isinstance(config, dict):
-    raise UserError(f"{path} holds a JSON {fields.json_type(config)}, not an object; is it an "
-                    f"HF config.json?")
-  architectures.from_hf_config(config, hf_dir)
-  return config
-
-
-def gin_bindings(config, path="config.json"):
-  """Our bindings for an HF config (any of ARCHITECTURES), each value written by gin_literal."""
-  arch = architectures.from_hf_config(config, path)
-  return [f"{name} = {gin_literal(value)}" for name, value in arch.values(config, path).items()]
-
-
-def _weight_files(hf_dir):
-  """The safetensors files of an HF folder: model.safetensors or the shards its index lists
-  (file names in the folder: an index names no path outside it)."""
-  index = os.path.join(hf_dir, WEIGHTS_INDEX)
-  if not os.path.exists(index):
-    if os.path.exists(os.path.join(hf_dir, WEIGHTS_FILE)):
-      return [WEIGHTS_FILE]
-    raise UserError(f"{hf_dir} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX}; save the HF "
-                    f"model with safe_serialization=True (.bin weights are not supported)")
-  fix = "save the model again with save_pretrained"
-  weight_map = errors.read_json(index, fix)
-  weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-  if not isinstance(weight_map, dict):
-    raise UserError(f"{index} has no weight_map object; {fix}")
-  for name in weight_map.values():
-    if type(name) is not str or name != os.path.basename(name) or name in ("", ".", ".."):
-      raise UserError(f"{index} lists the shard {name!r}, not a file name in {hf_dir}; {fix}")
-  shards = sorted(set(weight_map.values()))
-  for name in shards:
-    if not os.path.exists(os.path.join(hf_dir, name)):
-      raise UserError(f"{index} lists the shard {name}, which {hf_dir} lacks; is the folder "
-                      f"complete (every shard)?")
-  return shards
-
-
-def _hf_weights(hf_dir):
-  """({HF name: array, as stored}, {HF name: the file holding it}) of an HF folder."""
-  weights, sources = {}, {}
-  for name in _weight_files(hf_dir):
-    path = os.path.join(hf_dir, name)
-    tensors = _load_safetensors(path)
-    weights.update(tensors)
-    sources.update(dict.fromkeys(tensors, path))
-  return weights, sources
-
-
-def _load_safetensors(path):
-  """{name: array} of a safetensors file; a damaged one (truncated, not safetensors) is bad
-  input, named in one line."""
-  try:
-    return safetensors.numpy.load_file(path)
-  except (safetensors.SafetensorError, OSError) as error:
-    raise UserError(f"{path} is not a readable safetensors file ({str(error)[:120]}); "
-                    f"save the model again with save_pretrained") from None
-
-
-def _read_tokenizer(hf_dir, n_vocab):
-  """The tokenizer of an HF folder, once it fits the model: its ids below n_vocab, with our
-  end-of-document token."""
-  try:
-    tokenizer = tokenizer_lib.load_tokenizer(hf_dir)
-  except ValueError as error:  # a UserError, or json's error on a damaged vocab.json
-    raise UserError(f"{hf_dir} has no usable tokenizer ({fields.culprit(error)}); copy the "
-                    f"model's tokenizer.json (or vocab.json and merges.txt) into it") from None
-  if tokenizer.token_to_id(tokenizer_lib.EOS_TOKEN) is None:
-    raise fields.unsupported(hf_dir, f"its tokenizer has no {tokenizer_lib.EOS_TOKEN} token, "
-                             f"but ours ends every document with it")
-  size = tokenizer.get_vocab_size(with_added_tokens=True)
-  if size > n_vocab:
-    raise UserError(f"{hf_dir}: its tokenizer has {size} tokens, more than the model's "
-                    f"vocab_size = {n_vocab} embeddings; is it the tokenizer saved with this "
-                    f"model?")
-  return tokenizer
-
-
-# Buffers older transformers saved with the weights (attention masks, rotary frequencies):
-# computed from the config, not learned; the last two parts of their names.
-HF_BUFFERS = {("attn", "bias"), ("attn", "masked_bias"), ("attention", "bias"),
-              ("attention", "masked_bias"), ("rotary_emb", "inv_freq")}
-FLOAT_DTYPES = {np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64)}
-
-
-def hf_shapes(arch, model):
-  """{HF name: shape} of every weight the `arch` model computing `model` holds."""
-  ours = {"gpt/" + name: tuple(size for _, size in shape)
-          for name, shape in memory.weight_shapes(model)}
-  shapes = {}
-  for name, names, kind in arch.model_weight_pairs(model):
-    first = architectures.our_names(name)[0]  # summed weights have one shape
-    stand_in = np.broadcast_to(np.float32(0), ours[first])  # a shape, without its memory
-    shapes.update({hf_name: array.shape
-                   for hf_name, array in zip(names, _to_hf(kind, stand_in), strict=True)})
-  return shapes
-
-
-def check_weights(arch, model, hf_tensors, sources, hf_dir):
-  """Refuses (one line) HF weights that are not the model config.json describes: one missing,
-  an extra one, one of another shape, not floating point, or not finite.
-
-  Args:
-    arch: the Architecture of config.json.
-    model: our GPT of config.json's bindings.
-    hf_tensors: {HF name: array} (aliases resolved).
-    sources: {HF name: the file holding it}, to name it.
-    hf_dir: the HF folder.
-  """
-  expected = hf_shapes(arch, model)
-  config = os.path.join(hf_dir, "config.json")
-  agree = f"{config} the one saved with these weights?"
-  missing = sorted(set(expected) - set(hf_tensors))
-  if missing:
-    raise UserError(f"{hf_dir}'s weights lack {missing[:3]}, which the model {config} "
-                    f"describes has; is the folder complete (every shard), and {agree}")
-  ignored = {arch.head} if model.tie_embeddings else set()  # HF ties it too
-  extra = sorted(name for name in set(hf_tensors) - set(expected) - ignored
-                 if tuple(name.split(".")[-2:]) not in HF_BUFFERS)
-  if extra:
-    raise UserError(f"{hf_dir}'s weights hold {extra[:3]}, which the model {config} describes "
-                    f"has no place for; is {agree}")
-  for name, shape in expected.items():
-    array = hf_tensors[name]
-    if array.dtype not in FLOAT_DTYPES:
-      raise UserError(f"{sources.get(name, hf_dir)}: {name} holds {array.dtype} values, not "
-                      f"floating point (a quantized model?); import the model's float16, "
-                      f"bfloat16 or float32 weights")
-    if array.shape != shape:
-      raise UserError(f"{sources.get(name, hf_dir)}: {name} has shape {list(array.shape)}, "
-                      f"but the model {config} describes needs {list(shape)}; is {agree}")
-    if not np.isfinite(array).all():
-      raise UserError(f"{sources.get(name, hf_dir)}: {name} holds NaN or infinite values; "
-                      f"the weights are damaged (a diverged run?): import a good checkpoint")
-
-
-def our_weights(arch, model, hf_tensors, sources=None, hf_dir="the HF folder"):
-  """{our name: float32 array} from {HF name: array}, once check_weights accepts them."""
-  aliases = arch.aliases
-  hf_tensors = {aliases.get(name, name): array for name, array in hf_tensors.items()}
-  sources = {aliases.get(name, name): path for name, path in (sources or {}).items()}
-  check_weights(arch, model, hf_tensors, sources, hf_dir)
-  weights = {}
-  for ours, names, kind in arch.model_weight_pairs(model):
-    array = architectures.CONVERSIONS[kind][1](
-        [hf_tensors[n].astype(np.float32) for n in names], model.n_head, names)
-    first, *summed = architectures.our_names(ours)  # the sum's other terms: zero
-    weights.update({first: array, **{name: np.zeros_like(array) for name in summed}})
-  return weights
-
-
-def build_model(config_path):
-  """Our GPT of the bindings parsed from an HF config; one the config describes but ours
-  can't build (a window not dividing the context, a rotary share of odd size) is refused as
-  a model that can't be imported."""
-  try:
-    return gpt_lib.GPT()
-  except UserError as error:  # in our knobs' terms, with a fix for a gin file: not for here
-    raise fields.unsupported(config_path, f"ours can't build the model it describes "
-                                          f"({fields.culprit(error)})") from None
-
-
-def write_checkpoint(model, spec, model_dir, weights):
-  """Saves {our name: array} as step 0 of `model_dir`, through the inference graph."""
-  restored = inference.RestoredModel(model, runtime.Runtime(spec), model_dir, batch_size=1)
-  with restored.graph.as_default():
-    masters = {v.op.name: v for v in tf.global_variables()}
-    restored.checkpoints.restore_or_initialize(restored.session)
-    for name, variable in masters.items():  # shapes checked (check_weights): a bug if not
-      variable.load(weights[name], restored.session)
-    restored.session.run(restored.lowering.copy_masters_to_slices())
-    return restored.checkpoints.save(restored.session, 0)
-
-
-def import_hf(hf_dir, model_dir, spec, overwrite=False):
-  """Writes model_dir: a checkpoint, model.gin (+ operative_config.gin) and tokenizer.json.
-
-  Everything is read and checked before anything is written. model_dir must be empty unless
-  `overwrite`: then the model it holds is deleted first (model_dir.MODEL_FILES).
-
-  Returns:
-    the checkpoint path.
-  """
-  config = read_hf_config(hf_dir)
-  arch = architectures.from_hf_config(config, hf_dir)
-  config_path = os.path.join(hf_dir, "config.json")
-  bindings = gin_bindings(config, config_path)
-  with gin.unlock_config():
-    gin.parse_config(bindings)
-  model = build_model(config_path)
-  weights = our_weights(arch, model, *_hf_weights(hf_dir), hf_dir)
-  tokenizer = _read_tokenizer(hf_dir, model.n_vocab)
-  model_dir_lib.check_empty(model_dir, overwrite)
-  os.makedirs(model_dir, exist_ok=True)
-  model_dir_lib.clear(model_dir)
-  with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:
-    f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save, never through a link
-  checkpoint = write_checkpoint(model, spec, model_dir, weights)
-  text = (f"# Imported from the {arch.title} folder {gin_literal(hf_dir)} by bin/import_hf.\n"
-          + "\n".join(bindings) + "\n")
-  # model.gin holds the shape only, for bin/train --gin_file; the operative config also
-  # names no dataset, so bin/eval asks for --dataset_dir.
-  for name, extra in ((MODEL_GIN, ""), (inference.OPERATIVE_CONFIG, "DATASET_DIR = None\n")):
-    with model_dir_lib.open_file(os.path.join(model_dir, name), "w") as f:
-      f.write(text + extra)
-  return checkpoint
-
+__all__ = [
+    "ARCHITECTURES", "GPT_NEO", "to_hf", "check_exportable", "EXPORT_DTYPES", "export_hf",
+    "hf_config", "weight_pairs", "WEIGHTS_FILE", "write_tokenizer", "build_model",
+    "check_weights", "FLOAT_DTYPES", "gin_bindings", "HF_BUFFERS", "hf_shapes", "import_hf",
+    "MODEL_GIN", "our_weights", "read_hf_config", "read_source", "Source", "WEIGHTS_INDEX",
+    "write_checkpoint",
+]

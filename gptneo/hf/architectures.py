@@ -90,6 +90,16 @@ CONVERSIONS = {
 }
 
 
+def to_hf(kind: str, array):
+  """Our array -> the list of HF arrays it holds (CONVERSIONS[kind]'s first way).
+
+  Args:
+    kind: a CONVERSIONS key, as a weight table names it.
+    array: our weight.
+  """
+  return CONVERSIONS[kind][0](array)
+
+
 def _norm(ours, hf):
   return [(f"{ours}/g", (f"{hf}.weight",), "copy"), (f"{ours}/b", (f"{hf}.bias",), "copy")]
 

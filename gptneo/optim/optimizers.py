@@ -144,25 +144,18 @@ class Adam(_ScheduledOptimizer):
     return [mtf.assign(var, new_value), mtf.assign(m, new_m), mtf.assign(v, new_v)]
 
 
+def _slot(var, suffix, shape):
+  """An optimizer slot of `var` named var.name + suffix, of `shape`, zeros at first."""
+  return mtf.get_variable(var.mesh, var.name + suffix, shape, initializer=unfolded_zeros,
+                          trainable=False)
+
+
 def _zero_dims(var):
   """The stored dims of `var`'s optimizer slots under a `zero` rule of its mesh's layout, or
   None where they are the variable's own (no rule, or no dimension to split)."""
   sharding = getattr(var.mesh, "sharding", None)
   dims = sharding.stored_dims(var.shape.dims, "zero") if sharding else var.shape.dims
   return mtf.Shape(dims) if dims != var.shape.dims else None
-
-
-def check_sharding(optimizer, sharding):
-  """Raises UserError (one line) if `optimizer` can't keep its state as `sharding` says.
-
-  Args:
-    optimizer: the gin-built optimizer (Adam, Adafactor).
-    sharding: the mesh.Sharding of the layout.
-  """
-  if sharding.zero and isinstance(optimizer, Adafactor):
-    raise UserError(f"layout rule 'zero:{sharding.zero}' shards Adam's slots, not "
-                    f"Adafactor's factored ones: write 'fsdp:{sharding.zero}' instead (it "
-                    f"shards Adafactor's slots with the weights) or use @Adam()")
 
 
 class FusedAdamUpdate(mtf.Operation):
@@ -243,14 +236,15 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
     clipping_threshold: Adafactor's update clipping (RMS of the update).
     multiply_by_parameter_scale: scale updates by the parameter's RMS (relative step).
     factored: factor second moments of matrices into row and column statistics.
+    min_dim_size_to_factor: factor only when the two largest dimensions are at least this.
   """
 
   def __init__(self, beta1=0.0, decay_rate=None, clipping_threshold=1.0,
-               multiply_by_parameter_scale=False, factored=True):
+               multiply_by_parameter_scale=False, factored=True, min_dim_size_to_factor=128):
     mtf.optimize.AdafactorOptimizer.__init__(
         self, multiply_by_parameter_scale=multiply_by_parameter_scale, learning_rate=None,
         decay_rate=decay_rate, beta1=beta1, clipping_threshold=clipping_threshold,
-        factored=factored)
+        factored=factored, min_dim_size_to_factor=min_dim_size_to_factor)
 
   def slot_shapes(self, shape):
     """The slot variables apply_grad makes for a variable of `shape` ((dim name, size), ...).
@@ -268,11 +262,61 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
   def _decay_rate_default(self):
     return None  # mtf's default reads a global step of whatever graph exists at construction
 
+  def apply_grad(self, grad, var):
+    """mtf's Adafactor update of `var`, or under a `zero` layout rule the same update
+    computed on the slots' shard (_zero_dims), as Adam.assigns does."""
+    shard = _zero_dims(var)
+    if not shard:
+      return mtf.optimize.AdafactorOptimizer.apply_grad(self, grad, var)
+    return self._sharded_update(grad, var, shard)
+
+  def _sharded_update(self, grad, var, shard):
+    """mtf's Adafactor.apply_grad, step for step, on the gradient and weight sliced to
+    `shard` (the weight's dims, its shard dimension renamed: mtf renames, lowered as a slice).
+
+    The slots are made from `shard` as mtf makes them from the weight's shape, so a factored
+    mean that keeps the shard dimension is stored split and one reduced over it is kept whole
+    (the cost model's rule, and fsdp's). The means, clipping RMS and parameter scale reduce
+    over the split (an all-reduce over the rule's mesh dimension); the update is gathered back
+    to the weight's dims and subtracted (mtf.assign_sub, as mtf's: no bfloat16 rounding of
+    the weight).
+    """
+    grad = mesh_lib.renamed(mtf.to_float(grad), shard.dims)
+    slot = functools.partial(_slot, var)
+    factored_dims = self._factored_dims(shard)
+    if factored_dims:
+      vr, vc = slot("_slot_vr", shard - factored_dims[0]), slot("_slot_vc", shard - factored_dims[1])
+    else:
+      v = slot("_slot_v", shard)
+    m = slot("_slot_m", shard) if self._beta1 else None
+    grad_squared = mtf.square(grad) + self._epsilon1
+    decay_rate, mixing_rate = self._decay_rate, 1.0 - self._decay_rate
+    update_scale = self._learning_rate
+    if self._multiply_by_parameter_scale and not any(
+        s in var.name for s in self._exclude_from_parameter_scale):
+      old_value = mesh_lib.renamed(mtf.to_float(var.value), shard.dims)
+      update_scale = self._parameter_scale(old_value) * self._learning_rate
+    if factored_dims:
+      new_vr = vr * decay_rate + mtf.reduce_mean(grad_squared, output_shape=vr.shape) * mixing_rate
+      new_vc = vc * decay_rate + mtf.reduce_mean(grad_squared, output_shape=vc.shape) * mixing_rate
+      updates = [mtf.assign(vr, new_vr), mtf.assign(vc, new_vc)]
+      long_term_mean = mtf.reduce_mean(new_vr, reduced_dim=factored_dims[1])
+      x = grad * mtf.rsqrt(new_vr / long_term_mean) * mtf.rsqrt(new_vc)
+    else:
+      new_v = v * decay_rate + grad_squared * mixing_rate
+      updates = [mtf.assign(v, new_v)]
+      x = grad * mtf.rsqrt(new_v)
+    if self._clipping_threshold is not None:
+      x /= mtf.maximum(1.0, mtf.optimize.reduce_rms(x) / self._clipping_threshold)
+    subtrahend = x * update_scale
+    if self._beta1:
+      subtrahend = m * tf.constant(self._beta1) + subtrahend * tf.constant(1.0 - self._beta1)
+      updates.append(mtf.assign(m, subtrahend))
+    return updates + [mtf.assign_sub(var, mesh_lib.renamed(subtrahend, var.shape.dims))]
+
   def apply_grads(self, grads, variables, learning_rate, step):
     """mtf's Adafactor, which reads its rates from its own attributes: they are set on a copy,
     so this object keeps no graph's tensors."""
-    if variables:
-      check_sharding(self, getattr(variables[0].mesh, "sharding", None) or mesh_lib.Sharding())
     update = copy.copy(self)
     update._learning_rate = learning_rate  # pylint: disable=protected-access
     if self._decay_rate is None:  # Adafactor's default, 1 - step^-0.8
