@@ -679,6 +679,16 @@ def test_loss_png_colours_points_by_their_values_with_a_line_per_width(tmp_path)
     plots.plt.close(fig)
 
 
+def test_loss_png_puts_the_axis_of_most_values_on_x_a_line_per_other_combination():
+  """muP's shape (gin/sweeps/mup_transfer.gin): a string axis x 4 widths x 7 learning rates."""
+  points = sweep_file.spec_from(None, ["tiny.gin"], [], [
+      'train.on_nonfinite = ["stop", "skip"]', "GPT.n_embd = [64, 128, 256, 512]",
+      f"{LR} = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]"]).expand()
+  styles = plots.point_styles(points)
+  assert styles.x_key == "lr" and len(styles.groups) == 8
+  assert len({tuple(np.round(c, 3)) for c in styles.colors.values()}) == 56
+
+
 def _texts(fig):
   return " ".join(t.get_text() for t in [fig.axes[0].title, *fig.axes[0].texts])
 

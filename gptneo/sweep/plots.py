@@ -1,9 +1,10 @@
 """loss.png (every point's training and validation curves, and the final validation loss
-against the first numeric axis) and scaling.png (validation loss against model size).
+against a numeric axis) and scaling.png (validation loss against model size).
 
-A point's colour says its axis values: the first numeric axis (the learning rate, say) is the
-x of the third panel and the shade of a colour, the other axes' values (the width) pick the
-colour family, so a line per width shows how the best learning rate moves with it. A sweep
+A point's colour says its axis values: the numeric axis of the most values (the first of a
+tie: the learning rate, say) is the x of the third panel and the shade of a colour, the other
+axes' values (the width) pick the colour family, so a line per width shows how the best
+learning rate moves with it. A sweep
 whose points don't split that way (no numeric axis, more groups than families) gets one
 qualitative colour per point. One legend, beside the panels, names every point.
 """
@@ -19,7 +20,7 @@ from gptneo.sweep import metrics
 matplotlib.use("Agg")  # headless: a training machine has no display (pyplot draws on demand)
 
 LOSS_PNG, SCALING_PNG = "loss.png", "scaling.png"
-_FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
+_FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "RdPu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +46,16 @@ def _number(text):
 
 
 def point_styles(points) -> Styles:
-  """The colours of `points` (spec.Point) and their grouping by the first numeric axis.
+  """The colours of `points` (spec.Point) and their grouping by the x axis.
 
   Args:
     points: the sweep's points.
   """
   keys = list(points[0].labels) if points else []
-  x_key = next((k for k in keys if all(_number(p.labels[k]) is not None for p in points)
-                and len({_number(p.labels[k]) for p in points}) > 1), None)
+  distinct = {k: len({_number(p.labels[k]) for p in points}) for k in keys
+              if all(_number(p.labels[k]) is not None for p in points)}
+  # The numeric axis of the most values (the first of a tie): the learning rate of a grid.
+  x_key = max((k for k in distinct if distinct[k] > 1), key=distinct.get, default=None)
   groups = {}
   for point in points:
     label = ",".join(f"{k}={v}" for k, v in point.labels.items() if k != x_key) or x_key
