@@ -99,6 +99,7 @@ class Settings:
                       f"divide train.batch_size = {self.batch_size}")
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     optimizers.check_sharding(self.optimizer, self.mesh.sharding())
+    optimizers.check_parametrization(self.optimizer, self.model)
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps, self.harness_tasks)
     check_memory(self)
