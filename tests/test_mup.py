@@ -104,3 +104,31 @@ def test_without_a_mup_multiplier_the_check_fails(multiplier, monkeypatch):
   2.8x; LayerNorm keeps the other from showing)."""
   monkeypatch.setattr(gpt_lib.GPT, multiplier, lambda self: 1.0)
   assert growth("mup").max() > MUP_BOUNDS[1] + 0.5
+
+
+@pytest.mark.parametrize("optimizer", [
+    optimizers.Adam(weight_decay=0.1), optimizers.Adam(weight_decay=0.1, fused=False),
+    optimizers.Adafactor()], ids=["fused-adam", "adam", "adafactor"])
+def test_a_weights_rate_multiplier_scales_its_step_not_its_decay(optimizer):
+  """Two [4, 4] weights of ones, the same gradient: the one made with lr_multiplier 0.5
+  moves half as far, apart from AdamW's decay per step, lr * weight_decay, which both take."""
+  with tf.Graph().as_default():
+    mtf_graph, mesh = runtime.new_mesh()
+    dims = [mtf.Dimension("a", 4), mtf.Dimension("b", 4)]
+    weights = [ops.weight(mesh, name, dims, runtime.variable_dtype("float32"),
+                          tf.ones_initializer(), lr_multiplier=multiplier)
+               for name, multiplier in (("full", 1.0), ("half", 0.5))]
+    grad = mtf.constant(mesh, np.arange(16, dtype=np.float32).reshape(4, 4) - 7.5, dims)
+    variables = [w.operation for w in weights]
+    updates = optimizer.apply_grads([grad, grad], variables, mtf.constant(mesh, LEARNING_RATE),
+                                    mtf.constant(mesh, 1.0))
+    lowering = runtime.lower(mtf_graph, mesh, mesh_lib.mesh())
+    values = [lowering.export_to_tf_tensor(w) for w in weights]
+    with tf.Session() as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      session.run([lowering.lowered_operation(op) for op in updates])
+      full, half = session.run(values)
+  decay = LEARNING_RATE * getattr(optimizer, "weight_decay", 0.0)  # of a weight of 1
+  np.testing.assert_allclose(1.0 - half - decay, 0.5 * (1.0 - full - decay), rtol=1e-5)
+  assert np.abs(1.0 - full - decay).min() > 1e-4  # both moved

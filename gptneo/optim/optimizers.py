@@ -269,6 +269,9 @@ def _assign_adam(adam, decay, var, m, v, grad, lr, step):
 class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
   """mtf's Adafactor (factored second moments), driven by our learning-rate schedule.
 
+  A weight's learning-rate multiplier (ops.lr_multiplier: muP's) scales its step, except with
+  multiply_by_parameter_scale, which muP refuses (check_parametrization).
+
   Args:
     beta1: first-moment decay; 0 keeps no first moment (Adafactor's memory saving).
     decay_rate: second-moment decay; None uses Adafactor's 1 - step^-0.8.
