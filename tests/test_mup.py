@@ -11,6 +11,7 @@ import functools
 import numpy as np
 import pytest
 
+from gptneo import gin_utils
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import train_graph
@@ -18,6 +19,7 @@ from gptneo.compat import mtf, tf
 from gptneo.model import gpt as gpt_lib
 from gptneo.model import ops
 from gptneo.optim import optimizers
+from gptneo.sweep import sweep_file
 
 BASE, WIDE = 64, 256  # the widths compared (4x); muP's base width is the narrow one
 BATCH, N_CTX, VOCAB, STEPS = 8, 16, 64, 4
@@ -132,3 +134,14 @@ def test_a_weights_rate_multiplier_scales_its_step_not_its_decay(optimizer):
   decay = LEARNING_RATE * getattr(optimizer, "weight_decay", 0.0)  # of a weight of 1
   np.testing.assert_allclose(1.0 - half - decay, 0.5 * (1.0 - full - decay), rtol=1e-5)
   assert np.abs(1.0 - full - decay).min() > 1e-4  # both moved
+
+
+def test_the_shipped_transfer_sweep_builds_every_model():
+  """gin/sweeps/mup_transfer.gin: both parametrizations x 4 widths x 7 powers of 2, each
+  point's GPT valid (muP's base width divides every width)."""
+  points = sweep_file.spec_from("mup_transfer.gin").expand()
+  assert len(points) == 2 * 4 * 7
+  for point in points:
+    gin_utils.parse(point.gin_files, list(point.gin_params))
+    model = gpt_lib.GPT()
+    assert model.hidden_lr_multiplier() == (64 / model.n_embd if "mup" in point.name else 1.0)
