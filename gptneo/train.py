@@ -97,6 +97,7 @@ class Settings:
       raise UserError(f"train.microbatches_per_batch = {self.microbatches_per_batch} does not "
                       f"divide train.batch_size = {self.batch_size}")
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
+    optimizers.check_parametrization(self.optimizer, self.model)
     runtime.variable_dtype(self.precision)
     check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps, self.harness_tasks)
     check_memory(self)
