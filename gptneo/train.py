@@ -36,6 +36,7 @@ from gptneo.data import prepare
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import Diverged, UserError
 from gptneo.layout_search import cost_model
+from gptneo.optim import optimizers
 
 
 @dataclasses.dataclass(frozen=True)
