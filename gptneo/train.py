@@ -100,7 +100,7 @@ class Settings:
     self.mesh.validate(self.model.dims(self.batch_size // self.microbatches_per_batch).sizes())
     optimizers.check_sharding(self.optimizer, self.mesh.sharding())
     runtime.variable_dtype(self.precision)
-    check_loop(self.mesh, self.steps_per_loop, self.eval_every_n_steps, self.harness_tasks)
+    check_loop(self.mesh, self.steps_per_loop)
     check_memory(self)
     info = inputs.read_dataset_info(self.dataset_dir)
     check_dataset(self.model, info, self.dataset_dir)
@@ -242,18 +242,11 @@ def corrupt_shard(dataset_dir, splits):
   return None
 
 
-def check_loop(spec, steps_per_loop, eval_every_n_steps, harness_tasks=()):
-  """Loops on the device exist on the TPU only, and have no periodic evaluation yet (nor the
-  harness, whose restored model runs on a placement mesh only)."""
+def check_loop(spec, steps_per_loop):
+  """Loops on the device exist on the TPU only."""
   if spec.implementation != "simd" and steps_per_loop != 1:
     raise UserError(f"train.steps_per_loop = {steps_per_loop} loops on a TPU only; drop it or "
                     f"set mesh.implementation = 'simd' (docs/tpu.md)")
-  if spec.implementation == "simd" and eval_every_n_steps:
-    raise UserError(f"train.eval_every_n_steps = {eval_every_n_steps}: the TPU loop has no "
-                    f"periodic evaluation yet; set it to 0 and run gptneo-eval on the checkpoints")
-  if spec.implementation == "simd" and harness_tasks:
-    raise UserError(f"train.harness_tasks = {list(harness_tasks)!r}: the TPU loop can't score "
-                    f"harness tasks yet; drop them and run gptneo-lm-eval on the checkpoints")
 
 
 @gin.configurable("train")
@@ -392,8 +385,6 @@ def train(model_dir, run_settings=None, force=False):
   validation_loss = evaluation and evaluation["loss"]
   if evaluation:
     logging.info("validation loss %.4f after step %d", validation_loss, s.train_steps)
-  elif s.mesh.implementation == "simd" and s.eval_batches != 0:
-    logging.info("no validation loss: the TPU loop has no evaluation yet; run gptneo-eval")
   return {"loss": loss, "validation_loss": validation_loss, "preempted": False}
 
 
@@ -723,7 +714,7 @@ class Loop:
     evaluates as an uninterrupted one, and bin/eval on the checkpoint agrees."""
     self.session.run(self.graph.eval_reset, {self.graph.eval_limit: batches})
     return evaluate_lib.metrics_of_batches(self.session, self.graph.eval_fetches,
-                                           self._byte_lengths)
+                                           self._byte_lengths, self.graph.eval_batches(batches))
 
   @functools.cached_property
   def _byte_lengths(self):
