@@ -97,7 +97,8 @@ def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(progra
   result = run_binary(program, "--help", pythonpath=[no_tensorflow])
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"bin/{program}:" in result.stdout and "--helpfull" in result.stdout
-  gin_programs = set(programs.PROGRAMS) - {"convert_config", "import_hf", "prepare_data", "tpu_check"}
+  gin_programs = set(programs.PROGRAMS) - {"convert_config", "gpu_check", "import_hf",
+                                           "prepare_data", "tpu_check"}
   assert ("--gin_file" in result.stdout) == ("--gin_param" in result.stdout) == (
       program in gin_programs)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gptneo import evaluate as evaluate_lib
+from gptneo import hardware_check
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import tpu
@@ -142,6 +143,29 @@ def test_first_run_check_without_a_tpu_stops_in_one_line(layout, fragments, tmp_
                       f"--work_dir={work_dir}")
   assert_one_line_error(result, "tpu_check", *fragments)
   assert not work_dir.exists()
+
+
+def test_gpu_first_run_check_without_a_gpu_stops_in_one_line(tmp_path):
+  work_dir = tmp_path / "check"
+  result = run_binary("gpu_check", f"--work_dir={work_dir}")
+  assert_one_line_error(result, "gpu_check", "no GPU visible to TensorFlow",
+                        "make install PROFILE=gpu")
+  assert not work_dir.exists()
+
+
+def test_first_run_report_is_one_for_both_accelerators_and_fails_a_loss_that_does_not_fall():
+  options = hardware_check.Options("runs/check", 300, "")
+  curves = {"accelerator": [8.3, 7.9], "cpu": [8.3, 3.1]}
+  for accelerator in (hardware_check.gpu(), hardware_check.tpu("local", "layouts/x.gin")):
+    name = accelerator.name
+    report = hardware_check._report(accelerator, f"one {name}", options, curves,  # pylint: disable=protected-access
+                                    {"accelerator": 3.1, "cpu": 3.1}, {"tokens_per_sec": 9e3})
+    assert not report.passed
+    assert report.text.startswith(f"# gptneo-{name.lower()}-check\n\none {name}; tiny.gin")
+    assert f"| the loss falls on the {name} | 8.3000 -> 7.9000 | FAIL |" in report.text
+    assert f"| one step from the {name} checkpoint, {name} vs CPU | 3.10000 vs 3.10000 | pass |" \
+        in report.text
+    assert f"{name} throughput: 9000 tokens/s (MFU: give --peak_flops)" in report.text
 
 
 # A pod: 4 hosts of 4 chips x 2 cores. The batch is split 8-way over x, heads 4-way over y.
