@@ -7,6 +7,7 @@ import pytest
 
 from gptneo import evaluate as evaluate_lib
 from gptneo import hardware_check
+from gptneo import loop as loop_lib
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import tpu
@@ -96,11 +97,11 @@ def test_step_reports_the_placement_loops_metrics(tpu_graph):
 def test_loop_lengths_stop_at_logs_and_checkpoints():
   runs, step = [], 0
   while step < 45:
-    steps = train_lib.steps_this_run(step, 0, 45, 16, (10, 20, 0))
+    steps = loop_lib.steps_this_run(step, 0, 45, 16, (10, 20, 0))
     runs.append(steps)
     step += steps
   assert runs == [1, 9, 10, 10, 10, 5]  # step 1 is logged alone, then every 10, end at 45
-  assert train_lib.steps_this_run(7, 7, 100, 1, (10, 20, 0)) == 1  # placement: always one
+  assert loop_lib.steps_this_run(7, 7, 100, 1, (10, 20, 0)) == 1  # placement: always one
 
 
 def test_mesh_larger_than_the_tpu_is_a_one_line_error():
