@@ -13,6 +13,7 @@ from gptneo import runtime
 from gptneo import tpu
 from gptneo import train as train_lib
 from gptneo import train_graph
+from gptneo.harness import run as harness_run
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
 from gptneo.model import gpt as gpt_lib
@@ -144,6 +145,17 @@ def test_first_run_check_without_a_tpu_stops_in_one_line(layout, fragments, tmp_
                       f"--work_dir={work_dir}")
   assert_one_line_error(result, "tpu_check", *fragments)
   assert not work_dir.exists()
+
+
+def test_a_tpu_run_scores_the_harness_on_its_hosts_cpu(small_dataset, tmp_path):
+  """The harness's restored model runs on a placement mesh only: between device loops, on the
+  host's CPU, a one-device placement mesh (the numbers of gptneo-lm-eval on CPU)."""
+  rt = runtime.Runtime(simd_spec(), tpu=tpu.synthetic_system(num_chips=4))
+  s = settings(gpt_lib.GPT(**MODEL), rt.spec, small_dataset, harness_tasks=["gptneo_lambada"])
+  scorer = harness_run.training_scorer(s, rt, str(tmp_path))
+  assert scorer.rt.spec == mesh_lib.MeshSpec([], [], ["/cpu:0"]) and scorer.rt.tpu is None
+  placement = runtime.Runtime(mesh_lib.mesh())
+  assert harness_run.training_scorer(s, placement, str(tmp_path)).rt is placement
 
 
 def test_gpu_first_run_check_without_a_gpu_stops_in_one_line(tmp_path):
