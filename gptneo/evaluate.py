@@ -265,13 +265,11 @@ def batch_outputs(logits, targets, vocab_dim):
           "argmax": mtf.argmax(logits, vocab_dim)}
 
 
-def metrics_of_batches(session, fetches, byte_lengths):
-  """lm_metrics over the batches of fetches {"token_nll", "argmax", "targets", "weights"}
-  (tf tensors over an evaluation_batches iterator), until the iterator ends."""
+def metrics_of_batches(session, fetches, byte_lengths, batches):
+  """lm_metrics over `batches` runs of fetches {"token_nll", "argmax", "targets", "weights"}
+  (tf tensors over an evaluation_batches iterator; other fetches run along)."""
   totals = LmTotals(byte_lengths)
-  while True:
-    try:
-      batch = session.run(fetches)
-    except tf.errors.OutOfRangeError:
-      return totals.metrics()
+  for _ in range(batches):
+    batch = session.run(fetches)
     totals.add(batch["token_nll"], batch["argmax"], batch["targets"], batch["weights"])
+  return totals.metrics()

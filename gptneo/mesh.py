@@ -305,6 +305,12 @@ def mesh(mesh_shape="", layout="", device_type="cpu", cpu_devices=None, gpu_ids=
                   implementation, tpu)
 
 
+def host_cpu() -> MeshSpec:
+  """One CPU device of this process: where a TPU run scores train.harness_tasks (the restored
+  model of the harness runs on a placement mesh only)."""
+  return MeshSpec([], [], ["/cpu:0"])
+
+
 def _cluster_devices(size, device_type, cluster, task_index):
   """Mesh position p lives on task p // per_task, device p % per_task of that task."""
   tasks = cluster.get("worker") if isinstance(cluster, dict) else None

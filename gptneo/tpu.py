@@ -11,6 +11,8 @@ The pieces, each used by gptneo/train_graph.py's SIMD graph:
   all of a session.run's steps; `IteratorsPosition` saves the hosts' common data position.
 - `device_loop`: `tf.tpu.replicate` of a `tf.while_loop` that builds one training step (mtf
   graph + SIMD lowering) and runs it `loop_steps` times per session.run.
+- `device_call`: `tf.tpu.replicate` of a computation run once per session.run (validation:
+  one batch, fed by an `Infeed` without a host loop).
 
 None of this has run on a real TPU; tests/test_tpu.py builds the whole graph over synthetic
 device assignments (one host of 8 cores, 4 hosts of 8 cores). docs/tpu.md has the commands.
@@ -140,29 +142,38 @@ class Infeed:
 
   Args:
     rt: a runtime.Runtime of a "simd" mesh, with its TpuSystem.
-    make_iterator: a function returning a new initializable iterator of the training pipeline's
-      [batch, n_ctx + 1] int32 batches; called once per host, under that host's device.
+    make_iterator: a function returning a new initializable iterator of a pipeline whose
+      elements hold [batch, n_ctx + 1] int32 windows (the training batches; validation's
+      (windows, weights)); called once per host, under that host's device.
     shape: the mtf.Shape of tokens and targets, [batch, sequence].
-    loop_steps: int32 tf scalar, the batches one session.run enqueues.
+    loop_steps: int32 tf scalar, the batches one session.run enqueues (a loop on each host);
+      None: one batch per session.run, its elements kept in `elements` (one per host, the same
+      batch) for that session.run to fetch.
+    windows_of: an element's [batch, n_ctx + 1] windows.
   """
 
-  def __init__(self, rt, make_iterator, shape, loop_steps):
+  def __init__(self, rt, make_iterator, shape, loop_steps=None, windows_of=lambda x: x):
     self._impl, self._shape = rt.mesh_impl(), shape
     self._devices = input_reader.ProcessDevices(self._impl)
     self.hosts = list(dict.fromkeys(self._devices.ordered_hosts))
     # The cores' queue, as each host's enqueues and the cores' dequeue see it (an InfeedQueue
     # object generates one set of enqueue ops: one object per host, one for the dequeue).
     self._queues = {key: self._new_queue() for key in [*self.hosts, "cores"]}
-    self.iterators, loops = [], []
+    self.iterators, self.elements, enqueues = [], [], []
     for host in self.hosts:
       with tf.device(host):
         iterator = make_iterator()
         self.iterators.append(iterator)
-        loops.append(tf.while_loop(
-            lambda i: i < loop_steps,
-            lambda i, host=host, iterator=iterator: self._enqueue_one(host, iterator, i),
-            [tf.constant(0)], parallel_iterations=1, name="infeed_loop"))
-    self.enqueue = tf.group(loops)
+        if loop_steps is None:
+          self.elements.append(iterator.get_next())
+          enqueues.append(tf.group(self._enqueue(host, windows_of(self.elements[-1]))))
+        else:
+          enqueues.append(tf.while_loop(
+              lambda i: i < loop_steps,
+              lambda i, host=host, iterator=iterator: self._enqueue_one(
+                  host, windows_of(iterator.get_next()), i),
+              [tf.constant(0)], parallel_iterations=1, name="infeed_loop"))
+    self.enqueue = tf.group(enqueues)
 
   def _new_queue(self):
     slice_shape = self._impl.slice_shape(self._shape)
@@ -192,15 +203,18 @@ class Infeed:
       slices[pnum] = [tf.slice(mine[:, :-1], local, size), tf.slice(mine[:, 1:], local, size)]
     return slices
 
-  def _enqueue_one(self, host, iterator, i):
-    """Enqueues one batch's slices on the host's cores; returns i + 1 once they are enqueued."""
-    slices = self.host_slices(host, iterator.get_next())
+  def _enqueue(self, host, batch):
+    """The ops enqueueing one global batch's slices on the host's cores."""
+    slices = self.host_slices(host, batch)
     pnums = sorted(slices)
-    enqueue_ops = self._queues[host].generate_enqueue_ops(
+    return self._queues[host].generate_enqueue_ops(
         [slices[p] for p in pnums],
         tpu_ordinal_function=lambda k: self._devices.ordered_ordinals[pnums[k]],
         placement_function=lambda k: host)
-    with tf.control_dependencies(enqueue_ops):
+
+  def _enqueue_one(self, host, batch, i):
+    """Enqueues one batch's slices on the host's cores; returns i + 1 once they are enqueued."""
+    with tf.control_dependencies(self._enqueue(host, batch)):
       return i + 1
 
   def dequeue(self, mtf_mesh):
@@ -265,6 +279,21 @@ def device_loop(rt, body, start, loop_steps):
                              device_assignment=rt.tpu.device_assignment)[0][0]
   mean = metrics[0] / tf.cast(loop_steps, tf.float32)
   return [mean] + [metrics[k] for k in range(1, count[0])]
+
+
+def device_call(rt, computation):
+  """Runs `computation` once on every core, as one TPU program per session.run.
+
+  Args:
+    rt: a runtime.Runtime of a "simd" mesh, with its TpuSystem.
+    computation: () -> [tf tensors]; builds and lowers an mtf graph on the cores, returning
+      tensors every core holds whole (e.g. lowering.export_to_tf_tensor's).
+
+  Returns:
+    The computation's tensors, of the first core (every core holds the same).
+  """
+  return tf.tpu.replicate(computation, inputs=[[]] * rt.spec.size,
+                          device_assignment=rt.tpu.device_assignment)[0]
 
 
 def shutdown_ops(system):

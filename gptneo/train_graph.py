@@ -36,9 +36,16 @@ class TrainGraph:
   eval_fetches: dict = None
   eval_reset: list = dataclasses.field(default_factory=list)  # restarts the validation pass
   eval_limit: tf.Tensor = None  # fed to eval_reset: the pass's batches (0: the whole split)
+  eval_windows: int = 0  # the validation split's windows: a pass's batches are counted
   steps_per_run: int = 1  # > 1: a device loop takes that many steps per session.run (TPU)
   loop_steps: tf.Tensor = None  # with a device loop: the placeholder of its step count
   enqueue: tf.Operation = None  # with a device loop: feeds its batches (infeed)
+
+  def eval_batches(self, limit):
+    """How many batches a validation pass of `limit` batches (0: the whole split) reads: the
+    loop runs exactly those (a TPU program waiting on an infeed that ends would hang)."""
+    batches = -(-self.eval_windows // int(self.eval_fetches["weights"].shape[0]))
+    return min(batches, limit) if limit else batches
 
   @property
   def eval_loss(self):
@@ -274,6 +281,7 @@ def build_placement(settings, model_dir, rt):
       graph_parts.eval_fetches = {**validation.tf_fetches, **{
           name: lowering.export_to_tf_tensor(value) for name, value in validation.mtf.items()}}
       graph_parts.eval_reset, graph_parts.eval_limit = [validation.reset], validation.limit
+      graph_parts.eval_windows = validation.windows
     return graph_parts
 
 
@@ -284,25 +292,89 @@ class _Validation:
   tf_fetches: dict  # "targets", "weights": the batch's tf tensors
   reset: tf.Operation  # starts the pass again, limit fed
   limit: tf.Tensor  # the pass's batches (0: the whole split)
+  windows: int  # the split's
+
+
+def _validation_windows(settings):
+  """The validation split's windows if the run evaluates, else 0."""
+  if not settings.evaluates:
+    return 0
+  info = inputs.read_dataset_info(settings.dataset_dir)
+  return info["splits"].get("validation", {}).get("windows", 0)
+
+
+def _validation_iterator(settings, limit):
+  return tf.data.make_initializable_iterator(inputs.evaluation_batches(
+      settings.dataset_dir, "validation", settings.batch_size, limit))
+
+
+def _validation_outputs(settings, tokens, targets):
+  """One validation batch's mtf per-token NLL and greedy ids (dropout off)."""
+  s = settings
+  no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
+  logits, _ = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
+  return evaluate_lib.batch_outputs(logits, targets, s.model.dims(s.batch_size).vocab)
 
 
 def _validation(settings, mtf_mesh):
-  """One validation batch's per-token NLL and greedy ids (dropout off), or None."""
-  s = settings
-  info = inputs.read_dataset_info(s.dataset_dir)
-  if not s.evaluates or not info["splits"].get("validation", {}).get("windows", 0):
+  """The placement graph's validation pass, in the training mtf graph, or None."""
+  s, windows_in_split = settings, _validation_windows(settings)
+  if not windows_in_split:
     return None
   limit = tf.placeholder_with_default(tf.constant(0, tf.int64), [], "eval_limit")
-  iterator = tf.data.make_initializable_iterator(inputs.evaluation_batches(
-      s.dataset_dir, "validation", s.batch_size, limit))
+  iterator = _validation_iterator(s, limit)
   windows, weights = iterator.get_next()
-  dims = s.model.dims(s.batch_size)
-  tokens, targets = _import_batch(mtf_mesh, windows, dims)
-  no_dropout = ops.Dropout(is_training=False, seed=0, step=0)
-  logits, _ = s.model(tokens, runtime.variable_dtype(s.precision), no_dropout)
-  return _Validation(evaluate_lib.batch_outputs(logits, targets, dims.vocab),
+  tokens, targets = _import_batch(mtf_mesh, windows, s.model.dims(s.batch_size))
+  return _Validation(_validation_outputs(s, tokens, targets),
                      {"targets": windows[:, 1:], "weights": weights}, iterator.initializer,
-                     limit)
+                     limit, windows_in_split)
+
+
+def _simd_validation(settings, rt, shape):
+  """The SIMD graph's validation pass: a TPU program of its own, one batch per session.run.
+
+  Every host reads the validation split (the same batches bin/eval reads) and enqueues its
+  own cores' slices (tpu.Infeed); on the cores, the model without dropout, on the training
+  program's variables (the same slice variables, found by name), gives every core the whole
+  batch's per-token NLL and greedy ids, which the host sums as bin/eval does (LmTotals).
+  Returns (the fetches of one batch, with the enqueue under "enqueue"; the iterators'
+  initializers; the limit placeholder; the split's windows), or None.
+  """
+  s, windows_in_split = settings, _validation_windows(settings)
+  if not windows_in_split:
+    return None
+  with tf.device(tpu.host_devices(rt)[0]):
+    limit = tf.placeholder_with_default(tf.constant(0, tf.int64), [], "eval_limit")
+  infeed = tpu.Infeed(rt, lambda: _validation_iterator(s, limit), shape,
+                      windows_of=lambda element: element[0])
+
+  def computation():
+    with tf.variable_scope(tf.get_variable_scope(), reuse=tf.AUTO_REUSE):
+      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt), rt.spec)
+      tokens, targets = infeed.dequeue(mtf_mesh)
+      outputs = _validation_outputs(s, tokens, targets)
+      # Dimensions no layout splits: every core gathers the batch's outputs whole (SimdMeshImpl
+      # exports only those).
+      whole = mtf.Shape([mtf.Dimension(f"whole_{dim.name}", dim.size) for dim in shape.dims])
+      outputs = [mtf.reshape(outputs[name], whole) for name in ("token_nll", "argmax")]
+      lowering = rt.lower(mtf_graph, mtf_mesh)
+      return [lowering.export_to_tf_tensor(output) for output in outputs]
+
+  variables = _variable_ops()
+  token_nll, argmax = tpu.device_call(rt, computation)
+  if _variable_ops() != variables:
+    raise ValueError(f"the validation program made variables of its own: "
+                     f"{sorted(_variable_ops() - variables)[:3]}")
+  windows, weights = infeed.elements[0]  # host 0's batch: every host read the same
+  fetches = {"token_nll": token_nll, "argmax": argmax, "targets": windows[:, 1:],
+             "weights": weights, "enqueue": infeed.enqueue}
+  return fetches, [iterator.initializer for iterator in infeed.iterators], limit, \
+      windows_in_split
+
+
+def _variable_ops():
+  """The names of the default graph's variables (masters and slices alike)."""
+  return {op.name for op in tf.get_default_graph().get_operations() if op.type == "VarHandleOp"}
 
 
 def build_simd(settings, model_dir, rt):
@@ -325,11 +397,13 @@ def build_simd(settings, model_dir, rt):
     built = {}
 
     def body(current):
-      mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt), rt.spec)
-      tokens, targets = infeed.dequeue(mtf_mesh)
-      step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, current)
-      built["lowering"] = rt.lower(mtf_graph, mtf_mesh)
-      lowered = lower_step(built["lowering"], step_graph)
+      # Slice variables by name (AUTO_REUSE): the validation program finds the same ones.
+      with tf.variable_scope(tf.get_variable_scope(), reuse=tf.AUTO_REUSE):
+        mtf_graph, mtf_mesh = runtime.new_mesh(tpu.variable_placer(rt), rt.spec)
+        tokens, targets = infeed.dequeue(mtf_mesh)
+        step_graph = mtf_step(s, {"tokens": tokens, "targets": targets}, current)
+        built["lowering"] = rt.lower(mtf_graph, mtf_mesh)
+        lowered = lower_step(built["lowering"], step_graph)
       built["aux"] = sorted(lowered.aux_losses)
       return lowered.updates, [lowered.loss, step_graph.learning_rate, lowered.grad_norm,
                                *[lowered.aux_losses[name] for name in built["aux"]]]
@@ -337,11 +411,17 @@ def build_simd(settings, model_dir, rt):
     loss, learning_rate, norm, *aux = tpu.device_loop(rt, body, start, loop_steps)
     with tf.control_dependencies([loss, learning_rate, norm, *aux]):
       train_op = tf.assign_add(step, tf.cast(loop_steps, step.dtype)).op
-    return TrainGraph(graph, step, loss, learning_rate, norm, train_op,
-                      [iterator.initializer for iterator in infeed.iterators],
-                      _checkpoints(built["lowering"], infeed.iterators, s, model_dir),
-                      dict(zip(built["aux"], aux, strict=True)), steps_per_run=s.steps_per_loop,
-                      loop_steps=loop_steps, enqueue=infeed.enqueue)
+    graph_parts = TrainGraph(graph, step, loss, learning_rate, norm, train_op,
+                             [iterator.initializer for iterator in infeed.iterators],
+                             _checkpoints(built["lowering"], infeed.iterators, s, model_dir),
+                             dict(zip(built["aux"], aux, strict=True)),
+                             steps_per_run=s.steps_per_loop, loop_steps=loop_steps,
+                             enqueue=infeed.enqueue)
+    validation = _simd_validation(s, rt, mtf.Shape([dims.batch, dims.sequence]))
+    if validation:
+      (graph_parts.eval_fetches, graph_parts.eval_reset, graph_parts.eval_limit,
+       graph_parts.eval_windows) = validation
+    return graph_parts
 
 
 STRATEGIES = {"placement": build_placement, "simd": build_simd}

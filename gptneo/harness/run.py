@@ -1,5 +1,5 @@
 """Harness tasks on a model dir's latest checkpoint: bin/lm_eval, and train.harness_tasks
-(train.Loop scores them at checkpoints, in its own process and on its own mesh).
+(loop.Loop scores them at checkpoints, in its own process and on its own mesh).
 
 Each task's metrics become one line of model_dir/eval.jsonl ({"step", "task", "harness":
 true, metric: value, ...}) and TensorBoard scalars harness/<task>/<metric>.
@@ -13,6 +13,7 @@ import gin
 from gptneo import evaluate as evaluate_lib
 from gptneo import harness
 from gptneo import inference
+from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo.errors import UserError
 from gptneo.harness import specs as specs_lib
@@ -124,9 +125,12 @@ def check_training(s):
 
 def training_scorer(s, rt, model_dir):
   """The Scorer of train.harness_tasks on the run's mesh (None without tasks): the graph of
-  one microbatch of rows, restored from each checkpoint the loop scores."""
+  one microbatch of rows, restored from each checkpoint the loop scores. A TPU run's is on
+  its host's CPU, between device loops (slow for a large model: train.harness_limit)."""
   if not s.harness_tasks:
     return None
+  if rt.spec.implementation == "simd":
+    rt = runtime.Runtime(mesh_lib.host_cpu())
   return Scorer(s.model, rt, model_dir, check_tasks(s.harness_tasks),
                 s.batch_size // s.microbatches_per_batch, s.precision, s.harness_limit)
 
