@@ -1,6 +1,7 @@
 """muP transfer: does the best learning rate stay put as the model widens?
 
-  .venv/bin/python bench/mup_transfer.py [--widths=64,128,256,512] [--lrs=...] [--plot=F]
+  .venv/bin/python bench/mup_transfer.py [--widths=64,128,256,512] [--lrs=...]
+      [--parametrizations=standard,mup] [--plot=F]
 
 The grid is gin/sweeps/mup_transfer.gin's (parametrization x width x learning rate, powers of
 2); that sweep runs it through gptneo-sweep with tiny.gin's model. Here it runs in this process
