@@ -1,6 +1,7 @@
 """muP transfer: does the best learning rate stay put as the model widens?
 
-  .venv/bin/python bench/mup_transfer.py [--widths=64,128,256,512] [--lrs=...] [--plot=F]
+  .venv/bin/python bench/mup_transfer.py [--widths=64,128,256,512] [--lrs=...]
+      [--parametrizations=standard,mup] [--plot=F]
 
 The grid is gin/sweeps/mup_transfer.gin's (parametrization x width x learning rate, powers of
 2); that sweep runs it through gptneo-sweep with tiny.gin's model. Here it runs in this process
@@ -49,10 +50,10 @@ def sweep_grid():
   return grid, spec.gin_params
 
 
-def base_width(gin_params):
-  """GPT.mup_base_width as the sweep file binds it."""
-  binding = next(p for p in gin_params if p.replace(" ", "").startswith("GPT.mup_base_width="))
-  return int(binding.split("=", 1)[1])
+def bound(gin_params, name):
+  """The value the sweep file binds `name` (e.g. GPT.mup_base_width) to."""
+  binding = next(p for p in gin_params if p.replace(" ", "").startswith(name + "="))
+  return ast.literal_eval(binding.split("=", 1)[1].split("#")[0].strip())
 
 
 def batches(data_dir):
@@ -85,7 +86,7 @@ def schedule(step, peak):
 class Run:
   """The training and evaluation graph of one (parametrization, width)."""
 
-  def __init__(self, parametrization, width, base):
+  def __init__(self, parametrization, width, base, output_multiplier):
     from gptneo import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     from gptneo import runtime  # pylint: disable=g-import-not-at-top
     from gptneo import train_graph  # pylint: disable=g-import-not-at-top
@@ -98,7 +99,8 @@ class Run:
       tf.set_random_seed(0)
       mtf_graph, mesh = runtime.new_mesh()
       model = gpt_lib.GPT(n_layer=N_LAYER, n_embd=width, n_head=N_HEAD, n_ctx=N_CTX,
-                          n_vocab=VOCAB, parametrization=parametrization, mup_base_width=base)
+                          n_vocab=VOCAB, parametrization=parametrization, mup_base_width=base,
+                          mup_output_multiplier=output_multiplier)
       dims = model.dims(BATCH)
       self.windows = tf.placeholder(tf.int32, [BATCH, N_CTX + 1])
       self.weights = tf.placeholder(tf.float32, [BATCH])
@@ -181,6 +183,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--widths", default=None, help="comma-separated; default: the sweep's")
   parser.add_argument("--lrs", default=None, help="comma-separated; default: the sweep's")
+  parser.add_argument("--parametrizations", default=None,
+                      help="comma-separated; default: the sweep's (standard,mup)")
   parser.add_argument("--data_dir", default=None,
                       help=f"a dataset of n_ctx {N_CTX}, vocab {VOCAB} (default: stdlib "
                            f"prepared into a tmp dir)")
@@ -193,11 +197,15 @@ def main():
   widths = [int(w) for w in args.widths.split(",")] if args.widths else grid["GPT.n_embd"]
   lrs = ([float(x) for x in args.lrs.split(",")] if args.lrs
          else grid["learning_rate_schedule.learning_rate"])
-  base = base_width(gin_params)
+  parametrizations = (args.parametrizations.split(",") if args.parametrizations
+                      else grid["GPT.parametrization"])
+  base = bound(gin_params, "GPT.mup_base_width")
+  output_multiplier = bound(gin_params, "GPT.mup_output_multiplier")
   print(cpu_line())
   print(f"cores: {len(os.sched_getaffinity(0))}, load average before: {os.getloadavg()}")
   print(f"model: {N_LAYER} layers, {N_HEAD} heads, n_ctx {N_CTX}, vocab {VOCAB}; {STEPS} "
-        f"steps of {BATCH} windows; muP base width {base}", flush=True)
+        f"steps of {BATCH} windows; muP base width {base}, output multiplier "
+        f"{output_multiplier}", flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or os.path.join(tmp, "stdlib")
     if not args.data_dir:
@@ -206,10 +214,10 @@ def main():
     train_batches, eval_batches = batches(data_dir)
   eval_batches = [(w, np.asarray(r, np.float64)) for w, r in eval_batches]
   results, start = {}, time.time()
-  for parametrization in grid["GPT.parametrization"]:
+  for parametrization in parametrizations:
     results[parametrization] = {}
     for width in widths:
-      run = Run(parametrization, width, base)
+      run = Run(parametrization, width, base, output_multiplier)
       results[parametrization][width] = {
           lr: run.train_and_evaluate(lr, train_batches, eval_batches) for lr in lrs}
       print(json.dumps({"parametrization": parametrization, "width": width,

@@ -71,6 +71,10 @@ BAD_BINDINGS = {
                                             "train.optimizer = @Adafactor()",
                                             "Adafactor.multiply_by_parameter_scale = True"],
                                            ['"mup" with Adafactor', "multiply_by_parameter_scale"]),
+    "muP output multiplier not positive": (['GPT.parametrization = "mup"',
+                                            "GPT.mup_base_width = 16",
+                                            "GPT.mup_output_multiplier = 0"],
+                                           ["GPT.mup_output_multiplier = 0", "> 0"]),
 }
 
 

@@ -391,8 +391,9 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy chec
     # muP (width 4x its base): the q·k scale folded into the queries, the logits' multiplier
     # into ln_f (and the output bias); HF computes the standard model these weights make.
     "muP": (["tiny.gin"], MUP, "auto", "GPTNeoForCausalLM", True),
-    "muP, GPT-J's features": (["tiny.gin"], MUP + ROTARY + GPTJ_KNOBS, "auto",
-                              "GPTJForCausalLM", False),
+    # (and a tuned output multiplier, folded with the width's)
+    "muP, GPT-J's features": (["tiny.gin"], MUP + ["GPT.mup_output_multiplier = 4.0"] + ROTARY
+                              + GPTJ_KNOBS, "auto", "GPTJForCausalLM", False),
 }
 
 

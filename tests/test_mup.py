@@ -144,4 +144,36 @@ def test_the_shipped_transfer_sweep_builds_every_model():
   for point in points:
     gin_utils.parse(point.gin_files, list(point.gin_params))
     model = gpt_lib.GPT()
-    assert model.hidden_lr_multiplier() == (64 / model.n_embd if "mup" in point.name else 1.0)
+    mup = "mup" in point.name
+    assert model.hidden_lr_multiplier() == (64 / model.n_embd if mup else 1.0)
+    assert model.output_multiplier() == (8.0 * 64 / model.n_embd if mup else 1.0)
+
+
+def initial_logits(**gpt_kwargs):
+  """The logits of a width-128 muP GPT (base 64) at init, on fixed tokens, seed 3."""
+  with tf.Graph().as_default():
+    tf.set_random_seed(3)
+    mtf_graph, mesh = runtime.new_mesh()
+    model = gpt_lib.GPT(n_layer=1, n_embd=128, n_head=4, n_ctx=N_CTX, n_vocab=VOCAB,
+                        parametrization="mup", mup_base_width=BASE, **gpt_kwargs)
+    dims = model.dims(BATCH)
+    windows = np.random.RandomState(0).randint(0, VOCAB, size=(BATCH, N_CTX))
+    tokens = mtf.import_tf_tensor(mesh, tf.constant(windows, tf.int32),
+                                  [dims.batch, dims.sequence])
+    logits, _ = model(tokens, runtime.variable_dtype("float32"),
+                      ops.Dropout(is_training=False, seed=0, step=0))
+    lowering = runtime.lower(mtf_graph, mesh, mesh_lib.mesh())
+    fetch = lowering.export_to_tf_tensor(logits)
+    with tf.Session() as session:
+      session.run(tf.global_variables_initializer())
+      session.run(lowering.copy_masters_to_slices())
+      return session.run(fetch)
+
+
+def test_the_output_multiplier_scales_the_logits_as_mups_output_mult():
+  """GPT.mup_output_multiplier is MuReadout's output_mult: the logits are it times
+  base / width times x·W_out, the same weights otherwise (it is the knob that made the
+  transfer bench's widest muP model the best, bench/RESULTS.md)."""
+  plain, tuned = initial_logits(), initial_logits(mup_output_multiplier=8.0)
+  np.testing.assert_allclose(tuned, 8.0 * plain, rtol=1e-5, atol=1e-7)
+  assert np.abs(plain).max() > 1e-3

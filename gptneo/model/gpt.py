@@ -91,9 +91,14 @@ class GPT:
       shrinks as sqrt(base / width) and their learning rate as base / width, the logits are
       multiplied by base / width and q·k by sqrt(base / width) (1/d_head in all), so the best
       learning rate and init of a small model carry over to a wide one (docs/mup.md). At
-      n_embd = mup_base_width the two are the same model.
+      n_embd = mup_base_width (and mup_output_multiplier 1) the two are the same model.
     mup_base_width: with "mup", the width (n_embd) the hyperparameters were tuned at: it must
       divide n_embd and be divisible by n_head (the base model has the same heads).
+    mup_output_multiplier: with "mup", what the logits are multiplied by at the base width
+      (mup's MuReadout output_mult; base / width times it at n_embd): a hyperparameter to
+      tune at the base width with the learning rate, then kept (docs/mup.md). 1 is the
+      standard model's; with tied 0.02-std embeddings a larger one (8 on the transfer bench)
+      trains the output faster. Ignored under "standard".
     name: variable scope of the model's weights.
   """
 
@@ -105,7 +110,8 @@ class GPT:
                scale_by_in=False,
                tie_embeddings=True, lm_head_bias=False, qkv_bias=False,
                parallel_residual=False, shared_layer_norm=False, layer_norm_epsilon=1e-5,
-               parametrization="standard", mup_base_width=None, name="gpt"):
+               parametrization="standard", mup_base_width=None, mup_output_multiplier=1.0,
+               name="gpt"):
     self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
     self.n_ctx, self.n_vocab, self.mlp_ratio = n_ctx, n_vocab, mlp_ratio
     self.activation, self.feed_forward = activation, feed_forward
@@ -122,6 +128,7 @@ class GPT:
     self.parallel_residual, self.shared_layer_norm = parallel_residual, shared_layer_norm
     self.layer_norm_epsilon, self.name = layer_norm_epsilon, name
     self.parametrization, self.mup_base_width = parametrization, mup_base_width
+    self.mup_output_multiplier = mup_output_multiplier
     self.validate()
 
   def validate(self):
@@ -163,6 +170,10 @@ class GPT:
       raise UserError(f"GPT.mup_base_width = {base!r} with GPT.n_embd = {self.n_embd} and "
                       f"GPT.n_head = {self.n_head}; it must divide n_embd and be divisible by "
                       f"n_head (e.g. the width of the model you tuned on)")
+    if not isinstance(self.mup_output_multiplier, (int, float)) or not (
+        self.mup_output_multiplier > 0):
+      raise UserError(f"GPT.mup_output_multiplier = {self.mup_output_multiplier!r}; it must "
+                      f"be a number > 0 (1 is the standard model's logits)")
     if self.moe is not None:
       raise UserError("GPT.parametrization = \"mup\" with GPT.moe: the router's muP "
                       "multiplier is not defined here; use \"standard\" or no experts")
@@ -185,8 +196,11 @@ class GPT:
     return (self.n_embd // self.n_head) ** -0.5 * self.width_multiplier ** -0.5
 
   def output_multiplier(self):
-    """What the logits are multiplied by: base / width under muP (mup's MuReadout), else 1."""
-    return 1.0 / self.width_multiplier
+    """What the logits are multiplied by: mup_output_multiplier * base / width under muP
+    (mup's MuReadout: output_mult / width_mult), else 1."""
+    if self.parametrization != "mup":
+      return 1.0
+    return self.mup_output_multiplier / self.width_multiplier
 
   def dims(self, batch_size, sequence_length=None, memory_length=None):
     length = sequence_length or self.n_ctx
