@@ -10,7 +10,8 @@ import pathlib
 import sys
 import types
 
-PROGRAMS = ("convert_config", "eval", "export", "import_gpt_neo", "import_hf", "lm_eval",
+PROGRAMS = ("convert_config", "eval", "export", "gpu_check", "import_gpt_neo", "import_hf",
+            "lm_eval",
             "prepare_data", "sample", "search_layout", "sweep", "tpu_check", "train")
 
 
@@ -67,6 +68,7 @@ def _entry_point(program):
 gptneo_convert_config = _entry_point("convert_config")
 gptneo_eval = _entry_point("eval")
 gptneo_export = _entry_point("export")
+gptneo_gpu_check = _entry_point("gpu_check")
 gptneo_import_gpt_neo = _entry_point("import_gpt_neo")
 gptneo_import_hf = _entry_point("import_hf")
 gptneo_lm_eval = _entry_point("lm_eval")

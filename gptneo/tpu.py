@@ -11,6 +11,8 @@ The pieces, each used by gptneo/train_graph.py's SIMD graph:
   all of a session.run's steps; `IteratorsPosition` saves the hosts' common data position.
 - `device_loop`: `tf.tpu.replicate` of a `tf.while_loop` that builds one training step (mtf
   graph + SIMD lowering) and runs it `loop_steps` times per session.run.
+- `device_call`: `tf.tpu.replicate` of a computation run once per session.run (validation:
+  one batch, fed by an `Infeed` without a host loop).
 
 None of this has run on a real TPU; tests/test_tpu.py builds the whole graph over synthetic
 device assignments (one host of 8 cores, 4 hosts of 8 cores). docs/tpu.md has the commands.

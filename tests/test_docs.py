@@ -72,7 +72,6 @@ def test_tpu_doc_is_consistent_with_the_tpu_profile():
   """docs/tpu.md's runtime image, install command, libtpu, layout files, chip names and
   programs are those of requirements-tpu.txt, the Makefile and the code."""
   from gptneo import flops  # pylint: disable=g-import-not-at-top
-  from gptneo import programs  # pylint: disable=g-import-not-at-top
   doc = (REPO / "docs" / "tpu.md").read_text()
   commands = doc_commands(doc)
   tpu_pins = pins("requirements-tpu.txt")
@@ -88,6 +87,12 @@ def test_tpu_doc_is_consistent_with_the_tpu_profile():
         assert (REPO / "gin" / "layouts" / f"{name}.gin").is_file(), name
   for chip in re.findall(r"tpu_v\d\w?(?=['`\"])", doc):
     assert chip in flops.PEAK_FLOPS, chip
+  assert_programs_have_their_flags(commands)
+
+
+def assert_programs_have_their_flags(commands):
+  """Every .venv/bin/gptneo-* command names one of our programs, with flags it defines."""
+  from gptneo import programs  # pylint: disable=g-import-not-at-top
   for command in commands:
     program = re.match(r"\.venv/bin/gptneo-([\w-]+)", command)
     if program:
@@ -98,8 +103,15 @@ def test_tpu_doc_is_consistent_with_the_tpu_profile():
         assert flag in defined | {"gin_file", "gin_param"}, (flag, command)
 
 
-def test_gpu_profile_pins_tensorflow_with_cuda_at_the_cpu_profiles_version():
+def test_gpu_doc_is_consistent_with_the_gpu_profile():
+  """docs/gpu.md's install command is the Makefile's, TF the CPU profile's with CUDA, the
+  Hopper note and the first-run check there, and its programs take the flags it shows."""
   assert pins("requirements-gpu.txt")["tensorflow[and-cuda]"] == pins(
       "requirements.txt")["tensorflow"]
+  assert "REQUIREMENTS_gpu := requirements-gpu.txt" in (REPO / "Makefile").read_text()
   doc = (REPO / "docs" / "gpu.md").read_text()
-  assert "make install PROFILE=gpu" in doc and "compute_90" in doc
+  commands = doc_commands(doc)
+  assert "make install PROFILE=gpu" in commands
+  assert "sm_60 to sm_89" in doc and "compute_90" in doc
+  assert ".venv/bin/gptneo-gpu-check" in commands
+  assert_programs_have_their_flags(commands)

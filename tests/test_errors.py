@@ -62,6 +62,19 @@ BAD_BINDINGS = {
     "mixture with a zero weight": (['DATASET_DIR = {"/nonexistent/a": 0}'],
                                    ["positive weights"]),
     "gs:// dataset without a bucket": (['DATASET_DIR = "gs://"'], ["gs://", "gs://my-bucket"]),
+    "unknown parametrization": (['GPT.parametrization = "mu"'], ["'mu'", '"mup"']),
+    "muP base width not dividing n_embd": (['GPT.parametrization = "mup"',
+                                            "GPT.mup_base_width = 12"],
+                                           ["GPT.mup_base_width = 12", "n_embd = 32", "divide"]),
+    "muP with Adafactor's relative step": (['GPT.parametrization = "mup"',
+                                            "GPT.mup_base_width = 16",
+                                            "train.optimizer = @Adafactor()",
+                                            "Adafactor.multiply_by_parameter_scale = True"],
+                                           ['"mup" with Adafactor', "multiply_by_parameter_scale"]),
+    "muP output multiplier not positive": (['GPT.parametrization = "mup"',
+                                            "GPT.mup_base_width = 16",
+                                            "GPT.mup_output_multiplier = 0"],
+                                           ["GPT.mup_output_multiplier = 0", "> 0"]),
 }
 
 

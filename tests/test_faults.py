@@ -21,9 +21,10 @@ import pytest
 
 from gptneo import checkpoints
 from gptneo import errors
+from gptneo import loop as loop_lib
 from gptneo import runtime
 from gptneo import tpu
-from gptneo import train as train_lib
+from gptneo import train_checks
 from gptneo import train_graph
 from gptneo.compat import tf
 from gptneo.model import gpt as gpt_lib
@@ -159,7 +160,7 @@ def test_ctrl_c_saves_and_exits_0_without_a_traceback(tmp_path, small_dataset):
 
 def test_a_signal_is_seen_at_once_and_handlers_come_back():
   before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-  with train_lib.Preemption() as preemption:
+  with loop_lib.Preemption() as preemption:
     os.kill(os.getpid(), signal.SIGTERM)
     assert preemption.signalled.wait(TIMEOUT_SECS)  # its thread saw it, not a bytecode check
     assert preemption.signal == signal.SIGTERM
@@ -441,7 +442,7 @@ def test_skip_mode_on_the_tpu_loop_guards_every_update_and_leaves_none_unguarded
   """A TPU program runs every assignment it holds, fetched or not: skip mode must replace the
   optimizer's, not add to them (test_tpu's 8-core graph, Adam, 2 microbatches)."""
   assigns = {}
-  for policy in train_lib.NONFINITE_POLICIES:
+  for policy in train_checks.NONFINITE_POLICIES:
     rt = runtime.Runtime(test_tpu.simd_spec(), tpu=tpu.synthetic_system(num_chips=4))
     built = train_graph.build(test_tpu.settings(
         gpt_lib.GPT(**test_tpu.MODEL), rt.spec, small_dataset, steps_per_loop=10,

@@ -367,6 +367,7 @@ MIXED = ['GPT.attention_layers = [[["global", "local"], 2]]', "GPT.window_size =
 GPTJ_KNOBS = ["RotaryPositions.interleaved = True", "GPT.parallel_residual = True",
               "GPT.shared_layer_norm = True", "GPT.tie_embeddings = False",
               "GPT.lm_head_bias = True"]
+MUP = ['GPT.parametrization = "mup"', "GPT.mup_base_width = 32"]
 EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy check[, std])
     "make demo's tiny.gin": (["tiny.gin"], [], "auto", "GPTNeoForCausalLM", True),
     "tiny.gin as GPT-2": (["tiny.gin"], [], "gpt2", "GPT2LMHeadModel", True),
@@ -387,6 +388,12 @@ EXPORTS = {  # name: (gin files, bindings, --architecture, HF class, greedy chec
     # GPT-J's features trained by us: our attention output bias (random, where an imported
     # one is zero) is carried by fc_out's. (The families' import and export back: below.)
     "GPT-J's features": (["tiny.gin"], ROTARY + GPTJ_KNOBS, "auto", "GPTJForCausalLM", True),
+    # muP (width 4x its base): the q·k scale folded into the queries, the logits' multiplier
+    # into ln_f (and the output bias); HF computes the standard model these weights make.
+    "muP": (["tiny.gin"], MUP, "auto", "GPTNeoForCausalLM", True),
+    # (and a tuned output multiplier, folded with the width's)
+    "muP, GPT-J's features": (["tiny.gin"], MUP + ["GPT.mup_output_multiplier = 4.0"] + ROTARY
+                              + GPTJ_KNOBS, "auto", "GPTJForCausalLM", False),
 }
 
 

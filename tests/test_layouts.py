@@ -466,6 +466,22 @@ def test_fsdp_with_recompute_and_bfloat16_trains_as_one_device():
 
 
 
+MUP = dict(parametrization="mup", mup_base_width=MODEL["n_embd"] // 2)  # hidden rates / 2
+
+
+def test_mup_trains_and_resumes_across_shardings_as_one_device(tmp_path, single_device_long):
+  """muP's per-weight rates ride with the weights through the fused Adam (fsdp, model-split
+  heads and mlp), the element-wise one on zero's split slots, microbatches and a checkpoint
+  moved between them: 5 + 5 steps equal one device's 10 muP steps, which differ from the
+  standard run's."""
+  single = trainer_steps(spec_of(*ONE_DEVICE), LONG_STEPS, **MUP)
+  halves = [trainer_steps(spec_of(*SHARDED[case]), LONG_STEPS // 2, tmp_path, **MUP)
+            for case in ("4 data x model, fsdp", "2 zero")]
+  mismatches = long_mismatches((halves[0][0] + halves[1][0], halves[1][1]), single)
+  assert not mismatches, f"{len(mismatches)} mismatches, first: " + "; ".join(mismatches[:5])
+  assert long_mismatches(single, single_device_long)  # muP is not the standard model
+
+
 @pytest.mark.parametrize("first, second", [("4 data x model, fsdp", "1 device"),
                                            ("1 device", "8 data 4 x model 2, fsdp"),
                                            ("2 zero", "4 fsdp")])

@@ -97,8 +97,8 @@ def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(progra
   result = run_binary(program, "--help", pythonpath=[no_tensorflow])
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"bin/{program}:" in result.stdout and "--helpfull" in result.stdout
-  gin_programs = set(programs.PROGRAMS) - {"convert_config", "import_gpt_neo", "import_hf",
-                                           "prepare_data", "tpu_check"}
+  gin_programs = set(programs.PROGRAMS) - {"convert_config", "gpu_check", "import_gpt_neo",
+                                           "import_hf", "prepare_data", "tpu_check"}
   assert ("--gin_file" in result.stdout) == ("--gin_param" in result.stdout) == (
       program in gin_programs)
 
@@ -106,7 +106,7 @@ def test_help_is_answered_before_tensorflow_loads_and_lists_the_gin_flags(progra
 # Each program's smallest command line that gets past its flags (nothing is read before
 # TensorFlow loads, so the paths need not exist).
 STARTS = {"convert_config": ["--config=c.json", "--output=c.gin"], "eval": ["--model_dir=m"],
-          "export": ["--model_dir=m", "--output=o"], "import_hf": ["--hf_dir=h", "--model_dir=m"],
+          "export": ["--model_dir=m", "--output=o"], "gpu_check": [], "import_hf": ["--hf_dir=h", "--model_dir=m"],
           "import_gpt_neo": ["--checkpoint_dir=n", "--config=c.json", "--model_dir=m"],
           "lm_eval": ["--model_dir=m", "--tasks=gptneo_lambada"], "prepare_data": [],
           "sample": ["--model_dir=m", "--prompt=a"], "search_layout": [], "sweep": ["--root=r"],

@@ -1,15 +1,19 @@
 """The TPU training loop, as far as it can be checked without a TPU: the whole graph (infeed,
-replicated device loop, checkpoint saver) builds over synthetic device assignments (one host
-of 8 cores; a pod of 4 hosts of 8 cores, each reading its own cores' input), and bad TPU
-configs are one-line errors before the model dir is touched."""
+replicated device loop, validation program, checkpoint saver) builds over synthetic device
+assignments (one host of 8 cores; a pod of 4 hosts of 8 cores, each reading its own cores'
+input), and bad TPU configs are one-line errors before the model dir is touched."""
 import numpy as np
 import pytest
 
+from gptneo import evaluate as evaluate_lib
+from gptneo import hardware_check
+from gptneo import loop as loop_lib
 from gptneo import mesh as mesh_lib
 from gptneo import runtime
 from gptneo import tpu
 from gptneo import train as train_lib
 from gptneo import train_graph
+from gptneo.harness import run as harness_run
 from gptneo.compat import mtf, tf
 from gptneo.data import inputs
 from gptneo.model import gpt as gpt_lib
@@ -26,12 +30,12 @@ def simd_spec(mesh_shape="x:4,y:2", layout="batch:x,heads:y,mlp:y,vocab:y"):
 
 
 def settings(model, spec, dataset_dir, **knobs):
-  """The knobs both loops are built with here (eval_batches 0: the TPU loop has none)."""
-  knobs = {"batch_size": BATCH, **knobs}
+  """The knobs both loops are built with here (eval_batches 0: no validation unless asked)."""
+  knobs = {"batch_size": BATCH, "eval_batches": 0, **knobs}
   return train_lib.settings(model=model, optimizer=optimizers.Adam(), mesh=spec,
                             dataset_dir=dataset_dir, train_steps=100, seed=1,
                             precision="bfloat16", microbatches_per_batch=2, clip_norm=1.0,
-                            eval_batches=0, keep_checkpoints=3, **knobs)
+                            keep_checkpoints=3, **knobs)
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +98,11 @@ def test_step_reports_the_placement_loops_metrics(tpu_graph):
 def test_loop_lengths_stop_at_logs_and_checkpoints():
   runs, step = [], 0
   while step < 45:
-    steps = train_lib.steps_this_run(step, 0, 45, 16, (10, 20, 0))
+    steps = loop_lib.steps_this_run(step, 0, 45, 16, (10, 20, 0))
     runs.append(steps)
     step += steps
   assert runs == [1, 9, 10, 10, 10, 5]  # step 1 is logged alone, then every 10, end at 45
-  assert train_lib.steps_this_run(7, 7, 100, 1, (10, 20, 0)) == 1  # placement: always one
+  assert loop_lib.steps_this_run(7, 7, 100, 1, (10, 20, 0)) == 1  # placement: always one
 
 
 def test_mesh_larger_than_the_tpu_is_a_one_line_error():
@@ -110,10 +114,11 @@ def test_mesh_larger_than_the_tpu_is_a_one_line_error():
 
 @pytest.mark.parametrize("bindings, fragments", [
     (["mesh.implementation = 'simd'"], ["set mesh.tpu"]),
+    # periodic evaluation and the harness are accepted on the TPU: only the TPU is missing
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.eval_every_n_steps = 5"],
-     ["train.eval_every_n_steps = 5", "no periodic evaluation", "gptneo-eval"]),
-    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'", "train.harness_tasks = ['x']"],
-     ["train.harness_tasks = ['x']", "can't score harness tasks", "gptneo-lm-eval"]),
+     ["mesh.tpu = 'local'", "no TPU to initialize"]),
+    (["mesh.implementation = 'simd'", "mesh.tpu = 'local'",
+      "train.harness_tasks = ['gptneo_lambada']"], ["mesh.tpu = 'local'", "no TPU to initialize"]),
     (["train.steps_per_loop = 4"], ["train.steps_per_loop = 4", "TPU only"]),
     (["mesh.implementation = 'simd'", "mesh.tpu = 'local'"],  # this machine has no TPU
      ["mesh.tpu = 'local'", "no TPU to initialize"]),
@@ -140,6 +145,40 @@ def test_first_run_check_without_a_tpu_stops_in_one_line(layout, fragments, tmp_
                       f"--work_dir={work_dir}")
   assert_one_line_error(result, "tpu_check", *fragments)
   assert not work_dir.exists()
+
+
+def test_a_tpu_run_scores_the_harness_on_its_hosts_cpu(small_dataset, tmp_path):
+  """The harness's restored model runs on a placement mesh only: between device loops, on the
+  host's CPU, a one-device placement mesh (the numbers of gptneo-lm-eval on CPU)."""
+  rt = runtime.Runtime(simd_spec(), tpu=tpu.synthetic_system(num_chips=4))
+  s = settings(gpt_lib.GPT(**MODEL), rt.spec, small_dataset, harness_tasks=["gptneo_lambada"])
+  scorer = harness_run.training_scorer(s, rt, str(tmp_path))
+  assert scorer.rt.spec == mesh_lib.MeshSpec([], [], ["/cpu:0"]) and scorer.rt.tpu is None
+  placement = runtime.Runtime(mesh_lib.mesh())
+  assert harness_run.training_scorer(s, placement, str(tmp_path)).rt is placement
+
+
+def test_gpu_first_run_check_without_a_gpu_stops_in_one_line(tmp_path):
+  work_dir = tmp_path / "check"
+  result = run_binary("gpu_check", f"--work_dir={work_dir}")
+  assert_one_line_error(result, "gpu_check", "no GPU visible to TensorFlow",
+                        "make install PROFILE=gpu")
+  assert not work_dir.exists()
+
+
+def test_first_run_report_is_one_for_both_accelerators_and_fails_a_loss_that_does_not_fall():
+  options = hardware_check.Options("runs/check", 300, "")
+  curves = {"accelerator": [8.3, 7.9], "cpu": [8.3, 3.1]}
+  for accelerator in (hardware_check.gpu(), hardware_check.tpu("local", "layouts/x.gin")):
+    name = accelerator.name
+    report = hardware_check._report(accelerator, f"one {name}", options, curves,  # pylint: disable=protected-access
+                                    {"accelerator": 3.1, "cpu": 3.1}, {"tokens_per_sec": 9e3})
+    assert not report.passed
+    assert report.text.startswith(f"# gptneo-{name.lower()}-check\n\none {name}; tiny.gin")
+    assert f"| the loss falls on the {name} | 8.3000 -> 7.9000 | FAIL |" in report.text
+    assert f"| one step from the {name} checkpoint, {name} vs CPU | 3.10000 vs 3.10000 | pass |" \
+        in report.text
+    assert f"{name} throughput: 9000 tokens/s (MFU: give --peak_flops)" in report.text
 
 
 # A pod: 4 hosts of 4 chips x 2 cores. The batch is split 8-way over x, heads 4-way over y.
@@ -205,32 +244,71 @@ def test_each_core_gets_the_layouts_slice_of_a_one_host_runs_batches(pod, small_
   them every core gets exactly the [batch, sequence] slice the layout assigns it."""
   _, rt = pod
   expected = batches(small_dataset, steps=3)
-  shape = gpt_lib.GPT(**MODEL).dims(POD_BATCH)
-  shape = mtf.Shape([shape.batch, shape.sequence])
 
   def pipeline():
     return tf.data.make_initializable_iterator(
         inputs.make_dataset(small_dataset, "train", POD_BATCH, seed=1))
 
+  assert_cores_get_their_slices(rt, pipeline, expected)
+
+
+def pod_shape():
+  dims = gpt_lib.GPT(**MODEL).dims(POD_BATCH)
+  return mtf.Shape([dims.batch, dims.sequence])
+
+
+def assert_cores_get_their_slices(rt, pipeline, expected, windows_of=lambda x: x, ends=False):
+  """Runs each host's pipeline and slicing of the pod's Infeed here; every core's slice of
+  each batch must be the layout's slice of `expected`'s windows (and with `ends`, the pipeline
+  ends after them). Returns host 0's elements."""
+  shape = pod_shape()
   with tf.Graph().as_default():  # the pod's Infeed: its enqueues can't run here
-    infeed = tpu.Infeed(rt, pipeline, shape, loop_steps=tf.constant(1))
+    infeed = tpu.Infeed(rt, pipeline, shape, windows_of=windows_of)
   # Each host's pipeline and slicing, as its own loop runs them, here on this machine.
   with tf.Graph().as_default(), tf.Session() as session:
-    per_host = {}
+    per_host, first = {}, None
     for host in infeed.hosts:
       iterator = pipeline()
       session.run(iterator.initializer)
-      per_host[host] = infeed.host_slices(host, iterator.get_next())
-    impl = rt.mesh_impl()
+      element = iterator.get_next()
+      first = element if first is None else first
+      per_host[host] = infeed.host_slices(host, windows_of(element))
+    impl, firsts = rt.mesh_impl(), []
     for batch in expected:
-      hosts_slices = session.run(list(per_host.values()))
+      hosts_slices, host_0 = session.run([list(per_host.values()), first])
+      firsts.append(host_0)
       fed = {pnum: pair for slices in hosts_slices for pnum, pair in slices.items()}
       assert sorted(fed) == list(range(32)) == sorted(p for s in hosts_slices for p in s)
       for pnum, (tokens, targets) in fed.items():
         (row, column), (rows, columns) = impl.slice_begin(shape, pnum), impl.slice_shape(shape)
-        window = batch[row:row + rows]
+        window = windows_of(batch)[row:row + rows]
         np.testing.assert_array_equal(tokens, window[:, column:column + columns])
         np.testing.assert_array_equal(targets, window[:, column + 1:column + columns + 1])
+    if ends:
+      with pytest.raises(tf.errors.OutOfRangeError):
+        session.run(first)
+  return firsts
+
+
+def test_each_core_gets_its_slice_of_the_batches_gptneo_eval_scores(pod_with_validation,
+                                                                    small_dataset):
+  """The validation program's input: every host reads the batches bin/eval reads (the split
+  once, in stored order, the last padded), every core gets its slice of them, and the weights
+  and targets the host sums with (LmTotals, as bin/eval) are bin/eval's; the loop runs as many
+  batches as there are."""
+  built, rt = pod_with_validation
+  evals = list(evaluate_lib._windows(small_dataset, "validation", POD_BATCH, 0))  # bin/eval's
+  assert len(evals) == built.eval_batches(0) > 1
+
+  def pipeline():
+    return tf.data.make_initializable_iterator(
+        inputs.evaluation_batches(small_dataset, "validation", POD_BATCH, 0))
+
+  fetched = assert_cores_get_their_slices(rt, pipeline, evals, windows_of=lambda x: x[0],
+                                          ends=True)
+  for (windows, weights), (eval_windows, eval_weights) in zip(fetched, evals, strict=True):
+    np.testing.assert_array_equal(windows, eval_windows)
+    np.testing.assert_array_equal(weights, eval_weights)
 
 
 def test_the_pods_data_position_is_saved_as_one_hosts_and_restored_on_every_host(
@@ -239,3 +317,50 @@ def test_the_pods_data_position_is_saved_as_one_hosts_and_restored_on_every_host
   assert saved_names(built.graph) == saved_names(tpu_graph.graph)
   restores = [op for op in built.graph.get_operations() if op.type == "DeserializeIterator"]
   assert sorted(op.device for op in restores) == [f"/task:{t}/device:CPU:0" for t in range(4)]
+
+
+@pytest.fixture(scope="module")
+def pod_with_validation(small_dataset, tmp_path_factory):
+  """The pod's training graph with periodic validation, and its runtime."""
+  rt = runtime.Runtime(simd_spec("x:8,y:4"), tpu=tpu.synthetic_system(**POD))
+  knobs = dict(steps_per_loop=10, batch_size=POD_BATCH, eval_every_n_steps=10, eval_batches=None)
+  built = train_graph.build(settings(gpt_lib.GPT(**MODEL), rt.spec, small_dataset, **knobs),
+                            str(tmp_path_factory.mktemp("pod_eval_run")), rt)
+  return built, rt
+
+
+def test_the_validation_program_reads_the_training_steps_variables_and_saves_nothing_new(
+    pod_with_validation, pod):
+  built, _ = pod_with_validation
+  ops = built.graph.get_operations()
+  variables = sorted(op.name for op in ops if op.type == "VarHandleOp")
+  assert variables == sorted(op.name for op in pod[0].graph.get_operations()
+                             if op.type == "VarHandleOp")  # the slices and masters, once each
+  assert saved_names(built.graph) == saved_names(pod[0].graph)
+  # Two TPU programs: the training loop and the validation batch, each with its dequeue.
+  assert [op.type for op in ops].count("TPUReplicateMetadata") == 2
+  assert [op.type for op in ops].count("InfeedDequeueTuple") == 2
+  fetches = built.eval_fetches
+  assert fetches["token_nll"].shape == fetches["targets"].shape == (POD_BATCH, N_CTX)
+  assert fetches["argmax"].shape == (POD_BATCH, N_CTX) and fetches["weights"].shape[0] == POD_BATCH
+
+
+def test_every_host_reads_and_enqueues_only_its_own_cores_validation_input(
+    pod_with_validation, small_dataset):
+  built, rt = pod_with_validation
+  feeding = train_graph.ancestors([built.eval_fetches["enqueue"]])
+  readers = [op for op in feeding if op.type == "IteratorGetNext"]
+  assert sorted(op.device for op in readers) == [f"/task:{t}/device:CPU:0" for t in range(4)]
+  enqueues = [op for op in feeding if op.type == "InfeedEnqueueTuple"]
+  assert len(enqueues) == 32
+  assignment = rt.tpu.device_assignment
+  for op in enqueues:
+    assert {x.device for x in data_inputs(op, stop={"IteratorV2"})} == {op.device}, op.name
+    ordinal = op.get_attr("device_ordinal")
+    assert len([p for p in range(32) if assignment.host_device(replica=p) == op.device and
+                assignment.tpu_ordinal(replica=p) == ordinal]) == 1
+    shapes = [tuple(dim.size for dim in shape.dim) for shape in op.get_attr("shapes")]
+    assert shapes == [(POD_BATCH // 8, N_CTX)] * 2
+  # A pass is counted from dataset.json: the TPU program never waits on an infeed that ended.
+  windows = inputs.read_dataset_info(small_dataset)["splits"]["validation"]["windows"]
+  assert built.eval_batches(0) == -(-windows // POD_BATCH) and built.eval_batches(1) == 1

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from gptneo import gin_utils
+from gptneo import loop as loop_lib
 from gptneo import model_dir as model_dir_lib
 from gptneo import storage
 from gptneo import train as train_lib
+from gptneo.errors import UserError
 from tests.conftest import REPO, TINY_TEST_BINDINGS, run_binary
 
 
@@ -205,7 +207,7 @@ def test_a_finished_run_resumed_is_not_evaluated_again(tmp_path, small_dataset, 
 
   def evaluate(self, batches):
     raise AssertionError("evaluated again")
-  monkeypatch.setattr(train_lib.Loop, "evaluate", evaluate)
+  monkeypatch.setattr(loop_lib.Loop, "evaluate", evaluate)
   again = train_in_process(tmp_path / "run", small_dataset, 4, *periodic)
   assert again["validation_loss"] == first["validation_loss"] is not None
   assert train_in_process(tmp_path / "run", small_dataset, 4, "train.eval_batches = 3",
@@ -237,3 +239,16 @@ def test_wandb_logs_the_runs_scalars_offline_and_a_resume_continues_its_run(
   assert len(files) == 2  # the first run and its resume, one W&B run id
   assert all(b"tokens_per_sec" in path.read_bytes() for path in files)  # the logged scalars
   model_dir_lib.check_links(str(run))  # nothing of W&B's in the model dir
+
+
+def test_the_settings_check_reads_no_gin_the_learning_rate_is_frozen_with_the_knobs(
+    small_dataset):
+  """gin is read at the edges: `settings()` freezes the schedule's bound rate with the train.*
+  knobs; `Settings.check` judges that value, whatever gin holds by then."""
+  gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [
+      f"DATASET_DIR = {small_dataset!r}", "learning_rate_schedule.learning_rate = -3e-4"])
+  frozen = train_lib.configured_settings()
+  gin_utils.parse(["tiny.gin"], TINY_TEST_BINDINGS + [f"DATASET_DIR = {small_dataset!r}"])
+  with pytest.raises(UserError, match=r"learning_rate_schedule.learning_rate = -0.0003; use a "):
+    frozen.check()
+  train_lib.configured_settings().check()  # the rate of the new parse: 3e-3, fine

@@ -1,5 +1,5 @@
 """Harness tasks on a model dir's latest checkpoint: bin/lm_eval, and train.harness_tasks
-(train.Loop scores them at checkpoints, in its own process and on its own mesh).
+(loop.Loop scores them at checkpoints, in its own process and on its own mesh).
 
 Each task's metrics become one line of model_dir/eval.jsonl ({"step", "task", "harness":
 true, metric: value, ...}) and TensorBoard scalars harness/<task>/<metric>.

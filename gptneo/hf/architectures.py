@@ -310,8 +310,8 @@ def head_scale(model):
   return (model.n_embd // model.n_head) ** -0.5
 
 
-def our_scale(model):
-  """The q·k scale our model applies."""
+def standard_scale(model):
+  """The q·k scale of the standard parametrization: what HF GPT-2's scale_attn_weights means."""
   return head_scale(model) if model.scale_attention else 1.0
 
 
@@ -546,7 +546,7 @@ GPT2 = Architecture(
     name="gpt2", title="HF GPT-2", hf_class="GPT2LMHeadModel", top=TRANSFORMER_TOP,
     layer=GPT2_LAYER, layer_prefix="transformer.h.{i}", head="lm_head.weight",
     problems=_gpt2_problems, config=_gpt2_config, values=_gpt2_values,
-    hf_scale=our_scale,  # scale_attn_weights = GPT.scale_attention
+    hf_scale=standard_scale,  # scale_attn_weights = GPT.scale_attention
     qkv_bias_layer=GPT2_QKV_BIAS)
 GPT_NEOX = Architecture(
     name="gpt_neox", title="HF GPT-NeoX", hf_class="GPTNeoXForCausalLM", top=GPT_NEOX_TOP,
@@ -583,8 +583,14 @@ def choose(model, name="auto"):
 
 def query_factor(arch, model):
   """What the exported query weights (and bias) are multiplied by so HF's q·k scale gives
-  ours: exact, as the query is linear in them (1/sqrt(d_head) folded in for GPT-Neo)."""
-  return our_scale(model) / arch.hf_scale(model)
+  ours (GPT.attention_scale): exact, as the query is linear in them (1/sqrt(d_head) folded in
+  for GPT-Neo, muP's sqrt(base / width) for all)."""
+  return model.attention_scale() / arch.hf_scale(model)
+
+
+# Our weights the logits are linear in (after the last LayerNorm's normalization): muP's
+# output multiplier is folded into them, exactly, for every architecture.
+OUTPUT_LINEAR = ("gpt/ln_f/g", "gpt/ln_f/b", "gpt/lm_head/b")
 
 
 def from_hf_config(config, path):

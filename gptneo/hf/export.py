@@ -80,7 +80,7 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   factor = architectures.query_factor(arch, model)
   tensors = {}
   for ours, names, kind in arch.model_weight_pairs(model):
-    array = sum(_scaled_queries(reader.get_tensor(name), name, factor)
+    array = sum(_folded(reader.get_tensor(name), name, factor, model.output_multiplier())
                 for name in architectures.our_names(ours))
     arrays = architectures.to_hf(kind, array)
     tensors.update({name: np.ascontiguousarray(array, EXPORT_DTYPES[dtype])
@@ -94,12 +94,16 @@ def export_hf(model_dir, output_dir, architecture="auto", model=gin.REQUIRED, dt
   return checkpoint
 
 
-def _scaled_queries(array, ours, factor):
-  """A qkv weight [embd, 3, heads, kv] or bias [3, heads, kv] with its queries times `factor`
-  (other weights as is)."""
-  if factor == 1.0 or not ours.endswith(("attn/qkv/w", "attn/qkv/b")):
-    return array
-  array = array.astype(np.float64)
-  queries = (slice(None), 0) if ours.endswith("/w") else (0,)
-  array[queries] *= factor
-  return array.astype(np.float32)
+def _folded(array, ours, query_factor, output_multiplier):
+  """Our weight `ours` with the scales HF doesn't apply folded in: a qkv weight [embd, 3,
+  heads, kv] or bias [3, heads, kv] with its queries times `query_factor`, the weights the
+  logits are linear in (architectures.OUTPUT_LINEAR) times `output_multiplier` (muP's), other
+  weights as is."""
+  if query_factor != 1.0 and ours.endswith(("attn/qkv/w", "attn/qkv/b")):
+    array = array.astype(np.float64)
+    queries = (slice(None), 0) if ours.endswith("/w") else (0,)
+    array[queries] *= query_factor
+    return array.astype(np.float32)
+  if output_multiplier != 1.0 and ours in architectures.OUTPUT_LINEAR:
+    return (array.astype(np.float64) * output_multiplier).astype(np.float32)
+  return array

@@ -86,6 +86,19 @@ class GPT:
     shared_layer_norm: with parallel_residual, one LayerNorm (ln_1) feeds both attention and
       the feed-forward (GPT-J); False gives each its own (GPT-NeoX, Pythia).
     layer_norm_epsilon: added to the variance in every LayerNorm.
+    parametrization: "standard", or "mup", the maximal update parametrization (Yang et al.,
+      Tensor Programs V): as width grows past mup_base_width the hidden matrices' init std
+      shrinks as sqrt(base / width) and their learning rate as base / width, the logits are
+      multiplied by base / width and q·k by sqrt(base / width) (1/d_head in all), so the best
+      learning rate and init of a small model carry over to a wide one (docs/mup.md). At
+      n_embd = mup_base_width (and mup_output_multiplier 1) the two are the same model.
+    mup_base_width: with "mup", the width (n_embd) the hyperparameters were tuned at: it must
+      divide n_embd and be divisible by n_head (the base model has the same heads).
+    mup_output_multiplier: with "mup", what the logits are multiplied by at the base width
+      (mup's MuReadout output_mult; base / width times it at n_embd): a hyperparameter to
+      tune at the base width with the learning rate, then kept (docs/mup.md). 1 is the
+      standard model's; with tied 0.02-std embeddings a larger one (8 on the transfer bench)
+      trains the output faster. Ignored under "standard".
     name: variable scope of the model's weights.
   """
 
@@ -97,6 +110,7 @@ class GPT:
                scale_by_in=False,
                tie_embeddings=True, lm_head_bias=False, qkv_bias=False,
                parallel_residual=False, shared_layer_norm=False, layer_norm_epsilon=1e-5,
+               parametrization="standard", mup_base_width=None, mup_output_multiplier=1.0,
                name="gpt"):
     self.n_layer, self.n_embd, self.n_head = n_layer, n_embd, n_head
     self.n_ctx, self.n_vocab, self.mlp_ratio = n_ctx, n_vocab, mlp_ratio
@@ -113,6 +127,8 @@ class GPT:
         tie_embeddings, lm_head_bias, qkv_bias)
     self.parallel_residual, self.shared_layer_norm = parallel_residual, shared_layer_norm
     self.layer_norm_epsilon, self.name = layer_norm_epsilon, name
+    self.parametrization, self.mup_base_width = parametrization, mup_base_width
+    self.mup_output_multiplier = mup_output_multiplier
     self.validate()
 
   def validate(self):
@@ -141,6 +157,50 @@ class GPT:
     self.positions.validate(self.n_ctx, self.n_embd // self.n_head)
     if self.moe is not None:
       self.moe.validate(self.n_layer)
+    self._validate_parametrization()
+
+  def _validate_parametrization(self):
+    if self.parametrization not in ("standard", "mup"):
+      raise UserError(f"GPT.parametrization = {self.parametrization!r}; use \"standard\" or "
+                      f"\"mup\"")
+    if self.parametrization == "standard":
+      return
+    base = self.mup_base_width
+    if not isinstance(base, int) or base < 1 or self.n_embd % base or base % self.n_head:
+      raise UserError(f"GPT.mup_base_width = {base!r} with GPT.n_embd = {self.n_embd} and "
+                      f"GPT.n_head = {self.n_head}; it must divide n_embd and be divisible by "
+                      f"n_head (e.g. the width of the model you tuned on)")
+    if not isinstance(self.mup_output_multiplier, (int, float)) or not (
+        self.mup_output_multiplier > 0):
+      raise UserError(f"GPT.mup_output_multiplier = {self.mup_output_multiplier!r}; it must "
+                      f"be a number > 0 (1 is the standard model's logits)")
+    if self.moe is not None:
+      raise UserError("GPT.parametrization = \"mup\" with GPT.moe: the router's muP "
+                      "multiplier is not defined here; use \"standard\" or no experts")
+
+  @property
+  def width_multiplier(self):
+    """n_embd / mup_base_width under muP; 1 under the standard parametrization."""
+    return self.n_embd / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+  def hidden_lr_multiplier(self):
+    """muP's Adam learning-rate multiplier of the hidden matrices (q/k/v, attention out, the
+    feed-forward's): base / width; vectors, biases, norms and embeddings keep 1."""
+    return 1.0 / self.width_multiplier
+
+  def attention_scale(self):
+    """The q·k scale: 1/sqrt(d_head) (or 1 without scale_attention); under muP that at the
+    base width times base / width, which is 1/d_head as n_head stays and d_head grows."""
+    if not self.scale_attention:
+      return 1.0 / self.width_multiplier
+    return (self.n_embd // self.n_head) ** -0.5 * self.width_multiplier ** -0.5
+
+  def output_multiplier(self):
+    """What the logits are multiplied by: mup_output_multiplier * base / width under muP
+    (mup's MuReadout: output_mult / width_mult), else 1."""
+    if self.parametrization != "mup":
+      return 1.0
+    return self.mup_output_multiplier / self.width_multiplier
 
   def dims(self, batch_size, sequence_length=None, memory_length=None):
     length = sequence_length or self.n_ctx
@@ -248,7 +308,7 @@ class GPT:
       with tf.variable_scope("moe"):
         return self.moe(x, *args)
     with tf.variable_scope("mlp"):
-      return (self.feed_forward(x, *args),)
+      return (self.feed_forward(x, *args, lr_multiplier=self.hidden_lr_multiplier()),)
 
   def _attention(self, x, layer, dims, dtype, dropout, cache):
     """Causal multi-head self-attention with this layer's kernel (through the cache if any)."""
@@ -257,11 +317,11 @@ class GPT:
       # One [embd, 3, heads, kv] weight (GPT-2's c_attn): one matmul instead of three, which
       # a one-token decoding step, bound by reading weights, runs ~15% faster.
       qkv = ops.dense(x, [dims.embd], [QKV, dims.heads, dims.kv], std, dtype, "qkv",
-                      use_bias=self.qkv_bias)
+                      use_bias=self.qkv_bias, lr_multiplier=self.hidden_lr_multiplier())
       q, k, v = mtf.unstack(qkv, QKV)
       positions = cache.positions if cache else None
       q, k = self.positions.rotate(q, dims, positions), self.positions.rotate(k, dims, positions)
-      scale = dims.kv.size ** -0.5 if self.scale_attention else 1.0
+      scale = self.attention_scale()
       kind = self.layer_types[layer]
       if cache:
         heads = cache.attend(kind, q, k, v, dims, self.window_size, scale)
@@ -269,18 +329,26 @@ class GPT:
         attend = attention.kernel(kind, self.window_size, scale)
         heads = attend(q, k, v, dims, lambda probs: dropout(probs, self.attn_dropout))
       out_std = self._std(dims.embd.size, residual=True)
-      return ops.dense(heads, [dims.heads, dims.kv], [dims.embd], out_std, dtype, "out")
+      return ops.dense(heads, [dims.heads, dims.kv], [dims.embd], out_std, dtype, "out",
+                       lr_multiplier=self.hidden_lr_multiplier())
 
-  def _std(self, fan_in, residual=False):
-    """Init std of a projection: scaled by depth on residual outputs, by fan-in if asked."""
+  def _std(self, fan_in, residual=False, hidden=True):
+    """Init std of a projection: scaled by depth on residual outputs, by fan-in if asked;
+    under muP a hidden matrix's (not the output projection's) also by sqrt(base / width)
+    (variance ~ 1/fan_in: scale_by_in already gives that)."""
     std = ops.scaled_init_std(self.init_std, self.n_layer, self.scale_by_depth and residual)
-    return std / math.sqrt(fan_in) if self.scale_by_in else std
+    if self.scale_by_in:
+      return std / math.sqrt(fan_in)
+    return std * self.width_multiplier ** -0.5 if hidden else std
 
   def _unembed(self, x, wte, dims, dtype):
     if self.tie_embeddings:
-      return ops.matmul(x, wte, [dims.embd])
-    return ops.dense(x, [dims.embd], [dims.vocab], self._std(dims.embd.size), dtype,
-                     "lm_head", use_bias=self.lm_head_bias)
+      logits = ops.matmul(x, wte, [dims.embd])
+    else:
+      logits = ops.dense(x, [dims.embd], [dims.vocab], self._std(dims.embd.size, hidden=False),
+                         dtype, "lm_head", use_bias=self.lm_head_bias)
+    multiplier = self.output_multiplier()
+    return logits if multiplier == 1.0 else logits * multiplier
 
   def _aux_losses(self, logits, dims, moe_losses):
     """Weighted auxiliary losses for the training objective, by the name they are logged as."""

@@ -43,7 +43,7 @@ def silu(x):
 gin.register("swish")(silu)
 
 
-def weight(mesh, name, dims, dtype, initializer):
+def weight(mesh, name, dims, dtype, initializer, lr_multiplier=1.0):
   """A trainable weight of `dims`, made the one way every weight of the model is.
 
   The variable is stored with the mesh's sharding (mesh.Sharding.stored_dims: under an
@@ -58,11 +58,21 @@ def weight(mesh, name, dims, dtype, initializer):
     dims: its mtf.Dimensions, as the model uses it.
     dtype: an mtf.VariableDType.
     initializer: a tf initializer of the whole tensor.
+    lr_multiplier: what the optimizer multiplies its learning rate by for this weight
+      (muP's per-layer rates, GPT.parametrization); carried by the mtf.Variable, read back
+      with lr_multiplier(variable).
   """
   sharding = getattr(mesh, "sharding", None)
   stored = sharding.stored_dims(dims, "fsdp") if sharding else list(dims)
-  return mesh_lib.renamed(mtf.get_variable(mesh, name, stored, dtype=dtype,
-                                           initializer=initializer), dims)
+  value = mtf.get_variable(mesh, name, stored, dtype=dtype, initializer=initializer)
+  if lr_multiplier != 1.0:
+    value.operation.lr_multiplier = lr_multiplier
+  return mesh_lib.renamed(value, dims)
+
+
+def lr_multiplier(variable) -> float:
+  """The learning-rate multiplier `weight` gave the mtf.Variable `variable` (1 by default)."""
+  return getattr(variable, "lr_multiplier", 1.0)
 
 
 def layer_norm(x, dim, epsilon, dtype, name):
@@ -75,11 +85,12 @@ def layer_norm(x, dim, epsilon, dtype, name):
   return centered * mtf.rsqrt(variance + epsilon) * gain + bias
 
 
-def dense(x, reduced_dims, new_dims, std, dtype, name, use_bias=True):
-  """x @ w (+ b), with `w` of shape reduced_dims + new_dims drawn from N(0, std)."""
+def dense(x, reduced_dims, new_dims, std, dtype, name, use_bias=True, lr_multiplier=1.0):
+  """x @ w (+ b), with `w` of shape reduced_dims + new_dims drawn from N(0, std); `w`'s
+  learning rate multiplied by lr_multiplier (the bias's is not: see `weight`)."""
   with tf.variable_scope(name):
     w = weight(x.mesh, "w", reduced_dims + new_dims, dtype,
-               tf.random_normal_initializer(stddev=std))
+               tf.random_normal_initializer(stddev=std), lr_multiplier)
     b = weight(x.mesh, "b", new_dims, dtype, tf.zeros_initializer()) if use_bias else None
   return matmul(x, w, reduced_dims, b)
 

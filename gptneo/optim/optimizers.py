@@ -15,6 +15,7 @@ import gin
 from gptneo import mesh as mesh_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
+from gptneo.model import ops
 
 
 def unfolded_zeros(shape, dtype=tf.float32, partition_info=None):  # pylint: disable=unused-argument
@@ -82,6 +83,8 @@ class Adam(_ScheduledOptimizer):
   """Adam with bias correction and decoupled weight decay (AdamW).
 
   Weight decay applies to matrices only: norms' gains and biases (rank < 2) are skipped.
+  A weight's learning-rate multiplier (ops.lr_multiplier: muP's) scales its Adam step, not
+  its decay per step, lr * weight_decay (as mup's MuAdamW).
 
   Args:
     beta1: decay of the first-moment estimate.
@@ -111,8 +114,11 @@ class Adam(_ScheduledOptimizer):
       return updates
     return variables[0].graph.combine_assignments(updates)
 
+  per_layer_rates = True  # honours ops.lr_multiplier (GPT.parametrization = "mup")
+
   def apply_grad(self, grad, var, learning_rate, step):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
+    learning_rate = _scaled_rate(learning_rate, var)
     shard = _zero_dims(var)
     m = mtf.get_variable(var.mesh, var.name + "/adam_m", shard or var.shape,
                          initializer=unfolded_zeros, trainable=False)
@@ -138,10 +144,36 @@ class Adam(_ScheduledOptimizer):
     m_hat = new_m / (1.0 - mtf.exp(step * math.log(self.beta1)))
     v_hat = new_v / (1.0 - mtf.exp(step * math.log(self.beta2)))
     update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
-    if self.weight_decay and var.shape.ndims >= 2:
-      update += shard_value * self.weight_decay
+    if self.decay(var):
+      update += shard_value * self.decay(var)
     new_value = mesh_lib.renamed(shard_value - update * learning_rate, var.shape.dims)
     return [mtf.assign(var, new_value), mtf.assign(m, new_m), mtf.assign(v, new_v)]
+
+
+  def decay(self, var):
+    """`var`'s weight decay per unit of its (multiplied) learning rate: 0 below rank 2."""
+    return self.weight_decay / ops.lr_multiplier(var) if var.shape.ndims >= 2 else 0.0
+
+
+def _scaled_rate(learning_rate, var):
+  """The learning rate times `var`'s multiplier (ops.lr_multiplier), the same tensor at 1."""
+  multiplier = ops.lr_multiplier(var)
+  return learning_rate if multiplier == 1.0 else learning_rate * multiplier
+
+
+def check_parametrization(optimizer, model):
+  """Raises UserError (one line) if `optimizer` can't give `model` its per-layer rates.
+
+  Args:
+    optimizer: the gin-built optimizer (Adam, Adafactor).
+    model: the GPT; its parametrization "mup" needs per-layer learning rates.
+  """
+  if model.parametrization != "mup" or getattr(optimizer, "per_layer_rates", False):
+    return
+  why = ("its relative step (multiply_by_parameter_scale) has no clean muP rule"
+         if isinstance(optimizer, Adafactor) else "it has no per-layer learning rates")
+  raise UserError(f'GPT.parametrization = "mup" with {type(optimizer).__name__}: {why}; use '
+                  f"@Adam() or @Adafactor() with multiply_by_parameter_scale = False")
 
 
 def _slot(var, suffix, shape):
@@ -186,7 +218,7 @@ class FusedAdamUpdate(mtf.Operation):
     mesh_impl = lowering.mesh_impl(self)
     grad, lr, step = (lowering.tensors[x].to_laid_out_tensor().all_slices for x in self.inputs)
     var, m, v = (lowering.variables[x].laid_out_tensor.all_slices for x in self._variables)
-    decay = self._adam.weight_decay if self._variables[0].shape.ndims >= 2 else 0.0
+    decay = self._adam.decay(self._variables[0])
     if isinstance(mesh_impl, mtf.placement_mesh_impl.PlacementMeshImpl):
       update, devices = _apply_adam, mesh_impl.devices
     else:  # simd (TPU): XLA fuses the element-wise update itself; three assigns as mtf's
@@ -230,6 +262,9 @@ def _assign_adam(adam, decay, var, m, v, grad, lr, step):
 class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
   """mtf's Adafactor (factored second moments), driven by our learning-rate schedule.
 
+  A weight's learning-rate multiplier (ops.lr_multiplier: muP's) scales its step, except with
+  multiply_by_parameter_scale, which muP refuses (check_parametrization).
+
   Args:
     beta1: first-moment decay; 0 keeps no first moment (Adafactor's memory saving).
     decay_rate: second-moment decay; None uses Adafactor's 1 - step^-0.8.
@@ -259,16 +294,27 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
     slots += [whole] if self._beta1 else []
     return [tuple((d.name, d.size) for d in slot.dims) for slot in slots]
 
+  @property
+  def per_layer_rates(self):
+    """Whether ops.lr_multiplier's rates are honoured: with a relative step (parameter-scale
+    updates) a muP rate would also depend on the weight's scale, so not then."""
+    return not self._multiply_by_parameter_scale
+
   def _decay_rate_default(self):
     return None  # mtf's default reads a global step of whatever graph exists at construction
 
   def apply_grad(self, grad, var):
     """mtf's Adafactor update of `var`, or under a `zero` layout rule the same update
-    computed on the slots' shard (_zero_dims), as Adam.assigns does."""
+    computed on the slots' shard (_zero_dims), as Adam.assigns does; either at `var`'s
+    multiplied learning rate (ops.lr_multiplier)."""
+    update = self
+    if ops.lr_multiplier(var) != 1.0:
+      update = copy.copy(self)
+      update._learning_rate = _scaled_rate(self._learning_rate, var)  # pylint: disable=protected-access
     shard = _zero_dims(var)
     if not shard:
-      return mtf.optimize.AdafactorOptimizer.apply_grad(self, grad, var)
-    return self._sharded_update(grad, var, shard)
+      return mtf.optimize.AdafactorOptimizer.apply_grad(update, grad, var)
+    return update._sharded_update(grad, var, shard)  # pylint: disable=protected-access
 
   def _sharded_update(self, grad, var, shard):
     """mtf's Adafactor.apply_grad, step for step, on the gradient and weight sliced to
