@@ -22,6 +22,7 @@ from gptneo.sweep import root as root_lib
 from gptneo.sweep import search
 from gptneo.sweep import sweep_file
 from tests.test_errors import assert_one_line_error
+from tests.test_sweep import TRAINING_STACK, _imported
 
 LR = "learning_rate_schedule.learning_rate"
 # Three learning rates: one that learns, two too small to (their losses stay where they start).
@@ -195,7 +196,12 @@ def test_grid_search_prunes_the_hopeless_points_then_resume_pruned_finishes_them
   markdown = (root / report.RESULTS_MD).read_text()
   assert "| pruned at " in markdown and "| trials |" in markdown
   assert (root / search.HISTORY_PNG).stat().st_size > 0
-  status = run_binary("sweep", f"--root={root}", "--status", check=True).stdout
+  loaded, result = _imported(f"--root={root}", "--status")  # bookkeeping: no training stack
+  assert result.returncode == 0 and not loaded & set(TRAINING_STACK), result.stderr[-2000:]
+  status = result.stdout
+  loaded, result = _imported(f"--root={root}", "--report")  # a search's plots too
+  assert result.returncode == 0 and not loaded & set(TRAINING_STACK), loaded & set(TRAINING_STACK)
+  assert (root / search.HISTORY_PNG).stat().st_size > 0
   pruned = [t.user_attrs["point"] for t in trials if t.state.name == "PRUNED"]
   assert f"{3 - len(pruned)} done, {len(pruned)} pruned" in status.splitlines()[0]
   assert "pruned at" in status

@@ -33,7 +33,6 @@ from gptneo.sweep import report as report_lib
 from gptneo.sweep import root as root_lib
 from gptneo.sweep import runner
 from gptneo.sweep import spec as spec_lib
-from gptneo.sweep import validate
 
 STUDY_DB = "study.db"  # the default storage: SQLite in the root
 HISTORY_PNG, IMPORTANCES_PNG = "optimization_history.png", "param_importances.png"
@@ -389,6 +388,9 @@ class SearchDriver(runner.Driver):
     trial.set_user_attr("driver", f"{socket.gethostname()}:{os.getpid()}")
     if self._settled_as_repeat(trial, this, resume):
       return
+    # Here, not at the top: a search root's --report (plots) loads this module and must not
+    # load the training stack (validate imports gptneo.train).
+    from gptneo.sweep import validate  # pylint: disable=g-import-not-at-top
     try:
       facts = validate.check(this)
     except UserError as error:
