@@ -23,7 +23,7 @@ Per device (--mesh_shape, --processes): the CPU devices of one process share one
 so its figures are the mesh's total. With --processes each device is its own process (task 0
 measures; tasks 1.. are bare TF servers of one CPU device, a mesh.cluster over loopback), and
 the traced step's step_stats give each device's allocator peak, set against
-train.training_estimate (memory.per_device: the estimate Settings.check uses).
+train_checks.training_estimate (memory.per_device: the estimate Settings.check uses).
 
 ratio = (peak - baseline) / estimate: what the step adds above the imported framework, over
 what the model's weights, optimizer state, gradients and kept activations should take.
@@ -108,6 +108,7 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
   from gptneo import memory  # pylint: disable=g-import-not-at-top
   from gptneo import runtime  # pylint: disable=g-import-not-at-top
   from gptneo import train as train_lib  # pylint: disable=g-import-not-at-top
+  from gptneo import train_checks  # pylint: disable=g-import-not-at-top
   from gptneo import train_graph  # pylint: disable=g-import-not-at-top
   from gptneo.compat import tf  # pylint: disable=g-import-not-at-top
 
@@ -178,7 +179,7 @@ def measure(cfg, precision, dataset_dir, model_dir, steps, mesh_shape="", layout
           "variable_bytes": variable_bytes, "held_after_init": held_after_init,
           "held_between_steps": held_between_steps, "step_seconds": step_seconds, "loss": loss,
           "estimate": estimate.peak, "items": estimate.items(),
-          "device_estimate": train_lib.training_estimate(settings).peak,
+          "device_estimate": train_checks.training_estimate(settings).peak,
           "device_allocator_peaks": device_peaks if processes else {},
           "phases": {"persistent": sum(estimate.persistent.values()),
                      "backward start": sum(estimate.backward_start.values()),
@@ -303,7 +304,7 @@ def report_per_device(rows):
 
 def report_device_allocators(rows):
   """--processes: each device's own TF allocator peak in the traced step against the
-  per-device estimate (train.training_estimate, as Settings.check uses it). Task 0 also holds
+  per-device estimate (train_checks.training_estimate, as Settings.check uses it). Task 0 also holds
   the masters (every tf.global_variable: the checkpoint's whole tensors; on a TPU the host's),
   which no device of the estimate holds: they are taken off its figure."""
   header = ("config", "mesh", "layout", "per-device estimate (MiB)",

@@ -50,6 +50,10 @@ def _generic_grad_lower(self, lowering):
   einsum's partial sums, all-reduced only when read) doesn't have: the backward pass of a
   model whose `embd` is split failed to lower ("'LazyAllreduceSum' object has no attribute
   'tensor_list'"). to_laid_out_tensor() does the pending all-reduce first.
+
+  Each slice's gradient ops are colocated with its forward ops: mtf places them nowhere, so
+  on a placement mesh every device's backward of an mtf.cwise (gelu's, softmax's) ran on the
+  first device, which kept their inputs for all devices (bench/RESULTS.md, memory section).
   """
   def slices(tensors):
     return mtf.transpose_list_of_lists(
@@ -57,7 +61,7 @@ def _generic_grad_lower(self, lowering):
 
   all_ys, all_xs = slices(self._forward_op.outputs), slices(self._forward_op.inputs)
   all_grad_ys = slices(self._grad_ys)
-  all_grad_xs = [tf.gradients(ys=ys, xs=xs, grad_ys=grad_ys,
+  all_grad_xs = [tf.gradients(ys=ys, xs=xs, grad_ys=grad_ys, colocate_gradients_with_ops=True,
                               unconnected_gradients=tf.UnconnectedGradients.ZERO)
                  for ys, xs, grad_ys in zip(all_ys, all_xs, all_grad_ys, strict=True)]
   mesh_impl = lowering.mesh_impl(self)

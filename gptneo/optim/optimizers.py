@@ -139,13 +139,17 @@ class Adam(_ScheduledOptimizer):
                                                                            var.master_dtype)
     shard_value, grad = mesh_lib.renamed(value, m.shape.dims), mesh_lib.renamed(grad,
                                                                                m.shape.dims)
-    new_m = m * self.beta1 + grad * (1.0 - self.beta1)
-    new_v = v * self.beta2 + mtf.square(grad) * (1.0 - self.beta2)
+    # Each product reads a variable together with the gradient: a term of the variables
+    # alone (beta1 * m, beta2 * v, decay * w) is computed when the step starts and held
+    # through the whole backward pass (three extra shard-sized buffers in a traced step).
+    new_m = grad + (m - grad) * self.beta1  # beta1 * m + (1 - beta1) * grad
+    grad_squared = mtf.square(grad)
+    new_v = grad_squared + (v - grad_squared) * self.beta2
     m_hat = new_m / (1.0 - mtf.exp(step * math.log(self.beta1)))
     v_hat = new_v / (1.0 - mtf.exp(step * math.log(self.beta2)))
     update = m_hat / (mtf.sqrt(v_hat) + self.epsilon)
     if self.decay(var):
-      update += shard_value * self.decay(var)
+      update = (update / self.decay(var) + shard_value) * self.decay(var)
     new_value = mesh_lib.renamed(shard_value - update * learning_rate, var.shape.dims)
     return [mtf.assign(var, new_value), mtf.assign(m, new_m), mtf.assign(v, new_v)]
 
