@@ -21,6 +21,7 @@ from gptneo.sweep import report
 from gptneo.sweep import root as root_lib
 from gptneo.sweep import search
 from gptneo.sweep import sweep_file
+from gptneo.sweep import validate
 from tests.test_errors import assert_one_line_error
 from tests.test_sweep import TRAINING_STACK, _imported
 
@@ -153,7 +154,7 @@ def test_a_study_of_another_sweep_is_refused_unless_update(small_dataset, tmp_pa
   storage = search.open_storage(search.default_storage(root), 60)
   spec = _spec(small_dataset, search="tpe", trials=2)
   params = search.space(spec)
-  facts = search.validate.check(search.first_point(spec, params))
+  facts = validate.check(search.first_point(spec, params))
   search.open_study(spec, params, facts, root, storage)
   other = _spec(small_dataset, search="tpe", trials=5)
   with pytest.raises(UserError, match=r"the study 'root' in sqlite:///.*study.db was made from "
