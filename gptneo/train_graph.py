@@ -199,13 +199,16 @@ def lower_step(lowering, step):
   global norm, which every clipped gradient needs, kept an update from running before such a
   read (and giving other weights' gradients from the updated weight); without clipping nothing
   did. So each write gets one control input: the loss and every gradient slice, done.
+  The update's own reads get it too (_after_backward), so nothing they make is held through
+  the backward pass.
   """
   losses = dict(step.losses)
   tf_loss = lowering.export_to_tf_tensor(losses.pop("loss"))
   tf_norm = lowering.export_to_tf_tensor(step.grad_norm)
   update_ops = [lowering.lowered_operation(op) for op in step.update_ops]
   grads = [x for g in step.grads for x in lowering.tensors[g].to_laid_out_tensor().all_slices]
-  _write_after(update_ops, [tf_loss, *grads])
+  rate = [step.learning_rate] if step.learning_rate is not None else []  # a test's SGD: None
+  _write_after(update_ops, [tf_loss, *grads], also_fetched=rate)
   with tf.control_dependencies([tf_loss, tf_norm]):
     updates = tf.group(update_ops)
   return LoweredStep(tf_loss, tf_norm, {name: lowering.export_to_tf_tensor(value)
@@ -216,18 +219,34 @@ def lower_step(lowering, step):
 _WRITES = ("Assign", "ResourceApply", "ResourceSparseApply", "ResourceScatter", "Apply")
 
 
-def _write_after(update_ops, tensors):
+def _write_after(update_ops, tensors, also_fetched=()):
   """Makes every op that writes a variable in `update_ops` (lowered ops, and what they run)
-  wait for all of `tensors`; the writes stay unordered among themselves.
+  wait for all of `tensors`, and every op that starts the update's own work (_after_backward);
+  the writes stay unordered among themselves.
 
-  The walk back from `update_ops` stops at what `tensors` already wait for: no write there (a
-  cycle) nor anywhere else in the graph (an initializer, a restore) gets the dependency.
+  The walk back from `update_ops` stops at what `tensors` (or `also_fetched`, tensors a run
+  may fetch without the update) already wait for: no write there (a cycle) nor anywhere else in
+  the graph (an initializer, a restore) gets the dependency.
   """
-  done = ancestors([t.op for t in tensors])
+  done = ancestors([t.op for t in [*tensors, *also_fetched]])
   barrier = tf.group(tensors, name="backward_done")
-  for op in ancestors(update_ops, stop=done):
-    if op.type.startswith(_WRITES):
+  update_only = ancestors(update_ops, stop=done)
+  for op in update_only:
+    if op.type.startswith(_WRITES) or _after_backward(op, update_only):
       op._add_control_inputs([barrier])  # pylint: disable=protected-access
+
+
+def _after_backward(op, update_only):
+  """Whether `op` is where the update starts from values the step already has (a slot's
+  read, a weight's shard sliced off the forward's read) and feeds nothing but the update.
+
+  Nothing orders such an op, so it runs when the step starts, and its result is held through
+  the whole backward pass: under a `zero` rule the weight shards Adam's decay reads (17 MiB per
+  device of the 20m bench model on 2 devices, bench/RESULTS.md). Sources (a slot's
+  VarHandleOp, a constant) are left alone: the saver and initializers use them too.
+  """
+  starts = op.inputs and not any(x.op in update_only and x.op.inputs for x in op.inputs)
+  return bool(starts) and all(c in update_only for t in op.outputs for c in t.consumers())
 
 
 def ancestors(ops, stop=frozenset()):

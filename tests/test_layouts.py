@@ -23,6 +23,7 @@ The sharded forms (fsdp, zero) and embd splits also run 10 steps of the trainer'
 against one device: each step's loss to the same rtol, the weights to a tenth of one Adam
 step (long_mismatches says why), and checkpoints written on one sharding resume on another.
 """
+import functools
 import json
 import os
 import types
@@ -259,6 +260,22 @@ def trainer_steps(spec, steps, model_dir=None, precision="float32", optimizer=No
   With `model_dir`, the run restores its newest checkpoint if any (checkpoints.Checkpoints, as
   the trainer) and saves one after its last step: a run split in two continues the first.
   """
+  built = trainer_graph(spec, precision, optimizer, on_nonfinite, **model_knobs)
+  with built.graph.as_default():
+    saver = checkpoints_lib.Checkpoints(built.lowering, model_dir and str(model_dir))
+    with tf.Session(config=spec.session_config()) as session:
+      saver.restore_or_initialize(session)
+      history = [session.run([built.lowered.loss, built.lowered.grad_norm, built.train_op])[:2]
+                 for _ in range(steps)]
+      if model_dir:
+        saver.save(session, session.run(built.step))
+      return history, session.run(built.weights)
+
+
+def trainer_graph(spec, precision="float32", optimizer=None, on_nonfinite="skip",
+                  **model_knobs):
+  """The graph trainer_steps runs (a namespace of graph, lowering, lowered step, train_op,
+  step, weights and the MtfStep)."""
   settings = types.SimpleNamespace(
       model=gpt_lib.GPT(**{**MODEL, **model_knobs}), batch_size=BATCH, seed=7,
       precision=precision,
@@ -282,14 +299,9 @@ def trainer_steps(spec, steps, model_dir=None, precision="float32", optimizer=No
       train_op = tf.assign_add(step, 1).op
     weights = {v.name: lowering.export_to_tf_tensor(v.outputs[0])
                for v in mtf_graph.trainable_variables}
-    saver = checkpoints_lib.Checkpoints(lowering, model_dir and str(model_dir))
-    with tf.Session(config=spec.session_config()) as session:
-      saver.restore_or_initialize(session)
-      history = [session.run([lowered.loss, lowered.grad_norm, train_op])[:2]
-                 for _ in range(steps)]
-      if model_dir:
-        saver.save(session, session.run(step))
-      return history, session.run(weights)
+  return types.SimpleNamespace(graph=graph, lowering=lowering, lowered=lowered,
+                               train_op=train_op, step=step, weights=weights,
+                               mtf_step=step_graph)
 
 
 @pytest.fixture(scope="module")
@@ -644,6 +656,55 @@ def test_simd_mesh_builds_a_training_step_over_all_tpu_cores(layout):
   assert len(outputs) == 8  # one loss per core
   devices = {op.device for op in graph.get_operations()}
   assert {f"/task:0/device:TPU:{core}" for core in range(8)} <= devices
+
+
+@pytest.mark.parametrize("optimizer", [optimizers.Adam, optimizers.Adafactor])
+def test_the_update_starts_after_the_backward_pass(optimizer):
+  """A zero step's update reads its slots and slices its weight shards only after the loss
+  and all gradients (train_graph._after_backward): otherwise they run when the step starts
+  and are held through the backward pass (bench/RESULTS.md, per-device memory)."""
+  built = trainer_graph(spec_of(*SHARDED["2 zero"]), optimizer=optimizer())
+  graph = built.graph
+  barrier = graph.get_operation_by_name("backward_done")
+  kept = train_graph.ancestors([barrier, built.mtf_step.learning_rate.op])
+  update_only = train_graph.ancestors([built.lowered.updates], stop=kept)
+  after, todo = set(), [barrier]
+  while todo:
+    op = todo.pop()
+    if op not in after:
+      after.add(op)
+      todo.extend([*(c for t in op.outputs for c in t.consumers()), *op._control_outputs])  # pylint: disable=protected-access
+  starts = [op for op in update_only if op.type in ("ReadVariableOp", "Slice", "Split")]
+  assert {op.type for op in starts} == {"ReadVariableOp", "Slice"}  # the slots' reads, shards
+  early = sorted(op.name for op in starts if op not in after)
+  assert not early, early[:5]
+
+
+def test_a_tpu_zero_update_keeps_every_op_xla_compiles():
+  """On a placement mesh a zero update copies each gradient shard into buffers of its own
+  (optimizers._owned, tf DeepCopy); inside a TPU program, which XLA compiles and whose
+  buffers XLA assigns, it must not: XLA has no DeepCopy kernel."""
+  spec = mesh_lib.mesh(mesh_shape="x:8", layout="batch:x,zero:x", implementation="simd",
+                       tpu="local")
+  assignment = tpu.synthetic_device_assignment(num_chips=4)
+  graph = tf.Graph()
+  with graph.as_default():
+    mtf_graph, mtf_mesh, loss, grads = gpt_graph(mesh=runtime.new_mesh(spec=spec))
+    scalar = functools.partial(mtf.import_fully_replicated, mtf_mesh, shape=[])
+    updates = optimizers.Adam().apply_grads(grads, mtf_graph.trainable_variables,
+                                            scalar(tf.constant(1e-3)), scalar(tf.constant(1.0)))
+
+    def step():
+      lowering = runtime.lower(mtf_graph, mtf_mesh, spec, assignment)
+      with tf.control_dependencies([lowering.lowered_operation(op) for op in updates]):
+        return [tf.identity(lowering.export_to_tf_tensor(loss))]
+
+    tf.tpu.replicate(step, inputs=[[]] * spec.size, device_assignment=assignment)
+  types_built = {op.type for op in graph.get_operations()}
+  assert "Rsqrt" in types_built or "Sqrt" in types_built  # Adam's update was built
+  assert "DeepCopy" not in types_built
+  placement = trainer_graph(spec_of(*SHARDED["2 zero"])).graph
+  assert "DeepCopy" in {op.type for op in placement.get_operations()}
 
 
 @pytest.mark.parametrize("bindings, fragment", [

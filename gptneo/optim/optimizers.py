@@ -16,6 +16,7 @@ from gptneo import mesh as mesh_lib
 from gptneo.compat import mtf, tf
 from gptneo.errors import UserError
 from gptneo.model import ops
+from tensorflow.python.ops import control_flow_util  # pylint: disable=g-direct-tensorflow-import,g-bad-import-order
 
 
 def unfolded_zeros(shape, dtype=tf.float32, partition_info=None):  # pylint: disable=unused-argument
@@ -139,6 +140,7 @@ class Adam(_ScheduledOptimizer):
                                                                            var.master_dtype)
     shard_value, grad = mesh_lib.renamed(value, m.shape.dims), mesh_lib.renamed(grad,
                                                                                m.shape.dims)
+    grad = _owned(grad) if m.shape != var.shape else grad
     # Each product reads a variable together with the gradient: a term of the variables
     # alone (beta1 * m, beta2 * v, decay * w) is computed when the step starts and held
     # through the whole backward pass (three extra shard-sized buffers in a traced step).
@@ -184,6 +186,24 @@ def _slot(var, suffix, shape):
   """An optimizer slot of `var` named var.name + suffix, of `shape`, zeros at first."""
   return mtf.get_variable(var.mesh, var.name + suffix, shape, initializer=unfolded_zeros,
                           trainable=False)
+
+
+def _owned(x):
+  """`x` (a gradient sliced to a `zero` shard) with buffers of its own, on CPU and GPU.
+
+  A slice along a tensor's first dimension is a view of the whole all-reduced gradient. TF
+  computes an element-wise op in place in an input buffer no other tensor holds, views
+  included, and an assign adopts its value's buffer: a slot so updated keeps the whole
+  gradient alive between steps, n times its shard (bench/RESULTS.md, per-device memory).
+  Under XLA (a TPU step), which assigns buffers itself, `x` is left as it is.
+  """
+  def copy(slice_):
+    context = tf.get_default_graph()._get_control_flow_context()  # pylint: disable=protected-access
+    if control_flow_util.GetContainingXLAContext(context):
+      return slice_
+    return tf.raw_ops.DeepCopy(x=slice_)
+  return mtf.slicewise(copy, [x], output_shape=x.shape, output_dtype=x.dtype,
+                       splittable_dims=x.shape.dims, name="owned")
 
 
 def _zero_dims(var):
@@ -331,7 +351,7 @@ class Adafactor(_ScheduledOptimizer, mtf.optimize.AdafactorOptimizer):
     to the weight's dims and subtracted (mtf.assign_sub, as mtf's: no bfloat16 rounding of
     the weight).
     """
-    grad = mesh_lib.renamed(mtf.to_float(grad), shard.dims)
+    grad = _owned(mesh_lib.renamed(mtf.to_float(grad), shard.dims))
     slot = functools.partial(_slot, var)
     factored_dims = self._factored_dims(shard)
     if factored_dims:
