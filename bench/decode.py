@@ -82,7 +82,7 @@ def ours(hf_path, folder, batch_size):
   model_dir = os.path.join(folder, "ours")
   source = hf.read_source(hf_path)  # as bin/import_hf does
   gin_utils.parse(["layouts/single.gin"], list(source.bindings))
-  hf.import_hf(source, hf.build_model(source), model_dir, mesh_lib.mesh())
+  hf.import_hf(source, hf.build_model(source), model_dir)
   gin_utils.parse(["layouts/single.gin"], [],
                   model_config=os.path.join(model_dir, "operative_config.gin"))
   model = gpt_lib.GPT()

@@ -596,7 +596,7 @@ def _import_in_process(hf_dir, model_dir):
   """bin/import_hf's code, in this process."""
   source = hf.read_source(str(hf_dir))
   gin_utils.parse(["layouts/single.gin"], list(source.bindings))
-  return hf.import_hf(source, hf.build_model(source), str(model_dir), mesh_lib.mesh())
+  return hf.import_hf(source, hf.build_model(source), str(model_dir))
 
 
 
@@ -607,7 +607,7 @@ def test_import_reads_no_gin_the_program_parses_the_folders_bindings(tmp_path, r
   gin_utils.parse(["layouts/single.gin"], list(source.bindings))
   model = hf.build_model(source)
   parsed = gin.config_str()
-  hf.import_hf(source, model, str(tmp_path / "ours"), mesh_lib.mesh())
+  hf.import_hf(source, model, str(tmp_path / "ours"))
   assert gin.config_str() == parsed
   written = (tmp_path / "ours" / hf.MODEL_GIN).read_text().splitlines()
   assert written[1:] == list(source.bindings) and "GPT.n_layer = 2" in written

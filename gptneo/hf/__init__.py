@@ -28,12 +28,10 @@ from gptneo.hf.import_ import read_hf_config
 from gptneo.hf.import_ import read_source
 from gptneo.hf.import_ import Source
 from gptneo.hf.import_ import WEIGHTS_INDEX
-from gptneo.hf.import_ import write_checkpoint
 
 __all__ = [
     "ARCHITECTURES", "GPT_NEO", "to_hf", "check_exportable", "EXPORT_DTYPES", "export_hf",
     "hf_config", "weight_pairs", "WEIGHTS_FILE", "write_tokenizer", "build_model",
     "check_weights", "FLOAT_DTYPES", "gin_bindings", "HF_BUFFERS", "hf_shapes", "import_hf",
     "MODEL_GIN", "our_weights", "read_hf_config", "read_source", "Source", "WEIGHTS_INDEX",
-    "write_checkpoint",
 ]

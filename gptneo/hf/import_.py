@@ -11,12 +11,11 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from gptneo import checkpoints
 from gptneo import errors
 from gptneo import inference
 from gptneo import memory
 from gptneo import model_dir as model_dir_lib
-from gptneo import runtime
-from gptneo.compat import tf
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
 from gptneo.gin_utils import gin_literal
@@ -231,19 +230,7 @@ def build_model(source: Source) -> gpt_lib.GPT:
                                                  f"({fields.culprit(error)})") from None
 
 
-def write_checkpoint(model, spec, model_dir, weights):
-  """Saves {our name: array} as step 0 of `model_dir`, through the inference graph."""
-  restored = inference.RestoredModel(model, runtime.Runtime(spec), model_dir, batch_size=1)
-  with restored.graph.as_default():
-    masters = {v.op.name: v for v in tf.global_variables()}
-    restored.checkpoints.restore_or_initialize(restored.session)
-    for name, variable in masters.items():  # shapes checked (check_weights): a bug if not
-      variable.load(weights[name], restored.session)
-    restored.session.run(restored.lowering.copy_masters_to_slices())
-    return restored.checkpoints.save(restored.session, 0)
-
-
-def import_hf(source: Source, model: gpt_lib.GPT, model_dir: str, spec,
+def import_hf(source: Source, model: gpt_lib.GPT, model_dir: str,
               overwrite: bool = False) -> str:
   """Writes model_dir: a checkpoint, model.gin (+ operative_config.gin) and tokenizer.json.
 
@@ -255,7 +242,6 @@ def import_hf(source: Source, model: gpt_lib.GPT, model_dir: str, spec,
     source: the HF folder, as read_source read it.
     model: our GPT of source.bindings (build_model, once the program parsed them).
     model_dir: the local folder to write.
-    spec: the MeshSpec the checkpoint is written through (one device is enough).
     overwrite: replace the model model_dir holds.
 
   Returns:
@@ -269,7 +255,7 @@ def import_hf(source: Source, model: gpt_lib.GPT, model_dir: str, spec,
   model_dir_lib.clear(model_dir)
   with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:
     f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save, never through a link
-  checkpoint = write_checkpoint(model, spec, model_dir, weights)
+  checkpoint = checkpoints.save_arrays(model_dir, 0, weights)  # the masters, as a graph saves
   text = (f"# Imported from the {source.arch.title} folder {gin_literal(hf_dir)} by "
           f"bin/import_hf.\n" + "\n".join(source.bindings) + "\n")
   # model.gin holds the shape only, for bin/train --gin_file; the operative config also
