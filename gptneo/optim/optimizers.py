@@ -121,10 +121,7 @@ class Adam(_ScheduledOptimizer):
     grad = mtf.cast(grad, var.master_dtype) if grad.dtype != var.master_dtype else grad
     learning_rate = _scaled_rate(learning_rate, var)
     shard = _zero_dims(var)
-    m = mtf.get_variable(var.mesh, var.name + "/adam_m", shard or var.shape,
-                         initializer=unfolded_zeros, trainable=False)
-    v = mtf.get_variable(var.mesh, var.name + "/adam_v", shard or var.shape,
-                         initializer=unfolded_zeros, trainable=False)
+    m, v = (_slot(var, suffix, shard or var.shape) for suffix in ("/adam_m", "/adam_v"))
     if self.fused and not shard:
       return [FusedAdamUpdate(self, grad, var, m, v, learning_rate, step)]
     return self.assigns(grad, var, m, v, learning_rate, step)
@@ -141,10 +138,11 @@ class Adam(_ScheduledOptimizer):
     shard_value, grad = mesh_lib.renamed(value, m.shape.dims), mesh_lib.renamed(grad,
                                                                                m.shape.dims)
     grad = _owned(grad) if m.shape != var.shape else grad
-    # Each product reads a variable together with the gradient: a term of the variables
-    # alone (beta1 * m, beta2 * v, decay * w) is computed when the step starts and held
-    # through the whole backward pass (three extra shard-sized buffers in a traced step).
-    new_m = grad + (m - grad) * self.beta1  # beta1 * m + (1 - beta1) * grad
+    # beta1 * m + (1 - beta1) * grad, and v's alike, in the form each product reads a
+    # variable with the gradient. It was written so to keep beta1 * m, beta2 * v from being
+    # computed when the step starts; train_graph._after_backward now orders every such read
+    # after the backward pass, and the form stays so the update's rounding does.
+    new_m = grad + (m - grad) * self.beta1
     grad_squared = mtf.square(grad)
     new_v = grad_squared + (v - grad_squared) * self.beta2
     m_hat = new_m / (1.0 - mtf.exp(step * math.log(self.beta1)))
