@@ -406,8 +406,7 @@ class Checkpoints:
     session.run([tf.global_variables_initializer(), *init_ops])
     path = self.latest()
     if path:
-      check_fits(path, self._variables, "checkpoint")
-      self._saver_for(path).restore(session, path)
+      self._restore_variables(session, path)
     elif warm_start_from:
       _warm_start(session, warm_start_from)
     session.run(self._to_slices)
@@ -417,21 +416,22 @@ class Checkpoints:
   def restore(self, session, path=None):
     """Restores `path`, by default the newest intact checkpoint; returns the path."""
     path = path or require(self.model_dir).path
-    check_fits(path, self._variables, "checkpoint")
-    self._saver_for(path).restore(session, path)
+    self._restore_variables(session, path)
     session.run(self._to_slices)
     release_freed_memory()
     return path
 
-  def _saver_for(self, path):
-    """The saver restoring `path`: the variables alone when it holds no data position (a
-    checkpoint imported from elsewhere, gpt_neo_checkpoint.py: the data starts anew)."""
-    stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
-    if all(key in stored for key in self._extra_keys):
-      return self._saver
-    logging.warning("%s holds no data position (an imported checkpoint): the run resumes at "
-                    "its step with the data from the start", path)
-    return tf.train.Saver(self._variables, sharded=False)
+  def _restore_variables(self, session, path):
+    """Restores `path` once check_fits accepts it; the variables alone when it holds no data
+    position (a checkpoint imported from elsewhere, gpt_neo_checkpoint.py: the data starts
+    anew)."""
+    stored = check_fits(path, self._variables, "checkpoint")
+    saver = self._saver
+    if not all(key in stored for key in self._extra_keys):
+      logging.warning("%s holds no data position (an imported checkpoint): the run resumes "
+                      "at its step with the data from the start", path)
+      saver = tf.train.Saver(self._variables, sharded=False)
+    saver.restore(session, path)
 
   def save(self, session, step):
     """Writes checkpoint `step` and commits it; prunes to `keep` and deletes what interrupted
@@ -502,6 +502,9 @@ def check_fits(path, variables, what, exact=True):
 
   Entries outside the variables' scopes (the data position) and below a variable (an
   optimizer's slots, e.g. gpt/wte/adam_m) are not model variables.
+
+  Returns:
+    {checkpoint key: shape} of everything the checkpoint holds.
   """
   stored = tf.train.load_checkpoint(path).get_variable_to_shape_map()
   for variable in variables:
@@ -518,6 +521,7 @@ def check_fits(path, variables, what, exact=True):
   if extra:
     more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
     raise UserError(f"{what} {path} holds {extra[0]}{more} that the model lacks; {_HINT}")
+  return stored
 
 
 def _extra(stored, names):
