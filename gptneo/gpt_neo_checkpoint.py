@@ -32,12 +32,12 @@ from gptneo import memory
 from gptneo import model_dir as model_dir_lib
 from gptneo.compat import tf
 from gptneo.errors import UserError
+from gptneo.hf import architectures
 from gptneo.model import gpt as gpt_lib
 
 SCOPE = "gpt2/"
 STEP = "global_step"
 SLOTS = ("adam_m", "adam_v")  # mtf's get_variable(var.name + "/adam_m"), ours alike
-MODEL_GIN = "model.gin"
 _CHECKPOINT = re.compile(r"model\.ckpt-(\d+)\.index")
 MASTER_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
@@ -100,14 +100,8 @@ def neo_shapes(model) -> dict:
   Args:
     model: our GPT of a GPT-Neo config (read_model).
   """
-  ours = {"gpt/" + name: tuple(size for _, size in shape)
-          for name, shape in memory.weight_shapes(model)}
-  shapes = {}
-  for name, names, kind in _pairs(model):
-    stand_in = np.broadcast_to(np.float32(0), ours[name])  # a shape, without its memory
-    shapes.update({neo: array.shape for neo, array in
-                   zip(names, CONVERSIONS[kind][0](stand_in), strict=True)})
-  return shapes
+  return architectures.their_shapes(model, _pairs(model),
+                                    lambda kind, array: CONVERSIONS[kind][0](array))
 
 
 # --- The config.
@@ -252,13 +246,11 @@ def import_checkpoint(checkpoint_dir: str, config_path: str, model_dir: str,
   operative = gin.operative_config_str()
   prefix = find_checkpoint(checkpoint_dir)
   step, arrays = our_arrays(_reader(prefix), prefix, model, config_path)
-  model_dir_lib.check_empty(model_dir, overwrite)
-  os.makedirs(model_dir, exist_ok=True)
-  model_dir_lib.clear(model_dir)
+  model_dir_lib.clear_for_import(model_dir, overwrite)
   path = checkpoints.save_arrays(model_dir, step, arrays)
   header = (f"# Imported from GPT-Neo's {gin_utils.gin_literal(prefix)} by "
             f"gptneo-import-gpt-neo.\n")
-  for name, body in ((MODEL_GIN, text),
+  for name, body in ((model_dir_lib.MODEL_GIN, text),
                      ("operative_config.gin", operative + "DATASET_DIR = None\n")):
     with model_dir_lib.open_file(os.path.join(model_dir, name), "w") as f:
       f.write(header + body)

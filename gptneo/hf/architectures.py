@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from gptneo import memory
 from gptneo.errors import UserError
 from gptneo.hf import fields
 from gptneo.hf.fields import Reference
@@ -211,6 +212,26 @@ class Architecture:
 def our_names(ours):
   """A row's our weights as a tuple (one name, or the names summed into one HF weight)."""
   return ours if isinstance(ours, tuple) else (ours,)
+
+
+def their_shapes(model, pairs, to_theirs) -> dict:
+  """{their name: shape} of every weight `pairs` maps, found by converting a stand-in of each
+  of `model`'s weights (an array of its shape, without its memory).
+
+  Args:
+    model: our GPT.
+    pairs: (our name or names, their names, kind) rows of the model's weights, full names
+      (Architecture.model_weight_pairs, or GPT-Neo's checkpoint table).
+    to_theirs: (kind, our array) -> the list of their arrays, in the order of their names.
+  """
+  ours = {"gpt/" + name: tuple(size for _, size in shape)
+          for name, shape in memory.weight_shapes(model)}
+  shapes = {}
+  for name, names, kind in pairs:
+    stand_in = np.broadcast_to(np.float32(0), ours[our_names(name)[0]])  # summed: one shape
+    shapes.update({theirs: array.shape
+                   for theirs, array in zip(names, to_theirs(kind, stand_in), strict=True)})
+  return shapes
 
 
 def _prefixed(prefix, ours):

@@ -14,8 +14,8 @@ import safetensors.numpy
 from gptneo import checkpoints
 from gptneo import errors
 from gptneo import inference
-from gptneo import memory
 from gptneo import model_dir as model_dir_lib
+from gptneo.model_dir import MODEL_GIN
 from gptneo.data import tokenizer as tokenizer_lib
 from gptneo.errors import UserError
 from gptneo.gin_utils import gin_literal
@@ -25,7 +25,6 @@ from gptneo.hf.export import WEIGHTS_FILE
 from gptneo.model import gpt as gpt_lib
 
 WEIGHTS_INDEX = "model.safetensors.index.json"  # save_pretrained's sharded weights
-MODEL_GIN = "model.gin"
 # Buffers older transformers saved with the weights (attention masks, rotary frequencies):
 # computed from the config, not learned; the last two parts of their names.
 HF_BUFFERS = {("attn", "bias"), ("attn", "masked_bias"), ("attention", "bias"),
@@ -151,15 +150,7 @@ def _read_tokenizer(hf_dir, n_vocab):
 
 def hf_shapes(arch, model):
   """{HF name: shape} of every weight the `arch` model computing `model` holds."""
-  ours = {"gpt/" + name: tuple(size for _, size in shape)
-          for name, shape in memory.weight_shapes(model)}
-  shapes = {}
-  for name, names, kind in arch.model_weight_pairs(model):
-    first = architectures.our_names(name)[0]  # summed weights have one shape
-    stand_in = np.broadcast_to(np.float32(0), ours[first])  # a shape, without its memory
-    shapes.update({hf_name: array.shape
-                   for hf_name, array in zip(names, architectures.to_hf(kind, stand_in), strict=True)})
-  return shapes
+  return architectures.their_shapes(model, arch.model_weight_pairs(model), architectures.to_hf)
 
 
 def check_weights(arch, model, hf_tensors, sources, hf_dir):
@@ -250,9 +241,7 @@ def import_hf(source: Source, model: gpt_lib.GPT, model_dir: str,
   hf_dir = source.hf_dir
   weights = our_weights(source.arch, model, *_hf_weights(hf_dir), hf_dir)
   tokenizer = _read_tokenizer(hf_dir, model.n_vocab)
-  model_dir_lib.check_empty(model_dir, overwrite)
-  os.makedirs(model_dir, exist_ok=True)
-  model_dir_lib.clear(model_dir)
+  model_dir_lib.clear_for_import(model_dir, overwrite)
   with model_dir_lib.open_file(os.path.join(model_dir, inference.TOKENIZER_FILE), "w") as f:
     f.write(tokenizer.to_str(pretty=True))  # as tokenizer.save, never through a link
   checkpoint = checkpoints.save_arrays(model_dir, 0, weights)  # the masters, as a graph saves
