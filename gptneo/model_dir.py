@@ -31,6 +31,7 @@ from gptneo.errors import UserError
 MODEL_FILES = ("model.ckpt-*", "checkpoint", "checkpoint.tmp*", "events.out.tfevents.*",
                "train_metrics.jsonl", "eval.jsonl", "operative_config.gin", "model.gin",
                "command.txt", "tokenizer.json", "wandb_run_id.txt")
+MODEL_GIN = "model.gin"  # an imported model's shape (bin/train --gin_file of it)
 
 
 def contents(model_dir):
@@ -60,6 +61,15 @@ def clear(model_dir):
   for name in contents(model_dir):
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILES):
       os.remove(os.path.join(model_dir, name))
+
+
+def clear_for_import(model_dir, overwrite=False):
+  """Makes a local model dir ready for an import to write (hf, gpt_neo_checkpoint): refused
+  (one line) if it holds anything, unless `overwrite`; then the model it holds is deleted.
+  Called once the import has read and checked everything, so bad input loses nothing."""
+  check_empty(model_dir, overwrite)
+  os.makedirs(model_dir, exist_ok=True)
+  clear(model_dir)
 
 
 def check_links(folder: str) -> None:
@@ -208,6 +218,20 @@ def lock(model_dir, force=False, shared=False, what="model dir",
       raise
   _held[os.path.realpath(folder)] = writer
   return writer
+
+
+@contextlib.contextmanager
+def importing(uri: str, overwrite: bool = False, force: bool = False):
+  """The local folder an import (bin/import_hf, bin/import_gpt_neo) writes the model dir
+  `uri` in, this process its one writer (`lock`). One holding anything is refused (one line,
+  unless `overwrite`) before a gs:// one is downloaded; a gs:// one is written in its mirror
+  and uploaded once the import is done. The import calls clear_for_import itself, once its
+  input is checked."""
+  with lock(uri, force):
+    check_empty(uri, overwrite)
+    folder = storage.working_copy(uri)
+    yield folder
+    storage.sync_up(folder, uri)
 
 
 def _flock(folder, locked, fix, shared):

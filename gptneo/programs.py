@@ -11,8 +11,7 @@ import sys
 import types
 
 PROGRAMS = ("convert_config", "eval", "export", "gpu_check", "import_gpt_neo", "import_hf",
-            "lm_eval",
-            "prepare_data", "sample", "search_layout", "sweep", "tpu_check", "train")
+            "lm_eval", "prepare_data", "sample", "search_layout", "sweep", "tpu_check", "train")
 
 
 def command(program):
